@@ -1,0 +1,1 @@
+"""What runs on one device inside one worker: device, model, layers, attention, KV storage."""

@@ -1,0 +1,150 @@
+"""The contract every attention backend keeps.
+
+Layout (shared by all backends, see docs/architecture.md):
+
+* queries of one step are *packed*: ``q`` is ``[T, Hq, D]`` where ``T`` is the sum of the query
+  lengths of the sequences in the batch; ``query_start_loc`` (``[B+1]``) gives each sequence's slice.
+* the KV cache of one layer is two tensors ``k_cache``/``v_cache`` of shape
+  ``[num_blocks, block_size, Hkv, D]``; sequence ``b``'s key at position ``p`` lives in block
+  ``block_tables[b, p // block_size]`` at offset ``p % block_size``. Blocks need not be contiguous
+  nor ordered.
+* ``seq_lens[b]`` is the number of keys sequence ``b`` has *after* this step's keys were written, so
+  query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - query_len[b] + i`` and, causally,
+  sees keys at positions ``<=`` its own.
+* every backend returns ``(out, lse)``: ``out`` is ``[T, Hq, D]`` in ``q``'s dtype and ``lse`` is
+  the float32 natural-log sum of ``exp(scale * q.k)`` over the keys seen, ``[T, Hq]``. Partial
+  results over disjoint key sets (device blocks, host blocks) merge exactly through ``lse``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch description, built once per step and shared by every layer."""
+
+    query_start_loc: torch.Tensor  # int32 [B+1], on the compute device
+    seq_lens: torch.Tensor  # int32 [B], on the compute device
+    block_tables: torch.Tensor  # int32 [B, max_blocks_per_seq], on the compute device
+    slot_mapping: torch.Tensor  # int64 [T]: flat cache slot (block * block_size + offset) per token
+    query_lens_cpu: tuple[int, ...]
+    seq_lens_cpu: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_cpu) if self.query_lens_cpu else 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu) if self.seq_lens_cpu else 0
+
+    @property
+    def is_decode(self) -> bool:
+        """True when every sequence contributes exactly one query token."""
+        return all(n == 1 for n in self.query_lens_cpu)
+
+    @staticmethod
+    def build(
+        query_lens: list[int] | tuple[int, ...],
+        seq_lens: list[int] | tuple[int, ...],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Build metadata from plain Python lists (the scheduler's output)."""
+        if len(query_lens) != len(seq_lens) or len(seq_lens) != len(block_tables):
+            raise ValueError("query_lens, seq_lens and block_tables must describe the same batch")
+        starts = [0]
+        slots: list[int] = []
+        for qlen, slen, table in zip(query_lens, seq_lens, block_tables):
+            if qlen < 1 or qlen > slen:
+                raise ValueError(f"query length {qlen} must be in [1, seq_len={slen}]")
+            if len(table) * block_size < slen:
+                raise ValueError(
+                    f"block table of {len(table)} blocks holds {len(table) * block_size} tokens, "
+                    f"fewer than seq_len={slen}"
+                )
+            starts.append(starts[-1] + qlen)
+            for pos in range(slen - qlen, slen):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        dev = torch.device(device)
+        return AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev).reshape(
+                len(block_tables), width
+            ),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_lens_cpu=tuple(int(x) for x in query_lens),
+            seq_lens_cpu=tuple(int(x) for x in seq_lens),
+        )
+
+
+class AttentionBackend(ABC):
+    """A named attention implementation over the paged KV layout described above."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def supports(cls, device: torch.device) -> str | None:
+        """Return ``None`` if this backend runs on ``device``, else the reason it does not."""
+        return None
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Store this step's keys/values ``[T, Hkv, D]`` into their cache slots."""
+        nb, bs, h, d = k_cache.shape
+        k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+        v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+    @abstractmethod
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention for packed queries of any lengths; returns ``(out, lse)``."""
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query token per sequence; defaults to the prefill path."""
+        return self.prefill(q, k_cache, v_cache, meta, scale)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if meta.is_decode:
+            return self.decode(q, k_cache, v_cache, meta, scale)
+        return self.prefill(q, k_cache, v_cache, meta, scale)
