@@ -1,0 +1,166 @@
+"""The driver-side engine: the scheduler decides, the executor runs, results come back.
+
+One loop: ``schedule()`` -> ``executor.execute(batch)`` (one RPC per worker per step) ->
+``scheduler.update(sampled)``. Progress is reported through a callback after every step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runtime.engine_config import EngineConfig
+from runtime.errors import CapacityError
+from runtime.loader import resolve_model
+from scheduler.request import SamplingParams, Sequence
+from scheduler.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    text: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    step: int
+    prefill_done: int
+    prefill_total: int
+    generated: int
+    elapsed_s: float
+    step_tokens: int
+
+
+class Engine:
+    def __init__(
+        self, config: EngineConfig, executor: str = "ray", ray_address: str | None = None
+    ) -> None:
+        self.config = config
+        self.model_config, self.checkpoint = resolve_model(config.model)
+        model_limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_limit:
+            raise CapacityError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={model_limit} by {config.max_model_len - model_limit}"
+            )
+        self.max_model_len = config.max_model_len or model_limit
+        if executor == "local":
+            from cluster.executor import LocalExecutor
+
+            self.executor = LocalExecutor(config, self.max_model_len)
+        elif executor == "ray":
+            from cluster.executor import RayExecutor
+
+            self.executor = RayExecutor(config, self.max_model_len, address=ray_address)
+        else:
+            raise ValueError(f"executor={executor!r}; valid: local, ray")
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=self.executor.num_blocks,
+                block_size=config.block_size,
+                prefill_chunk=config.prefill_chunk,
+                max_num_seqs=config.max_num_seqs,
+                max_model_len=self.max_model_len,
+            )
+        )
+        self._next_id = 0
+
+    @property
+    def device_infos(self) -> list[dict]:
+        return self.executor.device_infos
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise CapacityError(
+                f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})"
+            )
+        seq = Sequence(self._next_id, list(prompt_ids), params, self.model_config.eos_token_ids)
+        self.scheduler.add(seq)  # raises CapacityError before anything is queued
+        self._next_id += 1
+        return seq
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        on_progress: Callable[[Progress], None] | None = None,
+        logits: str = "none",
+    ) -> list[RequestOutput]:
+        """Run the prompts to completion. ``logits='all'`` keeps every row's logits (tests)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        for p, sp in zip(prompts, plist):  # check all before queueing any
+            self.scheduler.check_fits(len(p), sp)
+        self.executor.reset_peak_memory()
+        t0 = time.perf_counter()
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        kept: dict[int, list] = {s.seq_id: [] for s in seqs}
+        plen = {s.seq_id: len(s.prompt_ids) for s in seqs}
+        total_prefill = sum(plen.values())
+        done_prefill = 0
+        try:
+            while self.scheduler.has_work:
+                batch = self.scheduler.schedule()
+                if batch is None:
+                    break
+                result = self.executor.execute(batch, logits)
+                for sid, lg in result.logits.items():
+                    kept.setdefault(sid, []).append(lg)
+                self.scheduler.update(batch, result.sampled)
+                done_prefill += sum(
+                    len(c.token_ids) for c in batch.chunks if c.start_pos < plen[c.seq_id]
+                )
+                if on_progress:
+                    on_progress(
+                        Progress(
+                            batch.step,
+                            min(done_prefill, total_prefill),
+                            total_prefill,
+                            sum(len(s.output_ids) for s in seqs),
+                            time.perf_counter() - t0,
+                            batch.num_tokens,
+                        )
+                    )
+        except BaseException:
+            self.scheduler.abort_all()
+            raise
+        peak = max(m["peak_bytes"] for m in self.executor.memory_stats())
+        outs = []
+        for s in seqs:
+            out = RequestOutput(s.seq_id, s.prompt_ids, s.output_ids, s.finish_reason)
+            out.metrics = _metrics(s, peak)
+            if logits != "none":
+                import torch
+
+                out.metrics["logits"] = torch.cat(kept[s.seq_id]) if kept[s.seq_id] else None
+            outs.append(out)
+        return outs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _metrics(s: Sequence, peak: int) -> dict:
+    n_prompt, n_gen = len(s.prompt_ids), len(s.output_ids)
+    ttft = (s.first_token_time or s.arrival_time) - s.arrival_time
+    prefill_s = (s.prefill_done_time or s.arrival_time) - s.arrival_time
+    decode_s = (s.finish_time or 0) - (s.first_token_time or 0)
+    return {
+        "prompt_tokens": n_prompt,
+        "generated_tokens": n_gen,
+        "ttft_s": ttft,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": n_prompt / prefill_s if prefill_s > 0 else None,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else None,
+        "peak_memory_bytes": peak,
+    }

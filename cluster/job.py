@@ -1,0 +1,119 @@
+"""One inference task as a YAML file: the same fields as ``tilerun run``'s flags.
+
+```yaml
+model: demo-small          # preset or checkpoint directory
+prompt_file: long.txt      # or: prompt: "...", or: prompt_token_ids: [1, 2, 3]
+max_new_tokens: 32
+temperature: 0
+device: cpu
+prefill_chunk: 512
+```
+
+Errors name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runtime.engine_config import EngineConfig
+from runtime.errors import ConfigError
+from scheduler.request import SamplingParams
+
+PROMPT_FIELDS = ("prompt", "prompt_file", "prompt_token_ids")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed")
+
+
+@dataclass(frozen=True)
+class Job:
+    engine: EngineConfig
+    sampling: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def job_fields() -> list[str]:
+    return [*PROMPT_FIELDS, *SAMPLING_FIELDS, *EngineConfig.field_names()]
+
+
+def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Job:
+    """Validate ``values`` (from flags or YAML); ``where`` maps a field to 'file:line' for errors."""
+    where = where or {}
+
+    def at(name: str) -> str:
+        return f"{where[name]}: " if name in where else ""
+
+    given = [k for k in PROMPT_FIELDS if values.get(k) is not None]
+    if len(given) != 1:
+        raise ConfigError(
+            "give exactly one of prompt, prompt_file, prompt_token_ids"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    prompt, ids = values.get("prompt"), values.get("prompt_token_ids")
+    if values.get("prompt_file") is not None:
+        pf = Path(values["prompt_file"]).expanduser()
+        if not pf.is_file():
+            raise ConfigError(f"{at('prompt_file')}prompt_file {str(pf)!r} does not exist")
+        prompt = pf.read_text(encoding="utf-8")
+    if ids is not None:
+        if isinstance(ids, str):
+            try:
+                ids = [int(x) for x in ids.replace(" ", "").split(",") if x]
+            except ValueError:
+                raise ConfigError(
+                    f"{at('prompt_token_ids')}prompt_token_ids must be integers separated by "
+                    f"commas, got {values['prompt_token_ids']!r}"
+                ) from None
+        if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids) or not ids:
+            raise ConfigError(f"{at('prompt_token_ids')}prompt_token_ids must be a non-empty list of integers")
+        ids = tuple(ids)
+    sampling_kw = {k: values[k] for k in SAMPLING_FIELDS if values.get(k) is not None}
+    engine_kw = {k: values[k] for k in EngineConfig.field_names() if values.get(k) is not None}
+    if "seed" in sampling_kw:
+        engine_kw.setdefault("seed", sampling_kw["seed"])
+    for name, kw, cls in (("sampling", sampling_kw, SamplingParams), ("engine", engine_kw, EngineConfig)):
+        try:
+            built = cls(**kw)
+        except ConfigError as e:
+            field_name = next((k for k in kw if str(e).startswith(k)), None)
+            raise ConfigError(f"{at(field_name) if field_name else ''}{e}") from None
+        except TypeError as e:
+            raise ConfigError(f"bad {name} field: {e}") from None
+        if cls is SamplingParams:
+            sampling = built
+        else:
+            engine = built
+    return Job(engine=engine, sampling=sampling, prompt=prompt, prompt_token_ids=ids)
+
+
+def load_job(path: str | Path) -> Job:
+    """Parse a job YAML file; every error names the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{p}: a job file is a mapping of fields (model: ..., prompt: ...)")
+    where = {k.value: f"{p} line {k.start_mark.line + 1}" for k, _ in node.value}
+    valid = job_fields()
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(valid)}"
+            raise ConfigError(f"{where.get(key, str(p))}: unknown field {key!r}{hint}")
+    if isinstance(data.get("prompt_file"), str) and not Path(data["prompt_file"]).is_absolute():
+        data["prompt_file"] = str(p.parent / data["prompt_file"])
+    return build_job(data, where)

@@ -1,0 +1,59 @@
+"""Starting or attaching to a Ray cluster, the only place tilerun calls ``ray.init``.
+
+The embedded local cluster binds its dashboard to 127.0.0.1 and keeps Ray's token
+authentication as Ray sets it up; attaching to an existing cluster takes its address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    dashboard_host: str = "127.0.0.1",
+) -> dict:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start an embedded local cluster.
+
+    Returns a small description (address, dashboard URL). Idempotent within a process.
+    """
+    if ray.is_initialized():
+        return describe()
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Logical CPUs: at least enough for a small TP group of CPU workers on a 2-core box.
+        ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+        ray.init(
+            num_cpus=ncpu,
+            include_dashboard=dashboard,
+            dashboard_host=dashboard_host,
+            **kwargs,
+        )
+    return describe()
+
+
+def describe() -> dict:
+    ctx = ray.get_runtime_context()
+    info = {"address": ctx.gcs_address, "resources": ray.cluster_resources()}
+    try:
+        url = ray.get_dashboard_url() if hasattr(ray, "get_dashboard_url") else None
+    except Exception:  # noqa: BLE001 - the dashboard is optional
+        url = None
+    if url:
+        info["dashboard"] = url if url.startswith("http") else f"http://{url}"
+    return info
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,23 @@
+"""The Ray actor around ``runtime.worker.Worker``: one per device, nothing else."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from runtime.engine_config import EngineConfig
+from runtime.worker import Worker
+
+
+@ray.remote(max_restarts=0)
+class WorkerActor(Worker):
+    def __init__(
+        self, config: EngineConfig, rank: int, world_size: int, threads: int | None = None
+    ) -> None:
+        if threads:
+            # CPU workers share the node's cores: one torch thread pool per worker, no oversubscription
+            torch.set_num_threads(threads)
+        super().__init__(config, rank, world_size)
+
+    def ping(self) -> int:
+        return self.rank

@@ -1,0 +1,171 @@
+"""Model configuration: a frozen, validated description of a Llama-family decoder.
+
+It is built from a Hugging Face ``config.json`` (``ModelConfig.from_hf``), a YAML/dict of the same
+fields, or a named synthetic preset (``runtime.presets``). Validation happens here, once, and every
+error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (``rope_scaling`` / ``rope_parameters`` in HF configs)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in _ROPE_TYPES:
+            raise ConfigError(
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported; "
+                f"valid: {', '.join(_ROPE_TYPES)}"
+            )
+        if self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                "rope_scaling.high_freq_factor must exceed rope_scaling.low_freq_factor "
+                f"({self.high_freq_factor} <= {self.low_freq_factor})"
+            )
+
+    @staticmethod
+    def from_hf(d: dict[str, Any] | None) -> RopeScaling | None:
+        if not d:
+            return None
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind == "default":
+            return None
+        keep = {f.name for f in fields(RopeScaling)}
+        return RopeScaling(rope_type=kind, **{k: v for k, v in d.items() if k in keep - {"rope_type"}})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
+            _positive_int(name, getattr(self, name))
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        _positive_int("num_key_value_heads", self.num_key_value_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}; grouped-query attention needs "
+                "each key/value head to serve a whole group of query heads"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by "
+                    f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        _positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Build from a dict of ModelConfig fields (HF names); unknown keys are ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of model fields, got {type(d).__name__}")
+        known = {f.name for f in fields(ModelConfig)}
+        required = [f.name for f in fields(ModelConfig) if f.default is MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ConfigError(
+                f"{source}: missing required field(s) {', '.join(missing)} for a Llama-family model"
+            )
+        kw = {k: v for k, v in d.items() if k in known}
+        # transformers >= 5 moved rope_theta/rope_scaling into rope_parameters
+        rope = d.get("rope_scaling") or d.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in d:
+            kw["rope_theta"] = rope["rope_theta"]
+        if not isinstance(kw.get("rope_scaling"), RopeScaling):
+            try:
+                kw["rope_scaling"] = RopeScaling.from_hf(rope if isinstance(rope, dict) else None)
+            except TypeError as e:
+                raise ConfigError(f"{source}: bad rope_scaling: {e}") from e
+        dtype = d.get("torch_dtype", d.get("dtype"))
+        kw["torch_dtype"] = str(dtype) if dtype else "float32"
+        try:
+            return ModelConfig(**kw)
+        except TypeError as e:  # wrong types surface here
+            raise ConfigError(f"{source}: {e}") from e
+
+    @staticmethod
+    def from_hf(path: str | Path) -> ModelConfig:
+        """Read a Hugging Face ``config.json`` (a file or the checkpoint directory holding it)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.is_file():
+            raise ConfigError(f"no model config at {p}: a checkpoint directory needs config.json")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        arch = d.get("architectures") or []
+        mtype = d.get("model_type", "llama")
+        if mtype not in ("llama", "mistral", "qwen2") and not any("Llama" in a for a in arch):
+            raise ConfigError(
+                f"{p}: model_type {mtype!r} is not a Llama-family model; tilerun runs llama"
+            )
+        return ModelConfig.from_dict(d, source=str(p))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,123 @@
+"""The device a worker owns: CUDA GPU, Ascend NPU (through torch_npu) or CPU.
+
+Everything device-specific that is not a kernel lives here: resolving ``auto``, capability
+queries, synchronisation and memory figures, so the rest of ``runtime/`` stays device-agnostic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from runtime.errors import ConfigError
+
+DEVICE_TYPES = ("auto", "cpu", "cuda", "npu")
+
+
+def npu_available() -> bool:
+    """True when torch_npu is importable and reports an NPU."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers torch.npu)
+
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+def resolve_device(kind: str = "auto", index: int | None = None) -> torch.device:
+    """Map ``auto|cpu|cuda|npu`` (optionally ``cuda:1``) to a concrete, present device."""
+    if ":" in kind:
+        kind, _, idx = kind.partition(":")
+        index = int(idx)
+    if kind not in DEVICE_TYPES:
+        raise ConfigError(f"device={kind!r} is not valid; choose one of {', '.join(DEVICE_TYPES)}")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            kind = "cuda"
+        elif npu_available():
+            kind = "npu"
+        else:
+            kind = "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    if kind == "npu" and not npu_available():
+        raise ConfigError("device='npu' was asked for but torch_npu is missing or sees no NPU")
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, index if index is not None else 0)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str
+    name: str
+    capability: tuple[int, int] | None
+    total_memory_bytes: int | None
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return DeviceInfo("cuda", p.name, (p.major, p.minor), p.total_memory)
+    if device.type == "npu":
+        return DeviceInfo("npu", torch.npu.get_device_name(device), None, None)
+    return DeviceInfo("cpu", _cpu_name(), None, None)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "npu":
+        torch.npu.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak device memory allocated by torch; on CPU, the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "npu":
+        return torch.npu.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type == "npu":
+        free, _ = torch.npu.mem_get_info(device)
+        return free
+    return None
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``None``/``auto``: bfloat16 on accelerators, float32 on CPU."""
+    if name in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is not valid; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

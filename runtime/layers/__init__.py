@@ -1,0 +1,1 @@
+"""Tensor-parallel-aware building blocks; the model composes them and knows nothing of TP."""

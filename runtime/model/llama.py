@@ -1,0 +1,131 @@
+"""A Llama-family decoder composed from tensor-parallel-aware layers.
+
+The model is plain math over packed tokens: ``forward(input_ids [T], positions [T], kv_caches,
+meta, backend)``. Batching, chunked prefill and sharding are decided outside it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from runtime.attention.base import AttentionBackend, AttentionMetadata
+from runtime.config import ModelConfig
+from runtime.layers.attention import LlamaAttention
+from runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from runtime.layers.linear import ColumnParallelLinear, RowParallelLinear
+from runtime.layers.norm import RMSNorm
+from runtime.parallel import ParallelState
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: ParallelState, dtype, device) -> None:
+        super().__init__()
+        n = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [n, n], tp, ["intermediate_size"] * 2, dtype, device
+        )
+        self.down_proj = RowParallelLinear(n, cfg.hidden_size, tp, "intermediate_size", dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: ParallelState, dtype, device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(cfg, tp, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = LlamaMLP(cfg, tp, dtype, device)
+
+    def forward(self, x, positions, kv_cache, meta, backend):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, tp: ParallelState, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, tp, dtype, device
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, tp, dtype, device) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` (after the last norm)."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, positions, kv, meta, backend)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float32 logits for the given hidden rows, on every rank."""
+        return self.lm_head(hidden).float()
+
+    def hf_weight_map(self) -> dict[str, tuple[nn.Parameter, int]]:
+        """Checkpoint tensor name (HF Llama layout) -> (parameter, fused part index)."""
+        m: dict[str, tuple[nn.Parameter, int]] = {
+            "model.embed_tokens.weight": (self.embed_tokens.weight, 0),
+            "model.norm.weight": (self.norm.weight, 0),
+        }
+        if not self.config.tie_word_embeddings:
+            m["lm_head.weight"] = (self.lm_head.weight, 0)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            qkv = layer.self_attn.qkv_proj.weight
+            gu = layer.mlp.gate_up_proj.weight
+            m |= {
+                p + "self_attn.q_proj.weight": (qkv, 0),
+                p + "self_attn.k_proj.weight": (qkv, 1),
+                p + "self_attn.v_proj.weight": (qkv, 2),
+                p + "self_attn.o_proj.weight": (layer.self_attn.o_proj.weight, 0),
+                p + "mlp.gate_proj.weight": (gu, 0),
+                p + "mlp.up_proj.weight": (gu, 1),
+                p + "mlp.down_proj.weight": (layer.mlp.down_proj.weight, 0),
+                p + "input_layernorm.weight": (layer.input_layernorm.weight, 0),
+                p + "post_attention_layernorm.weight": (layer.post_attention_layernorm.weight, 0),
+            }
+        return m
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """The unsharded checkpoint shape expected for ``name``."""
+        c = self.config
+        d, h = c.head_dim, c.hidden_size
+        suffix = name.split(".")[-2]
+        shapes = {
+            "embed_tokens": (c.vocab_size, h),
+            "lm_head": (c.vocab_size, h),
+            "norm": (h,),
+            "q_proj": (c.num_attention_heads * d, h),
+            "k_proj": (c.num_key_value_heads * d, h),
+            "v_proj": (c.num_key_value_heads * d, h),
+            "o_proj": (h, c.num_attention_heads * d),
+            "gate_proj": (c.intermediate_size, h),
+            "up_proj": (c.intermediate_size, h),
+            "down_proj": (h, c.intermediate_size),
+            "input_layernorm": (h,),
+            "post_attention_layernorm": (h,),
+        }
+        return shapes[suffix]

@@ -1,0 +1,209 @@
+"""The Worker: one device, one tensor-parallel shard, one step at a time.
+
+A plain object (no Ray): ``cluster/`` wraps it as an actor, tests and the single-process
+executor call it directly. Bring-up is a sequence of named calls the driver makes on every
+worker: ``init_device`` -> ``init_communicator`` -> ``load_model`` -> ``kv_cache_capacity`` ->
+``init_kv_cache`` -> ``warm_up``; then ``execute`` once per engine step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime import device as dev
+from runtime.attention import AttentionMetadata, get_backend, resolve_backend_name
+from runtime.engine_config import EngineConfig
+from runtime.kv_cache import KVCache, bytes_per_block
+from runtime.loader import build_model, resolve_model
+from runtime.parallel import ParallelState
+from runtime.sampling import make_generator, sample
+from scheduler.batch import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, int]  # seq_id -> token (rank 0 only; empty elsewhere)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # on request, float32 CPU
+    seconds: float = 0.0
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.model_config, _ = resolve_model(config.model)
+        self.parallel = ParallelState(overlap=config.overlap, allreduce_tiles=config.allreduce_tiles)
+        self.device: torch.device | None = None
+        self.model = None
+        self.kv: KVCache | None = None
+        self._generators: dict[int, torch.Generator] = {}
+
+    # -- bring-up ----------------------------------------------------------------------------
+    def init_device(self) -> dict:
+        self.device = dev.resolve_device(self.config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = dev.resolve_dtype(self.config.dtype, self.device)
+        self.backend_name = resolve_backend_name(self.config.attention, self.device)
+        opts = {"q_tile": self.config.q_tile, "kv_tile": self.config.kv_tile}
+        self.backend = get_backend(
+            self.backend_name, self.device, **(opts if self.backend_name == "torch" else {})
+        )
+        if self.rank == 0:
+            log.info("attention backend: %s on %s", self.backend_name, self.device)
+        info = dev.device_info(self.device)
+        return {
+            "rank": self.rank,
+            "device": str(self.device),
+            "name": info.name,
+            "capability": info.capability,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": self.backend_name,
+        }
+
+    def open_rendezvous(self, backend: str) -> dict:
+        """Rank 0 only: the address (or MPI port) the other ranks join at."""
+        from collectives.factory import open_rendezvous
+
+        return open_rendezvous(backend)
+
+    def init_communicator(self, backend: str, rendezvous: dict) -> None:
+        from collectives.factory import create_communicator
+
+        self.parallel.comm = create_communicator(
+            backend, self.rank, self.world_size, rendezvous, self.device
+        )
+        if self.world_size > 1 and self.config.allreduce_tiles is None:
+            from collectives.cost import measured_tile_chooser
+
+            self.parallel.tile_chooser = measured_tile_chooser(self.parallel.comm, self.device)
+
+    def load_model(self) -> dict:
+        t0 = time.perf_counter()
+        self.model = build_model(
+            self.config.model, self.parallel, self.dtype, self.device, seed=self.config.seed
+        )
+        dev.synchronize(self.device)
+        n = sum(p.numel() for p in self.model.parameters())
+        return {"rank": self.rank, "params_local": n, "seconds": time.perf_counter() - t0}
+
+    def kv_bytes_per_block(self) -> int:
+        c = self.model_config
+        return bytes_per_block(
+            c.num_hidden_layers,
+            self.config.block_size,
+            c.num_key_value_heads // self.world_size,
+            c.head_dim,
+            self.dtype,
+        )
+
+    def kv_cache_capacity(self, max_model_len: int) -> int:
+        """How many blocks this worker can hold (the engine takes the minimum over ranks)."""
+        bs = self.config.block_size
+        if self.config.kv_cache_tokens is not None:
+            return -(-self.config.kv_cache_tokens // bs)
+        free = dev.free_memory_bytes(self.device)
+        if free is None:  # CPU: room for max_num_seqs sequences of full length
+            return -(-max_model_len // bs) * self.config.max_num_seqs
+        total = dev.device_info(self.device).total_memory_bytes or free
+        # keep (1 - utilization) of the card and some room for activations of one chunk
+        budget = free - (1 - self.config.gpu_memory_utilization) * total - self._activation_bytes()
+        return max(int(budget // self.kv_bytes_per_block()), 1)
+
+    def _activation_bytes(self) -> int:
+        c = self.model_config
+        t = self.config.prefill_chunk * self.config.max_num_seqs
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        # a few hidden-sized and intermediate-sized tensors of one chunk, plus logits
+        return int(t * elem * (8 * c.hidden_size + 3 * c.intermediate_size) + t * c.vocab_size * 4)
+
+    def init_kv_cache(self, num_blocks: int) -> dict:
+        c = self.model_config
+        self.kv = KVCache(
+            c.num_hidden_layers,
+            num_blocks,
+            self.config.block_size,
+            c.num_key_value_heads // self.world_size,
+            c.head_dim,
+            self.dtype,
+            self.device,
+        )
+        return {"rank": self.rank, "num_blocks": num_blocks, "bytes": self.kv.nbytes}
+
+    def reset_peak_memory(self) -> None:
+        dev.reset_peak_memory(self.device)
+
+    def memory_stats(self) -> dict:
+        return {
+            "rank": self.rank,
+            "peak_bytes": dev.peak_memory_bytes(self.device),
+            "kv_cache_bytes": self.kv.nbytes if self.kv else 0,
+        }
+
+    # -- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
+        """Run one step. ``logits``: ``none``, ``sampled`` (rows that sample) or ``all`` rows."""
+        t0 = time.perf_counter()
+        for sid in batch.finished_seq_ids:
+            self._generators.pop(sid, None)
+        ids: list[int] = []
+        pos: list[int] = []
+        for c in batch.chunks:
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start_pos, c.seq_len))
+        d = self.device
+        meta = AttentionMetadata.build(
+            [len(c.token_ids) for c in batch.chunks],
+            [c.seq_len for c in batch.chunks],
+            [list(c.block_table) for c in batch.chunks],
+            self.config.block_size,
+            d,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=d)
+        positions = torch.tensor(pos, dtype=torch.long, device=d)
+        hidden = self.model(input_ids, positions, self.kv.layers, meta, self.backend)
+
+        ends = meta.query_start_loc[1:].tolist()
+        rows = [e - 1 for e, c in zip(ends, batch.chunks) if c.sample]
+        result = StepResult(sampled={})
+        if logits == "all":
+            all_logits = self.model.compute_logits(hidden).cpu()
+            start = 0
+            for c in batch.chunks:
+                result.logits[c.seq_id] = all_logits[start : start + len(c.token_ids)]
+                start += len(c.token_ids)
+        if rows:
+            # every rank runs the LM head (it is vocabulary-parallel); rank 0 samples
+            sampled_logits = self.model.compute_logits(hidden[rows])
+            if self.rank == 0:
+                sampling = [c for c in batch.chunks if c.sample]
+                for row, c in zip(sampled_logits, sampling):
+                    gen = self._generator(c)
+                    result.sampled[c.seq_id] = sample(row, c.params, gen)
+                    if logits == "sampled":
+                        result.logits[c.seq_id] = row.cpu()
+        dev.synchronize(d)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _generator(self, c) -> torch.Generator | None:
+        if c.params.temperature == 0:
+            return None
+        g = self._generators.get(c.seq_id)
+        if g is None:
+            seed = c.params.seed if c.params.seed is not None else self.config.seed + c.seq_id
+            g = self._generators[c.seq_id] = make_generator(seed)
+        return g
+
+    def shutdown(self) -> None:
+        self.parallel.comm.close()
+        self.kv = None
+        self.model = None

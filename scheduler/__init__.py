@@ -1,0 +1,1 @@
+"""Decisions, pure Python, no tensors: requests, batching, chunked prefill, KV block placement."""

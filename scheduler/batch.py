@@ -1,0 +1,44 @@
+"""What one engine step asks every worker to do: plain data, cheap to send once per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """A slice of one sequence's tokens to run this step.
+
+    ``token_ids`` sit at positions ``start_pos .. start_pos + len - 1``; after the step the cache
+    holds ``start_pos + len`` tokens of this sequence. ``sample`` is true when the step's last
+    token yields the sequence's next token (the prompt's last chunk, or any decode step).
+    """
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    sample: bool
+    params: SamplingParams
+    num_generated: int = 0  # tokens generated before this step, to seed sampling per position
+
+    @property
+    def seq_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    step: int
+    chunks: tuple[SeqChunk, ...]
+    finished_seq_ids: tuple[int, ...] = ()  # workers drop per-sequence state for these
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(len(c.token_ids) == 1 and c.start_pos > 0 for c in self.chunks)

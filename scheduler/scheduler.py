@@ -1,0 +1,154 @@
+"""Chunked-prefill scheduling: the outer level of the two-level tiling.
+
+Each step gets a token budget (``prefill_chunk``). Sequences already decoding take one token each;
+the rest of the budget goes to prompt chunks in arrival order, so activation memory is bounded by
+the chunk, never by the prompt. A sequence is admitted only when the cache can hold its prompt and
+all its new tokens, so a running sequence never waits for blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from runtime.errors import CapacityError, ConfigError
+from scheduler.batch import ScheduledBatch, SeqChunk
+from scheduler.block_manager import BlockAllocator
+from scheduler.request import SamplingParams, SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    prefill_chunk: int = 512
+    max_num_seqs: int = 8
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "prefill_chunk", "max_num_seqs", "max_model_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.blocks = BlockAllocator(config.num_blocks, config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._step = 0
+        self._finished_since_last: list[int] = []
+
+    # -- admission ---------------------------------------------------------------------------
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        """Raise a CapacityError naming the limit a request would exceed, and by how much."""
+        if prompt_len < 1:
+            raise CapacityError("the prompt is empty: give at least one token")
+        total = prompt_len + params.max_new_tokens
+        limit = self.config.max_model_len
+        if total > limit:
+            raise CapacityError(
+                f"prompt of {prompt_len} tokens + max_new_tokens {params.max_new_tokens} = {total} "
+                f"exceeds the model's context limit max_model_len={limit} by {total - limit} tokens"
+            )
+        cap = self.blocks.capacity_tokens
+        if total > cap:
+            raise CapacityError(
+                f"prompt of {prompt_len} tokens + max_new_tokens {params.max_new_tokens} = {total} "
+                f"exceeds the KV cache capacity of {cap} tokens by {total - cap} tokens; "
+                "give the cache more memory (--kv-cache-tokens) or shorten the prompt"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(len(seq.prompt_ids), seq.params)
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        budget = self.config.prefill_chunk
+        chunks: list[SeqChunk] = []
+        # Admit waiting sequences while there are seats and blocks for their whole lifetime.
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            lifetime = len(seq.prompt_ids) + seq.params.max_new_tokens
+            if not self.blocks.can_allocate(lifetime):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq.block_table, lifetime)
+            seq.status = SeqStatus.PREFILLING
+            self.running.append(seq)
+        # Decoding sequences first (one token each): they are latency-bound.
+        for seq in self.running:
+            if budget == 0:
+                break
+            if not seq.in_prefill:
+                chunks.append(self._chunk(seq, seq.all_ids[-1:], seq.num_tokens - 1, sample=True))
+                budget -= 1
+        # Then prompt chunks, oldest first.
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.in_prefill:
+                n = min(budget, len(seq.prompt_ids) - seq.num_computed)
+                ids = seq.prompt_ids[seq.num_computed : seq.num_computed + n]
+                last = seq.num_computed + n == len(seq.prompt_ids)
+                chunks.append(self._chunk(seq, ids, seq.num_computed, sample=last))
+                budget -= n
+        if not chunks:
+            if self.waiting and not self.running:
+                seq = self.waiting[0]
+                raise CapacityError(
+                    f"sequence {seq.seq_id} can never be admitted: it needs "
+                    f"{self.blocks.blocks_for(len(seq.prompt_ids) + seq.params.max_new_tokens)} "
+                    f"blocks, the cache has {self.blocks.num_blocks}"
+                )
+            return None
+        self._step += 1
+        finished, self._finished_since_last = tuple(self._finished_since_last), []
+        return ScheduledBatch(self._step, tuple(chunks), finished)
+
+    def _chunk(self, seq: Sequence, ids: list[int], start: int, sample: bool) -> SeqChunk:
+        return SeqChunk(
+            seq_id=seq.seq_id,
+            token_ids=tuple(ids),
+            start_pos=start,
+            block_table=tuple(seq.block_table),
+            sample=sample,
+            params=seq.params,
+            num_generated=len(seq.output_ids),
+        )
+
+    def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
+        """Apply a step's results; returns the sequences that finished in it."""
+        now = time.perf_counter()
+        by_id = {s.seq_id: s for s in self.running}
+        done: list[Sequence] = []
+        for c in batch.chunks:
+            seq = by_id[c.seq_id]
+            seq.num_computed = c.seq_len
+            if not c.sample:
+                continue
+            if seq.prefill_done_time is None:
+                seq.prefill_done_time = now
+            seq.status = SeqStatus.DECODING
+            seq.append_token(sampled[c.seq_id], now)
+            if seq.status is SeqStatus.FINISHED:
+                done.append(seq)
+        for seq in done:
+            self.running.remove(seq)
+            self.blocks.free(seq.block_table)
+            self._finished_since_last.append(seq.seq_id)
+        return done
+
+    def abort_all(self) -> None:
+        for seq in self.running:
+            self.blocks.free(seq.block_table)
+        self.running.clear()
+        self.waiting.clear()
