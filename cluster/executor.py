@@ -65,7 +65,6 @@ class RayExecutor:
         config: EngineConfig,
         max_model_len: int,
         address: str | None = None,
-        placement_timeout_s: float = 60.0,
     ) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -81,6 +80,7 @@ class RayExecutor:
         bundles = [dict(bundle) for _ in range(config.tp)]
         # PACK keeps a node's workers together (contiguous ranks per node).
         self.pg = placement_group(bundles, strategy="PACK")
+        placement_timeout_s = config.placement_timeout_s
         try:
             ray.get(self.pg.ready(), timeout=placement_timeout_s)
         except ray.exceptions.GetTimeoutError:

@@ -102,9 +102,12 @@ def load_job(path: str | Path) -> Job:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}:{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        # the context mark is where the broken construct starts (an unclosed '[' say), which is
+        # the line to fix; the problem mark is where the parser gave up
+        ctx, mark = getattr(e, "context_mark", None), getattr(e, "problem_mark", None)
+        line = f" line {(ctx or mark).line + 1}" if (ctx or mark) else ""
+        what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        raise ConfigError(f"{p}:{line}: not valid YAML: {what or e}") from None
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{p}: a job file is a mapping of fields (model: ..., prompt: ...)")
     where = {k.value: f"{p} line {k.start_mark.line + 1}" for k, _ in node.value}

@@ -24,31 +24,33 @@ def ensure_ray(
 
     Returns a small description (address, dashboard URL). Idempotent within a process.
     """
+    global _dashboard_url
     if ray.is_initialized():
         return describe()
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
-        ray.init(address=address, **kwargs)
+        ctx = ray.init(address=address, **kwargs)
     else:
         # Logical CPUs: at least enough for a small TP group of CPU workers on a 2-core box.
         ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
-        ray.init(
+        ctx = ray.init(
             num_cpus=ncpu,
             include_dashboard=dashboard,
             dashboard_host=dashboard_host,
             **kwargs,
         )
+    _dashboard_url = getattr(ctx, "dashboard_url", None) or None
     return describe()
+
+
+_dashboard_url: str | None = None
 
 
 def describe() -> dict:
     ctx = ray.get_runtime_context()
     info = {"address": ctx.gcs_address, "resources": ray.cluster_resources()}
-    try:
-        url = ray.get_dashboard_url() if hasattr(ray, "get_dashboard_url") else None
-    except Exception:  # noqa: BLE001 - the dashboard is optional
-        url = None
+    url = _dashboard_url
     if url:
         info["dashboard"] = url if url.startswith("http") else f"http://{url}"
     return info

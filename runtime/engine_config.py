@@ -33,6 +33,8 @@ class EngineConfig:
     overlap: bool = True
     allreduce_tiles: int | None = None
     seed: int = 0
+    placement_timeout_s: float = 60.0
+    """How long to wait for the cluster to place all workers before failing with the fix."""
     q_tile: int = 128
     kv_tile: int = 512
 
@@ -43,12 +45,20 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None:
                 _positive_int(name, v)
+        if not self.placement_timeout_s > 0:
+            raise ConfigError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         if self.comm not in COMM_CHOICES:
             raise ConfigError(f"comm={self.comm!r} is not valid; choose one of {', '.join(COMM_CHOICES)}")
+        from runtime.attention.registry import check_backend_name
+
+        try:
+            check_backend_name(self.attention)
+        except ConfigError as e:
+            raise ConfigError(f"attention: {e}") from None
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("model must name a preset or a checkpoint directory")
 

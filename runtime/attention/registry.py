@@ -12,6 +12,7 @@ import logging
 import torch
 
 from runtime.attention.base import AttentionBackend
+from runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,8 @@ _BACKENDS: dict[str, str] = {
 }
 
 
-class UnknownBackendError(ValueError):
-    pass
+class UnknownBackendError(ConfigError):
+    """An attention backend name that is not registered, or cannot run here."""
 
 
 def register_backend(name: str, target: str) -> None:
@@ -36,11 +37,15 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def _load(name: str) -> type[AttentionBackend]:
-    if name not in _BACKENDS:
+def check_backend_name(name: str) -> None:
+    if name != "auto" and name not in _BACKENDS:
         raise UnknownBackendError(
             f"unknown attention backend {name!r}; valid: auto, {', '.join(available_backends())}"
         )
+
+
+def _load(name: str) -> type[AttentionBackend]:
+    check_backend_name(name)
     module, _, cls = _BACKENDS[name].partition(":")
     try:
         return getattr(importlib.import_module(module), cls)

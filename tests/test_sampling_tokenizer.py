@@ -1,0 +1,60 @@
+"""Sampling rules and tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.errors import ConfigError
+from runtime.sampling import make_generator, sample
+from runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from scheduler.request import SamplingParams
+
+
+def test_greedy_takes_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = make_generator(0)
+    seen = {sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are never drawn
+
+
+def test_seeded_sampling_repeats_and_temperature_flattens():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=1.0)
+    a = [sample(logits, p, g) for g in [make_generator(3)] for _ in range(20)]
+    b = [sample(logits, p, g) for g in [make_generator(3)] for _ in range(20)]
+    assert a == b
+    hot = {sample(logits, SamplingParams(temperature=50.0), make_generator(i)) for i in range(60)}
+    cold = {sample(logits, SamplingParams(temperature=0.01), make_generator(i)) for i in range(60)}
+    assert len(hot) > 10 and len(cold) == 1
+
+
+def test_bad_sampling_params_name_the_field():
+    with pytest.raises(ConfigError, match="top_p must be in"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ConfigError, match="max_new_tokens must be an integer >= 1"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_byte_tokenizer_round_trip():
+    t = ByteTokenizer()
+    ids = t.encode("héllo")
+    assert ids[0] == t.bos_token_id and t.decode(ids) == "héllo"
+
+
+def test_checkpoint_tokenizer_json_is_used(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "long": 1, "context": 2, "tiles": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, HFTokenizer)
+    assert loaded.encode("long context tiles") == [1, 2, 3]
+    assert isinstance(load_tokenizer(tmp_path / "nothing"), ByteTokenizer)
