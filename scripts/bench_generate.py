@@ -1,0 +1,218 @@
+"""End-to-end generation benchmark: tilerun against transformers ``generate`` on the same weights.
+
+For each context length S: prefill S prompt tokens (time to first token), then decode N tokens;
+prefill tokens/s, decode ms/token and peak device memory for
+
+* tilerun (one worker in this process, each ``--attention`` backend asked for), and
+* transformers ``LlamaForCausalLM.generate`` (sdpa attention, default dynamic cache) loaded with
+  exactly tilerun's weights (copied tensor by tensor, unfused).
+
+    python scripts/bench_generate.py --model demo-small --contexts 1024 2048 4096      # CPU
+    python scripts/bench_generate.py --model llama2-7b --contexts 4096 16384 32768 \
+        --attention triton torch --device cuda                                          # H100
+
+Writes ``benchmarks/results/generate-<device>.json`` (command, device, date, versions, rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.engine import Engine
+from runtime import device as devmod
+from runtime.engine_config import EngineConfig
+from runtime.layers.rotary import inverse_frequencies
+from scheduler.request import SamplingParams
+
+
+def hf_from_tilerun(engine: Engine):
+    """A transformers Llama holding tilerun's weights (q|k|v and gate|up unfused)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = engine.model_config
+    model = engine.executor.worker.model
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+        attn_implementation="sdpa",
+    )
+    dtype = next(model.parameters()).dtype
+    dev = next(model.parameters()).device
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    q = c.num_attention_heads * c.head_dim
+    kv = c.num_key_value_heads * c.head_dim
+    sd = {
+        "model.embed_tokens.weight": model.embed_tokens.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        wq, wk, wv = layer.self_attn.qkv_proj.weight.split([q, kv, kv])
+        gate, up = layer.mlp.gate_up_proj.weight.chunk(2)
+        sd |= {
+            p + "self_attn.q_proj.weight": wq,
+            p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": layer.self_attn.o_proj.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
+            p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+        }
+    # assign=True shares tilerun's storage: no second copy of the weights
+    hf.load_state_dict(sd, assign=True, strict=False)
+    hf.model.rotary_emb.to_empty(device=dev)
+    inv = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(dev)
+    hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.original_inv_freq = inv
+    return hf.to(dtype).eval()
+
+
+def time_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
+    d = engine.executor.worker.device
+    first = engine.generate([prompt], SamplingParams(max_new_tokens=1))[0]
+    devmod.synchronize(d)
+    ttft = first.metrics["ttft_s"]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=new))[0]
+    m = out.metrics
+    return {
+        "prefill_s": ttft,
+        "prefill_tokens_per_s": len(prompt) / ttft,
+        "decode_ms_per_token": 1000 * m["decode_s"] / max(new - 1, 1),
+        "peak_gib": m["peak_memory_bytes"] / 2**30,
+        "first_tokens": out.token_ids[:8],
+    }
+
+
+@torch.inference_mode()
+def time_hf(hf, prompt: list[int], new: int, d: torch.device) -> dict:
+    ids = torch.tensor([prompt], device=d)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    devmod.reset_peak_memory(d)
+    devmod.synchronize(d)
+    t0 = time.perf_counter()
+    hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    devmod.synchronize(d)
+    t1 = time.perf_counter()
+    out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+    devmod.synchronize(d)
+    t2 = time.perf_counter()
+    total = t2 - t1
+    return {
+        "prefill_s": t1 - t0,
+        "prefill_tokens_per_s": len(prompt) / (t1 - t0),
+        "decode_ms_per_token": 1000 * (total - (t1 - t0)) / max(new - 1, 1),
+        "peak_gib": devmod.peak_memory_bytes(d) / 2**30,
+        "first_tokens": out[0, len(prompt) : len(prompt) + 8].tolist(),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo-small")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--attention", nargs="+", default=["auto"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    longest = max(args.contexts) + args.new_tokens
+    rows = []
+    hf_done: set[int] = set()
+    for attn in args.attention:
+        cfg = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, attention=attn,
+            prefill_chunk=args.prefill_chunk, max_num_seqs=1, max_model_len=longest,
+            kv_cache_tokens=longest + 16,
+        )  # fmt: skip
+        engine = Engine(cfg, executor="local")
+        info = engine.device_infos[0]
+        d = engine.executor.worker.device
+        g = torch.Generator().manual_seed(0)
+        warm = torch.randint(0, engine.model_config.vocab_size, (256,), generator=g).tolist()
+        engine.generate([warm], SamplingParams(max_new_tokens=4))  # compile/warm kernels
+        for s in args.contexts:
+            prompt = torch.randint(0, engine.model_config.vocab_size, (s,), generator=g).tolist()
+            r = time_tilerun(engine, prompt, args.new_tokens)
+            rows.append({"system": f"tilerun[{info['attention']}]", "context": s, **r})
+            print(json.dumps(rows[-1]), flush=True)
+            if not args.no_hf and s not in hf_done:
+                hf = hf_from_tilerun(engine)
+                # tilerun's KV cache stays allocated; free what we can for a fair peak
+                gc.collect()
+                try:
+                    h = time_hf(hf, prompt, args.new_tokens, d)
+                    h["same_first_tokens_as_tilerun"] = h["first_tokens"] == r["first_tokens"]
+                    rows.append({"system": "transformers[sdpa]", "context": s, **h})
+                except torch.OutOfMemoryError as e:
+                    rows.append({"system": "transformers[sdpa]", "context": s, "error": f"OOM: {e}"[:200]})
+                print(json.dumps(rows[-1]), flush=True)
+                hf_done.add(s)
+                del hf
+                gc.collect()
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    print(f"\n{'system':<22}{'context':>9}{'prefill tok/s':>15}{'TTFT s':>9}{'decode ms/tok':>15}{'peak GiB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['system']:<22}{r['context']:>9}  {r['error'][:60]}")
+            continue
+        print(
+            f"{r['system']:<22}{r['context']:>9}{r['prefill_tokens_per_s']:>15,.0f}"
+            f"{r['prefill_s']:>9.2f}{r['decode_ms_per_token']:>15.1f}{r['peak_gib']:>10.2f}"
+        )
+    import transformers
+
+    result = {
+        "benchmark": "generate",
+        "command": "python " + " ".join(sys.argv),
+        "device": info["name"],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "model": args.model,
+        "new_tokens": args.new_tokens,
+        "note": "peak memory for transformers includes tilerun's resident weights (shared) and KV cache",
+        "rows": rows,
+    }
+    kind = "cpu" if info["device"] == "cpu" else info["name"].replace(" ", "-").lower()
+    out = Path(args.out or f"benchmarks/results/generate-{kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
