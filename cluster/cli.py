@@ -1,7 +1,7 @@
 """``tilerun`` command line.
 
-    tilerun run --model demo-small --prompt-file long.txt --max-new-tokens 32 --json
-    tilerun run job.yaml
+tilerun run --model demo-small --prompt-file long.txt --max-new-tokens 32 --json
+tilerun run job.yaml
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ def _print_summary(r: dict) -> None:
     m = r["metrics"]
     print(file=sys.stderr)
     print(f"devices: {', '.join(d['device'] + ' ' + d['name'] for d in r['devices'])}")
-    print(f"generated {m['generated_tokens']} tokens ({r['finish_reason']}): {r['token_ids'][:16]}...")
+    print(
+        f"generated {m['generated_tokens']} tokens ({r['finish_reason']}): {r['token_ids'][:16]}..."
+    )
     if r["text"]:
         print(f"text: {r['text'][:200]!r}")
 

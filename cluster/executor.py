@@ -6,6 +6,7 @@ from the local one only in where the Worker object lives.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -37,7 +38,9 @@ class LocalExecutor:
 
     def __init__(self, config: EngineConfig, max_model_len: int) -> None:
         if config.tp != 1:
-            raise ConfigError(f"tp={config.tp} needs the Ray executor; the local executor runs tp=1")
+            raise ConfigError(
+                f"tp={config.tp} needs the Ray executor; the local executor runs tp=1"
+            )
         self.worker = Worker(config)
         self.device_infos = [self.worker.init_device()]
         self.worker.load_model()
@@ -134,9 +137,7 @@ class RayExecutor:
         try:
             return ray.get(refs)
         except ray.exceptions.RayActorError as e:
-            rank = next(
-                (r for r, ref in enumerate(refs) if _failed(ray, ref)), None
-            )
+            rank = next((r for r, ref in enumerate(refs) if _failed(ray, ref)), None)
             where = (
                 f"rank {rank} on {self.device_names[rank]}"
                 if rank is not None and rank < len(self.device_names)
@@ -164,10 +165,9 @@ class RayExecutor:
         from ray.util.placement_group import remove_placement_group
 
         for w in getattr(self, "workers", []):
-            try:
+            # best effort: the kill below is what frees the actor
+            with contextlib.suppress(Exception):
                 ray.get(w.shutdown.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - best effort, the kill below is what frees it
-                pass
             ray.kill(w, no_restart=True)
         self.workers = []
         if getattr(self, "pg", None) is not None:

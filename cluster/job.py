@@ -71,13 +71,18 @@ def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Jo
                     f"commas, got {values['prompt_token_ids']!r}"
                 ) from None
         if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids) or not ids:
-            raise ConfigError(f"{at('prompt_token_ids')}prompt_token_ids must be a non-empty list of integers")
+            raise ConfigError(
+                f"{at('prompt_token_ids')}prompt_token_ids must be a non-empty list of integers"
+            )
         ids = tuple(ids)
     sampling_kw = {k: values[k] for k in SAMPLING_FIELDS if values.get(k) is not None}
     engine_kw = {k: values[k] for k in EngineConfig.field_names() if values.get(k) is not None}
     if "seed" in sampling_kw:
         engine_kw.setdefault("seed", sampling_kw["seed"])
-    for name, kw, cls in (("sampling", sampling_kw, SamplingParams), ("engine", engine_kw, EngineConfig)):
+    for name, kw, cls in (
+        ("sampling", sampling_kw, SamplingParams),
+        ("engine", engine_kw, EngineConfig),
+    ):
         try:
             built = cls(**kw)
         except ConfigError as e:
@@ -115,7 +120,9 @@ def load_job(path: str | Path) -> Job:
     for key in data:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(valid)}"
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(valid)}"
+            )
             raise ConfigError(f"{where.get(key, str(p))}: unknown field {key!r}{hint}")
     if isinstance(data.get("prompt_file"), str) and not Path(data["prompt_file"]).is_absolute():
         data["prompt_file"] = str(p.parent / data["prompt_file"])

@@ -44,14 +44,16 @@ class Communicator(ABC):
         """Concatenate every rank's ``tensor`` (same shape on all ranks) along ``dim``."""
 
     @abstractmethod
-    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Handle | None:
+    def broadcast(
+        self, tensor: torch.Tensor, src: int = 0, async_op: bool = False
+    ) -> Handle | None:
         """Copy ``src``'s ``tensor`` into every rank's ``tensor``, in place."""
 
     @abstractmethod
     def barrier(self) -> None:
         """Block until every rank has reached the barrier."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most groups hold nothing to free
         """Release the group's resources; safe to call twice."""
 
 
@@ -69,7 +71,9 @@ class SingleRankCommunicator(Communicator):
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return tensor
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Handle | None:
+    def broadcast(
+        self, tensor: torch.Tensor, src: int = 0, async_op: bool = False
+    ) -> Handle | None:
         return DoneHandle() if async_op else None
 
     def barrier(self) -> None:

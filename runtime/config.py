@@ -49,7 +49,9 @@ class RopeScaling:
         if kind == "default":
             return None
         keep = {f.name for f in fields(RopeScaling)}
-        return RopeScaling(rope_type=kind, **{k: v for k, v in d.items() if k in keep - {"rope_type"}})
+        return RopeScaling(
+            rope_type=kind, **{k: v for k, v in d.items() if k in keep - {"rope_type"}}
+        )
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,9 @@ class ModelConfig:
     def from_dict(d: dict[str, Any], source: str = "config") -> ModelConfig:
         """Build from a dict of ModelConfig fields (HF names); unknown keys are ignored."""
         if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a mapping of model fields, got {type(d).__name__}")
+            raise ConfigError(
+                f"{source}: expected a mapping of model fields, got {type(d).__name__}"
+            )
         known = {f.name for f in fields(ModelConfig)}
         required = [f.name for f in fields(ModelConfig) if f.default is MISSING]
         missing = [name for name in required if name not in d]

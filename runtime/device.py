@@ -42,7 +42,9 @@ def resolve_device(kind: str = "auto", index: int | None = None) -> torch.device
         else:
             kind = "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise ConfigError(
+            "device='cuda' was asked for but torch sees no CUDA GPU; use --device cpu"
+        )
     if kind == "npu" and not npu_available():
         raise ConfigError("device='npu' was asked for but torch_npu is missing or sees no NPU")
     if kind == "cpu":
@@ -69,9 +71,10 @@ def device_info(device: torch.device) -> DeviceInfo:
 
 def _cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return "cpu"

@@ -52,7 +52,9 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         if self.comm not in COMM_CHOICES:
-            raise ConfigError(f"comm={self.comm!r} is not valid; choose one of {', '.join(COMM_CHOICES)}")
+            raise ConfigError(
+                f"comm={self.comm!r} is not valid; choose one of {', '.join(COMM_CHOICES)}"
+            )
         from runtime.attention.registry import check_backend_name
 
         try:

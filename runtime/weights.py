@@ -51,7 +51,9 @@ def load_checkpoint(model: LlamaForCausalLM, directory: str | Path) -> None:
     targets = model.hf_weight_map()
     missing = [n for n in targets if n not in where]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise CheckpointError(f"checkpoint {directory} is missing tensor(s): {shown}")
     by_file: dict[Path, list[str]] = {}
     for name in targets:

@@ -39,7 +39,9 @@ class Worker:
         self.rank = rank
         self.world_size = world_size
         self.model_config, _ = resolve_model(config.model)
-        self.parallel = ParallelState(overlap=config.overlap, allreduce_tiles=config.allreduce_tiles)
+        self.parallel = ParallelState(
+            overlap=config.overlap, allreduce_tiles=config.allreduce_tiles
+        )
         self.device: torch.device | None = None
         self.model = None
         self.kv: KVCache | None = None

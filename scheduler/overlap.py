@@ -1,7 +1,7 @@
 """How many tiles the row-parallel AllReduce should be cut into: a small pipeline cost model.
 
 Pure Python (no torch): the figures it needs are measured on the workers
-(``collectives.measure``) and handed to the scheduler as numbers.
+(``collectives.cost``) and handed to the scheduler as numbers.
 
 Model, for ``n`` tiles of a ``[T, out] = [T, in] @ [in, out]`` row-parallel projection over ``p``
 ranks, with a ring AllReduce over links of bandwidth ``B`` and per-message latency ``a``::
@@ -42,15 +42,18 @@ class OverlapConfig:
                 "set overlap.enabled: true (tiled AllReduce) or false (plain)"
             )
         if self.num_tiles is not None and (
-            isinstance(self.num_tiles, bool) or not isinstance(self.num_tiles, int)
+            isinstance(self.num_tiles, bool)
+            or not isinstance(self.num_tiles, int)
             or self.num_tiles < 1
         ):
             raise ValueError(
                 f"overlap.num_tiles must be an integer >= 1 or null, got {self.num_tiles!r}; "
                 "set it to null to let the cost model choose, or to 1 for no tiling"
             )
-        if isinstance(self.max_tiles, bool) or not isinstance(self.max_tiles, int) or (
-            self.max_tiles < 1
+        if (
+            isinstance(self.max_tiles, bool)
+            or not isinstance(self.max_tiles, int)
+            or (self.max_tiles < 1)
         ):
             raise ValueError(
                 f"overlap.max_tiles must be an integer >= 1, got {self.max_tiles!r}; "

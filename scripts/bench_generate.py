@@ -107,7 +107,9 @@ def time_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
 @torch.inference_mode()
 def time_hf(hf, prompt: list[int], new: int, d: torch.device) -> dict:
     ids = torch.tensor([prompt], device=d)
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    kw = dict(
+        do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids)
+    )
     devmod.reset_peak_memory(d)
     devmod.synchronize(d)
     t0 = time.perf_counter()
@@ -169,7 +171,9 @@ def main() -> int:
                     h["same_first_tokens_as_tilerun"] = h["first_tokens"] == r["first_tokens"]
                     rows.append({"system": "transformers[sdpa]", "context": s, **h})
                 except torch.OutOfMemoryError as e:
-                    rows.append({"system": "transformers[sdpa]", "context": s, "error": f"OOM: {e}"[:200]})
+                    rows.append(
+                        {"system": "transformers[sdpa]", "context": s, "error": f"OOM: {e}"[:200]}
+                    )
                 print(json.dumps(rows[-1]), flush=True)
                 hf_done.add(s)
                 del hf
@@ -180,7 +184,9 @@ def main() -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    print(f"\n{'system':<22}{'context':>9}{'prefill tok/s':>15}{'TTFT s':>9}{'decode ms/tok':>15}{'peak GiB':>10}")
+    print(
+        f"\n{'system':<22}{'context':>9}{'prefill tok/s':>15}{'TTFT s':>9}{'decode ms/tok':>15}{'peak GiB':>10}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['system']:<22}{r['context']:>9}  {r['error'][:60]}")

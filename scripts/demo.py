@@ -85,7 +85,9 @@ def main() -> int:
     print(f"prefill              {m['prefill_tokens_per_s']:>10,.1f} tokens/s")
     print(f"time to first token  {m['ttft_s']:>10.2f} s")
     print(f"decode               {m['decode_tokens_per_s'] or 0:>10,.1f} tokens/s")
-    print(f"peak memory          {m['peak_memory_bytes'] / 2**20:>10,.1f} MiB (worker, {info['device']})")
+    print(
+        f"peak memory          {m['peak_memory_bytes'] / 2**20:>10,.1f} MiB (worker, {info['device']})"
+    )
     print(f"first tokens         {out.token_ids[:12]}")
     return 0
 

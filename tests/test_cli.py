@@ -21,9 +21,19 @@ def tilerun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_run_json_local_executor(hf_checkpoint):
     path, _ = hf_checkpoint
     r = tilerun(
-        "run", "--model", str(path), "--prompt-token-ids", "1,2,3,4", "--max-new-tokens", "5",
-        "--device", "cpu", "--executor", "local", "--json",
-    )  # fmt: skip
+        "run",
+        "--model",
+        str(path),
+        "--prompt-token-ids",
+        "1,2,3,4",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+        "--executor",
+        "local",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["token_ids"]) == 5
@@ -44,9 +54,19 @@ def test_run_job_yaml_on_ray_same_tokens_as_flags(tmp_path):
     assert r.returncode == 0, r.stderr
     via_yaml = json.loads(r.stdout)
     r2 = tilerun(
-        "run", "--model", "tiny", "--prompt", "A long story about tiles.", "--max-new-tokens", "6",
-        "--device", "cpu", "--executor", "local", "--json",
-    )  # fmt: skip
+        "run",
+        "--model",
+        "tiny",
+        "--prompt",
+        "A long story about tiles.",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        "--executor",
+        "local",
+        "--json",
+    )
     assert r2.returncode == 0, r2.stderr
     assert via_yaml["token_ids"] == json.loads(r2.stdout)["token_ids"]
     assert isinstance(via_yaml["text"], str)
@@ -54,9 +74,24 @@ def test_run_job_yaml_on_ray_same_tokens_as_flags(tmp_path):
 
 def test_sampling_is_seeded(hf_checkpoint):
     path, _ = hf_checkpoint
-    args = ["run", "--model", str(path), "--prompt", "hello", "--max-new-tokens", "8",
-            "--temperature", "1.0", "--top-p", "0.9", "--device", "cpu", "--executor", "local",
-            "--json"]  # fmt: skip
+    args = [
+        "run",
+        "--model",
+        str(path),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--device",
+        "cpu",
+        "--executor",
+        "local",
+        "--json",
+    ]
     a = json.loads(tilerun(*args, "--seed", "1").stdout)["token_ids"]
     b = json.loads(tilerun(*args, "--seed", "1").stdout)["token_ids"]
     c = json.loads(tilerun(*args, "--seed", "2").stdout)["token_ids"]
@@ -67,7 +102,10 @@ def test_sampling_is_seeded(hf_checkpoint):
     "yaml_text, expected",
     [
         ("model: tiny\nprompt: hi\nmax_new_tokens: [3\n", "line 3"),
-        ("model: tiny\nprompt: hi\npromt_file: x\n", "line 3: unknown field 'promt_file'; did you mean"),
+        (
+            "model: tiny\nprompt: hi\npromt_file: x\n",
+            "line 3: unknown field 'promt_file'; did you mean",
+        ),
         ("model: tiny\nprompt: hi\ntemperature: -1\n", "line 3: temperature must be >= 0"),
         ("model: tiny\nprompt: hi\nattention: flashy\n", "valid: auto, sdpa, torch, triton"),
         ("model: nope\nprompt: hi\n", "unknown model preset 'nope'; valid presets:"),
@@ -85,9 +123,18 @@ def test_bad_job_files_name_the_problem(tmp_path, yaml_text, expected):
 
 def test_prompt_longer_than_model_says_by_how_much():
     r = tilerun(
-        "run", "--model", "tiny", "--prompt-token-ids", ",".join(["1"] * 4000),
-        "--max-new-tokens", "200", "--device", "cpu", "--executor", "local",
-    )  # fmt: skip
+        "run",
+        "--model",
+        "tiny",
+        "--prompt-token-ids",
+        ",".join(["1"] * 4000),
+        "--max-new-tokens",
+        "200",
+        "--device",
+        "cpu",
+        "--executor",
+        "local",
+    )
     assert r.returncode == 2
     assert "exceeds the model's context limit max_model_len=4096 by 104 tokens" in r.stderr
     assert "Traceback" not in r.stderr
@@ -95,9 +142,19 @@ def test_prompt_longer_than_model_says_by_how_much():
 
 def test_prompt_longer_than_cache_says_by_how_much():
     r = tilerun(
-        "run", "--model", "tiny", "--prompt-token-ids", ",".join(["1"] * 300),
-        "--max-new-tokens", "20", "--kv-cache-tokens", "256", "--device", "cpu",
-        "--executor", "local",
-    )  # fmt: skip
+        "run",
+        "--model",
+        "tiny",
+        "--prompt-token-ids",
+        ",".join(["1"] * 300),
+        "--max-new-tokens",
+        "20",
+        "--kv-cache-tokens",
+        "256",
+        "--device",
+        "cpu",
+        "--executor",
+        "local",
+    )
     assert r.returncode == 2
     assert "exceeds the KV cache capacity of 256 tokens by 64 tokens" in r.stderr

@@ -15,9 +15,13 @@ from runtime.loader import build_model
 from runtime.parallel import ParallelState
 
 BASE = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    num_attention_heads=4, num_key_value_heads=2,
-)  # fmt: skip
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def test_missing_field_is_named():
@@ -28,9 +32,13 @@ def test_missing_field_is_named():
 
 
 def test_inconsistent_head_counts_are_named():
-    with pytest.raises(ConfigError, match="num_attention_heads=4 is not a multiple of num_key_value_heads=3"):
+    with pytest.raises(
+        ConfigError, match="num_attention_heads=4 is not a multiple of num_key_value_heads=3"
+    ):
         ModelConfig.from_dict({**BASE, "num_key_value_heads": 3})
-    with pytest.raises(ConfigError, match="hidden_size=30 is not divisible by num_attention_heads=4"):
+    with pytest.raises(
+        ConfigError, match="hidden_size=30 is not divisible by num_attention_heads=4"
+    ):
         ModelConfig.from_dict({**BASE, "hidden_size": 30})
 
 
@@ -70,7 +78,9 @@ def test_missing_tensor_is_named(checkpoint):
     path, tensors = checkpoint
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensor\(s\): model.layers.1.mlp.up_proj.weight"
+    ):
         _load(path)
 
 
@@ -79,7 +89,8 @@ def test_wrong_shape_is_named(checkpoint):
     tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, 64)
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(
-        CheckpointError, match=r"model.layers.0.self_attn.k_proj.weight .* shape \[8, 64\], expected \[16, 64\]"
+        CheckpointError,
+        match=r"model.layers.0.self_attn.k_proj.weight .* shape \[8, 64\], expected \[16, 64\]",
     ):
         _load(path)
 
@@ -88,7 +99,10 @@ def test_sharded_checkpoint_with_index_loads_same_weights(checkpoint, hf_checkpo
     path, tensors = checkpoint
     names = sorted(tensors)
     half = len(names) // 2
-    parts = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    parts = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for fname, keys in parts.items():
         save_file({k: tensors[k] for k in keys}, str(path / fname))
     index = {"weight_map": {k: f for f, ks in parts.items() for k in ks}}

@@ -51,7 +51,11 @@ def test_chunked_prefill_splits_prompt_by_budget_then_decodes():
         sizes.append([(len(c.token_ids), c.start_pos, c.sample) for c in b.chunks])
         s.update(b, {c.seq_id: 7 for c in b.chunks if c.sample})
     assert sizes == [
-        [(10, 0, False)], [(10, 10, False)], [(5, 20, True)], [(1, 25, True)], [(1, 26, True)]
+        [(10, 0, False)],
+        [(10, 10, False)],
+        [(5, 20, True)],
+        [(1, 25, True)],
+        [(1, 26, True)],
     ]
     assert seq.output_ids == [7, 7, 7] and seq.finish_reason == "length"
     assert s.blocks.num_free == 64

@@ -20,9 +20,14 @@ def tp_checkpoint(tmp_path_factory):
     """12 heads (divisible by 2, 3 and 4) and a vocabulary of 389 that no TP size divides."""
     d = tmp_path_factory.mktemp("hf_tp")
     hf = make_hf_llama(
-        d, "mha", hidden_size=96, num_attention_heads=12, num_key_value_heads=12,
-        intermediate_size=192, vocab_size=389,
-    )  # fmt: skip
+        d,
+        "mha",
+        hidden_size=96,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=192,
+        vocab_size=389,
+    )
     return d, hf
 
 
@@ -39,8 +44,15 @@ def _run(path, prompt, executor="ray", logits="none", **kw):
 
 def _hf_greedy(hf, prompt):
     ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                      min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -88,5 +100,8 @@ def test_heads_not_divisible_by_tp_are_refused(hf_checkpoint):
         rank, world_size = 0, 4
 
     path, _ = hf_checkpoint
-    with pytest.raises(ConfigError, match="num_key_value_heads=2 does not divide evenly over tensor-parallel size 4"):
+    with pytest.raises(
+        ConfigError,
+        match="num_key_value_heads=2 does not divide evenly over tensor-parallel size 4",
+    ):
         build_model(str(path), ParallelState(comm=FakeComm()), torch.float32, torch.device("cpu"))

@@ -11,9 +11,7 @@ import torch
 from runtime.attention.base import AttentionMetadata
 
 
-def gather_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
-) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Keys (or values) of one sequence in position order: ``[seq_len, Hkv, D]``."""
     bs = cache.shape[1]
     pos = torch.arange(seq_len, device=cache.device)

@@ -45,7 +45,9 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.full_sizes = list(part_sizes)
-        self.local_sizes = [shard_size(n, tp.world_size, what) for n, what in zip(part_sizes, names)]
+        self.local_sizes = [
+            shard_size(n, tp.world_size, what) for n, what in zip(part_sizes, names)
+        ]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.local_sizes))]
         self.weight = nn.Parameter(
             torch.empty(sum(self.local_sizes), in_features, dtype=dtype, device=device),

@@ -25,7 +25,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, [n, n], tp, ["intermediate_size"] * 2, dtype, device
         )
-        self.down_proj = RowParallelLinear(n, cfg.hidden_size, tp, "intermediate_size", dtype, device)
+        self.down_proj = RowParallelLinear(
+            n, cfg.hidden_size, tp, "intermediate_size", dtype, device
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
