@@ -46,6 +46,7 @@ class LocalExecutor:
         self.worker.load_model()
         self.num_blocks = self.worker.kv_cache_capacity(max_model_len)
         self.worker.init_kv_cache(self.num_blocks)
+        self.worker.warm_up()
 
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
         return self.worker.execute(batch, logits)
@@ -104,14 +105,14 @@ class RayExecutor:
         self.workers = []
         self.device_names: list[str] = []
         try:
-            for rank in range(config.tp):
+            for rank, bundle_index in enumerate(_bundles_by_node(self.pg)):
                 opts = dict(actor_opts)
                 if runtime_env:
                     opts["runtime_env"] = runtime_env
                 self.workers.append(
                     WorkerActor.options(
                         scheduling_strategy=PlacementGroupSchedulingStrategy(
-                            placement_group=self.pg, placement_group_bundle_index=rank
+                            placement_group=self.pg, placement_group_bundle_index=bundle_index
                         ),
                         name=None,
                         **opts,
@@ -125,6 +126,7 @@ class RayExecutor:
             self._all("load_model")
             self.num_blocks = min(self._all("kv_cache_capacity", max_model_len))
             self._all("init_kv_cache", self.num_blocks)
+            self._all("warm_up")
         except BaseException:
             self.shutdown()
             raise
@@ -173,6 +175,17 @@ class RayExecutor:
         if getattr(self, "pg", None) is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def _bundles_by_node(pg) -> list[int]:
+    """Bundle indices ordered so that each node's workers get contiguous ranks."""
+    from ray.util import placement_group_table
+
+    where = placement_group_table(pg).get("bundles_to_node_id", {})
+    first_seen: dict[str, int] = {}
+    for i in sorted(where):
+        first_seen.setdefault(where[i], i)
+    return sorted(range(len(pg.bundle_specs)), key=lambda i: (first_seen.get(where.get(i), i), i))
 
 
 def _failed(ray, ref) -> bool:

@@ -17,18 +17,22 @@ log = logging.getLogger(__name__)
 def ensure_ray(
     address: str | None = None,
     num_cpus: int | None = None,
-    dashboard: bool = True,
+    dashboard: bool | None = None,
     dashboard_host: str = "127.0.0.1",
 ) -> dict:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start an embedded local cluster.
 
     Returns a small description (address, dashboard URL). Idempotent within a process.
+    ``dashboard=None`` follows ``TILERUN_DASHBOARD`` (default on; ``0`` where the dashboard's
+    packages are not installed).
     """
     global _dashboard_url
     if ray.is_initialized():
         return describe()
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if dashboard is None:
+        dashboard = os.environ.get("TILERUN_DASHBOARD", "1") != "0"
     if address:
         ctx = ray.init(address=address, **kwargs)
     else:

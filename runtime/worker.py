@@ -21,7 +21,8 @@ from runtime.kv_cache import KVCache, bytes_per_block
 from runtime.loader import build_model, resolve_model
 from runtime.parallel import ParallelState
 from runtime.sampling import make_generator, sample
-from scheduler.batch import ScheduledBatch
+from scheduler.batch import ScheduledBatch, SeqChunk
+from scheduler.request import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,18 @@ class Worker:
             self.device,
         )
         return {"rank": self.rank, "num_blocks": num_blocks, "bytes": self.kv.nbytes}
+
+    def warm_up(self) -> None:
+        """One small prefill and one decode step (kernel compilation, allocator pools), written
+        into the first blocks before the scheduler hands any out."""
+        bs = self.config.block_size
+        n = min(2 * bs, self.kv.num_blocks * bs - 1)
+        table = tuple(range(-(-(n + 1) // bs)))
+        params = SamplingParams(max_new_tokens=1)
+        prefill = SeqChunk(-1, (0,) * n, 0, table, sample=False, params=params)
+        decode = SeqChunk(-1, (0,), n, table, sample=False, params=params)
+        self.execute(ScheduledBatch(0, (prefill,)))
+        self.execute(ScheduledBatch(0, (decode,)))
 
     def reset_peak_memory(self) -> None:
         dev.reset_peak_memory(self.device)

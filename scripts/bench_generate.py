@@ -138,6 +138,14 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--q-tile", type=int, default=128, help="portable backend's query tile")
+    ap.add_argument("--kv-tile", type=int, default=512, help="portable backend's key/value tile")
+    ap.add_argument(
+        "--torch-max-context",
+        type=int,
+        default=None,
+        help="run the portable torch backend only up to this context (it is slow on GPUs)",
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -149,7 +157,7 @@ def main() -> int:
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, attention=attn,
             prefill_chunk=args.prefill_chunk, max_num_seqs=1, max_model_len=longest,
-            kv_cache_tokens=longest + 16,
+            kv_cache_tokens=longest + 16, q_tile=args.q_tile, kv_tile=args.kv_tile,
         )  # fmt: skip
         engine = Engine(cfg, executor="local")
         info = engine.device_infos[0]
@@ -158,6 +166,12 @@ def main() -> int:
         warm = torch.randint(0, engine.model_config.vocab_size, (256,), generator=g).tolist()
         engine.generate([warm], SamplingParams(max_new_tokens=4))  # compile/warm kernels
         for s in args.contexts:
+            if (
+                info["attention"] == "torch"
+                and args.torch_max_context
+                and s > args.torch_max_context
+            ):
+                continue
             prompt = torch.randint(0, engine.model_config.vocab_size, (s,), generator=g).tolist()
             r = time_tilerun(engine, prompt, args.new_tokens)
             rows.append({"system": f"tilerun[{info['attention']}]", "context": s, **r})
