@@ -86,7 +86,9 @@ class Worker:
         if self.world_size > 1 and self.config.allreduce_tiles is None:
             from collectives.cost import measured_tile_chooser
 
-            self.parallel.tile_chooser = measured_tile_chooser(self.parallel.comm, self.device)
+            self.parallel.tile_chooser = measured_tile_chooser(
+                self.parallel.comm, self.device, dtype=self.dtype
+            )
 
     def load_model(self) -> dict:
         t0 = time.perf_counter()
