@@ -69,18 +69,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def open_rendezvous(backend: str) -> dict:
+def open_rendezvous(backend: str, world_size: int = 2) -> dict:
     """Where the ranks of a new group meet; call on rank 0's process. Never blocks.
 
     torch.distributed backends: ``{"master_addr": <this host>, "master_port": <free port>}``.
-    mpi: ``{"mode": "port", "port_name": <MPI port>}`` (the port stays open until rank 0's
+    mpi: ``{"mode": "port", "port_names": [<MPI port per joining rank>]}`` (open until rank 0's
     communicator has formed the group).
     """
     _check_backend(backend)
     if backend == "mpi":
         from collectives.mpi import mpi_open_rendezvous
 
-        return mpi_open_rendezvous()
+        return mpi_open_rendezvous(world_size)
     return {"master_addr": host_address(), "master_port": free_port()}
 
 

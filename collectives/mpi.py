@@ -6,7 +6,7 @@ Two ways to form the group:
   dict without a port (``{}`` or ``{"mode": "world"}``).
 * **among Ray actors**, each actor's worker process being its own ``mpiexec -n 1`` job (see
   ``cluster/mpi_env.py``; plain singletons cannot connect to each other). Rank 0's process calls
-  :func:`mpi_open_rendezvous` (returns at once with ``{"mode": "port", "port_name": ...}``), the
+  :func:`mpi_open_rendezvous` (returns at once with ``{"mode": "port", "port_names": [...]}``), the
   driver hands that dict to every rank, and all ranks call ``MpiCommunicator(rank, world, info)``
   concurrently. The group grows one rank at a time: the current group ``Accept``\\ s collectively,
   the newcomer ``Connect``\\ s, both ``Merge``. Connects arrive in any order, so a final
@@ -85,13 +85,17 @@ def mpi_cuda_aware() -> bool:
     return False
 
 
-def mpi_open_rendezvous() -> dict:
-    """Open an MPI port on rank 0's process; returns at once with the dict to hand every rank.
+def mpi_open_rendezvous(world_size: int) -> dict:
+    """Open one MPI port per joining rank on rank 0's process; returns at once with the dict to
+    hand every rank.
 
-    The port is closed by rank 0's :class:`MpiCommunicator` once the group is complete.
+    Rank k connects on its own port ``port_names[k - 1]`` and the group accepts the ports in
+    order, so no two processes ever connect to one port at the same time (concurrent connects
+    to a single port crashed MPICH now and then) and the join order is the rank order. The
+    ports are closed by rank 0's :class:`MpiCommunicator` once the group is complete.
     """
     MPI = _import_mpi()
-    return {"mode": "port", "port_name": MPI.Open_port()}
+    return {"mode": "port", "port_names": [MPI.Open_port() for _ in range(world_size - 1)]}
 
 
 class MpiHandle(Handle):
@@ -159,14 +163,17 @@ class MpiCommunicator(Communicator):
                 "this rendezvous dict is for a torch.distributed backend; for mpi build it with "
                 "collectives.factory.open_rendezvous('mpi') on rank 0's process"
             )
-        mode = rendezvous.get("mode", "port" if "port_name" in rendezvous else "world")
-        if mode == "port" and not rendezvous.get("port_name"):
-            raise ValueError("mpi rendezvous mode 'port' needs a 'port_name'")
+        mode = rendezvous.get("mode", "port" if "port_names" in rendezvous else "world")
+        if mode == "port" and len(rendezvous.get("port_names") or ()) != world_size - 1:
+            raise ValueError(
+                f"mpi rendezvous mode 'port' needs world_size - 1 = {world_size - 1} port_names "
+                "(collectives.factory.open_rendezvous('mpi', world_size) on rank 0)"
+            )
         self._comm = None
         if mode == "world":
             self._comm = self._from_world()
         elif mode == "port":
-            self._comm = self._grow_from_port(rendezvous["port_name"])
+            self._comm = self._grow_from_port(list(rendezvous["port_names"]))
         else:
             raise ValueError(f"mpi rendezvous mode {mode!r} is not 'world' or 'port'")
         if self._comm.Get_size() != world_size or self._comm.Get_rank() != rank:
@@ -189,7 +196,7 @@ class MpiCommunicator(Communicator):
         # launch order; it also gives tilerun a communicator of its own.
         return world.Split(0, key=self.rank)
 
-    def _grow_from_port(self, port_name: str):
+    def _grow_from_port(self, port_names: list[str]):
         MPI = self._MPI
         if MPI.COMM_WORLD.Get_size() != 1:
             raise RuntimeError(
@@ -201,12 +208,13 @@ class MpiCommunicator(Communicator):
             if self.rank == 0:
                 group = MPI.COMM_WORLD.Dup()
             else:
-                inter = MPI.COMM_WORLD.Connect(port_name, root=0)
+                inter = MPI.COMM_WORLD.Connect(port_names[self.rank - 1], root=0)
                 group = inter.Merge(high=True)
                 inter.Disconnect()
-            # Everyone already in the group accepts the next newcomer together, until full.
+            # Everyone already in the group accepts the next newcomer together, until full; the
+            # newcomer of a group of size k is rank k, on its own port.
             while group.Get_size() < self.world_size:
-                inter = group.Accept(port_name, root=0)
+                inter = group.Accept(port_names[group.Get_size() - 1], root=0)
                 grown = inter.Merge(high=False)
                 inter.Disconnect()
                 group.Free()
@@ -216,7 +224,8 @@ class MpiCommunicator(Communicator):
             return final
         finally:
             if self.rank == 0:
-                MPI.Close_port(port_name)
+                for name in port_names:
+                    MPI.Close_port(name)
 
     # -- buffers -----------------------------------------------------------------------------
 

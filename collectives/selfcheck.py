@@ -168,8 +168,8 @@ class SelfCheckWorker:
     def __init__(self) -> None:
         self.comm: Communicator | None = None
 
-    def open_rendezvous(self, backend: str) -> dict:
-        return open_rendezvous(backend)
+    def open_rendezvous(self, backend: str, world_size: int = 2) -> dict:
+        return open_rendezvous(backend, world_size)
 
     def join(self, backend: str, rank: int, world_size: int, rendezvous: dict) -> int:
         self.comm = create_communicator(backend, rank, world_size, rendezvous, "cpu")

@@ -75,7 +75,7 @@ class Worker:
         """Rank 0 only: the address (or MPI port) the other ranks join at."""
         from collectives.factory import open_rendezvous
 
-        return open_rendezvous(backend)
+        return open_rendezvous(backend, self.world_size)
 
     def init_communicator(self, backend: str, rendezvous: dict) -> None:
         from collectives.factory import create_communicator

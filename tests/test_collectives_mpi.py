@@ -93,8 +93,8 @@ def _alive(pid: int) -> bool:
 def test_mpi_among_ray_actors(mpi_actors, world_size: int) -> None:
     ray, actors = mpi_actors
     group = actors[:world_size]
-    info = ray.get(group[0].open_rendezvous.remote("mpi"), timeout=30)
-    assert info["mode"] == "port" and info["port_name"]
+    info = ray.get(group[0].open_rendezvous.remote("mpi", world_size), timeout=30)
+    assert info["mode"] == "port" and len(info["port_names"]) == world_size - 1
     # join in reverse order: the connects arrive in an order unlike the ranks
     joins = {
         rank: a.join.remote("mpi", rank, world_size, info)
