@@ -1,0 +1,106 @@
+"""The ``triton`` attention backend: Triton kernels for KV write, prefill and decode.
+
+Runs on CUDA GPUs of compute capability 8.0 or newer, and on the CPU when ``TRITON_INTERPRET=1``
+was set before the kernel modules were imported (CI runs the real kernels in Triton's
+interpreter that way, at tiny shapes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from runtime.attention.base import AttentionBackend, AttentionMetadata
+
+try:  # the kernel modules are reached through their module objects so that tests can reload them
+    from runtime.attention import triton_decode, triton_kv_write, triton_prefill
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # triton missing: the registry reports this reason
+    _IMPORT_ERROR = f"triton is not importable ({e})"
+
+
+class TritonBackend(AttentionBackend):
+    """FlashAttention-2 prefill and split-KV decode over the paged cache, in Triton."""
+
+    name = "triton"
+
+    def __init__(
+        self,
+        prefill_config: triton_prefill.PrefillConfig | None = None,
+        decode_config: triton_decode.DecodeConfig | None = None,
+    ) -> None:
+        if _IMPORT_ERROR is not None:
+            raise ImportError(_IMPORT_ERROR)
+        self.prefill_config = prefill_config
+        self.decode_config = decode_config
+
+    @classmethod
+    def supports(cls, device: torch.device) -> str | None:
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            cap = torch.cuda.get_device_capability(device)
+            if cap < (8, 0):
+                return f"compute capability {cap[0]}.{cap[1]} < 8.0 (use the 'torch' backend)"
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return None
+            return "on CPU only under Triton's interpreter (set TRITON_INTERPRET=1 before import)"
+        return f"device type {device.type!r} is not supported by Triton kernels here"
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        triton_kv_write.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return triton_prefill.prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_query_len,
+            scale,
+            config=self.prefill_config,
+        )
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not meta.is_decode:
+            return self.prefill(q, k_cache, v_cache, meta, scale)
+        return triton_decode.decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_seq_len,
+            scale,
+            config=self.decode_config,
+        )

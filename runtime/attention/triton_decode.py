@@ -1,0 +1,299 @@
+"""Split-KV flash-decoding over the paged KV cache (Triton): one query token per sequence.
+
+Decode reads every key and value once and does little arithmetic on them, so it is bound by memory
+bandwidth; the work is to keep enough loads in flight on every SM. The key range of each sequence
+is cut into ``num_splits`` chunks of equal length, chosen from the longest sequence and the SM
+count so that even a single long sequence spreads over the whole GPU. Program ``(split, kv head,
+sequence)`` handles all query heads of one GQA group together (padded to the 16 rows a tensor-core
+dot needs), so each K/V block is read from memory once per group, not once per query head.
+
+Each program writes a partial output and its log-sum-exp; a second, small kernel merges the splits
+of each (sequence, head) by log-sum-exp. With one split the first kernel writes the final result.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.attention.triton_prefill import LOG2E, _cast, _mma, check_layout, dot_mode
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Kernel tile and how finely to split the key range."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # target number of split programs per SM (more: smaller tail wave)
+    min_chunk: int  # fewest keys one split program handles
+
+
+def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """Chosen by scripts/bench_attention.py's sweep on an H100; small tiles in the interpreter."""
+    if device.type != "cuda":
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=2, min_chunk=64)
+    if dtype == torch.float32 or head_dim > 128:
+        return DecodeConfig(
+            block_n=32, num_warps=4, num_stages=2, programs_per_sm=8, min_chunk=1024
+        )
+    return DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=1024)
+
+
+@functools.cache
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        dev = torch.cuda.current_device() if index is None else index
+        return torch.cuda.get_device_properties(dev).multi_processor_count
+    return 4  # the interpreter: a pretend GPU small enough that tests see several splits
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, cfg: DecodeConfig
+) -> int:
+    """Splits per sequence so that ``num_seqs * num_kv_heads * splits`` fills the GPU."""
+    target = _sm_count(device.type, device.index) * cfg.programs_per_sm
+    want = triton.cdiv(target, max(1, num_seqs * num_kv_heads))
+    by_len = triton.cdiv(max_seq_len, cfg.min_chunk)
+    return max(1, min(want, by_len, 256))
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    PartOut,
+    PartLse,
+    SeqLens,
+    BlockTables,
+    qk_scale,
+    chunk,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_bt,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
+    lo = s * chunk
+    if lo >= seq_len:
+        return
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    # load the group's queries: they stay on chip for the whole key loop
+    q_ptrs = Q + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+
+    table = BlockTables + b.to(tl.int64) * stride_bt
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    for start_n in range(lo, hi, BLOCK_N):
+        pos = start_n + offs_n
+        n_mask = pos < hi
+        blk = tl.load(table + pos // PAGE, mask=n_mask, other=0).to(tl.int64)
+        row = pos % PAGE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k_ptrs = k_base + (blk * stride_kb + row * stride_kt)[:, None] + offs_d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v_ptrs = v_base + (blk * stride_vb + row * stride_vt)[:, None] + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        qk = _mma(q, tl.trans(k), None, DOT_MODE)
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _mma(_cast(p, v.dtype, DOT_MODE), v, acc, DOT_MODE)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    lse2 = m_i + tl.math.log2(l_i)  # log2 domain
+    if SINGLE:
+        o_ptrs = Out + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(
+            o_ptrs,
+            _cast(out, Out.dtype.element_ty, DOT_MODE),
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+        tl.store(Lse + b.to(tl.int64) * stride_lt + heads, lse2 * 0.6931471805599453, mask=g_mask)
+    else:
+        p_off = b.to(tl.int64) * stride_pb + heads * stride_ph + s * stride_ps
+        tl.store(
+            PartOut + p_off[:, None] * BLOCK_D + offs_d[None, :],
+            out,
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+        tl.store(PartLse + p_off, lse2, mask=g_mask)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    Out,
+    Lse,
+    PartOut,
+    PartLse,
+    SeqLens,
+    chunk,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_pb,
+    stride_ph,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    n_splits = tl.cdiv(seq_len, chunk)  # splits that saw at least one key
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = b.to(tl.int64) * stride_pb + h * stride_ph
+    # pass 1: the largest split LSE, so that the weights cannot overflow
+    m = tl.full([SPLITS_PAD], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, SPLITS_PAD):
+        lse2 = tl.load(
+            PartLse + base + s0 + offs_s, mask=s0 + offs_s < n_splits, other=float("-inf")
+        )
+        m = tl.maximum(m, lse2)
+    m_all = tl.max(m, 0)
+    # pass 2: weighted sum of the partial outputs
+    denom = tl.zeros([SPLITS_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_splits, SPLITS_PAD):
+        s_mask = s0 + offs_s < n_splits
+        lse2 = tl.load(PartLse + base + s0 + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.where(s_mask, tl.math.exp2(lse2 - m_all), 0.0)
+        denom += w
+        parts = tl.load(
+            PartOut + (base + s0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+            mask=s_mask[:, None],
+            other=0.0,
+        )
+        acc += tl.sum(parts * w[:, None], 0)
+    total = tl.sum(denom, 0)
+    out = acc / total
+    tl.store(
+        Out + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
+        _cast(out, Out.dtype.element_ty, DOT_MODE),
+        mask=offs_d < HEAD_DIM,
+    )
+    lse = (m_all + tl.math.log2(total)) * 0.6931471805599453
+    tl.store(Lse + b.to(tl.int64) * stride_lt + h, lse)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+    config: DecodeConfig | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence (``q`` is ``[B,Hq,D]``); returns ``(out [B,Hq,D], lse [B,Hq])``."""
+    check_layout(q, k_cache, v_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    B, hq, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    if seq_lens.shape[0] != B:
+        raise ValueError(
+            f"decode needs one query per sequence: {B} queries, {seq_lens.shape[0]} seqs"
+        )
+    out = torch.empty_like(q)
+    lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
+    if B == 0:
+        return out, lse
+    cfg = config or default_decode_config(d, q.dtype, q.device)
+    group = hq // hkv
+    block_d = max(16, triton.next_power_of_2(d))
+    if num_splits is None:
+        num_splits = choose_num_splits(B, hkv, max_seq_len, q.device, cfg)
+    chunk = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), cfg.block_n) * cfg.block_n
+    num_splits = triton.cdiv(max(max_seq_len, 1), chunk)
+    single = num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused
+        stride_pb = stride_ph = 0
+    else:
+        part_out = torch.empty(B, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
+        stride_pb, stride_ph = part_lse.stride(0), part_lse.stride(1)
+    _decode_split_kernel[(num_splits, hkv, B)](
+        q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables,
+        scale * LOG2E, chunk,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),
+        stride_pb, stride_ph, 1,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        PAGE=page,
+        BLOCK_N=cfg.block_n,
+        SINGLE=single,
+        DOT_MODE=dot_mode(q.dtype, q.device),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not single:
+        _decode_combine_kernel[(B, hq)](
+            out, lse, part_out, part_lse, seq_lens, chunk,
+            out.stride(0), out.stride(1), lse.stride(0), stride_pb, stride_ph,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            SPLITS_PAD=min(32, max(2, triton.next_power_of_2(num_splits))),
+            DOT_MODE=dot_mode(q.dtype, q.device),
+            num_warps=4,
+        )  # fmt: skip
+    return out, lse
+
+
+__all__ = ["DecodeConfig", "choose_num_splits", "decode_attention", "default_decode_config"]

@@ -1,0 +1,261 @@
+"""Triton attention kernels against the float64 paged reference.
+
+Rule (FlashAttention's tests): the kernel's largest error against the float64 reference must be at
+most twice the error of plain torch attention computed in the same low precision, plus a small
+atol. Ragged lengths (1, 17, 113, 1023, ...) exercise partial tiles; block tables are shuffled.
+
+Without a GPU the real kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) at tiny shapes;
+on a GPU the same tests run at real shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+if not ON_GPU:
+    # Triton decides interpreter or compiler when `@triton.jit` decorates a function, its own
+    # `triton.language` helpers included, so this must precede the first `import triton`.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+# If something earlier in this pytest session imported triton without the interpreter, its
+# language helpers are compiled-mode objects that cannot run on the CPU: rerun this file alone.
+NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
+
+from runtime.attention import triton_backend, triton_decode  # noqa: E402
+from runtime.attention.base import AttentionBackend, AttentionMetadata  # noqa: E402
+from runtime.attention.reference import gather_kv, reference_attention  # noqa: E402
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+# shapes: tiny in the interpreter, real on a GPU
+if ON_GPU:
+    HQ, HEAD_DIMS, LONG = 32, [128, 64], 1023
+    PREFILL_MIXES = [[1], [17], [113], [1023], [2500], [1, 17, 113, 1023, 2500], [256, 40, 1]]
+    CHUNKED = [(17, 100), (64, 1023), (1, 50), (113, 113), (300, 3000)]
+    DECODE_LENS = [1, 17, 113, 1023, 5000, 70000]
+else:
+    HQ, HEAD_DIMS, LONG = 8, [64], 1023
+    PREFILL_MIXES = [[1], [17], [113], [1, 17, 113, 40]]
+    CHUNKED = [(17, 100), (40, 300), (1, 50), (113, 113)]
+    DECODE_LENS = [1, 17, 113, 1023]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_guard(request):
+    if NEEDS_FRESH_PROCESS and request.node.originalname != "test_in_fresh_interpreter_process":
+        pytest.skip("triton was imported without TRITON_INTERPRET; covered by the rerun test")
+
+
+def test_in_fresh_interpreter_process():
+    """Rerun this file in a new process with the interpreter on from the start."""
+    if not NEEDS_FRESH_PROCESS:
+        pytest.skip("the kernels run in this process")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def _backend():
+    return triton_backend.TritonBackend()
+
+
+def _paged(
+    query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0
+) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Metadata with shuffled block tables (plus unused blocks) and random caches."""
+    rng = random.Random(seed)
+    need = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(need) + 3
+    perm = list(range(num_blocks))
+    rng.shuffle(perm)
+    tables, i = [], 0
+    for n in need:
+        tables.append(perm[i : i + n])
+        i += n
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device=DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    shape = (num_blocks, block_size, hkv, d)
+    k = torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+    v = torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+    return meta, k, v
+
+
+def _torch_lowp(q, k_cache, v_cache, meta, scale):
+    """Plain attention with scores and probabilities rounded to the input dtype, as torch would."""
+    outs, lses = [], []
+    group = q.shape[1] // k_cache.shape[2]
+    start = 0
+    for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        qs = q[start : start + qlen]
+        k = gather_kv(k_cache, meta.block_tables[b], slen).repeat_interleave(group, 1)
+        v = gather_kv(v_cache, meta.block_tables[b], slen).repeat_interleave(group, 1)
+        s = torch.einsum("qhd,khd->hqk", qs, k) * scale  # in q.dtype
+        qpos = torch.arange(slen - qlen, slen, device=q.device)[:, None]
+        kpos = torch.arange(slen, device=q.device)[None, :]
+        s = s.float().masked_fill(kpos > qpos, float("-inf"))
+        lses.append(torch.logsumexp(s, -1).transpose(0, 1))
+        p = torch.softmax(s, -1).to(q.dtype)
+        outs.append(torch.einsum("hqk,khd->qhd", p, v))
+        start += qlen
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _check(out, lse, q, k_cache, v_cache, meta, scale):
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:2] and lse.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref_out, ref_lse = reference_attention(q, k_cache, v_cache, meta, scale)
+    pt_out, pt_lse = _torch_lowp(q, k_cache, v_cache, meta, scale)
+    atol = ATOL[q.dtype]
+    err = (out.double() - ref_out).abs().max().item()
+    err_pt = (pt_out.double() - ref_out).abs().max().item()
+    assert err <= 2 * err_pt + atol, f"out error {err:.3g} vs torch {q.dtype} {err_pt:.3g}"
+    err = (lse.double() - ref_lse).abs().max().item()
+    err_pt = (pt_lse.double() - ref_lse).abs().max().item()
+    assert err <= 2 * err_pt + atol, f"lse error {err:.3g} vs torch {q.dtype} {err_pt:.3g}"
+
+
+def _run_prefill(query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0):
+    meta, k_cache, v_cache = _paged(query_lens, seq_lens, hkv, d, dtype, block_size, seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    q = torch.randn(sum(query_lens), HQ, d, generator=g, device=DEVICE).to(dtype)
+    scale = d**-0.5
+    out, lse = _backend().prefill(q, k_cache, v_cache, meta, scale)
+    _check(out, lse, q, k_cache, v_cache, meta, scale)
+
+
+@pytest.mark.parametrize("lens", PREFILL_MIXES, ids=lambda x: "-".join(map(str, x)))
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_ragged_gqa(lens, group):
+    _run_prefill(lens, lens, HQ // group, HEAD_DIMS[0], torch.bfloat16, seed=len(lens) + group)
+
+
+def test_prefill_long():
+    """A sequence of 1023 (on a GPU also 4097) tokens: many full tiles before the diagonal."""
+    lens = [LONG] if not ON_GPU else [LONG, 4097]
+    _run_prefill(lens, lens, HQ // 8, HEAD_DIMS[0], torch.bfloat16, seed=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", HEAD_DIMS + [96])
+def test_prefill_dtypes_head_dims(dtype, d):
+    lens = [1, 17, 113] if not ON_GPU else [1, 17, 113, LONG]
+    _run_prefill(lens, lens, HQ // 4, d, dtype, seed=d)
+
+
+@pytest.mark.parametrize("block_size", [8, 64])
+def test_prefill_block_sizes(block_size):
+    lens = [17, 113, 130]
+    _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.bfloat16, block_size=block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("group", [1, 4])
+def test_chunked_prefill(dtype, group):
+    """Queries are the tail of each sequence; earlier chunks' keys are already in the cache."""
+    qlens = [q for q, _ in CHUNKED]
+    slens = [s for _, s in CHUNKED]
+    _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], dtype, seed=7)
+
+
+def _run_decode(seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16):
+    meta, k_cache, v_cache = _paged([1] * len(seq_lens), seq_lens, hkv, d, dtype, block_size, seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    q = torch.randn(len(seq_lens), HQ, d, generator=g, device=DEVICE).to(dtype)
+    scale = d**-0.5
+    if num_splits is None:
+        out, lse = _backend().decode(q, k_cache, v_cache, meta, scale)
+    else:
+        out, lse = triton_decode.decode_attention(
+            q, k_cache, v_cache, meta.seq_lens, meta.block_tables, meta.max_seq_len, scale,
+            num_splits=num_splits,
+        )  # fmt: skip
+    _check(out, lse, q, k_cache, v_cache, meta, scale)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode(group, dtype):
+    _run_decode(DECODE_LENS, HQ // group, HEAD_DIMS[0], dtype, seed=group)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+def test_decode_forced_splits(num_splits):
+    """One split (direct write), a few, and more splits than short sequences have keys for."""
+    _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("d", [HEAD_DIMS[-1], 96])
+def test_decode_head_dims_block_size(d):
+    _run_decode([17, 300], HQ // 8, d, torch.float16, block_size=64)
+
+
+def test_forward_routes_decode_and_prefill():
+    meta, k_cache, v_cache = _paged([1, 1], [20, 33], HQ // 4, HEAD_DIMS[0], torch.bfloat16)
+    q = torch.randn(2, HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    out, lse = _backend().forward(q, k_cache, v_cache, meta, 0.1)
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_write_kv(dtype):
+    qlens, slens = [3, 17, 1], [10, 17, 40]
+    hkv, d = HQ // 4, HEAD_DIMS[0]
+    meta, k_cache, v_cache = _paged(qlens, slens, hkv, d, dtype)
+    key = torch.randn(sum(qlens), hkv, d, device=DEVICE).to(dtype)
+    value = torch.randn(sum(qlens), hkv, d, device=DEVICE).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    AttentionBackend.write_kv(_backend(), key, value, k_ref, v_ref, meta.slot_mapping)
+    _backend().write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_write_kv_skips_padding_slots():
+    hkv, d = 2, HEAD_DIMS[0]
+    k_cache = torch.zeros(4, 16, hkv, d, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.randn(3, hkv, d, device=DEVICE)
+    slots = torch.tensor([5, -1, 40], dtype=torch.int64, device=DEVICE)
+    _backend().write_kv(key, key * 2, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    assert torch.equal(flat_k[5], key[0]) and torch.equal(flat_k[40], key[2])
+    assert torch.equal(flat_v[40], key[2] * 2)
+    flat_k[5] = 0
+    flat_k[40] = 0
+    assert not flat_k.any(), "a padding token (slot -1) was written"
+
+
+def test_supports(monkeypatch):
+    cls = triton_backend.TritonBackend
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cls.supports(torch.device("cpu")) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET" in cls.supports(torch.device("cpu"))
+    if ON_GPU:
+        cap = torch.cuda.get_device_capability()
+        assert (cls.supports(torch.device("cuda")) is None) == (cap >= (8, 0))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_registry_auto_picks_triton_on_gpu():
+    from runtime.attention.registry import get_backend, resolve_backend_name
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs compute capability 8.0+")
+    assert resolve_backend_name("auto", torch.device("cuda")) == "triton"
+    assert get_backend("triton", "cuda").name == "triton"
