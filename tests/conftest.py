@@ -8,6 +8,14 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before the first
+# `import triton` of the session, so it is set here, before any test module is imported.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
