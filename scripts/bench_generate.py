@@ -54,7 +54,6 @@ def hf_from_tilerun(engine: Engine):
         tie_word_embeddings=c.tie_word_embeddings,
         attn_implementation="sdpa",
     )
-    dtype = next(model.parameters()).dtype
     dev = next(model.parameters()).device
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
@@ -85,7 +84,7 @@ def hf_from_tilerun(engine: Engine):
     hf.model.rotary_emb.to_empty(device=dev)
     inv = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(dev)
     hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.original_inv_freq = inv
-    return hf.to(dtype).eval()
+    return hf.eval()
 
 
 def time_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
