@@ -25,7 +25,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=2,
-        max_position_embeddings=65536,
+        max_position_embeddings=262144,
         rope_theta=500000.0,
         eos_token_id=None,
     ),

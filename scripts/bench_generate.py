@@ -177,6 +177,7 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
             if not args.no_hf and s not in hf_done:
                 hf = hf_from_tilerun(engine)
+                time_hf(hf, warm, 4, d)  # warm-up, as tilerun had
                 # tilerun's KV cache stays allocated; free what we can for a fair peak
                 gc.collect()
                 try:
