@@ -16,6 +16,8 @@ collectives, matched by order).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from collectives.base import Communicator, Handle
@@ -65,6 +67,7 @@ def linear_all_reduce(
     weight: torch.Tensor,
     comm: Communicator,
     num_tiles: int = 1,
+    prologue: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``sum over ranks of x @ weight.T`` for a row-parallel linear layer.
 
@@ -75,6 +78,11 @@ def linear_all_reduce(
         comm: the tensor-parallel group.
         num_tiles: ``<= 1`` for the plain path; ``> 1`` splits the rows into that many tiles (at
             most ``T``) whose AllReduces overlap the next tile's matmul.
+        prologue: row-wise work that produces this linear's input from ``x`` (the MLP's
+            gate/up projection and activation, say). With tiles it runs per tile, so tile i's
+            AllReduce also overlaps tile i+1's prologue: more computation to hide behind, which
+            is what makes the overlap pay at large TP, where the row-parallel matmul alone is
+            shorter than its AllReduce.
 
     Returns:
         ``[T, out]``, identical on every rank.
@@ -88,7 +96,7 @@ def linear_all_reduce(
         return x.new_empty((*lead, out_features))
 
     if num_tiles <= 1 or comm.world_size == 1 or rows == 1:
-        y = x2 @ weight.T
+        y = (prologue(x2) if prologue is not None else x2) @ weight.T
         comm.all_reduce(y)
         return y.reshape(*lead, out_features)
 
@@ -106,7 +114,8 @@ def linear_all_reduce(
         out.record_stream(side)
     for start, stop in tile_bounds(rows, num_tiles):
         tile = out[start:stop]
-        torch.matmul(x2[start:stop], w_t, out=tile)
+        rows_in = x2[start:stop] if prologue is None else prologue(x2[start:stop])
+        torch.matmul(rows_in, w_t, out=tile)
         if on_cuda:
             # The side stream waits for this tile's matmul only; the next tile's matmul, queued on
             # the compute stream afterwards, runs while the collective is in flight.

@@ -3,7 +3,8 @@
 For Llama-7B's row-parallel projections (out = hidden 4096; in_local = 4096/TP for o_proj and
 11008/TP for down_proj) and T tokens, it times, per rank (the reported figure is the slowest rank):
 
-    compute    x @ W.T alone
+    compute    x @ W.T alone (for the "mlp" rows: the whole MLP block, gate/up + SiLU + down,
+               which the model tiles together so the AllReduce hides behind all of it)
     allreduce  one AllReduce of the [T, 4096] output alone
     plain      linear_all_reduce(num_tiles=1): compute, then one AllReduce
     tiled/n    linear_all_reduce(num_tiles=n): tile i's AllReduce in flight during tile i+1
@@ -87,19 +88,35 @@ def _bench_shape(
     barrier_comm: Communicator | None,
     budget_s: float = 0.0,
     max_rounds: int = 20,
+    mlp: bool = False,
 ) -> dict[str, float]:
-    """Median seconds of each variant on this rank; the variants interleave so drift hits all."""
+    """Median seconds of each variant on this rank; the variants interleave so drift hits all.
+
+    ``mlp``: the whole MLP block (gate/up + SiLU as the down projection's per-tile prologue), as
+    the model runs it, instead of the down matmul alone.
+    """
     gen = torch.Generator().manual_seed(comm.rank)
-    x = (torch.randn(rows, in_local, generator=gen) / in_local**0.5).to(device, dtype)
+    width = HIDDEN if mlp else in_local
+    x = (torch.randn(rows, width, generator=gen) / width**0.5).to(device, dtype)
     w = torch.randn(HIDDEN, in_local, generator=gen).to(device, dtype)
+    prologue = None
+    if mlp:
+        wgu = (torch.randn(2 * in_local, HIDDEN, generator=gen) / HIDDEN**0.5).to(device, dtype)
+
+        def prologue(t: torch.Tensor) -> torch.Tensor:
+            gate, up = (t @ wgu.T).chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+
     buf = torch.zeros(rows, HIDDEN, device=device, dtype=dtype)
     variants = {
-        "compute": lambda: x @ w.T,
+        "compute": lambda: (prologue(x) if prologue else x) @ w.T,
         "allreduce": lambda: comm.all_reduce(buf),
-        "plain": lambda: linear_all_reduce(x, w, comm, num_tiles=1),
+        "plain": lambda: linear_all_reduce(x, w, comm, num_tiles=1, prologue=prologue),
     }
     for n in tiles:
-        variants[f"tiled/{n}"] = lambda n=n: linear_all_reduce(x, w, comm, num_tiles=n)
+        variants[f"tiled/{n}"] = lambda n=n: linear_all_reduce(
+            x, w, comm, num_tiles=n, prologue=prologue
+        )
     # one warm-up round (allocations, connections); its length sets how many rounds fit the budget
     warm = sum(_timed(fn, device, barrier_comm) for fn in variants.values())
     if barrier_comm is not None:  # every rank must run the same number of rounds
@@ -137,6 +154,7 @@ def run_benchmark(
     rows_out = []
     elem = torch.empty((), dtype=dtype).element_size()
     shapes = [("o_proj", HIDDEN // args.tp), ("down_proj", INTERMEDIATE // args.tp)]
+    shapes += [("mlp", INTERMEDIATE // args.tp)]
     shapes += [("narrow", n) for n in args.extra_in]
     for proj, in_local in shapes:
         for rows in args.tokens:
@@ -150,6 +168,7 @@ def run_benchmark(
                 args.iters,
                 barrier_comm,
                 args.budget_s,
+                mlp=proj == "mlp",
             )
             rounds = int(t.pop("rounds"))
             if barrier_comm is not None:
@@ -176,7 +195,7 @@ def run_benchmark(
                 row["model_tiles"] = choose_num_tiles(
                     rows,
                     HIDDEN,
-                    in_local,
+                    in_local * (3 if proj == "mlp" else 1),
                     elem,
                     args.tp,
                     bw,

@@ -93,7 +93,15 @@ class RowParallelLinear(nn.Module):
         start = self.tp.rank * self.local_in
         self.weight.data.copy_(take(src, 1, start, start + self.local_in))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        prologue: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        prologue_cost: float = 0.0,
+    ) -> torch.Tensor:
+        """``prologue`` (row-wise) turns ``x`` into this layer's input, tile by tile when the
+        AllReduce is tiled; ``prologue_cost`` is its FLOPs relative to this matmul's, for the
+        tile-count model."""
         out_f, in_f = self.weight.shape
-        tiles = self.tp.tiles_for(x.shape[0], out_f, in_f)
-        return linear_all_reduce(x, self.weight, self.tp.comm, num_tiles=tiles)
+        tiles = self.tp.tiles_for(x.shape[0], out_f, int(in_f * (1 + prologue_cost)))
+        return linear_all_reduce(x, self.weight, self.tp.comm, num_tiles=tiles, prologue=prologue)
