@@ -46,7 +46,7 @@ class LocalExecutor:
         self.worker.load_model()
         self.num_blocks = self.worker.kv_cache_capacity(max_model_len)
         self.worker.init_kv_cache(self.num_blocks)
-        self.worker.warm_up()
+        self.worker.warm_up(max_model_len)
 
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
         return self.worker.execute(batch, logits)
@@ -126,7 +126,7 @@ class RayExecutor:
             self._all("load_model")
             self.num_blocks = min(self._all("kv_cache_capacity", max_model_len))
             self._all("init_kv_cache", self.num_blocks)
-            self._all("warm_up")
+            self._all("warm_up", max_model_len)
         except BaseException:
             self.shutdown()
             raise

@@ -142,17 +142,29 @@ class Worker:
         )
         return {"rank": self.rank, "num_blocks": num_blocks, "bytes": self.kv.nbytes}
 
-    def warm_up(self) -> None:
-        """One small prefill and one decode step (kernel compilation, allocator pools), written
-        into the first blocks before the scheduler hands any out."""
+    def warm_up(self, max_model_len: int | None = None) -> None:
+        """One small prefill and decode steps (kernel compilation, allocator pools), written into
+        the first blocks before the scheduler hands any out.
+
+        Compiled backends specialise the decode kernel on the split count, which grows with the
+        context, so decode is also run at doubling lengths up to ``max_model_len``: every block
+        table entry points at block 0 (the contents do not matter for compilation), and the
+        first long request does not pay for compiling in its decode timings.
+        """
         bs = self.config.block_size
         n = min(2 * bs, self.kv.num_blocks * bs - 1)
         table = tuple(range(-(-(n + 1) // bs)))
         params = SamplingParams(max_new_tokens=1)
         prefill = SeqChunk(-1, (0,) * n, 0, table, sample=False, params=params)
-        decode = SeqChunk(-1, (0,), n, table, sample=False, params=params)
         self.execute(ScheduledBatch(0, (prefill,)))
-        self.execute(ScheduledBatch(0, (decode,)))
+        lengths = [n]
+        if self.backend_name == "triton" and max_model_len:
+            while lengths[-1] * 2 < max_model_len:
+                lengths.append(lengths[-1] * 2)
+            lengths.append(max_model_len - 1)
+        for length in lengths:
+            blocks = (0,) * (length // bs + 1)
+            self.execute(ScheduledBatch(0, (SeqChunk(-1, (0,), length, blocks, False, params),)))
 
     def reset_peak_memory(self) -> None:
         dev.reset_peak_memory(self.device)

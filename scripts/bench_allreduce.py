@@ -481,7 +481,7 @@ def _run_simulated(args: argparse.Namespace) -> None:
         "matmul_tflops": flops / 1e12,
         "matmul_weight_read_gbps": _finite(weight_rate / 1e9),
     }
-    write_results(args, device, f"simulated-{args.sim_kind}", rows, extra)
+    write_results(args, device, f"simulated-{args.sim_kind}-tp{args.tp}", rows, extra)
 
 
 # -- command line --------------------------------------------------------------------------------

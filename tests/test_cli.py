@@ -158,3 +158,16 @@ def test_prompt_longer_than_cache_says_by_how_much():
     )
     assert r.returncode == 2
     assert "exceeds the KV cache capacity of 256 tokens by 64 tokens" in r.stderr
+
+
+@pytest.mark.ray
+def test_run_tp2_over_mpi_json_matches_tp1():
+    """The issue's command: `tilerun run ... --tp 2 --comm mpi --json` on a 2-core machine."""
+    base = ["run", "--model", "tiny", "--prompt-token-ids", "5,6,7,8,9", "--max-new-tokens", "6",
+            "--device", "cpu", "--json"]  # fmt: skip
+    r = tilerun(*base, "--tp", "2", "--comm", "mpi")
+    assert r.returncode == 0, r.stderr
+    tp2 = json.loads(r.stdout)
+    assert len(tp2["devices"]) == 2
+    tp1 = json.loads(tilerun(*base, "--executor", "local").stdout)
+    assert tp2["token_ids"] == tp1["token_ids"]

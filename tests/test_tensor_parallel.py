@@ -66,7 +66,7 @@ def reference(tp_checkpoint):
 
 
 @pytest.mark.parametrize(
-    "tp, comm", [(2, "gloo"), (3, "gloo"), (4, "gloo"), (2, "mpi"), (3, "mpi")]
+    "tp, comm", [(2, "gloo"), (3, "gloo"), (4, "gloo"), (2, "mpi"), (3, "mpi"), (4, "mpi")]
 )
 def test_tp_matches_tp1_and_transformers(ray_cluster, tp_checkpoint, reference, tp, comm):
     path, _ = tp_checkpoint
