@@ -45,13 +45,9 @@ def _run_parser(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cluster.job import build_job, load_job
+    from cluster.job import PROMPT_FIELDS, build_job, load_job_values
 
-    values: dict = {}
-    where: dict = {}
-    if args.job:
-        job = load_job(args.job)
-        values = {**_job_values(job)}
+    values, where = load_job_values(args.job) if args.job else ({}, {})
     flags = {
         "model": args.model,
         "prompt": args.prompt,
@@ -74,10 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     if args.no_overlap:
         flags["overlap"] = False
-    if any(flags[k] is not None for k in ("prompt", "prompt_file", "prompt_token_ids")):
-        for k in ("prompt", "prompt_file", "prompt_token_ids"):
+    # a prompt given as a flag replaces the file's prompt, whichever form either takes
+    if any(flags[k] is not None for k in PROMPT_FIELDS):
+        for k in PROMPT_FIELDS:
             values.pop(k, None)
-    values.update({k: v for k, v in flags.items() if v is not None})
+    for k, v in flags.items():
+        if v is not None:
+            values[k] = v
+            where.pop(k, None)  # a flag's error has no file line
     job = build_job(values, where)
 
     from cluster.api import LLM
@@ -109,21 +109,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_summary(result)
     return 0
-
-
-def _job_values(job) -> dict:
-    v = {k: getattr(job.engine, k) for k in job.engine.field_names()}
-    v |= {
-        "max_new_tokens": job.sampling.max_new_tokens,
-        "temperature": job.sampling.temperature,
-        "top_p": job.sampling.top_p,
-        "seed": job.sampling.seed,
-    }
-    if job.prompt_token_ids:
-        v["prompt_token_ids"] = list(job.prompt_token_ids)
-    else:
-        v["prompt"] = job.prompt
-    return v
 
 
 def _progress_printer():

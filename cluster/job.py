@@ -15,7 +15,7 @@ Errors name the file, the line and the field.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ class Job:
     sampling: SamplingParams
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def job_fields() -> list[str]:
@@ -79,26 +78,27 @@ def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Jo
     engine_kw = {k: values[k] for k in EngineConfig.field_names() if values.get(k) is not None}
     if "seed" in sampling_kw:
         engine_kw.setdefault("seed", sampling_kw["seed"])
-    for name, kw, cls in (
-        ("sampling", sampling_kw, SamplingParams),
-        ("engine", engine_kw, EngineConfig),
-    ):
-        try:
-            built = cls(**kw)
-        except ConfigError as e:
-            field_name = next((k for k in kw if str(e).startswith(k)), None)
-            raise ConfigError(f"{at(field_name) if field_name else ''}{e}") from None
-        except TypeError as e:
-            raise ConfigError(f"bad {name} field: {e}") from None
-        if cls is SamplingParams:
-            sampling = built
-        else:
-            engine = built
+    sampling = _construct(SamplingParams, sampling_kw, at)
+    engine = _construct(EngineConfig, engine_kw, at)
     return Job(engine=engine, sampling=sampling, prompt=prompt, prompt_token_ids=ids)
 
 
-def load_job(path: str | Path) -> Job:
-    """Parse a job YAML file; every error names the line."""
+def _construct(cls, kw: dict[str, Any], at):
+    """``cls(**kw)`` with the failing field's file and line in front of the message."""
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        field_name = next((k for k in kw if str(e).startswith(k)), None)
+        raise ConfigError(f"{at(field_name) if field_name else ''}{e}") from None
+    except TypeError as e:
+        raise ConfigError(f"bad {cls.__name__} field: {e}") from None
+
+
+def load_job_values(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read a job YAML file: its fields, and 'file line N' for each (for error messages).
+
+    Syntax errors and unknown fields fail here, naming the line.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"job file {str(p)!r} does not exist")
@@ -126,4 +126,9 @@ def load_job(path: str | Path) -> Job:
             raise ConfigError(f"{where.get(key, str(p))}: unknown field {key!r}{hint}")
     if isinstance(data.get("prompt_file"), str) and not Path(data["prompt_file"]).is_absolute():
         data["prompt_file"] = str(p.parent / data["prompt_file"])
-    return build_job(data, where)
+    return data, where
+
+
+def load_job(path: str | Path) -> Job:
+    """Parse and validate a job YAML file; every error names the line."""
+    return build_job(*load_job_values(path))

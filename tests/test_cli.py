@@ -171,3 +171,13 @@ def test_run_tp2_over_mpi_json_matches_tp1():
     assert len(tp2["devices"]) == 2
     tp1 = json.loads(tilerun(*base, "--executor", "local").stdout)
     assert tp2["token_ids"] == tp1["token_ids"]
+
+
+def test_flags_override_job_file_fields(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: tiny\nprompt: hello\nmax_new_tokens: 9\ndevice: cpu\n")
+    r = tilerun("run", str(job), "--max-new-tokens", "3", "--prompt-token-ids", "1,2",
+                "--executor", "local", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) == 3 and out["metrics"]["prompt_tokens"] == 2
