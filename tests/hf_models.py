@@ -50,3 +50,18 @@ def make_hf_llama(directory: Path, shape: str, seed: int = 0, **overrides):
     model = LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens from transformers ``generate`` (no early stop), on ``hf``'s device."""
+    ids = torch.tensor([prompt], device=hf.device)
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()

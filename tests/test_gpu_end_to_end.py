@@ -9,6 +9,7 @@ import torch
 from cluster.engine import Engine
 from runtime.engine_config import EngineConfig
 from scheduler.request import SamplingParams
+from tests.hf_models import hf_greedy, make_hf_llama
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -19,26 +20,11 @@ NEW = 32
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from tests.hf_models import make_hf_llama
 
     d = tmp_path_factory.mktemp("gpu_ckpt")
     # head_dim 64: a size the Triton kernels are built for
     hf = make_hf_llama(d, "gqa", hidden_size=512, num_attention_heads=8, num_key_value_heads=2)
     return d, hf.cuda()
-
-
-def _hf_greedy(hf, prompt):
-    ids = torch.tensor([prompt], device="cuda")
-    out = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("attention", ["triton", "torch", "sdpa"])
@@ -62,4 +48,4 @@ def test_backends_match_transformers_on_gpu(checkpoint, attention, prompt_len):
         out = engine.generate([prompt], SamplingParams(max_new_tokens=NEW))[0]
     finally:
         engine.shutdown()
-    assert out.token_ids == _hf_greedy(hf, prompt)
+    assert out.token_ids == hf_greedy(hf, prompt, NEW)

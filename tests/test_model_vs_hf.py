@@ -10,7 +10,7 @@ import torch
 from cluster.engine import Engine
 from runtime.engine_config import EngineConfig
 from scheduler.request import SamplingParams
-from tests.hf_models import SHAPES, make_hf_llama
+from tests.hf_models import SHAPES, hf_greedy, make_hf_llama
 
 # float32 end to end: differences come only from summation order (tiled softmax, fused
 # projections); observed max |diff| is ~1e-5 on logits of magnitude ~5.
@@ -39,20 +39,6 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_logits_and_greedy_tokens_match_transformers(checkpoint):
     path, hf = checkpoint
     vocab = hf.config.vocab_size
@@ -67,7 +53,7 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint):
         assert ours.shape == ref.shape
         err = (ours - ref).abs().max().item()
         assert err < LOGIT_ATOL, f"prompt {len(prompt)}: max |logit diff| {err}"
-        assert out.token_ids == _hf_greedy(hf, prompt, NEW_TOKENS), f"prompt {len(prompt)}"
+        assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"prompt {len(prompt)}"
 
 
 def test_batch_of_different_lengths_equals_each_alone(checkpoint):
@@ -115,4 +101,4 @@ def test_triton_backend_matches_transformers(checkpoint):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0].float()
     assert (out.metrics["logits"] - ref).abs().max().item() < LOGIT_ATOL
-    assert out.token_ids == _hf_greedy(hf, prompt, 6)
+    assert out.token_ids == hf_greedy(hf, prompt, 6)

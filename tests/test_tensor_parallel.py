@@ -8,7 +8,7 @@ import torch
 
 from cluster import LLM, SamplingParams
 from runtime.errors import ConfigError
-from tests.hf_models import make_hf_llama
+from tests.hf_models import hf_greedy, make_hf_llama
 
 pytestmark = pytest.mark.ray
 
@@ -42,26 +42,12 @@ def _run(path, prompt, executor="ray", logits="none", **kw):
         return llm.engine.generate([prompt], SamplingParams(max_new_tokens=NEW), logits=logits)[0]
 
 
-def _hf_greedy(hf, prompt):
-    ids = torch.tensor([prompt])
-    out = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.fixture(scope="module")
 def reference(tp_checkpoint):
     path, hf = tp_checkpoint
     prompt = _prompt(70, hf.config.vocab_size)
     tp1 = _run(path, prompt, executor="local").token_ids
-    assert tp1 == _hf_greedy(hf, prompt)
+    assert tp1 == hf_greedy(hf, prompt, NEW)
     return prompt, tp1
 
 
@@ -78,7 +64,7 @@ def test_tp_matches_tp1_and_transformers(ray_cluster, tp_checkpoint, reference, 
 def test_gqa_tp2_matches_transformers(ray_cluster, hf_checkpoint):
     path, hf = hf_checkpoint
     prompt = _prompt(45, hf.config.vocab_size)
-    assert _run(path, prompt, tp=2, comm="gloo").token_ids == _hf_greedy(hf, prompt)
+    assert _run(path, prompt, tp=2, comm="gloo").token_ids == hf_greedy(hf, prompt, NEW)
 
 
 @pytest.mark.parametrize("comm", ["gloo", "mpi"])
