@@ -34,6 +34,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--tp", type=int, help="tensor-parallel size: one worker per device")
     p.add_argument("--comm", help="auto|nccl|hccl|gloo|mpi")
     p.add_argument("--no-overlap", action="store_true", help="plain AllReduce, no tiling")
+    p.add_argument(
+        "--no-cuda-graphs", action="store_true", help="decode eagerly, without CUDA graphs"
+    )
     p.add_argument("--allreduce-tiles", type=int)
     p.add_argument("--kv-cache-tokens", type=int)
     p.add_argument("--max-model-len", type=int)
@@ -70,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     if args.no_overlap:
         flags["overlap"] = False
+    if args.no_cuda_graphs:
+        flags["cuda_graphs"] = False
     # a prompt given as a flag replaces the file's prompt, whichever form either takes
     if any(flags[k] is not None for k in PROMPT_FIELDS):
         for k in PROMPT_FIELDS:

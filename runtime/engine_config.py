@@ -37,6 +37,8 @@ class EngineConfig:
     """How long to wait for the cluster to place all workers before failing with the fix."""
     q_tile: int = 128
     kv_tile: int = 512
+    cuda_graphs: bool = True
+    """Replay pure-decode steps from CUDA graphs (CUDA, triton attention, single rank or NCCL)."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "prefill_chunk", "max_num_seqs", "tp", "q_tile", "kv_tile"):
@@ -45,6 +47,8 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None:
                 _positive_int(name, v)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if not self.placement_timeout_s > 0:
             raise ConfigError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:

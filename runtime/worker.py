@@ -47,6 +47,10 @@ class Worker:
         self.model = None
         self.kv: KVCache | None = None
         self._generators: dict[int, torch.Generator] = {}
+        self.max_model_len: int | None = config.max_model_len
+        self._graphs = None  # runtime.cuda_graphs.DecodeGraphs, made on the first decode step
+        self._graphs_off: str | None = None if config.cuda_graphs else "turned off by config"
+        self._eager_only = False
 
     # -- bring-up ----------------------------------------------------------------------------
     def init_device(self) -> dict:
@@ -111,6 +115,7 @@ class Worker:
 
     def kv_cache_capacity(self, max_model_len: int) -> int:
         """How many blocks this worker can hold (the engine takes the minimum over ranks)."""
+        self.max_model_len = max_model_len
         bs = self.config.block_size
         if self.config.kv_cache_tokens is not None:
             return -(-self.config.kv_cache_tokens // bs)
@@ -131,6 +136,7 @@ class Worker:
 
     def init_kv_cache(self, num_blocks: int) -> dict:
         c = self.model_config
+        self._graphs = None  # captured graphs point into the old cache
         self.kv = KVCache(
             c.num_hidden_layers,
             num_blocks,
@@ -151,20 +157,33 @@ class Worker:
         table entry points at block 0 (the contents do not matter for compilation), and the
         first long request does not pay for compiling in its decode timings.
         """
+        if max_model_len:
+            self.max_model_len = max_model_len
         bs = self.config.block_size
         n = min(2 * bs, self.kv.num_blocks * bs - 1)
         table = tuple(range(-(-(n + 1) // bs)))
         params = SamplingParams(max_new_tokens=1)
         prefill = SeqChunk(-1, (0,) * n, 0, table, sample=False, params=params)
-        self.execute(ScheduledBatch(0, (prefill,)))
         lengths = [n]
         if self.backend_name == "triton" and max_model_len:
             while lengths[-1] * 2 < max_model_len:
                 lengths.append(lengths[-1] * 2)
             lengths.append(max_model_len - 1)
-        for length in lengths:
-            blocks = (0,) * (length // bs + 1)
-            self.execute(ScheduledBatch(0, (SeqChunk(-1, (0,), length, blocks, False, params),)))
+        self._eager_only = True  # the ladder compiles the eager decode kernels
+        try:
+            self.execute(ScheduledBatch(0, (prefill,)))
+            for length in lengths:
+                blocks = (0,) * (length // bs + 1)
+                chunk = SeqChunk(-1, (0,), length, blocks, False, params)
+                self.execute(ScheduledBatch(0, (chunk,)))
+        finally:
+            self._eager_only = False
+        graphs = self._decode_graphs()
+        if graphs is not None:  # the first request's first decode step need not capture
+            try:
+                graphs.capture(1)
+            except Exception as e:
+                self._drop_graphs(e)
 
     def reset_peak_memory(self) -> None:
         dev.reset_peak_memory(self.device)
@@ -176,13 +195,89 @@ class Worker:
             "kv_cache_bytes": self.kv.nbytes if self.kv else 0,
         }
 
+    # -- CUDA graphs --------------------------------------------------------------------------
+    def _decode_graphs(self):
+        """The worker's captured decode steps, or ``None`` where graphs are off or unsupported."""
+        if self._graphs is not None or self._graphs_off is not None:
+            return self._graphs
+        from runtime.cuda_graphs import DecodeGraphs, unsupported_reason
+
+        if self.kv is None:
+            return None
+        reason = unsupported_reason(self.device, self.backend_name, self.parallel.comm.backend)
+        if reason is not None:
+            self._graphs_off = reason
+            if self.rank == 0:
+                log.info("decode steps run eagerly (no CUDA graphs): %s", reason)
+            return None
+        c = self.model_config
+        self._graphs = DecodeGraphs(
+            self.model,
+            self.backend,
+            self.kv.layers,
+            max_num_seqs=self.config.max_num_seqs,
+            max_model_len=self.max_model_len or c.max_position_embeddings,
+            block_size=self.config.block_size,
+            num_kv_heads=c.num_key_value_heads // self.world_size,
+            head_dim=c.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        return self._graphs
+
+    def _drop_graphs(self, error: Exception) -> None:
+        """A capture or replay failed: alone, fall back to eager steps; in a group, fail (the
+        other ranks are inside the same collectives)."""
+        if self.world_size > 1:
+            raise error
+        log.warning("CUDA-graph decode failed (%s); decode steps run eagerly from now on", error)
+        self._graphs = None
+        self._graphs_off = f"failed: {error}"
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether pure-decode steps replay CUDA graphs on this worker."""
+        return self._decode_graphs() is not None
+
+    def _graph_result(
+        self, rows: torch.Tensor, batch: ScheduledBatch, logits: str, t0: float
+    ) -> StepResult:
+        result = StepResult(sampled={})
+        if logits == "all":
+            all_logits = rows.cpu()
+            for i, c in enumerate(batch.chunks):
+                result.logits[c.seq_id] = all_logits[i : i + 1]
+        if self.rank == 0:
+            for i, c in enumerate(batch.chunks):
+                if not c.sample:
+                    continue
+                result.sampled[c.seq_id] = sample(rows[i], c.params, self._generator(c))
+                if logits == "sampled":
+                    result.logits[c.seq_id] = rows[i].cpu()
+        dev.synchronize(self.device)
+        result.seconds = time.perf_counter() - t0
+        return result
+
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
-        """Run one step. ``logits``: ``none``, ``sampled`` (rows that sample) or ``all`` rows."""
+        """Run one step. ``logits``: ``none``, ``sampled`` (rows that sample) or ``all`` rows.
+
+        Pure-decode steps (one token per sequence) replay a captured CUDA graph where
+        ``runtime.cuda_graphs`` supports this worker; everything else runs eagerly.
+        """
         t0 = time.perf_counter()
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
+        if not self._eager_only and all(len(c.token_ids) == 1 for c in batch.chunks):
+            graphs = self._decode_graphs()
+            if graphs is not None and graphs.fits(batch.chunks):
+                try:
+                    rows = graphs.run(batch.chunks)  # float32 [B, vocab]: the graph's output
+                except Exception as e:  # eager below redoes the step (its KV writes are the same)
+                    self._drop_graphs(e)
+                else:
+                    return self._graph_result(rows, batch, logits, t0)
         ids: list[int] = []
         pos: list[int] = []
         for c in batch.chunks:
@@ -233,6 +328,7 @@ class Worker:
         return g
 
     def shutdown(self) -> None:
+        self._graphs = None
         self.parallel.comm.close()
         self.kv = None
         self.model = None

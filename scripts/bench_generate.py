@@ -146,6 +146,9 @@ def main() -> int:
         help="run the portable torch backend only up to this context (it is slow on GPUs)",
     )
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    ap.add_argument(
+        "--no-cuda-graphs", action="store_true", help="decode eagerly, without CUDA graphs"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -157,6 +160,7 @@ def main() -> int:
             model=args.model, device=args.device, dtype=args.dtype, attention=attn,
             prefill_chunk=args.prefill_chunk, max_num_seqs=1, max_model_len=longest,
             kv_cache_tokens=longest + 16, q_tile=args.q_tile, kv_tile=args.kv_tile,
+            cuda_graphs=not args.no_cuda_graphs,
         )  # fmt: skip
         engine = Engine(cfg, executor="local")
         info = engine.device_infos[0]

@@ -94,6 +94,8 @@ class TritonBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not meta.is_decode:
             return self.prefill(q, k_cache, v_cache, meta, scale)
+        # CUDA-graph metadata (runtime.cuda_graphs) carries a device tensor with the keys per split
+        # program; its ``seq_lens_cpu`` then holds the capacity, which sizes the fixed grid
         return triton_decode.decode_attention(
             q,
             k_cache,
@@ -103,4 +105,26 @@ class TritonBackend(AttentionBackend):
             meta.max_seq_len,
             scale,
             config=self.decode_config,
+            chunk_buffer=getattr(meta, "decode_chunk", None),
         )
+
+    def decode_chunk(
+        self,
+        num_seqs: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_seq_len: int,
+        capacity: int,
+    ) -> int:
+        """What a CUDA graph's ``decode_chunk`` buffer holds: the keys per split program an eager
+        decode of ``num_seqs`` sequences, the longest ``max_seq_len`` keys, would use, widened if
+        needed so that the splits fit the grid the graph froze for ``capacity`` keys."""
+        cfg = self.decode_config or triton_decode.default_decode_config(head_dim, dtype, device)
+        plan = triton_decode.split_plan
+        _, grid = plan(num_seqs, num_kv_heads, capacity, device, cfg)
+        chunk, splits = plan(num_seqs, num_kv_heads, max_seq_len, device, cfg)
+        if splits > grid:
+            chunk, _ = plan(num_seqs, num_kv_heads, max_seq_len, device, cfg, num_splits=grid)
+        return chunk

@@ -9,6 +9,13 @@ dot needs), so each K/V block is read from memory once per group, not once per q
 
 Each program writes a partial output and its log-sum-exp; a second, small kernel merges the splits
 of each (sequence, head) by log-sum-exp. With one split the first kernel writes the final result.
+
+Inside a CUDA graph the launch grid is frozen at capture, so ``decode_attention`` also takes
+``chunk_buffer``: the grid is then sized for a capacity (``max_seq_len`` is the longest sequence
+the graph will ever see) and the keys per split program are read from that device tensor at run
+time, so each replay splits the key range as an eager call for the step's real lengths would;
+programs past a sequence's length exit at once and the combine merges only the splits that saw
+keys (a sequence with no keys gets zeros and ``lse = -inf``).
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ def _decode_split_kernel(
     PartLse,
     SeqLens,
     BlockTables,
+    ChunkPtr,
     qk_scale,
     chunk,
     stride_qt,
@@ -99,11 +107,14 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
     DOT_MODE: tl.constexpr,
+    CHUNK_FROM_PTR: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
+    if CHUNK_FROM_PTR:
+        chunk = tl.load(ChunkPtr)
     lo = s * chunk
     if lo >= seq_len:
         return
@@ -173,6 +184,7 @@ def _decode_combine_kernel(
     PartOut,
     PartLse,
     SeqLens,
+    ChunkPtr,
     chunk,
     stride_ot,
     stride_oh,
@@ -183,10 +195,13 @@ def _decode_combine_kernel(
     BLOCK_D: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     DOT_MODE: tl.constexpr,
+    CHUNK_FROM_PTR: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b)
+    if CHUNK_FROM_PTR:
+        chunk = tl.load(ChunkPtr)
     n_splits = tl.cdiv(seq_len, chunk)  # splits that saw at least one key
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -214,7 +229,8 @@ def _decode_combine_kernel(
         )
         acc += tl.sum(parts * w[:, None], 0)
     total = tl.sum(denom, 0)
-    out = acc / total
+    # no split saw a key (a padding row of a graph batch, seq_len 0): zeros and lse = -inf
+    out = acc / tl.where(total > 0, total, 1.0)
     tl.store(
         Out + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
         _cast(out, Out.dtype.element_ty, DOT_MODE),
@@ -222,6 +238,23 @@ def _decode_combine_kernel(
     )
     lse = (m_all + tl.math.log2(total)) * 0.6931471805599453
     tl.store(Lse + b.to(tl.int64) * stride_lt + h, lse)
+
+
+def split_plan(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+    cfg: DecodeConfig,
+    num_splits: int | None = None,
+) -> tuple[int, int]:
+    """``(chunk, splits)``: keys per split program (a multiple of ``block_n``) and how many split
+    programs per (sequence, KV head) it takes to cover ``max_seq_len`` keys."""
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, device, cfg)
+    n = max(max_seq_len, 1)
+    chunk = triton.cdiv(triton.cdiv(n, num_splits), cfg.block_n) * cfg.block_n
+    return chunk, triton.cdiv(n, chunk)
 
 
 def decode_attention(
@@ -234,8 +267,16 @@ def decode_attention(
     scale: float,
     config: DecodeConfig | None = None,
     num_splits: int | None = None,
+    chunk_buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per sequence (``q`` is ``[B,Hq,D]``); returns ``(out [B,Hq,D], lse [B,Hq])``."""
+    """One query per sequence (``q`` is ``[B,Hq,D]``); returns ``(out [B,Hq,D], lse [B,Hq])``.
+
+    ``chunk_buffer`` (int32 ``[1]`` on the device; for CUDA graphs): the launch grid is sized for
+    ``max_seq_len`` taken as a capacity, and the keys per split program are read from the buffer
+    when the kernels run. Whoever fills it must keep ``cdiv(longest seq_len, chunk)`` within that
+    grid (``split_plan`` for the same ``B`` and the real longest length does) and ``chunk`` a
+    multiple of the config's ``block_n``.
+    """
     check_layout(q, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -249,6 +290,57 @@ def decode_attention(
     lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
     if B == 0:
         return out, lse
+    cfg = config or default_decode_config(d, q.dtype, q.device)
+    group = hq // hkv
+    block_d = max(16, triton.next_power_of_2(d))
+    chunk, num_splits = split_plan(B, hkv, max_seq_len, q.device, cfg, num_splits)
+    from_ptr = chunk_buffer is not None
+    if from_ptr:
+        if chunk_buffer.dtype != torch.int32 or chunk_buffer.device != q.device:
+            raise ValueError("chunk_buffer must be an int32 tensor on the queries' device")
+        chunk = 0  # unused: the kernels read chunk_buffer
+    else:
+        chunk_buffer = seq_lens  # unused
+    single = num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused
+        stride_pb = stride_ph = 0
+    else:
+        part_out = torch.empty(B, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
+        stride_pb, stride_ph = part_lse.stride(0), part_lse.stride(1)
+    _decode_split_kernel[(num_splits, hkv, B)](
+        q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables, chunk_buffer,
+        scale * LOG2E, chunk,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),
+        stride_pb, stride_ph, 1,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        PAGE=page,
+        BLOCK_N=cfg.block_n,
+        SINGLE=single,
+        DOT_MODE=dot_mode(q.dtype, q.device),
+        CHUNK_FROM_PTR=from_ptr,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not single:
+        _decode_combine_kernel[(B, hq)](
+            out, lse, part_out, part_lse, seq_lens, chunk_buffer, chunk,
+            out.stride(0), out.stride(1), lse.stride(0), stride_pb, stride_ph,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            SPLITS_PAD=min(32, max(2, triton.next_power_of_2(num_splits))),
+            DOT_MODE=dot_mode(q.dtype, q.device),
+            CHUNK_FROM_PTR=from_ptr,
+            num_warps=4,
+        )  # fmt: skip
+    return out, lse
     cfg = config or default_decode_config(d, q.dtype, q.device)
     group = hq // hkv
     block_d = max(16, triton.next_power_of_2(d))
@@ -296,4 +388,10 @@ def decode_attention(
     return out, lse
 
 
-__all__ = ["DecodeConfig", "choose_num_splits", "decode_attention", "default_decode_config"]
+__all__ = [
+    "DecodeConfig",
+    "choose_num_splits",
+    "decode_attention",
+    "default_decode_config",
+    "split_plan",
+]

@@ -1,0 +1,242 @@
+"""CUDA-graph decode: capture one decode step per batch-size bucket, replay it every step.
+
+A decode step of a Llama is hundreds of small kernels (32 layers x ~20 torch ops + 2 Triton
+launches); launched one by one from Python the GPU waits on the host. Here the whole step --
+embedding, every layer, final norm and the LM head for every row of the bucket -- is captured once
+per bucket (1, 2, 4, 8, ... up to ``max_num_seqs``) into a CUDA graph and replayed.
+
+What a graph reads lives in static device buffers sized for the largest bucket and for the longest
+block table (``max_model_len / block_size`` blocks): token ids, positions, KV slots, sequence
+lengths, block tables and the decode kernel's keys per split program. Before each replay the
+step's values are copied in (two host-to-device copies from pinned staging). Rows beyond the
+step's batch are padding that cannot disturb the real rows: KV slot -1 (the KV write kernel skips
+negative slots), sequence length 1 over block 0 (finite reads), token 0 at position 0; their
+logits are computed and ignored.
+
+Python-side decisions that depend on the step's lengths are kept out of the graph: the metadata a
+graph is captured with has ``seq_lens_cpu`` set to the capacity (``max_model_len``), which sizes
+the Triton decode kernel's fixed grid, and the real split length is read from a device buffer
+(``decode_chunk``) that every replay refreshes with what an eager call would choose.
+
+Graphs are used only on CUDA, with the ``triton`` attention backend, and with the single-rank or
+NCCL communicator (gloo and MPI collectives cannot be captured); everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from runtime.attention.base import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+CAPTURABLE_COMMS = ("none", "nccl")  # SingleRankCommunicator.backend, NCCL
+
+
+def unsupported_reason(device: torch.device, backend_name: str, comm_backend: str) -> str | None:
+    """``None`` when decode steps on this worker can be captured, else why not."""
+    if device.type != "cuda":
+        return f"device {device.type} is not CUDA"
+    if backend_name != "triton":
+        return f"attention backend {backend_name!r} is not 'triton'"
+    if comm_backend not in CAPTURABLE_COMMS:
+        return f"communicator {comm_backend!r} cannot be captured (only single-rank or NCCL)"
+    return None
+
+
+def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Batch sizes a graph is captured for: powers of two below ``max_num_seqs``, then it."""
+    out, b = [], 1
+    while b < max_num_seqs:
+        out.append(b)
+        b *= 2
+    out.append(max_num_seqs)
+    return tuple(out)
+
+
+@dataclass
+class GraphDecodeMetadata(AttentionMetadata):
+    """Decode metadata over static buffers; ``seq_lens_cpu`` holds the capacity, not lengths."""
+
+    decode_chunk: torch.Tensor | None = None  # int32 [1]: keys per split program, set per replay
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [bucket, vocab] float32, written by every replay
+
+
+class DecodeGraphs:
+    """Captured decode steps of one worker's model, one per batch-size bucket, made on first use."""
+
+    def __init__(
+        self,
+        model,
+        backend,
+        kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_layers = kv_layers
+        self.buckets = batch_buckets(max_num_seqs)
+        self.max_bs = self.buckets[-1]
+        self.capacity = max_model_len
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        n, w = self.max_bs, self.max_blocks
+        # int64: token ids | positions | KV slots;  int32: seq_lens | decode chunk | block tables
+        self._n64 = 3 * n
+        self._n32 = n + 1 + n * w
+        self._host64 = torch.zeros(self._n64, dtype=torch.int64, pin_memory=True)
+        self._host32 = torch.zeros(self._n32, dtype=torch.int32, pin_memory=True)
+        self._dev64 = torch.zeros(self._n64, dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(self._n32, dtype=torch.int32, device=device)
+        self.input_ids = self._dev64[:n]
+        self.positions = self._dev64[n : 2 * n]
+        self.slot_mapping = self._dev64[2 * n :]
+        self.seq_lens = self._dev32[:n]
+        self.decode_chunk = self._dev32[n : n + 1]
+        self.block_tables = self._dev32[n + 1 :].view(n, w)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self._copied: torch.cuda.Event | None = None  # staging may be rewritten once it fired
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, _Graph] = {}
+
+    # -- which steps --------------------------------------------------------------------------
+    def bucket_for(self, num_seqs: int) -> int | None:
+        for b in self.buckets:
+            if b >= num_seqs:
+                return b
+        return None
+
+    def fits(self, chunks) -> bool:
+        """True when these chunks are a pure-decode step a graph can run."""
+        if not chunks or len(chunks) > self.max_bs:
+            return False
+        for c in chunks:
+            if len(c.token_ids) != 1 or c.seq_len > self.capacity:
+                return False
+            if len(c.block_table) * self.block_size < c.seq_len:
+                return False  # let the eager path raise its error
+        return True
+
+    # -- capture ------------------------------------------------------------------------------
+    def _meta(self, bs: int) -> GraphDecodeMetadata:
+        return GraphDecodeMetadata(
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            query_lens_cpu=(1,) * bs,
+            seq_lens_cpu=(self.capacity,) * bs,  # sizes the decode grid; lengths come per replay
+            decode_chunk=self.decode_chunk,
+        )
+
+    def _forward(self, bs: int, meta: GraphDecodeMetadata) -> torch.Tensor:
+        hidden = self.model(
+            self.input_ids[:bs], self.positions[:bs], self.kv_layers, meta, self.backend
+        )
+        return self.model.compute_logits(hidden)
+
+    def _chunk_for(self, bs: int, max_seq_len: int) -> int:
+        return self.backend.decode_chunk(
+            bs,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.device,
+            max_seq_len,
+            self.capacity,
+        )
+
+    @torch.inference_mode()
+    def capture(self, bs: int) -> None:
+        """Capture the decode step of bucket ``bs`` (all rows padding while capturing)."""
+        if bs in self.graphs:
+            return
+        self._stage([], bs)
+        meta = self._meta(bs)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # warm-up: compiles kernels, settles allocator and handles
+            self._forward(bs, meta)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            logits = self._forward(bs, meta)
+        torch.cuda.synchronize(self.device)
+        self.graphs[bs] = _Graph(graph, logits)
+        log.info("captured decode graph for batch size %d", bs)
+
+    # -- replay -------------------------------------------------------------------------------
+    def _stage(self, chunks, bs: int) -> None:
+        """Write the step's metadata (padded to ``bs`` rows) into the static device buffers."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has read the staging buffers
+        n, w, page = self.max_bs, self.max_blocks, self.block_size
+        h64, h32 = self._host64, self._host32
+        ids, pos, slots = [], [], []
+        lens, need_w = [], 1
+        for i, c in enumerate(chunks):
+            p = c.start_pos
+            table = c.block_table
+            ids.append(c.token_ids[0])
+            pos.append(p)
+            slots.append(table[p // page] * page + p % page)
+            lens.append(c.seq_len)
+            k = -(-c.seq_len // page)
+            need_w = max(need_w, k)
+            row = n + 1 + i * w
+            h32[row : row + k] = torch.tensor(table[:k], dtype=torch.int32)
+        pad = bs - len(chunks)
+        ids += [0] * pad
+        pos += [0] * pad
+        slots += [-1] * pad
+        lens += [1] * pad
+        for i in range(len(chunks), bs):
+            h32[n + 1 + i * w] = 0  # padding rows read block 0
+        h64[:bs] = torch.tensor(ids, dtype=torch.int64)
+        h64[n : n + bs] = torch.tensor(pos, dtype=torch.int64)
+        h64[2 * n : 2 * n + bs] = torch.tensor(slots, dtype=torch.int64)
+        h32[:bs] = torch.tensor(lens, dtype=torch.int32)
+        h32[n] = self._chunk_for(bs, max(lens))
+        # only the first ``need_w`` entries of a row are read (positions < seq_len)
+        end32 = n + 1 + (bs - 1) * w + need_w
+        self._dev64.copy_(h64, non_blocking=True)
+        self._dev32[:end32].copy_(h32[:end32], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record(torch.cuda.current_stream(self.device))
+
+    @torch.inference_mode()
+    def run(self, chunks) -> torch.Tensor:
+        """Replay the step for these decode chunks; float32 logits ``[len(chunks), vocab]``.
+
+        The result is a view of the graph's output: read it before the next ``run``.
+        """
+        bs = self.bucket_for(len(chunks))
+        if bs not in self.graphs:
+            self.capture(bs)
+        self._stage(chunks, bs)
+        g = self.graphs[bs]
+        g.graph.replay()
+        return g.logits[: len(chunks)]
+
+
+__all__ = ["DecodeGraphs", "GraphDecodeMetadata", "batch_buckets", "unsupported_reason"]
