@@ -137,9 +137,15 @@ class RayExecutor:
     def _get(self, refs: list) -> list[Any]:
         ray = self._ray
         try:
+            # Take results as they come, so a dead worker is reported at once even while the
+            # other ranks still wait for it inside a collective.
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done[0])
             return ray.get(refs)
         except ray.exceptions.RayActorError as e:
-            rank = next((r for r, ref in enumerate(refs) if _failed(ray, ref)), None)
+            rank = _dead_rank(ray, refs)
             where = (
                 f"rank {rank} on {self.device_names[rank]}"
                 if rank is not None and rank < len(self.device_names)
@@ -188,12 +194,16 @@ def _bundles_by_node(pg) -> list[int]:
     return sorted(range(len(pg.bundle_specs)), key=lambda i: (first_seen.get(where.get(i), i), i))
 
 
-def _failed(ray, ref) -> bool:
-    try:
-        ray.get(ref, timeout=0)
-        return False
-    except Exception:  # noqa: BLE001
-        return True
+def _dead_rank(ray, refs: list) -> int | None:
+    """The rank whose call failed because its actor died (calls still running are not it)."""
+    for rank, ref in enumerate(refs):
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError:
+            return rank
+        except Exception:  # noqa: BLE001 - still running, or failed for another reason
+            continue
+    return None
 
 
 def _device_type(device: str) -> str:

@@ -7,6 +7,7 @@ vocabulary-parallel head gathers logits. At TP = 1 every collective is the ident
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from collectives.base import Communicator, SingleRankCommunicator
@@ -20,7 +21,7 @@ class ParallelState:
     # A callable of the token count lets the cost model choose per step.
     allreduce_tiles: int | None = None
     overlap: bool = True
-    tile_chooser: object | None = None  # callable (rows, out_features, in_features) -> int
+    tile_chooser: Callable[[int, int, int], int] | None = None  # (rows, out, in) -> tiles
 
     @property
     def rank(self) -> int:

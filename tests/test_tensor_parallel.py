@@ -91,3 +91,22 @@ def test_heads_not_divisible_by_tp_are_refused(hf_checkpoint):
         match="num_key_value_heads=2 does not divide evenly over tensor-parallel size 4",
     ):
         build_model(str(path), ParallelState(comm=FakeComm()), torch.float32, torch.device("cpu"))
+
+
+def test_dead_rank_in_a_group_is_reported_not_hung(ray_cluster, tp_checkpoint):
+    import time
+
+    import ray
+
+    from cluster.executor import WorkerDiedError
+
+    path, hf = tp_checkpoint
+    llm = LLM(executor="ray", model=str(path), device="cpu", dtype="float32", tp=2, comm="gloo")
+    try:
+        ray.kill(llm.engine.executor.workers[1], no_restart=True)
+        t0 = time.perf_counter()
+        with pytest.raises(WorkerDiedError, match=r"rank 1 on cpu"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+        assert time.perf_counter() - t0 < 60
+    finally:
+        llm.shutdown()
