@@ -18,13 +18,15 @@ def ensure_ray(
     address: str | None = None,
     num_cpus: int | None = None,
     dashboard: bool | None = None,
-    dashboard_host: str = "127.0.0.1",
+    dashboard_host: str | None = None,
 ) -> dict:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start an embedded local cluster.
 
     Returns a small description (address, dashboard URL). Idempotent within a process.
     ``dashboard=None`` follows ``TILERUN_DASHBOARD`` (default on; ``0`` where the dashboard's
-    packages are not installed).
+    packages are not installed). The dashboard binds to ``dashboard_host``, else
+    ``TILERUN_DASHBOARD_HOST``, else 127.0.0.1: it is reachable from other hosts only when the
+    user says so (Ray's token authentication guards it either way).
     """
     global _dashboard_url
     if ray.is_initialized():
@@ -33,6 +35,8 @@ def ensure_ray(
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if dashboard is None:
         dashboard = os.environ.get("TILERUN_DASHBOARD", "1") != "0"
+    if dashboard_host is None:
+        dashboard_host = os.environ.get("TILERUN_DASHBOARD_HOST", "127.0.0.1")
     if address:
         ctx = ray.init(address=address, **kwargs)
     else:
