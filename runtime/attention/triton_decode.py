@@ -341,51 +341,6 @@ def decode_attention(
             num_warps=4,
         )  # fmt: skip
     return out, lse
-    cfg = config or default_decode_config(d, q.dtype, q.device)
-    group = hq // hkv
-    block_d = max(16, triton.next_power_of_2(d))
-    if num_splits is None:
-        num_splits = choose_num_splits(B, hkv, max_seq_len, q.device, cfg)
-    chunk = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), cfg.block_n) * cfg.block_n
-    num_splits = triton.cdiv(max(max_seq_len, 1), chunk)
-    single = num_splits == 1
-    if single:
-        part_out = part_lse = out  # unused
-        stride_pb = stride_ph = 0
-    else:
-        part_out = torch.empty(B, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
-        stride_pb, stride_ph = part_lse.stride(0), part_lse.stride(1)
-    _decode_split_kernel[(num_splits, hkv, B)](
-        q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables,
-        scale * LOG2E, chunk,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),
-        stride_pb, stride_ph, 1,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        PAGE=page,
-        BLOCK_N=cfg.block_n,
-        SINGLE=single,
-        DOT_MODE=dot_mode(q.dtype, q.device),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if not single:
-        _decode_combine_kernel[(B, hq)](
-            out, lse, part_out, part_lse, seq_lens, chunk,
-            out.stride(0), out.stride(1), lse.stride(0), stride_pb, stride_ph,
-            HEAD_DIM=d,
-            BLOCK_D=block_d,
-            SPLITS_PAD=min(32, max(2, triton.next_power_of_2(num_splits))),
-            DOT_MODE=dot_mode(q.dtype, q.device),
-            num_warps=4,
-        )  # fmt: skip
-    return out, lse
 
 
 __all__ = [
