@@ -144,16 +144,9 @@ class TorchDistCommunicator(Communicator):
     # -- collectives -------------------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> Handle | None:
-        # torch backends require contiguous tensors; reduce a contiguous copy and copy back.
-        staging = tensor if tensor.is_contiguous() else tensor.contiguous()
-        work = dist.all_reduce(staging, op=dist.ReduceOp.SUM, async_op=async_op)
-        if async_op:
-            if staging is tensor:
-                return WorkHandle(work)
-            return WorkHandle(work, target=tensor, staging=staging)
-        if staging is not tensor:
-            tensor.copy_(staging)
-        return None
+        return _in_place(
+            tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=async_op), async_op
+        )
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         src = tensor.contiguous()
@@ -166,15 +159,7 @@ class TorchDistCommunicator(Communicator):
     ) -> Handle | None:
         if not 0 <= src < self.world_size:
             raise ValueError(f"broadcast src {src} is outside a group of {self.world_size}")
-        staging = tensor if tensor.is_contiguous() else tensor.contiguous()
-        work = dist.broadcast(staging, src=src, async_op=async_op)
-        if async_op:
-            if staging is tensor:
-                return WorkHandle(work)
-            return WorkHandle(work, target=tensor, staging=staging)
-        if staging is not tensor:
-            tensor.copy_(staging)
-        return None
+        return _in_place(tensor, lambda t: dist.broadcast(t, src=src, async_op=async_op), async_op)
 
     def barrier(self) -> None:
         if self.backend == "nccl":
@@ -190,6 +175,20 @@ class TorchDistCommunicator(Communicator):
         if dist.is_initialized():
             dist.destroy_process_group()
         self._store = None
+
+
+def _in_place(tensor: torch.Tensor, collective, async_op: bool) -> Handle | None:
+    """Run an in-place ``collective`` on ``tensor``; torch backends need contiguous buffers, so a
+    non-contiguous tensor goes through a contiguous copy that is copied back when done."""
+    staging = tensor if tensor.is_contiguous() else tensor.contiguous()
+    work = collective(staging)
+    if async_op:
+        if staging is tensor:
+            return WorkHandle(work)
+        return WorkHandle(work, target=tensor, staging=staging)
+    if staging is not tensor:
+        tensor.copy_(staging)
+    return None
 
 
 __all__ = ["TorchDistCommunicator", "WorkHandle", "TORCH_BACKENDS"]
