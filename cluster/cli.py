@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from runtime.errors import TilerunError
+from scheduler.errors import TilerunError
 
 
 def _run_parser(sub) -> None:

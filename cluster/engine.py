@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime.engine_config import EngineConfig
-from runtime.errors import CapacityError
+from scheduler.errors import CapacityError
 from runtime.loader import resolve_model
 from scheduler.request import SamplingParams, Sequence
 from scheduler.scheduler import Scheduler, SchedulerConfig

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from runtime.engine_config import EngineConfig
-from runtime.errors import ConfigError, TilerunError
+from scheduler.errors import ConfigError, TilerunError
 from runtime.worker import StepResult, Worker
 from scheduler.batch import ScheduledBatch
 

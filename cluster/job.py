@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from runtime.engine_config import EngineConfig
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 from scheduler.request import SamplingParams
 
 PROMPT_FIELDS = ("prompt", "prompt_file", "prompt_token_ids")

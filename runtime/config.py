@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "npu")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 
 COMM_CHOICES = ("auto", "nccl", "hccl", "gloo", "mpi")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.errors import CapacityError
+from scheduler.errors import CapacityError
 
 
 def bytes_per_block(

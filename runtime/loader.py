@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import ModelConfig
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 from runtime.model.llama import LlamaForCausalLM
 from runtime.parallel import ParallelState
 from runtime.presets import PRESETS, get_preset

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from collectives.base import Communicator, SingleRankCommunicator
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from runtime.config import ModelConfig, RopeScaling
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 
 PRESETS: dict[str, ModelConfig] = {
     # A few MB: unit and integration tests.

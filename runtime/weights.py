@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from runtime.errors import CheckpointError
+from scheduler.errors import CheckpointError
 from runtime.model.llama import LlamaForCausalLM
 
 

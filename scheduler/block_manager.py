@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from runtime.errors import CapacityError, ConfigError
+from scheduler.errors import CapacityError, ConfigError
 
 
 class BlockAllocator:

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from runtime.errors import ConfigError  # runtime.errors imports nothing heavy (no torch)
+from scheduler.errors import ConfigError
 
 
 @dataclass(frozen=True)

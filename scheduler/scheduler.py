@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from runtime.errors import CapacityError, ConfigError
+from scheduler.errors import CapacityError, ConfigError
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.block_manager import BlockAllocator
 from scheduler.request import SamplingParams, SeqStatus, Sequence

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime.config import ModelConfig
 from runtime.engine_config import EngineConfig
-from runtime.errors import CheckpointError, ConfigError
+from scheduler.errors import CheckpointError, ConfigError
 from runtime.loader import build_model
 from runtime.parallel import ParallelState
 

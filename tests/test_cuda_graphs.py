@@ -14,7 +14,7 @@ import torch
 from cluster.engine import Engine
 from runtime.cuda_graphs import GraphDecodeMetadata, batch_buckets, unsupported_reason
 from runtime.engine_config import EngineConfig
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 from scheduler.request import SamplingParams
 
 ON_GPU = torch.cuda.is_available()

@@ -6,7 +6,7 @@ import pytest
 
 from cluster import LLM, SamplingParams
 from cluster.executor import ClusterCapacityError, WorkerDiedError
-from runtime.errors import CapacityError
+from scheduler.errors import CapacityError
 
 pytestmark = pytest.mark.ray
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 from runtime.sampling import make_generator, sample
 from runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from scheduler.request import SamplingParams

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from runtime.errors import CapacityError
+from scheduler.errors import CapacityError
 from scheduler.block_manager import BlockAllocator
 from scheduler.request import SamplingParams, Sequence
 from scheduler.scheduler import Scheduler, SchedulerConfig

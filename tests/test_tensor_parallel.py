@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 from tests.hf_models import hf_greedy, make_hf_llama
 
 pytestmark = pytest.mark.ray

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from runtime.attention.base import AttentionBackend
-from runtime.errors import ConfigError
+from scheduler.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
