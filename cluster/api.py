@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cluster.config import EngineConfig
 from cluster.engine import Engine, Progress, RequestOutput
-from runtime.engine_config import EngineConfig
 from runtime.tokenizer import load_tokenizer
 from scheduler.request import SamplingParams
 
@@ -17,21 +17,15 @@ class LLM:
     >>> out = llm.generate(["Once upon a time"], SamplingParams(max_new_tokens=16))[0]
     >>> out.token_ids, out.text, out.metrics["decode_tokens_per_s"]
 
-    Keyword arguments are :class:`runtime.engine_config.EngineConfig` fields (``tp``, ``comm``,
-    ``attention``, ``prefill_chunk``, ...). ``executor="local"`` runs one worker in this process
-    without Ray; ``ray_address`` attaches to an existing cluster.
+    Keyword arguments are the flat fields of :class:`cluster.config.EngineConfig` (``tp``,
+    ``comm``, ``attention``, ``prefill_chunk``, ...; ``tilerun run --help`` lists them all).
+    ``executor="local"`` runs one worker in this process without Ray; ``ray_address`` attaches
+    to an existing cluster.
     """
 
-    def __init__(
-        self,
-        model: str = "demo-small",
-        *,
-        executor: str = "ray",
-        ray_address: str | None = None,
-        **engine_kwargs,
-    ) -> None:
+    def __init__(self, model: str = "demo-small", **engine_kwargs) -> None:
         self.config = EngineConfig.from_dict({"model": model, **engine_kwargs})
-        self.engine = Engine(self.config, executor=executor, ray_address=ray_address)
+        self.engine = Engine(self.config)
         self.tokenizer = load_tokenizer(self.engine.checkpoint)
 
     def encode(self, text: str) -> list[int]:

@@ -2,98 +2,109 @@
 
 tilerun run --model demo-small --prompt-file long.txt --max-new-tokens 32 --json
 tilerun run job.yaml
+tilerun run --help   (every engine and sampling field is a flag, derived from the config classes)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
 import logging
 import sys
 import time
 
 from scheduler.errors import TilerunError
+from scheduler.fields import field_type, user_fields
+
+
+def _cli_type(cls: type, f: dataclasses.Field):
+    """argparse's ``type`` for a config field (bools are handled by their own action)."""
+    kind, _ = field_type(cls, f.name)
+    if kind is tuple:
+        return _int_list
+    return kind
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give integers separated by commas, got {text!r}"
+        ) from None
+
+
+def add_config_flags(p: argparse.ArgumentParser, classes: list[type]) -> list[str]:
+    """One flag per user-facing field of ``classes``, help text from the field; their names.
+
+    Flags default to None ("not given"), so a job file's field is overridden only by a flag the
+    user typed. Bool fields get ``--x/--no-x``.
+    """
+    names = []
+    for cls in classes:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        group = p.add_argument_group(cls.__name__, doc[0] if doc else None)
+        for f in user_fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = "" if f.default is None else f" (default: {_show(f.default)})"
+            kw: dict = {"default": None, "dest": f.name, "help": f.metadata["help"] + default}
+            if field_type(cls, f.name)[0] is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = _cli_type(cls, f)
+                if f.metadata.get("choices"):
+                    kw["choices"] = f.metadata["choices"]
+            group.add_argument(flag, **kw)
+            names.append(f.name)
+    return names
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "none"
+    return str(v)
 
 
 def _run_parser(sub) -> None:
+    from cluster.config import ClusterConfig
+    from runtime.worker_config import WorkerConfig
+    from scheduler.config import SchedulerConfig
+    from scheduler.request import SamplingParams
+
     p = sub.add_parser("run", help="run one inference task")
     p.add_argument("job", nargs="?", help="a job YAML file (flags given too override its fields)")
-    p.add_argument("--model", help="preset name or HF checkpoint directory (default demo-small)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
     src.add_argument("--prompt-token-ids", help="comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto|cpu|cuda|npu")
-    p.add_argument("--attention", help="auto|torch|sdpa|triton")
-    p.add_argument("--prefill-chunk", type=int, help="tokens per prefill step (outer tiling)")
-    p.add_argument("--dtype", help="auto|float32|bfloat16|float16")
-    p.add_argument("--tp", type=int, help="tensor-parallel size: one worker per device")
-    p.add_argument("--comm", help="auto|nccl|hccl|gloo|mpi")
-    p.add_argument("--no-overlap", action="store_true", help="plain AllReduce, no tiling")
-    p.add_argument(
-        "--no-cuda-graphs", action="store_true", help="decode eagerly, without CUDA graphs"
-    )
-    p.add_argument("--allreduce-tiles", type=int)
-    p.add_argument("--kv-cache-tokens", type=int)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--executor", choices=["ray", "local"], default="ray")
-    p.add_argument("--ray-address", help="attach to this Ray cluster instead of starting one")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_config_flags(p, [SamplingParams, WorkerConfig, SchedulerConfig, ClusterConfig])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cluster.job import PROMPT_FIELDS, build_job, load_job_values
+    from cluster.job import PROMPT_FIELDS, build_job, job_fields, load_job_values
 
     values, where = load_job_values(args.job) if args.job else ({}, {})
-    flags = {
-        "model": args.model,
-        "prompt": args.prompt,
-        "prompt_file": args.prompt_file,
-        "prompt_token_ids": args.prompt_token_ids,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "device": args.device,
-        "attention": args.attention,
-        "prefill_chunk": args.prefill_chunk,
-        "dtype": args.dtype,
-        "tp": args.tp,
-        "comm": args.comm,
-        "allreduce_tiles": args.allreduce_tiles,
-        "kv_cache_tokens": args.kv_cache_tokens,
-        "max_model_len": args.max_model_len,
-        "block_size": args.block_size,
-    }
-    if args.no_overlap:
-        flags["overlap"] = False
-    if args.no_cuda_graphs:
-        flags["cuda_graphs"] = False
+    flags = {k: getattr(args, k) for k in job_fields() if getattr(args, k, None) is not None}
     # a prompt given as a flag replaces the file's prompt, whichever form either takes
-    if any(flags[k] is not None for k in PROMPT_FIELDS):
+    if any(k in flags for k in PROMPT_FIELDS):
         for k in PROMPT_FIELDS:
             values.pop(k, None)
     for k, v in flags.items():
-        if v is not None:
-            values[k] = v
-            where.pop(k, None)  # a flag's error has no file line
+        values[k] = v
+        where.pop(k, None)  # a flag's error has no file line
     job = build_job(values, where)
 
     from cluster.api import LLM
 
     progress = None if (args.quiet or args.json) else _progress_printer()
     t0 = time.perf_counter()
-    llm = LLM(
-        executor=args.executor,
-        ray_address=args.ray_address,
-        **{k: getattr(job.engine, k) for k in job.engine.field_names()},
-    )
+    llm = LLM(**job.engine.to_dict())
     try:
         prompt = list(job.prompt_token_ids) if job.prompt_token_ids else job.prompt
         out = llm.generate(prompt, job.sampling, on_progress=progress)[0]
@@ -166,8 +177,16 @@ def _print_summary(r: dict) -> None:
     )
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tilerun")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tilerun", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     args = parser.parse_args(argv)

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runtime.engine_config import EngineConfig
-from scheduler.errors import CapacityError
+from cluster.config import EngineConfig
 from runtime.loader import resolve_model
+from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams, Sequence
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import Scheduler
 
 
 @dataclass
@@ -38,37 +38,22 @@ class Progress:
 
 
 class Engine:
-    def __init__(
-        self, config: EngineConfig, executor: str = "ray", ray_address: str | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_config, self.checkpoint = resolve_model(config.model)
-        model_limit = self.model_config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > model_limit:
-            raise CapacityError(
-                f"max_model_len={config.max_model_len} exceeds the model's "
-                f"max_position_embeddings={model_limit} by {config.max_model_len - model_limit}"
-            )
-        self.max_model_len = config.max_model_len or model_limit
-        if executor == "local":
+        # the model is resolved here, once; workers receive the result
+        self.model = resolve_model(config.worker.model, seed=config.worker.weights_seed)
+        self.model_config, self.checkpoint = self.model.config, self.model.checkpoint
+        limits = config.scheduler.for_model(self.model_config.max_position_embeddings)
+        self.max_model_len = limits.max_model_len
+        if config.cluster.executor == "local":
             from cluster.executor import LocalExecutor
 
-            self.executor = LocalExecutor(config, self.max_model_len)
-        elif executor == "ray":
+            self.executor = LocalExecutor(config, self.model, limits)
+        else:
             from cluster.executor import RayExecutor
 
-            self.executor = RayExecutor(config, self.max_model_len, address=ray_address)
-        else:
-            raise ValueError(f"executor={executor!r}; valid: local, ray")
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                num_blocks=self.executor.num_blocks,
-                block_size=config.block_size,
-                prefill_chunk=config.prefill_chunk,
-                max_num_seqs=config.max_num_seqs,
-                max_model_len=self.max_model_len,
-            )
-        )
+            self.executor = RayExecutor(config, self.model, limits)
+        self.scheduler = Scheduler(limits, self.executor.num_blocks)
         self._next_id = 0
 
     @property

@@ -11,10 +11,13 @@ import logging
 import os
 from typing import Any
 
-from runtime.engine_config import EngineConfig
-from scheduler.errors import ConfigError, TilerunError
+from cluster.config import EngineConfig
+from collectives.factory import default_backend
+from runtime.loader import ModelSource
 from runtime.worker import StepResult, Worker
 from scheduler.batch import ScheduledBatch
+from scheduler.config import SchedulerConfig
+from scheduler.errors import TilerunError
 
 log = logging.getLogger(__name__)
 
@@ -27,49 +30,64 @@ class ClusterCapacityError(TilerunError, RuntimeError):
     """The cluster cannot place the requested workers."""
 
 
-def comm_backend(config: EngineConfig, device_type: str) -> str:
-    if config.comm != "auto":
-        return config.comm
-    return {"cuda": "nccl", "npu": "hccl"}.get(device_type, "gloo")
+def comm_backend(comm: str, device_type: str) -> str:
+    """The backend name ``comm`` (``auto``: the usual one for ``device_type``)."""
+    return comm if comm != "auto" else default_backend(device_type)
 
 
-class LocalExecutor:
-    """One worker in this process (TP = 1): tests, notebooks, single-device runs without Ray."""
+class _Executor:
+    """The bring-up sequence and the per-step calls, whatever runs the workers (``_all``)."""
 
-    def __init__(self, config: EngineConfig, max_model_len: int) -> None:
-        if config.tp != 1:
-            raise ConfigError(
-                f"tp={config.tp} needs the Ray executor; the local executor runs tp=1"
-            )
-        self.worker = Worker(config)
-        self.device_infos = [self.worker.init_device()]
-        self.worker.load_model()
-        self.num_blocks = self.worker.kv_cache_capacity(max_model_len)
-        self.worker.init_kv_cache(self.num_blocks)
-        self.worker.warm_up(max_model_len)
+    device_infos: list[dict]
+    num_blocks: int
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` on every worker, in rank order; their results."""
+        raise NotImplementedError
+
+    def _bring_up(self, tp: int, comm: str) -> None:
+        self.device_infos = self._all("init_device")
+        if tp > 1:
+            rdv = self._rank0("open_rendezvous", comm)
+            self._all("init_communicator", comm, rdv)
+        self._all("load_model")
+        self.num_blocks = min(self._all("kv_cache_capacity"))
+        self._all("init_kv_cache", self.num_blocks)
+        self._all("warm_up")
+
+    def _rank0(self, method: str, *args: Any) -> Any:
+        """Call ``method`` on rank 0 only."""
+        raise NotImplementedError
 
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
-        return self.worker.execute(batch, logits)
+        # one call per worker per step; rank 0 returns the sampled tokens
+        return self._all("execute", batch, logits)[0]
 
     def memory_stats(self) -> list[dict]:
-        return [self.worker.memory_stats()]
+        return self._all("memory_stats")
 
     def reset_peak_memory(self) -> None:
-        self.worker.reset_peak_memory()
+        self._all("reset_peak_memory")
+
+
+class LocalExecutor(_Executor):
+    """One worker in this process (TP = 1): tests, notebooks, single-device runs without Ray."""
+
+    def __init__(self, config: EngineConfig, model: ModelSource, limits: SchedulerConfig) -> None:
+        self.worker = Worker(config.worker, model, limits)
+        self._bring_up(1, "gloo")
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self.worker, method)(*args)]
 
     def shutdown(self) -> None:
         self.worker.shutdown()
 
 
-class RayExecutor:
+class RayExecutor(_Executor):
     """``tp`` worker actors, one per device, in one placement group."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        max_model_len: int,
-        address: str | None = None,
-    ) -> None:
+    def __init__(self, config: EngineConfig, model: ModelSource, limits: SchedulerConfig) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -77,33 +95,33 @@ class RayExecutor:
         from cluster.ray_cluster import ensure_ray
         from cluster.worker_actor import WorkerActor
 
+        cc = config.cluster
+        tp = cc.tp
         self._ray = ray
-        self.cluster = ensure_ray(address)
-        device_type = _device_type(config.device)
+        self.cluster = ensure_ray(cc.ray_address)
+        device_type = _device_type(config.worker.device)
         bundle, actor_opts = _bundle_for(device_type)
-        bundles = [dict(bundle) for _ in range(config.tp)]
+        bundles = [dict(bundle) for _ in range(tp)]
         # PACK keeps a node's workers together (contiguous ranks per node).
         self.pg = placement_group(bundles, strategy="PACK")
-        placement_timeout_s = config.placement_timeout_s
         try:
-            ray.get(self.pg.ready(), timeout=placement_timeout_s)
+            ray.get(self.pg.ready(), timeout=cc.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
             have = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
             raise ClusterCapacityError(
-                f"asked for {config.tp} worker(s) with {bundle} each (tp={config.tp} on "
-                f"{device_type}); the cluster has {have}; waited {placement_timeout_s:.0f}s. "
+                f"asked for {tp} worker(s) with {bundle} each (tp={tp} on "
+                f"{device_type}); the cluster has {have}; waited {cc.placement_timeout_s:.0f}s. "
                 f"Fix: lower --tp to what the cluster holds, add nodes, or use --device cpu"
             ) from None
-        self.comm = comm_backend(config, device_type)
+        self.comm = comm_backend(cc.comm, device_type)
         runtime_env = None
-        if self.comm == "mpi" and config.tp > 1:
+        if self.comm == "mpi" and tp > 1:
             from cluster.mpi_env import mpi_runtime_env
 
             runtime_env = mpi_runtime_env()
-        threads = max(1, int((os.cpu_count() or 1) / config.tp)) if device_type == "cpu" else None
+        threads = max(1, int((os.cpu_count() or 1) / tp)) if device_type == "cpu" else None
         self.workers = []
-        self.device_names: list[str] = []
         try:
             for rank, bundle_index in enumerate(_bundles_by_node(self.pg)):
                 opts = dict(actor_opts)
@@ -116,20 +134,19 @@ class RayExecutor:
                         ),
                         name=None,
                         **opts,
-                    ).remote(config, rank, config.tp, threads)
+                    ).remote(config.worker, model, limits, rank, tp, threads)
                 )
-            self.device_infos = self._all("init_device")
-            self.device_names = [f"{i['device']} ({i['name']})" for i in self.device_infos]
-            if config.tp > 1:
-                rdv = self._get([self.workers[0].open_rendezvous.remote(self.comm)])[0]
-                self._all("init_communicator", self.comm, rdv)
-            self._all("load_model")
-            self.num_blocks = min(self._all("kv_cache_capacity", max_model_len))
-            self._all("init_kv_cache", self.num_blocks)
-            self._all("warm_up", max_model_len)
+            self._bring_up(tp, self.comm)
         except BaseException:
             self.shutdown()
             raise
+
+    def _rank0(self, method: str, *args: Any) -> Any:
+        return self._get([getattr(self.workers[0], method).remote(*args)])[0]
+
+    @property
+    def device_names(self) -> list[str]:
+        return [f"{i['device']} ({i['name']})" for i in getattr(self, "device_infos", [])]
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         return self._get([getattr(w, method).remote(*args) for w in self.workers])
@@ -157,16 +174,6 @@ class RayExecutor:
             if isinstance(cause, TilerunError):
                 raise cause from None
             raise
-
-    def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
-        # one RPC per worker per step; rank 0 returns the sampled tokens
-        return self._get([w.execute.remote(batch, logits) for w in self.workers])[0]
-
-    def memory_stats(self) -> list[dict]:
-        return self._all("memory_stats")
-
-    def reset_peak_memory(self) -> None:
-        self._all("reset_peak_memory")
 
     def shutdown(self) -> None:
         ray = self._ray

@@ -15,18 +15,28 @@ Errors name the file, the line and the field.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from runtime.engine_config import EngineConfig
+from cluster.config import EngineConfig
 from scheduler.errors import ConfigError
+from scheduler.fields import user_fields
 from scheduler.request import SamplingParams
 
 PROMPT_FIELDS = ("prompt", "prompt_file", "prompt_token_ids")
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed")
+
+
+def sampling_fields() -> list[str]:
+    return [f.name for f in user_fields(SamplingParams)]
+
+
+def job_fields() -> list[str]:
+    """Every field a job file (or ``tilerun run``'s flags) may set: one list."""
+    return [*PROMPT_FIELDS, *sampling_fields(), *EngineConfig.field_names()]
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,6 @@ class Job:
     sampling: SamplingParams
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
-
-
-def job_fields() -> list[str]:
-    return [*PROMPT_FIELDS, *SAMPLING_FIELDS, *EngineConfig.field_names()]
 
 
 def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Job:
@@ -74,24 +80,39 @@ def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Jo
                 f"{at('prompt_token_ids')}prompt_token_ids must be a non-empty list of integers"
             )
         ids = tuple(ids)
-    sampling_kw = {k: values[k] for k in SAMPLING_FIELDS if values.get(k) is not None}
+    sampling_kw = {k: values[k] for k in sampling_fields() if values.get(k) is not None}
     engine_kw = {k: values[k] for k in EngineConfig.field_names() if values.get(k) is not None}
-    if "seed" in sampling_kw:
-        engine_kw.setdefault("seed", sampling_kw["seed"])
-    sampling = _construct(SamplingParams, sampling_kw, at)
-    engine = _construct(EngineConfig, engine_kw, at)
+    sampling = _construct(lambda kw: SamplingParams(**kw), sampling_kw, at)
+    engine = _construct(EngineConfig.from_dict, engine_kw, at)
     return Job(engine=engine, sampling=sampling, prompt=prompt, prompt_token_ids=ids)
 
 
-def _construct(cls, kw: dict[str, Any], at):
-    """``cls(**kw)`` with the failing field's file and line in front of the message."""
+def _construct(build, kw: dict[str, Any], at):
+    """``build(kw)`` with the failing field's file and line in front of the message."""
     try:
-        return cls(**kw)
+        return build(kw)
     except ConfigError as e:
-        field_name = next((k for k in kw if str(e).startswith(k)), None)
+        # the longest name first: "top_p" must not be taken for a field "top"
+        field_name = next(
+            (k for k in sorted(kw, key=len, reverse=True) if str(e).startswith(k)), None
+        )
         raise ConfigError(f"{at(field_name) if field_name else ''}{e}") from None
-    except TypeError as e:
-        raise ConfigError(f"bad {cls.__name__} field: {e}") from None
+
+
+class _JobLoader(yaml.SafeLoader):
+    """Safe YAML where only ``true``/``false`` are booleans: ``no``, ``off``, ``yes`` stay
+    strings, which a bool field then refuses by name, rather than YAML 1.1's guess."""
+
+
+_JobLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_JobLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 
 def load_job_values(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -104,8 +125,8 @@ def load_job_values(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise ConfigError(f"job file {str(p)!r} does not exist")
     text = p.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_JobLoader)
+        data = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         # the context mark is where the broken construct starts (an unclosed '[' say), which is
         # the line to fix; the problem mark is where the parser gave up
@@ -115,7 +136,14 @@ def load_job_values(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise ConfigError(f"{p}:{line}: not valid YAML: {what or e}") from None
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{p}: a job file is a mapping of fields (model: ..., prompt: ...)")
-    where = {k.value: f"{p} line {k.start_mark.line + 1}" for k, _ in node.value}
+    where: dict[str, str] = {}
+    for k, _ in node.value:
+        line = f"{p} line {k.start_mark.line + 1}"
+        if k.value in where:
+            raise ConfigError(
+                f"{line}: field {k.value!r} is given twice (first at {where[k.value]}); keep one"
+            )
+        where[k.value] = line
     valid = job_fields()
     for key in data:
         if key not in valid:
@@ -127,8 +155,3 @@ def load_job_values(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     if isinstance(data.get("prompt_file"), str) and not Path(data["prompt_file"]).is_absolute():
         data["prompt_file"] = str(p.parent / data["prompt_file"])
     return data, where
-
-
-def load_job(path: str | Path) -> Job:
-    """Parse and validate a job YAML file; every error names the line."""
-    return build_job(*load_job_values(path))

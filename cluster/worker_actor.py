@@ -5,19 +5,27 @@ from __future__ import annotations
 import ray
 import torch
 
-from runtime.engine_config import EngineConfig
+from runtime.loader import ModelSource
 from runtime.worker import Worker
+from runtime.worker_config import WorkerConfig
+from scheduler.config import SchedulerConfig
 
 
 @ray.remote(max_restarts=0)
 class WorkerActor(Worker):
     def __init__(
-        self, config: EngineConfig, rank: int, world_size: int, threads: int | None = None
+        self,
+        config: WorkerConfig,
+        model: ModelSource,
+        limits: SchedulerConfig,
+        rank: int,
+        world_size: int,
+        threads: int | None = None,
     ) -> None:
         if threads:
             # CPU workers share the node's cores: one torch thread pool per worker, no oversubscription
             torch.set_num_threads(threads)
-        super().__init__(config, rank, world_size)
+        super().__init__(config, model, limits, rank, world_size)
 
     def ping(self) -> int:
         return self.rank

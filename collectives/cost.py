@@ -1,4 +1,4 @@
-"""Measure the figures the overlap cost model (``scheduler/overlap.py``) needs, on a live group,
+"""Measure the figures the tile-count model (``collectives/tile_model.py``) needs, on a live group,
 and turn them into the tile chooser a worker's row-parallel linears consult.
 
 ``measure_link`` and ``measured_tile_chooser`` are collective: every rank of the group calls them
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from collectives.base import Communicator
-from scheduler.overlap import LinkCosts, choose_num_tiles
+from collectives.tile_model import LinkCosts, choose_num_tiles
 
 
 def _sync(device: torch.device) -> None:

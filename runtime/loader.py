@@ -2,37 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from runtime.config import ModelConfig
-from scheduler.errors import ConfigError
 from runtime.model.llama import LlamaForCausalLM
 from runtime.parallel import ParallelState
 from runtime.presets import PRESETS, get_preset
 from runtime.weights import init_random, load_checkpoint
+from scheduler.errors import ConfigError
 
 
-def resolve_model(name: str) -> tuple[ModelConfig, Path | None]:
-    """``(config, checkpoint_dir)``; ``checkpoint_dir`` is None for a synthetic preset."""
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved once (on the driver) and handed to every worker: its config, and where
+    its weights come from (a checkpoint directory, or ``seed`` for a preset's random weights)."""
+
+    name: str
+    config: ModelConfig
+    checkpoint: Path | None
+    seed: int = 0
+
+
+def resolve_model(name: str, seed: int = 0) -> ModelSource:
+    """The model ``name`` names: a checkpoint directory, else a preset (error lists presets)."""
     p = Path(name).expanduser()
     if p.is_dir():
-        return ModelConfig.from_hf(p), p
-    if name in PRESETS:
-        return get_preset(name), None
-    if p.exists():
+        return ModelSource(name, ModelConfig.from_hf(p), p, seed)
+    if p.exists() and name not in PRESETS:
         raise ConfigError(f"model={name!r} is a file; give the checkpoint directory that holds it")
-    return get_preset(name), None  # raises, listing presets
+    return ModelSource(name, get_preset(name), None, seed)  # get_preset raises, listing presets
 
 
 def build_model(
-    name: str, tp: ParallelState, dtype: torch.dtype, device: torch.device, seed: int = 0
+    source: ModelSource, tp: ParallelState, dtype: torch.dtype, device: torch.device
 ) -> LlamaForCausalLM:
-    cfg, ckpt = resolve_model(name)
-    model = LlamaForCausalLM(cfg, tp, dtype, device)
-    if ckpt is None:
-        init_random(model, seed=seed)
+    """``source``'s model on ``device``: this rank's slices of the checkpoint, or seeded weights."""
+    model = LlamaForCausalLM(source.config, tp, dtype, device)
+    if source.checkpoint is None:
+        init_random(model, seed=source.seed)
     else:
-        load_checkpoint(model, ckpt)
+        load_checkpoint(model, source.checkpoint)
     return model.eval()

@@ -31,7 +31,18 @@ class ParallelState:
     def world_size(self) -> int:
         return self.comm.world_size
 
+    @property
+    def wants_tile_chooser(self) -> bool:
+        """Whether ``tiles_for`` would consult a measured chooser (so it is worth measuring)."""
+        return self.world_size > 1 and self.overlap and self.allreduce_tiles is None
+
     def tiles_for(self, rows: int, out_features: int, in_features: int) -> int:
+        """The tile count of one row-parallel AllReduce: the one place it is decided.
+
+        1 alone or with overlap off; the fixed count if one is set; else the measured cost
+        model's choice (``collectives.cost.measured_tile_chooser``), or 1 before it exists.
+        Every rank must choose the same: the chooser's figures are averaged over the group.
+        """
         if self.world_size == 1 or not self.overlap:
             return 1
         if self.allreduce_tiles is not None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from scheduler.errors import CheckpointError
 from runtime.model.llama import LlamaForCausalLM
+from scheduler.errors import CheckpointError
 
 
 def checkpoint_files(directory: str | Path) -> dict[str, Path]:

@@ -16,12 +16,13 @@ import torch
 
 from runtime import device as dev
 from runtime.attention import AttentionMetadata, get_backend, resolve_backend_name
-from runtime.engine_config import EngineConfig
 from runtime.kv_cache import KVCache, bytes_per_block
-from runtime.loader import build_model, resolve_model
+from runtime.loader import ModelSource, build_model
 from runtime.parallel import ParallelState
 from runtime.sampling import make_generator, sample
+from runtime.worker_config import WorkerConfig
 from scheduler.batch import ScheduledBatch, SeqChunk
+from scheduler.config import SchedulerConfig
 from scheduler.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,25 @@ class StepResult:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        model: ModelSource,
+        limits: SchedulerConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        """``model`` is resolved once by the driver; ``limits`` is the scheduler's config with
+        ``max_model_len`` set: the batch shapes this worker sizes its cache and graphs for."""
+        if limits.max_model_len is None:
+            raise ValueError("limits.max_model_len is unset: use SchedulerConfig.for_model")
         self.config = config
+        self.limits = limits
         self.rank = rank
         self.world_size = world_size
-        self.model_config, _ = resolve_model(config.model)
+        self.source = model
+        self.model_config = model.config
+        self.max_model_len: int = limits.max_model_len
         self.parallel = ParallelState(
             overlap=config.overlap, allreduce_tiles=config.allreduce_tiles
         )
@@ -47,7 +62,6 @@ class Worker:
         self.model = None
         self.kv: KVCache | None = None
         self._generators: dict[int, torch.Generator] = {}
-        self.max_model_len: int | None = config.max_model_len
         self._graphs = None  # runtime.cuda_graphs.DecodeGraphs, made on the first decode step
         self._graphs_off: str | None = None if config.cuda_graphs else "turned off by config"
         self._eager_only = False
@@ -87,7 +101,7 @@ class Worker:
         self.parallel.comm = create_communicator(
             backend, self.rank, self.world_size, rendezvous, self.device
         )
-        if self.world_size > 1 and self.config.allreduce_tiles is None:
+        if self.parallel.wants_tile_chooser:
             from collectives.cost import measured_tile_chooser
 
             self.parallel.tile_chooser = measured_tile_chooser(
@@ -96,9 +110,7 @@ class Worker:
 
     def load_model(self) -> dict:
         t0 = time.perf_counter()
-        self.model = build_model(
-            self.config.model, self.parallel, self.dtype, self.device, seed=self.config.seed
-        )
+        self.model = build_model(self.source, self.parallel, self.dtype, self.device)
         dev.synchronize(self.device)
         n = sum(p.numel() for p in self.model.parameters())
         return {"rank": self.rank, "params_local": n, "seconds": time.perf_counter() - t0}
@@ -107,21 +119,21 @@ class Worker:
         c = self.model_config
         return bytes_per_block(
             c.num_hidden_layers,
-            self.config.block_size,
+            self.limits.block_size,
             c.num_key_value_heads // self.world_size,
             c.head_dim,
             self.dtype,
         )
 
-    def kv_cache_capacity(self, max_model_len: int) -> int:
+    def kv_cache_capacity(self) -> int:
         """How many blocks this worker can hold (the engine takes the minimum over ranks)."""
-        self.max_model_len = max_model_len
-        bs = self.config.block_size
+        max_model_len = self.max_model_len
+        bs = self.limits.block_size
         if self.config.kv_cache_tokens is not None:
             return -(-self.config.kv_cache_tokens // bs)
         free = dev.free_memory_bytes(self.device)
         if free is None:  # CPU: room for max_num_seqs sequences of full length
-            return -(-max_model_len // bs) * self.config.max_num_seqs
+            return -(-max_model_len // bs) * self.limits.max_num_seqs
         total = dev.device_info(self.device).total_memory_bytes or free
         # keep (1 - utilization) of the card and some room for activations of one chunk
         budget = free - (1 - self.config.gpu_memory_utilization) * total - self._activation_bytes()
@@ -129,7 +141,7 @@ class Worker:
 
     def _activation_bytes(self) -> int:
         c = self.model_config
-        t = self.config.prefill_chunk * self.config.max_num_seqs
+        t = self.limits.prefill_chunk * self.limits.max_num_seqs
         elem = torch.empty((), dtype=self.dtype).element_size()
         # a few hidden-sized and intermediate-sized tensors of one chunk, plus logits
         return int(t * elem * (8 * c.hidden_size + 3 * c.intermediate_size) + t * c.vocab_size * 4)
@@ -140,7 +152,7 @@ class Worker:
         self.kv = KVCache(
             c.num_hidden_layers,
             num_blocks,
-            self.config.block_size,
+            self.limits.block_size,
             c.num_key_value_heads // self.world_size,
             c.head_dim,
             self.dtype,
@@ -148,7 +160,7 @@ class Worker:
         )
         return {"rank": self.rank, "num_blocks": num_blocks, "bytes": self.kv.nbytes}
 
-    def warm_up(self, max_model_len: int | None = None) -> None:
+    def warm_up(self) -> None:
         """One small prefill and decode steps (kernel compilation, allocator pools), written into
         the first blocks before the scheduler hands any out.
 
@@ -157,15 +169,14 @@ class Worker:
         table entry points at block 0 (the contents do not matter for compilation), and the
         first long request does not pay for compiling in its decode timings.
         """
-        if max_model_len:
-            self.max_model_len = max_model_len
-        bs = self.config.block_size
+        max_model_len = self.max_model_len
+        bs = self.limits.block_size
         n = min(2 * bs, self.kv.num_blocks * bs - 1)
         table = tuple(range(-(-(n + 1) // bs)))
         params = SamplingParams(max_new_tokens=1)
         prefill = SeqChunk(-1, (0,) * n, 0, table, sample=False, params=params)
         lengths = [n]
-        if self.backend_name == "triton" and max_model_len:
+        if self.backend_name == "triton":
             while lengths[-1] * 2 < max_model_len:
                 lengths.append(lengths[-1] * 2)
             lengths.append(max_model_len - 1)
@@ -215,9 +226,9 @@ class Worker:
             self.model,
             self.backend,
             self.kv.layers,
-            max_num_seqs=self.config.max_num_seqs,
-            max_model_len=self.max_model_len or c.max_position_embeddings,
-            block_size=self.config.block_size,
+            max_num_seqs=self.limits.max_num_seqs,
+            max_model_len=self.max_model_len,
+            block_size=self.limits.block_size,
             num_kv_heads=c.num_key_value_heads // self.world_size,
             head_dim=c.head_dim,
             dtype=self.dtype,
@@ -288,7 +299,7 @@ class Worker:
             [len(c.token_ids) for c in batch.chunks],
             [c.seq_len for c in batch.chunks],
             [list(c.block_table) for c in batch.chunks],
-            self.config.block_size,
+            self.limits.block_size,
             d,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=d)
@@ -323,7 +334,8 @@ class Worker:
             return None
         g = self._generators.get(c.seq_id)
         if g is None:
-            seed = c.params.seed if c.params.seed is not None else self.config.seed + c.seq_id
+            # unseeded requests still sample repeatably: their stream follows their id
+            seed = c.params.seed if c.params.seed is not None else c.seq_id
             g = self._generators[c.seq_id] = make_generator(seed)
         return g
 

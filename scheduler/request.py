@@ -7,31 +7,28 @@ import time
 from dataclasses import dataclass, field
 
 from scheduler.errors import ConfigError
+from scheduler.fields import check_fields, option
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy; ``seed`` makes sampling repeatable."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+    max_new_tokens: int = option(64, help="tokens to generate", minimum=1)
+    temperature: float = option(
+        0.0, help="0 is greedy; higher flattens the distribution", minimum=0
+    )
+    top_p: float = option(1.0, help="nucleus sampling: keep the smallest set above this mass")
+    seed: int | None = option(
+        None, help="seed of the sampling generator (never changes a preset's weights)"
+    )
+    stop_token_ids: tuple[int, ...] = option((), help="token ids that end a sequence, e.g. 2,13")
+    ignore_eos: bool = option(False, help="keep generating past the model's end-of-sequence tokens")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(
-                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
-            )
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        check_fields(self)
+        if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
 class SeqStatus(enum.Enum):

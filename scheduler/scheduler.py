@@ -10,33 +10,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 
-from scheduler.errors import CapacityError, ConfigError
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.block_manager import BlockAllocator
+from scheduler.config import SchedulerConfig
+from scheduler.errors import CapacityError, ConfigError
 from scheduler.request import SamplingParams, SeqStatus, Sequence
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    num_blocks: int
-    block_size: int = 16
-    prefill_chunk: int = 512
-    max_num_seqs: int = 8
-    max_model_len: int = 4096
-
-    def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "prefill_chunk", "max_num_seqs", "max_model_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, num_blocks: int) -> None:
+        """``config`` with ``max_model_len`` set (``SchedulerConfig.for_model``); ``num_blocks``
+        is the KV pool the workers hold."""
+        if config.max_model_len is None:
+            raise ConfigError("max_model_len is unset: resolve it with SchedulerConfig.for_model")
+        if type(num_blocks) is not int or num_blocks < 1:
+            raise ConfigError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         self.config = config
-        self.blocks = BlockAllocator(config.num_blocks, config.block_size)
+        self.blocks = BlockAllocator(num_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._step = 0

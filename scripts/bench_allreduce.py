@@ -10,7 +10,7 @@ For Llama-7B's row-parallel projections (out = hidden 4096; in_local = 4096/TP f
     tiled/n    linear_all_reduce(num_tiles=n): tile i's AllReduce in flight during tile i+1
 
 and reports ``exposed = (tiled - compute) / allreduce``: 0 means the communication is fully hidden,
-1 means nothing is (the plain path). ``model`` is the tile count scheduler/overlap.py picks from
+1 means nothing is (the plain path). ``model`` is the tile count collectives/tile_model.py picks from
 the link and compute figures collectives/cost.py measured at start-up.
 
 Modes::
@@ -149,7 +149,7 @@ def run_benchmark(
     barrier_comm: Communicator | None,
     model_costs: tuple[float, float, float, float] | None,
 ) -> list[dict]:
-    from scheduler.overlap import choose_num_tiles
+    from collectives.tile_model import choose_num_tiles
 
     rows_out = []
     elem = torch.empty((), dtype=dtype).element_size()

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from cluster.config import EngineConfig
 from cluster.engine import Engine
 from runtime import device as devmod
-from runtime.engine_config import EngineConfig
 from runtime.layers.rotary import inverse_frequencies
 from scheduler.request import SamplingParams
 
@@ -156,13 +156,13 @@ def main() -> int:
     rows = []
     hf_done: set[int] = set()
     for attn in args.attention:
-        cfg = EngineConfig(
+        cfg = EngineConfig.from_dict(dict(
             model=args.model, device=args.device, dtype=args.dtype, attention=attn,
             prefill_chunk=args.prefill_chunk, max_num_seqs=1, max_model_len=longest,
             kv_cache_tokens=longest + 16, q_tile=args.q_tile, kv_tile=args.kv_tile,
-            cuda_graphs=not args.no_cuda_graphs,
-        )  # fmt: skip
-        engine = Engine(cfg, executor="local")
+            cuda_graphs=not args.no_cuda_graphs, executor="local",
+        ))  # fmt: skip
+        engine = Engine(cfg)
         info = engine.device_infos[0]
         d = engine.executor.worker.device
         g = torch.Generator().manual_seed(0)

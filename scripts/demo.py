@@ -57,7 +57,7 @@ def main() -> int:
         print(
             f"ready in {ready:.1f}s: {len(llm.engine.device_infos)} worker(s) on {info['device']} "
             f"({info['name']}), attention={info['attention']}, dtype={info['dtype']}, "
-            f"KV cache {llm.engine.executor.num_blocks} blocks x {llm.config.block_size} tokens"
+            f"KV cache {llm.engine.executor.num_blocks} blocks x {llm.config.scheduler.block_size} tokens"
         )
         dash = llm.engine.executor.cluster.get("dashboard")
         if dash:

@@ -98,6 +98,30 @@ def test_sampling_is_seeded(hf_checkpoint):
     assert a == b and a != c
 
 
+def test_sampling_seed_never_changes_a_presets_weights():
+    """Greedy decoding of a preset is the same whatever the sampling seed; the weights' seed
+    is its own field and does change them."""
+    base = ["run", "--model", "tiny", "--prompt-token-ids", "5,6,7", "--max-new-tokens", "6",
+            "--device", "cpu", "--executor", "local", "--json"]  # fmt: skip
+    runs = [tilerun(*base, *extra) for extra in (["--seed", "1"], ["--seed", "2"],
+                                                 ["--weights-seed", "1"])]  # fmt: skip
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    seed1, seed2, other_weights = (json.loads(r.stdout)["token_ids"] for r in runs)
+    assert seed1 == seed2
+    assert other_weights != seed1
+
+
+def test_version_and_derived_flags():
+    r = tilerun("--version")
+    assert r.returncode == 0 and r.stdout.startswith("tilerun ")
+    helptext = tilerun("run", "--help").stdout
+    # every config field is a flag, with its help text
+    for flag in ("--max-num-seqs", "--gpu-memory-utilization", "--q-tile", "--kv-tile",
+                 "--weights-seed", "--no-overlap", "--no-cuda-graphs", "--placement-timeout-s"):  # fmt: skip
+        assert flag in helptext, flag
+    assert "share of the accelerator's memory" in helptext
+
+
 @pytest.mark.parametrize(
     "yaml_text, expected",
     [
@@ -110,6 +134,16 @@ def test_sampling_is_seeded(hf_checkpoint):
         ("model: tiny\nprompt: hi\nattention: flashy\n", "valid: auto, sdpa, torch, triton"),
         ("model: nope\nprompt: hi\n", "unknown model preset 'nope'; valid presets:"),
         ("model: tiny\n", "give exactly one of prompt, prompt_file, prompt_token_ids"),
+        (
+            "model: tiny\nprompt: hi\noverlap: no\n",
+            "line 3: overlap must be true or false, got 'no'",
+        ),
+        ("model: tiny\nprompt: hi\ntp: true\n", "line 3: tp must be an integer, got True"),
+        ("model: tiny\nprompt: hi\ntop_p: .nan\n", "line 3: top_p must be a finite number"),
+        (
+            "model: tiny\nprompt: hi\nmodel: tiny\n",
+            "line 3: field 'model' is given twice (first at",
+        ),
     ],
 )
 def test_bad_job_files_name_the_problem(tmp_path, yaml_text, expected):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cluster.config import EngineConfig
 from runtime.config import ModelConfig
-from runtime.engine_config import EngineConfig
-from scheduler.errors import CheckpointError, ConfigError
-from runtime.loader import build_model
+from runtime.loader import build_model, resolve_model
 from runtime.parallel import ParallelState
+from scheduler.errors import CheckpointError, ConfigError
 
 BASE = dict(
     vocab_size=64,
@@ -46,11 +46,11 @@ def test_wrong_types_and_engine_fields_are_named():
     with pytest.raises(ConfigError, match="num_hidden_layers must be a positive integer"):
         ModelConfig.from_dict({**BASE, "num_hidden_layers": "two"})
     with pytest.raises(ConfigError, match="prefill_chunk must be a positive integer"):
-        EngineConfig(prefill_chunk=0)
+        EngineConfig.from_dict({"prefill_chunk": 0})
     with pytest.raises(ConfigError, match="unknown engine field.*tensor_parallel"):
         EngineConfig.from_dict({"tensor_parallel": 2})
     with pytest.raises(ConfigError, match="comm='ucx' is not valid"):
-        EngineConfig(comm="ucx")
+        EngineConfig.from_dict({"comm": "ucx"})
 
 
 def test_hf_config_json_errors(tmp_path):
@@ -71,7 +71,9 @@ def checkpoint(hf_checkpoint, tmp_path):
 
 
 def _load(path):
-    return build_model(str(path), ParallelState(), torch.float32, torch.device("cpu"))
+    return build_model(
+        resolve_model(str(path)), ParallelState(), torch.float32, torch.device("cpu")
+    )
 
 
 def test_missing_tensor_is_named(checkpoint):

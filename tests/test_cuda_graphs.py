@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
+from cluster.config import EngineConfig
 from cluster.engine import Engine
 from runtime.cuda_graphs import GraphDecodeMetadata, batch_buckets, unsupported_reason
-from runtime.engine_config import EngineConfig
 from scheduler.errors import ConfigError
 from scheduler.request import SamplingParams
 
@@ -39,10 +39,10 @@ def test_unsupported_reasons():
 
 
 def test_config_field():
-    assert EngineConfig().cuda_graphs is True
-    assert EngineConfig(cuda_graphs=False).cuda_graphs is False
+    assert EngineConfig.from_dict({}).worker.cuda_graphs is True
+    assert EngineConfig.from_dict({"cuda_graphs": False}).worker.cuda_graphs is False
     with pytest.raises(ConfigError, match="cuda_graphs"):
-        EngineConfig(cuda_graphs="no")
+        EngineConfig.from_dict({"cuda_graphs": "no"})
 
 
 def test_not_used_on_cpu():
@@ -50,11 +50,11 @@ def test_not_used_on_cpu():
     prompts = [[1, 2, 3, 4, 5], list(range(7, 40))]
     outs = {}
     for graphs in (True, False):
-        cfg = EngineConfig(
+        cfg = EngineConfig.from_dict(dict(
             model="tiny", device="cpu", attention="torch", dtype="float32",
-            max_model_len=128, max_num_seqs=2, cuda_graphs=graphs,
-        )  # fmt: skip
-        engine = Engine(cfg, executor="local")
+            max_model_len=128, max_num_seqs=2, cuda_graphs=graphs, executor="local",
+        ))  # fmt: skip
+        engine = Engine(cfg)
         try:
             worker = engine.executor.worker
             assert not worker.uses_cuda_graphs and worker._graphs is None
@@ -146,12 +146,12 @@ def checkpoint(tmp_path_factory):
 
 
 def _generate(path, prompts, news, graphs: bool, dtype: str, max_model_len: int = 4096):
-    cfg = EngineConfig(
+    cfg = EngineConfig.from_dict(dict(
         model=str(path), device="cuda", dtype=dtype, attention="triton", prefill_chunk=1024,
         max_num_seqs=4, max_model_len=max_model_len, kv_cache_tokens=4 * max_model_len + 64,
-        cuda_graphs=graphs,
-    )  # fmt: skip
-    engine = Engine(cfg, executor="local")
+        cuda_graphs=graphs, executor="local",
+    ))  # fmt: skip
+    engine = Engine(cfg)
     try:
         worker = engine.executor.worker
         assert worker.uses_cuda_graphs == graphs

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.config import EngineConfig
 from cluster.engine import Engine
-from runtime.engine_config import EngineConfig
 from scheduler.request import SamplingParams
 from tests.hf_models import hf_greedy, make_hf_llama
 
@@ -34,16 +34,19 @@ def test_backends_match_transformers_on_gpu(checkpoint, attention, prompt_len):
     prompt = torch.randint(
         0, 384, (prompt_len,), generator=torch.Generator().manual_seed(1)
     ).tolist()
-    cfg = EngineConfig(
-        model=str(path),
-        device="cuda",
-        dtype="float32",
-        attention=attention,
-        prefill_chunk=512,
-        max_model_len=2048,
-        kv_cache_tokens=4096,
+    cfg = EngineConfig.from_dict(
+        dict(
+            model=str(path),
+            device="cuda",
+            dtype="float32",
+            attention=attention,
+            prefill_chunk=512,
+            max_model_len=2048,
+            kv_cache_tokens=4096,
+            executor="local",
+        )
     )
-    engine = Engine(cfg, executor="local")
+    engine = Engine(cfg)
     try:
         out = engine.generate([prompt], SamplingParams(max_new_tokens=NEW))[0]
     finally:

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
+from cluster.config import EngineConfig
 from cluster.engine import Engine
-from runtime.engine_config import EngineConfig
 from scheduler.request import SamplingParams
 from tests.hf_models import SHAPES, hf_greedy, make_hf_llama
 
@@ -31,7 +31,7 @@ def _engine(path, **kw) -> Engine:
     cfg = dict(model=str(path), device="cpu", dtype="float32", attention="torch")
     cfg.update(prefill_chunk=PREFILL_CHUNK, block_size=16, max_model_len=1024)
     cfg.update(kw)
-    return Engine(EngineConfig(**cfg), executor="local")
+    return Engine(EngineConfig.from_dict({**cfg, "executor": "local"}))
 
 
 def _prompt(n: int, vocab: int, seed: int) -> list[int]:

@@ -1,19 +1,12 @@
-"""The tiling-AllReduce cost model (scheduler/overlap.py): when tiling pays and when it does not."""
+"""The tiling-AllReduce tile count: the cost model (collectives/tile_model.py), when tiling pays
+and when it does not, and the one decision that applies it (ParallelState.tiles_for)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-from scheduler.overlap import (
-    LinkCosts,
-    OverlapConfig,
-    choose_num_tiles,
-    pipeline_time,
-    resolve_num_tiles,
-)
+from collectives.tile_model import LinkCosts, choose_num_tiles, pipeline_time
+from runtime.parallel import ParallelState
 
 # Llama-7B o_proj at TP=2, 8K tokens, bf16
 SHAPE = dict(rows=8192, out_features=4096, in_features=2048, element_bytes=2, world_size=2)
@@ -74,30 +67,51 @@ def test_slow_weight_reads_make_thin_tiles_lose() -> None:
     assert choose_num_tiles(**SHAPE, **common, weight_read_rate=slow) == 1
 
 
-def test_resolve_honours_switch_and_override() -> None:
+class _Group:
+    """Only rank and world size are read by the decision."""
+
+    def __init__(self, world_size: int) -> None:
+        self.rank, self.world_size = 0, world_size
+
+
+def _chooser(costs: LinkCosts, max_tiles: int = 16):
+    calls = []
+
+    def choose(rows: int, out_features: int, in_features: int) -> int:
+        calls.append((rows, out_features, in_features))
+        return choose_num_tiles(
+            rows, out_features, in_features, SHAPE["element_bytes"], 2,
+            costs.bandwidth, costs.latency_s, costs.flops, max_tiles=max_tiles,
+        )  # fmt: skip
+
+    return choose, calls
+
+
+ROWS = (SHAPE["rows"], SHAPE["out_features"], SHAPE["in_features"])
+
+
+def test_tile_decision_follows_the_model_where_it_pays() -> None:
     costs = LinkCosts(_bandwidth_for(COMPUTE_S), 5e-6, FLOPS)
-    assert resolve_num_tiles(OverlapConfig(enabled=False), **SHAPE, costs=costs) == 1
-    assert resolve_num_tiles(OverlapConfig(num_tiles=3), **SHAPE, costs=costs) == 3
-    # the override wins even where the model would not tile at all
-    idle = LinkCosts(1e18, 1e-7, FLOPS)
-    assert resolve_num_tiles(OverlapConfig(num_tiles=5), **SHAPE, costs=idle) == 5
-    assert resolve_num_tiles(OverlapConfig(), **SHAPE, costs=None) == 1
-    assert resolve_num_tiles(OverlapConfig(max_tiles=2), **SHAPE, costs=costs) == 2
+    choose, calls = _chooser(costs)
+    state = ParallelState(comm=_Group(2), tile_chooser=choose)
+    assert state.wants_tile_chooser
+    assert state.tiles_for(*ROWS) >= 8
+    assert calls == [ROWS]  # the model saw this projection's shape
+    idle, _ = _chooser(LinkCosts(1e18, 1e-7, FLOPS))
+    assert ParallelState(comm=_Group(2), tile_chooser=idle).tiles_for(*ROWS) == 1
 
 
-@pytest.mark.parametrize(
-    "kwargs, field",
-    [
-        ({"max_tiles": 0}, "max_tiles"),
-        ({"max_tiles": 2.5}, "max_tiles"),
-        ({"num_tiles": 0}, "num_tiles"),
-        ({"num_tiles": "4"}, "num_tiles"),
-        ({"enabled": "yes"}, "enabled"),
-    ],
-)
-def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=rf"overlap\.{field}"):
-        OverlapConfig(**kwargs)
+def test_tile_decision_honours_switch_override_and_single_rank() -> None:
+    choose, calls = _chooser(LinkCosts(_bandwidth_for(COMPUTE_S), 5e-6, FLOPS))
+    off = ParallelState(comm=_Group(2), overlap=False, tile_chooser=choose)
+    assert off.tiles_for(*ROWS) == 1 and not off.wants_tile_chooser
+    fixed = ParallelState(comm=_Group(2), allreduce_tiles=3, tile_chooser=choose)
+    assert fixed.tiles_for(*ROWS) == 3 and not fixed.wants_tile_chooser
+    alone = ParallelState(tile_chooser=choose)
+    assert alone.tiles_for(*ROWS) == 1 and not alone.wants_tile_chooser
+    assert calls == []  # none of these consulted the model
+    # a group before its figures are measured runs the plain AllReduce
+    assert ParallelState(comm=_Group(2)).tiles_for(*ROWS) == 1
 
 
 def test_bad_costs_name_the_field() -> None:
@@ -105,11 +119,3 @@ def test_bad_costs_name_the_field() -> None:
         LinkCosts(0.0, 1e-6, FLOPS)
     with pytest.raises(ValueError, match="latency_s"):
         LinkCosts(1e9, -1.0, FLOPS)
-
-
-def test_scheduler_overlap_does_not_import_torch() -> None:
-    import subprocess
-
-    code = "import sys, scheduler.overlap; assert 'torch' not in sys.modules"
-    repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)

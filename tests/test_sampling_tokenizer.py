@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scheduler.errors import ConfigError
 from runtime.sampling import make_generator, sample
 from runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from scheduler.errors import ConfigError
 from scheduler.request import SamplingParams
 
 
@@ -37,7 +37,7 @@ def test_seeded_sampling_repeats_and_temperature_flattens():
 def test_bad_sampling_params_name_the_field():
     with pytest.raises(ConfigError, match="top_p must be in"):
         SamplingParams(top_p=0)
-    with pytest.raises(ConfigError, match="max_new_tokens must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="max_new_tokens must be a positive integer"):
         SamplingParams(max_new_tokens=0)
 
 

@@ -7,15 +7,16 @@ import sys
 
 import pytest
 
-from scheduler.errors import CapacityError
 from scheduler.block_manager import BlockAllocator
+from scheduler.config import SchedulerConfig
+from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams, Sequence
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import Scheduler
 
 
 def test_scheduler_package_never_imports_torch():
     code = (
-        "import sys, scheduler.scheduler, scheduler.overlap, scheduler.batch;"
+        "import sys, scheduler.scheduler, scheduler.config, scheduler.batch;"
         "print('torch' in sys.modules)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -37,8 +38,8 @@ def test_block_allocator_grows_and_frees():
     assert t == [] and a.num_free == 4
 
 
-def _sched(**kw) -> Scheduler:
-    return Scheduler(SchedulerConfig(**{"num_blocks": 64, "block_size": 4, **kw}))
+def _sched(num_blocks: int = 64, **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(**{"block_size": 4, "max_model_len": 4096, **kw}), num_blocks)
 
 
 def test_chunked_prefill_splits_prompt_by_budget_then_decodes():

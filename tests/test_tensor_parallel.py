@@ -79,7 +79,7 @@ def test_tiling_allreduce_on_off_agree(ray_cluster, tp_checkpoint, reference, co
 
 
 def test_heads_not_divisible_by_tp_are_refused(hf_checkpoint):
-    from runtime.loader import build_model
+    from runtime.loader import build_model, resolve_model
     from runtime.parallel import ParallelState
 
     class FakeComm:  # only rank/world_size are read before any collective
@@ -90,7 +90,12 @@ def test_heads_not_divisible_by_tp_are_refused(hf_checkpoint):
         ConfigError,
         match="num_key_value_heads=2 does not divide evenly over tensor-parallel size 4",
     ):
-        build_model(str(path), ParallelState(comm=FakeComm()), torch.float32, torch.device("cpu"))
+        build_model(
+            resolve_model(str(path)),
+            ParallelState(comm=FakeComm()),
+            torch.float32,
+            torch.device("cpu"),
+        )
 
 
 def test_dead_rank_in_a_group_is_reported_not_hung(ray_cluster, tp_checkpoint):

@@ -1,7 +1,8 @@
 """How many tiles the row-parallel AllReduce should be cut into: a small pipeline cost model.
 
-Pure Python (no torch): the figures it needs are measured on the workers
-(``collectives.cost``) and handed to the scheduler as numbers.
+Pure Python (no torch): ``collectives.cost`` measures the figures on a live group and builds the
+chooser from it; ``runtime.parallel.ParallelState.tiles_for`` is the one place that decides
+between the switch (off: 1), a fixed count and this model.
 
 Model, for ``n`` tiles of a ``[T, out] = [T, in] @ [in, out]`` row-parallel projection over ``p``
 ranks, with a ring AllReduce over links of bandwidth ``B`` and per-message latency ``a``::
@@ -21,47 +22,6 @@ when tiling pays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class OverlapConfig:
-    """The tiling-AllReduce switch.
-
-    Attributes:
-        enabled: False for the plain path (one AllReduce after the whole matmul).
-        num_tiles: a fixed tile count that overrides the cost model (and ``max_tiles``); None
-            lets the cost model choose.
-        max_tiles: the largest tile count the cost model may choose.
-    """
-
-    enabled: bool = True
-    num_tiles: int | None = None
-    max_tiles: int = 16
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(
-                f"overlap.enabled must be true or false, got {self.enabled!r}; "
-                "set overlap.enabled: true (tiled AllReduce) or false (plain)"
-            )
-        if self.num_tiles is not None and (
-            isinstance(self.num_tiles, bool)
-            or not isinstance(self.num_tiles, int)
-            or self.num_tiles < 1
-        ):
-            raise ValueError(
-                f"overlap.num_tiles must be an integer >= 1 or null, got {self.num_tiles!r}; "
-                "set it to null to let the cost model choose, or to 1 for no tiling"
-            )
-        if (
-            isinstance(self.max_tiles, bool)
-            or not isinstance(self.max_tiles, int)
-            or (self.max_tiles < 1)
-        ):
-            raise ValueError(
-                f"overlap.max_tiles must be an integer >= 1, got {self.max_tiles!r}; "
-                "set overlap.max_tiles to 1 (never tile) or more (16 is a good default)"
-            )
 
 
 @dataclass(frozen=True)
@@ -151,46 +111,9 @@ def choose_num_tiles(
     return min(n for n, t in times.items() if t <= best * (1.0 + rel_tol))
 
 
-def resolve_num_tiles(
-    config: OverlapConfig,
-    rows: int,
-    out_features: int,
-    in_features: int,
-    element_bytes: int,
-    world_size: int,
-    costs: LinkCosts | None,
-) -> int:
-    """The tile count to use under ``config``: 1 when disabled, the override if set, else the
-    cost model's choice (1 when no measured ``costs`` are available yet).
-
-    Every rank must use the same count, so compute it once (driver or rank 0) and send it out.
-    """
-    if not config.enabled:
-        return 1
-    if config.num_tiles is not None:
-        return config.num_tiles
-    if costs is None:
-        return 1
-    return choose_num_tiles(
-        rows,
-        out_features,
-        in_features,
-        element_bytes,
-        world_size,
-        costs.bandwidth,
-        costs.latency_s,
-        costs.flops,
-        max_tiles=config.max_tiles,
-        tile_overhead_s=costs.tile_overhead_s,
-        weight_read_rate=costs.weight_read_rate,
-    )
-
-
 __all__ = [
-    "OverlapConfig",
     "LinkCosts",
     "allreduce_time",
     "pipeline_time",
     "choose_num_tiles",
-    "resolve_num_tiles",
 ]

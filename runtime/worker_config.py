@@ -1,0 +1,61 @@
+"""What a worker needs from the user: the model, the device and numerics, attention, the cache
+budget and the AllReduce switch. Frozen and checked field by field (``scheduler.fields``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.attention.registry import check_backend_name
+from runtime.device import DTYPES
+from scheduler.errors import ConfigError
+from scheduler.fields import check_fields, option
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The model, device, numerics, attention, KV budget and AllReduce switch of every worker."""
+
+    model: str = option(
+        "demo-small", help="a preset name (tiny, demo-small, ...) or a HF checkpoint directory"
+    )
+    device: str = option("auto", help="auto|cpu|cuda|npu, optionally with an index (cuda:1)")
+    dtype: str = option(
+        "auto",
+        help="auto (bfloat16 on accelerators, float32 on CPU)|" + "|".join(DTYPES),
+        choices=("auto", *DTYPES),
+    )
+    attention: str = option("auto", help="attention backend: auto|torch|sdpa|triton")
+    q_tile: int = option(128, help="query rows per tile of the portable torch backend", minimum=1)
+    kv_tile: int = option(512, help="keys per tile of the portable torch backend", minimum=1)
+    cuda_graphs: bool = option(
+        True, help="replay pure-decode steps from CUDA graphs (CUDA, triton, one rank or NCCL)"
+    )
+    overlap: bool = option(True, help="tile the row-parallel AllReduce to overlap it with compute")
+    allreduce_tiles: int | None = option(
+        None,
+        help="fixed tile count for the overlapped AllReduce (default: the cost model's choice)",
+        minimum=1,
+    )
+    kv_cache_tokens: int | None = option(
+        None,
+        help="KV capacity in tokens (default: max_model_len x max_num_seqs on CPU, "
+        "memory-sized on GPU)",
+        minimum=1,
+    )
+    gpu_memory_utilization: float = option(
+        0.9, help="share of the accelerator's memory the worker may fill", positive=True
+    )
+    weights_seed: int = option(0, help="seed of a preset's random weights (not of sampling)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.model:
+            raise ConfigError("model must name a preset or a checkpoint directory")
+        if self.gpu_memory_utilization > 1:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        try:
+            check_backend_name(self.attention)
+        except ConfigError as e:
+            raise ConfigError(f"attention: {e}") from None

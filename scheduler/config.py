@@ -1,0 +1,40 @@
+"""What the scheduler needs from the user: block size, step budget, seats, context limit."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from scheduler.errors import CapacityError
+from scheduler.fields import check_fields, option
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching and admission. The KV pool's size (``num_blocks``) is not user config: the
+    workers measure it, and the engine hands it to the :class:`~scheduler.scheduler.Scheduler`."""
+
+    block_size: int = option(16, help="tokens per KV cache block", minimum=1)
+    prefill_chunk: int = option(
+        512,
+        help="tokens per engine step (the outer tiling level that bounds activations)",
+        minimum=1,
+    )
+    max_num_seqs: int = option(8, help="most sequences running at once", minimum=1)
+    max_model_len: int | None = option(
+        None,
+        help="longest prompt + new tokens of one sequence (default: the model's context limit)",
+        minimum=1,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def for_model(self, model_limit: int) -> SchedulerConfig:
+        """This config with ``max_model_len`` set against the model's context limit."""
+        if self.max_model_len is not None and self.max_model_len > model_limit:
+            raise CapacityError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={model_limit} by {self.max_model_len - model_limit}"
+            )
+        return dataclasses.replace(self, max_model_len=self.max_model_len or model_limit)
