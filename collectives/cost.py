@@ -64,28 +64,6 @@ def measure_link(
     return float(figures[0]), float(figures[1])
 
 
-def measure_compute_rate(
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    rows: int = 1024,
-    out_features: int = 1024,
-    in_features: int = 1024,
-    iters: int = 3,
-) -> float:
-    """Matmul rate in FLOP/s of ``[rows, in] @ [in, out]`` on ``device`` (local, no comms)."""
-    device = torch.device(device)
-    x = torch.randn(rows, in_features, device=device).to(dtype)
-    w = torch.randn(out_features, in_features, device=device).to(dtype)
-    x @ w.T  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        x @ w.T
-    _sync(device)
-    elapsed = (time.perf_counter() - start) / iters
-    return 2.0 * rows * out_features * in_features / max(elapsed, 1e-12)
-
-
 def _time_matmul(x: torch.Tensor, w: torch.Tensor, iters: int) -> float:
     x @ w.T  # warm-up
     _sync(x.device)
@@ -179,7 +157,6 @@ def measured_tile_chooser(
 
 __all__ = [
     "measure_link",
-    "measure_compute_rate",
     "measure_matmul_costs",
     "measured_tile_chooser",
 ]

@@ -16,8 +16,8 @@ import torch
 
 from collectives.base import Communicator, SingleRankCommunicator
 
-COMM_BACKENDS = ("nccl", "hccl", "gloo", "mpi")
-_TORCH_BACKENDS = ("nccl", "hccl", "gloo")
+TORCH_BACKENDS = ("nccl", "hccl", "gloo")  # served by collectives.torch_dist
+COMM_BACKENDS = (*TORCH_BACKENDS, "mpi")  # every name a communicator can be built for
 
 
 def _check_backend(backend: str) -> None:
@@ -105,13 +105,7 @@ def create_communicator(
 
         import_torch_npu()  # before torch.device("npu"), which only parses once it is imported
     device = torch.device(device)
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "backend 'nccl' needs CUDA, but torch.cuda.is_available() is False here "
-            f"(torch {torch.__version__}); use backend 'gloo' on CPU, or install a CUDA build "
-            "of torch on a GPU host"
-        )
-    if backend in _TORCH_BACKENDS:
+    if backend in TORCH_BACKENDS:
         from collectives.torch_dist import TorchDistCommunicator
 
         return TorchDistCommunicator(backend, rank, world_size, rendezvous, device)
@@ -122,6 +116,7 @@ def create_communicator(
 
 __all__ = [
     "COMM_BACKENDS",
+    "TORCH_BACKENDS",
     "default_backend",
     "open_rendezvous",
     "create_communicator",

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from collectives.base import Communicator, Handle
+from collectives.factory import TORCH_BACKENDS
 
-TORCH_BACKENDS = ("nccl", "hccl", "gloo")
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -123,8 +123,9 @@ class TorchDistCommunicator(Communicator):
         if self.backend == "nccl":
             if not torch.cuda.is_available():
                 raise RuntimeError(
-                    "backend 'nccl' needs CUDA, but torch.cuda.is_available() is False here; "
-                    "use backend 'gloo' on CPU"
+                    "backend 'nccl' needs CUDA, but torch.cuda.is_available() is False here "
+                    f"(torch {torch.__version__}); use backend 'gloo' on CPU, or install a CUDA "
+                    "build of torch on a GPU host"
                 )
             if self.device.type != "cuda":
                 raise ValueError(f"backend 'nccl' needs a cuda device, got {self.device}")
@@ -191,4 +192,4 @@ def _in_place(tensor: torch.Tensor, collective, async_op: bool) -> Handle | None
     return None
 
 
-__all__ = ["TorchDistCommunicator", "WorkHandle", "TORCH_BACKENDS"]
+__all__ = ["TorchDistCommunicator", "WorkHandle"]

@@ -13,35 +13,44 @@ step's batch are padding that cannot disturb the real rows: KV slot -1 (the KV w
 negative slots), sequence length 1 over block 0 (finite reads), token 0 at position 0; their
 logits are computed and ignored.
 
-Python-side decisions that depend on the step's lengths are kept out of the graph: the metadata a
-graph is captured with has ``seq_lens_cpu`` set to the capacity (``max_model_len``), which sizes
-the Triton decode kernel's fixed grid, and the real split length is read from a device buffer
-(``decode_chunk``) that every replay refreshes with what an eager call would choose.
+Python-side decisions that depend on the step's lengths are kept out of the graph, as the backend
+contract's captured decode says (``runtime/attention/base.py``): the metadata a graph is captured
+with carries no host lengths, only a ``CapturedDecode`` with the capacity (``max_model_len``),
+which sizes the launches, and a device buffer of launch values that every replay refreshes with
+what the backend would choose eagerly for the real lengths.
 
-Graphs are used only on CUDA, with the ``triton`` attention backend, and with the single-rank or
-NCCL communicator (gloo and MPI collectives cannot be captured); everything else runs eagerly.
+Graphs are used only on CUDA, with a backend that declares a captured decode (``triton``), and
+with the single-rank or NCCL communicator (gloo and MPI collectives cannot be captured);
+everything else runs eagerly. ``DecodeGraphRunner`` is the worker's one handle on all of this:
+whether graphs are on (and why not), the graphs, and the fallback after a failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from runtime.attention.base import AttentionMetadata
+from runtime.attention.base import AttentionBackend, AttentionMetadata, CapturedDecode
 
 log = logging.getLogger(__name__)
 
 CAPTURABLE_COMMS = ("none", "nccl")  # SingleRankCommunicator.backend, NCCL
 
 
-def unsupported_reason(device: torch.device, backend_name: str, comm_backend: str) -> str | None:
+def unsupported_reason(
+    device: torch.device,
+    backend: AttentionBackend | type[AttentionBackend],
+    comm_backend: str,
+) -> str | None:
     """``None`` when decode steps on this worker can be captured, else why not."""
     if device.type != "cuda":
         return f"device {device.type} is not CUDA"
-    if backend_name != "triton":
-        return f"attention backend {backend_name!r} is not 'triton'"
+    if not backend.captured_decode_params:
+        return f"attention backend {backend.name!r} declares no captured decode"
     if comm_backend not in CAPTURABLE_COMMS:
         return f"communicator {comm_backend!r} cannot be captured (only single-rank or NCCL)"
     return None
@@ -55,13 +64,6 @@ def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
         b *= 2
     out.append(max_num_seqs)
     return tuple(out)
-
-
-@dataclass
-class GraphDecodeMetadata(AttentionMetadata):
-    """Decode metadata over static buffers; ``seq_lens_cpu`` holds the capacity, not lengths."""
-
-    decode_chunk: torch.Tensor | None = None  # int32 [1]: keys per split program, set per replay
 
 
 @dataclass
@@ -100,9 +102,10 @@ class DecodeGraphs:
         self.dtype = dtype
         self.device = device
         n, w = self.max_bs, self.max_blocks
-        # int64: token ids | positions | KV slots;  int32: seq_lens | decode chunk | block tables
+        p = self.num_params = backend.captured_decode_params
+        # int64: token ids | positions | KV slots;  int32: seq_lens | launch values | block tables
         self._n64 = 3 * n
-        self._n32 = n + 1 + n * w
+        self._n32 = n + p + n * w
         self._host64 = torch.zeros(self._n64, dtype=torch.int64, pin_memory=True)
         self._host32 = torch.zeros(self._n32, dtype=torch.int32, pin_memory=True)
         self._dev64 = torch.zeros(self._n64, dtype=torch.int64, device=device)
@@ -111,8 +114,8 @@ class DecodeGraphs:
         self.positions = self._dev64[n : 2 * n]
         self.slot_mapping = self._dev64[2 * n :]
         self.seq_lens = self._dev32[:n]
-        self.decode_chunk = self._dev32[n : n + 1]
-        self.block_tables = self._dev32[n + 1 :].view(n, w)
+        self.launch_values = self._dev32[n : n + p]
+        self.block_tables = self._dev32[n + p :].view(n, w)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._copied: torch.cuda.Event | None = None  # staging may be rewritten once it fired
         self.pool = torch.cuda.graph_pool_handle()
@@ -137,33 +140,39 @@ class DecodeGraphs:
         return True
 
     # -- capture ------------------------------------------------------------------------------
-    def _meta(self, bs: int) -> GraphDecodeMetadata:
-        return GraphDecodeMetadata(
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs],
             slot_mapping=self.slot_mapping[:bs],
             query_lens_cpu=(1,) * bs,
-            seq_lens_cpu=(self.capacity,) * bs,  # sizes the decode grid; lengths come per replay
-            decode_chunk=self.decode_chunk,
+            seq_lens_cpu=None,  # lengths change per replay: only the device buffer holds them
+            captured=CapturedDecode(self.capacity, self.launch_values),
         )
 
-    def _forward(self, bs: int, meta: GraphDecodeMetadata) -> torch.Tensor:
+    def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.model(
             self.input_ids[:bs], self.positions[:bs], self.kv_layers, meta, self.backend
         )
         return self.model.compute_logits(hidden)
 
-    def _chunk_for(self, bs: int, max_seq_len: int) -> int:
-        return self.backend.decode_chunk(
+    def _launch_values(self, bs: int, max_seq_len: int) -> tuple[int, ...]:
+        values = self.backend.captured_decode_values(
             bs,
+            max_seq_len,
+            self.capacity,
             self.num_kv_heads,
             self.head_dim,
             self.dtype,
             self.device,
-            max_seq_len,
-            self.capacity,
         )
+        if len(values) != self.num_params:
+            raise ValueError(
+                f"{self.backend.name}: captured_decode_values gave {len(values)} values, "
+                f"captured_decode_params declares {self.num_params}"
+            )
+        return tuple(values)
 
     @torch.inference_mode()
     def capture(self, bs: int) -> None:
@@ -190,7 +199,7 @@ class DecodeGraphs:
         """Write the step's metadata (padded to ``bs`` rows) into the static device buffers."""
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy has read the staging buffers
-        n, w, page = self.max_bs, self.max_blocks, self.block_size
+        n, w, page, p = self.max_bs, self.max_blocks, self.block_size, self.num_params
         h64, h32 = self._host64, self._host32
         ids, pos, slots = [], [], []
         lens, need_w = [], 1
@@ -203,7 +212,7 @@ class DecodeGraphs:
             lens.append(c.seq_len)
             k = -(-c.seq_len // page)
             need_w = max(need_w, k)
-            row = n + 1 + i * w
+            row = n + p + i * w
             h32[row : row + k] = torch.tensor(table[:k], dtype=torch.int32)
         pad = bs - len(chunks)
         ids += [0] * pad
@@ -211,14 +220,14 @@ class DecodeGraphs:
         slots += [-1] * pad
         lens += [1] * pad
         for i in range(len(chunks), bs):
-            h32[n + 1 + i * w] = 0  # padding rows read block 0
+            h32[n + p + i * w] = 0  # padding rows read block 0
         h64[:bs] = torch.tensor(ids, dtype=torch.int64)
         h64[n : n + bs] = torch.tensor(pos, dtype=torch.int64)
         h64[2 * n : 2 * n + bs] = torch.tensor(slots, dtype=torch.int64)
         h32[:bs] = torch.tensor(lens, dtype=torch.int32)
-        h32[n] = self._chunk_for(bs, max(lens))
+        h32[n : n + p] = torch.tensor(self._launch_values(bs, max(lens)), dtype=torch.int32)
         # only the first ``need_w`` entries of a row are read (positions < seq_len)
-        end32 = n + 1 + (bs - 1) * w + need_w
+        end32 = n + p + (bs - 1) * w + need_w
         self._dev64.copy_(h64, non_blocking=True)
         self._dev32[:end32].copy_(h32[:end32], non_blocking=True)
         self._copied = torch.cuda.Event()
@@ -239,4 +248,70 @@ class DecodeGraphs:
         return g.logits[: len(chunks)]
 
 
-__all__ = ["DecodeGraphs", "GraphDecodeMetadata", "batch_buckets", "unsupported_reason"]
+class DecodeGraphRunner:
+    """A worker's pure-decode steps through CUDA graphs: whether they apply, and why not.
+
+    ``off`` is None while graphs are in use, else the reason (turned off by config, unsupported
+    here, or a failed capture/replay). ``run`` answers None whenever a step must run eagerly.
+    """
+
+    def __init__(self, graphs: DecodeGraphs | None, off: str | None, world_size: int = 1) -> None:
+        if (graphs is None) == (off is None):
+            raise ValueError("give the graphs, or the reason there are none")
+        self.graphs = graphs
+        self.off = off
+        self.world_size = world_size
+        self._eager_only = False
+
+    @property
+    def active(self) -> bool:
+        return self.off is None
+
+    @property
+    def captured_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.graphs.graphs)) if self.graphs is not None else ()
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Steps inside run eagerly (warm-up compiles the eager decode kernels)."""
+        self._eager_only = True
+        try:
+            yield
+        finally:
+            self._eager_only = False
+
+    def run(self, chunks) -> torch.Tensor | None:
+        """This step's float32 logits ``[len(chunks), vocab]`` from a replayed graph (a view:
+        read it before the next step), or None when the step must run eagerly."""
+        if self.graphs is None or self._eager_only or not self.graphs.fits(chunks):
+            return None
+        try:
+            return self.graphs.run(chunks)
+        except Exception as e:  # the eager step redoes it (its KV writes are the same)
+            self._drop(e)
+            return None
+
+    def warm_up(self) -> None:
+        """Capture batch size 1 now, so that a request's first decode step need not."""
+        if self.graphs is None:
+            return
+        try:
+            self.graphs.capture(1)
+        except Exception as e:
+            self._drop(e)
+
+    def _drop(self, error: Exception) -> None:
+        """Alone, fall back to eager steps; in a group, fail (the other ranks are inside the
+        same collectives)."""
+        if self.world_size > 1:
+            raise error
+        log.warning("CUDA-graph decode failed (%s); decode steps run eagerly from now on", error)
+        self.graphs = None
+        self.off = f"failed: {error}"
+
+    def close(self) -> None:
+        self.graphs = None
+        self.off = self.off or "closed"
+
+
+__all__ = ["DecodeGraphRunner", "DecodeGraphs", "batch_buckets", "unsupported_reason"]

@@ -8,6 +8,7 @@ worker: ``init_device`` -> ``init_communicator`` -> ``load_model`` -> ``kv_cache
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 
 from runtime import device as dev
 from runtime.attention import AttentionMetadata, get_backend, resolve_backend_name
+from runtime.cuda_graphs import DecodeGraphRunner, DecodeGraphs, unsupported_reason
 from runtime.kv_cache import KVCache, bytes_per_block
 from runtime.loader import ModelSource, build_model
 from runtime.parallel import ParallelState
@@ -62,9 +64,7 @@ class Worker:
         self.model = None
         self.kv: KVCache | None = None
         self._generators: dict[int, torch.Generator] = {}
-        self._graphs = None  # runtime.cuda_graphs.DecodeGraphs, made on the first decode step
-        self._graphs_off: str | None = None if config.cuda_graphs else "turned off by config"
-        self._eager_only = False
+        self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
 
     # -- bring-up ----------------------------------------------------------------------------
     def init_device(self) -> dict:
@@ -148,7 +148,7 @@ class Worker:
 
     def init_kv_cache(self, num_blocks: int) -> dict:
         c = self.model_config
-        self._graphs = None  # captured graphs point into the old cache
+        self.decode_graphs.close()  # captured graphs point into the old cache
         self.kv = KVCache(
             c.num_hidden_layers,
             num_blocks,
@@ -158,6 +158,7 @@ class Worker:
             self.dtype,
             self.device,
         )
+        self.decode_graphs = self._make_decode_graphs()
         return {"rank": self.rank, "num_blocks": num_blocks, "bytes": self.kv.nbytes}
 
     def warm_up(self) -> None:
@@ -180,21 +181,13 @@ class Worker:
             while lengths[-1] * 2 < max_model_len:
                 lengths.append(lengths[-1] * 2)
             lengths.append(max_model_len - 1)
-        self._eager_only = True  # the ladder compiles the eager decode kernels
-        try:
+        with self.decode_graphs.eager():  # the ladder compiles the eager decode kernels
             self.execute(ScheduledBatch(0, (prefill,)))
             for length in lengths:
                 blocks = (0,) * (length // bs + 1)
                 chunk = SeqChunk(-1, (0,), length, blocks, False, params)
                 self.execute(ScheduledBatch(0, (chunk,)))
-        finally:
-            self._eager_only = False
-        graphs = self._decode_graphs()
-        if graphs is not None:  # the first request's first decode step need not capture
-            try:
-                graphs.capture(1)
-            except Exception as e:
-                self._drop_graphs(e)
+        self.decode_graphs.warm_up()
 
     def reset_peak_memory(self) -> None:
         dev.reset_peak_memory(self.device)
@@ -207,22 +200,16 @@ class Worker:
         }
 
     # -- CUDA graphs --------------------------------------------------------------------------
-    def _decode_graphs(self):
-        """The worker's captured decode steps, or ``None`` where graphs are off or unsupported."""
-        if self._graphs is not None or self._graphs_off is not None:
-            return self._graphs
-        from runtime.cuda_graphs import DecodeGraphs, unsupported_reason
-
-        if self.kv is None:
-            return None
-        reason = unsupported_reason(self.device, self.backend_name, self.parallel.comm.backend)
+    def _make_decode_graphs(self) -> DecodeGraphRunner:
+        if not self.config.cuda_graphs:
+            return DecodeGraphRunner(None, off="turned off by config")
+        reason = unsupported_reason(self.device, self.backend, self.parallel.comm.backend)
         if reason is not None:
-            self._graphs_off = reason
             if self.rank == 0:
                 log.info("decode steps run eagerly (no CUDA graphs): %s", reason)
-            return None
+            return DecodeGraphRunner(None, off=reason)
         c = self.model_config
-        self._graphs = DecodeGraphs(
+        graphs = DecodeGraphs(
             self.model,
             self.backend,
             self.kv.layers,
@@ -234,40 +221,12 @@ class Worker:
             dtype=self.dtype,
             device=self.device,
         )
-        return self._graphs
-
-    def _drop_graphs(self, error: Exception) -> None:
-        """A capture or replay failed: alone, fall back to eager steps; in a group, fail (the
-        other ranks are inside the same collectives)."""
-        if self.world_size > 1:
-            raise error
-        log.warning("CUDA-graph decode failed (%s); decode steps run eagerly from now on", error)
-        self._graphs = None
-        self._graphs_off = f"failed: {error}"
+        return DecodeGraphRunner(graphs, off=None, world_size=self.world_size)
 
     @property
     def uses_cuda_graphs(self) -> bool:
         """Whether pure-decode steps replay CUDA graphs on this worker."""
-        return self._decode_graphs() is not None
-
-    def _graph_result(
-        self, rows: torch.Tensor, batch: ScheduledBatch, logits: str, t0: float
-    ) -> StepResult:
-        result = StepResult(sampled={})
-        if logits == "all":
-            all_logits = rows.cpu()
-            for i, c in enumerate(batch.chunks):
-                result.logits[c.seq_id] = all_logits[i : i + 1]
-        if self.rank == 0:
-            for i, c in enumerate(batch.chunks):
-                if not c.sample:
-                    continue
-                result.sampled[c.seq_id] = sample(rows[i], c.params, self._generator(c))
-                if logits == "sampled":
-                    result.logits[c.seq_id] = rows[i].cpu()
-        dev.synchronize(self.device)
-        result.seconds = time.perf_counter() - t0
-        return result
+        return self.decode_graphs.active
 
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -280,54 +239,54 @@ class Worker:
         t0 = time.perf_counter()
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
-        if not self._eager_only and all(len(c.token_ids) == 1 for c in batch.chunks):
-            graphs = self._decode_graphs()
-            if graphs is not None and graphs.fits(batch.chunks):
-                try:
-                    rows = graphs.run(batch.chunks)  # float32 [B, vocab]: the graph's output
-                except Exception as e:  # eager below redoes the step (its KV writes are the same)
-                    self._drop_graphs(e)
-                else:
-                    return self._graph_result(rows, batch, logits, t0)
+        chunks = batch.chunks
+        # the row of each chunk's last token: the one that samples
+        last = list(itertools.accumulate(len(c.token_ids) for c in chunks))
+        sample_rows = [end - 1 for end, c in zip(last, chunks) if c.sample]
+        all_logits = None
+        if all(len(c.token_ids) == 1 for c in chunks):
+            all_logits = self.decode_graphs.run(chunks)  # None: run it eagerly
+        if all_logits is None:
+            hidden = self._forward(chunks)
+            # every rank runs the LM head (it is vocabulary-parallel); rank 0 samples
+            if logits == "all":
+                all_logits = self.model.compute_logits(hidden)
+            elif sample_rows:
+                hidden = hidden[sample_rows]
+                sample_rows = list(range(len(sample_rows)))
+                all_logits = self.model.compute_logits(hidden)
+        result = StepResult(sampled={})
+        if logits == "all":
+            cpu = all_logits.cpu()
+            for end, c in zip(last, chunks):
+                result.logits[c.seq_id] = cpu[end - len(c.token_ids) : end]
+        if self.rank == 0 and sample_rows:
+            for row, c in zip(sample_rows, [x for x in chunks if x.sample]):
+                result.sampled[c.seq_id] = sample(all_logits[row], c.params, self._generator(c))
+                if logits == "sampled":
+                    result.logits[c.seq_id] = all_logits[row].cpu()
+        dev.synchronize(self.device)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _forward(self, chunks: tuple[SeqChunk, ...]) -> torch.Tensor:
+        """The eager step: hidden states ``[tokens, hidden]`` of every packed token."""
         ids: list[int] = []
         pos: list[int] = []
-        for c in batch.chunks:
+        for c in chunks:
             ids.extend(c.token_ids)
             pos.extend(range(c.start_pos, c.seq_len))
         d = self.device
         meta = AttentionMetadata.build(
-            [len(c.token_ids) for c in batch.chunks],
-            [c.seq_len for c in batch.chunks],
-            [list(c.block_table) for c in batch.chunks],
+            [len(c.token_ids) for c in chunks],
+            [c.seq_len for c in chunks],
+            [list(c.block_table) for c in chunks],
             self.limits.block_size,
             d,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=d)
         positions = torch.tensor(pos, dtype=torch.long, device=d)
-        hidden = self.model(input_ids, positions, self.kv.layers, meta, self.backend)
-
-        ends = meta.query_start_loc[1:].tolist()
-        rows = [e - 1 for e, c in zip(ends, batch.chunks) if c.sample]
-        result = StepResult(sampled={})
-        if logits == "all":
-            all_logits = self.model.compute_logits(hidden).cpu()
-            start = 0
-            for c in batch.chunks:
-                result.logits[c.seq_id] = all_logits[start : start + len(c.token_ids)]
-                start += len(c.token_ids)
-        if rows:
-            # every rank runs the LM head (it is vocabulary-parallel); rank 0 samples
-            sampled_logits = self.model.compute_logits(hidden[rows])
-            if self.rank == 0:
-                sampling = [c for c in batch.chunks if c.sample]
-                for row, c in zip(sampled_logits, sampling):
-                    gen = self._generator(c)
-                    result.sampled[c.seq_id] = sample(row, c.params, gen)
-                    if logits == "sampled":
-                        result.logits[c.seq_id] = row.cpu()
-        dev.synchronize(d)
-        result.seconds = time.perf_counter() - t0
-        return result
+        return self.model(input_ids, positions, self.kv.layers, meta, self.backend)
 
     def _generator(self, c) -> torch.Generator | None:
         if c.params.temperature == 0:
@@ -340,7 +299,7 @@ class Worker:
         return g
 
     def shutdown(self) -> None:
-        self._graphs = None
+        self.decode_graphs.close()
         self.parallel.comm.close()
         self.kv = None
         self.model = None

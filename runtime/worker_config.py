@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.attention.registry import check_backend_name
+from runtime.attention.registry import available_backends, check_backend_name
 from runtime.device import DTYPES
 from scheduler.errors import ConfigError
 from scheduler.fields import check_fields, option
@@ -24,7 +24,9 @@ class WorkerConfig:
         help="auto (bfloat16 on accelerators, float32 on CPU)|" + "|".join(DTYPES),
         choices=("auto", *DTYPES),
     )
-    attention: str = option("auto", help="attention backend: auto|torch|sdpa|triton")
+    attention: str = option(
+        "auto", help="attention backend: auto|" + "|".join(available_backends())
+    )
     q_tile: int = option(128, help="query rows per tile of the portable torch backend", minimum=1)
     kv_tile: int = option(512, help="keys per tile of the portable torch backend", minimum=1)
     cuda_graphs: bool = option(

@@ -22,7 +22,6 @@ class SeqChunk:
     block_table: tuple[int, ...]
     sample: bool
     params: SamplingParams
-    num_generated: int = 0  # tokens generated before this step, to seed sampling per position
 
     @property
     def seq_len(self) -> int:
@@ -38,7 +37,3 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.chunks)
-
-    @property
-    def is_decode(self) -> bool:
-        return all(len(c.token_ids) == 1 and c.start_pos > 0 for c in self.chunks)

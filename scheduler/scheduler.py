@@ -113,7 +113,6 @@ class Scheduler:
             block_table=tuple(seq.block_table),
             sample=sample,
             params=seq.params,
-            num_generated=len(seq.output_ids),
         )
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:

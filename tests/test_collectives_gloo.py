@@ -8,6 +8,8 @@ computing every expected value locally.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -68,8 +70,17 @@ def test_single_rank_linear_all_reduce_is_the_matmul() -> None:
 
 
 def test_factory_names_and_errors() -> None:
-    assert COMM_BACKENDS == ("nccl", "hccl", "gloo", "mpi")
-    assert [default_backend(d) for d in ("cuda", "npu", "cpu")] == ["nccl", "hccl", "gloo"]
+    # every backend a user may name (the config's choices) is one the factory builds, and
+    # each device's default is among them: the lists cannot drift apart
+    from cluster.config import ClusterConfig
+
+    comm = next(f for f in dataclasses.fields(ClusterConfig) if f.name == "comm")
+    assert set(comm.metadata["choices"]) - {"auto"} == set(COMM_BACKENDS)
+    for name in COMM_BACKENDS:  # a group of one never touches the backend
+        assert isinstance(create_communicator(name, 0, 1, {}, "cpu"), SingleRankCommunicator)
+    assert {default_backend(d) for d in ("cuda", "npu", "cpu")} <= set(COMM_BACKENDS)
+    with pytest.raises(ValueError, match="no default communication backend for device type"):
+        default_backend("tpu")
     with pytest.raises(ValueError, match="nccl, hccl, gloo, mpi"):
         create_communicator("nvlink", 0, 2, {}, "cpu")
     with pytest.raises(ValueError, match="nccl, hccl, gloo, mpi"):

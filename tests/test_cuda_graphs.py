@@ -13,8 +13,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine import Engine
-from runtime.cuda_graphs import GraphDecodeMetadata, batch_buckets, unsupported_reason
-from scheduler.errors import ConfigError
+from runtime.cuda_graphs import batch_buckets, unsupported_reason
 from scheduler.request import SamplingParams
 
 ON_GPU = torch.cuda.is_available()
@@ -28,43 +27,117 @@ def test_batch_buckets():
     assert batch_buckets(6) == (1, 2, 4, 6)
 
 
-def test_unsupported_reasons():
+def test_unsupported_reasons_follow_the_backends_declaration():
+    from runtime.attention.sdpa import SdpaBackend
+    from runtime.attention.torch_tiled import TorchTiledBackend
+    from runtime.attention.triton_backend import TritonBackend
+
     cuda = torch.device("cuda", 0)
-    assert unsupported_reason(cuda, "triton", "none") is None
-    assert unsupported_reason(cuda, "triton", "nccl") is None
-    assert "CUDA" in unsupported_reason(torch.device("cpu"), "triton", "none")
-    assert "triton" in unsupported_reason(cuda, "torch", "none")
+    assert unsupported_reason(cuda, TritonBackend, "none") is None
+    assert unsupported_reason(cuda, TritonBackend, "nccl") is None
+    assert "CUDA" in unsupported_reason(torch.device("cpu"), TritonBackend, "none")
+    for backend in (TorchTiledBackend, SdpaBackend):
+        assert backend.name in unsupported_reason(cuda, backend, "none")
     for comm in ("gloo", "mpi"):
-        assert comm in unsupported_reason(cuda, "triton", comm)
+        assert comm in unsupported_reason(cuda, TritonBackend, comm)
 
 
-def test_config_field():
-    assert EngineConfig.from_dict({}).worker.cuda_graphs is True
-    assert EngineConfig.from_dict({"cuda_graphs": False}).worker.cuda_graphs is False
-    with pytest.raises(ConfigError, match="cuda_graphs"):
-        EngineConfig.from_dict({"cuda_graphs": "no"})
+def test_a_backend_without_captured_decode_refuses_a_captured_step():
+    """The contract: a captured step reaches only backends that declare they can run it."""
+    from runtime.attention.base import AttentionMetadata, CapturedDecode
+    from runtime.attention.torch_tiled import TorchTiledBackend
+
+    meta = AttentionMetadata.build([1], [5], [[0]], 16)
+    captured = AttentionMetadata(
+        meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping,
+        query_lens_cpu=(1,), seq_lens_cpu=None,
+        captured=CapturedDecode(64, torch.zeros(1, dtype=torch.int32)),
+    )  # fmt: skip
+    assert captured.max_seq_len == 64 and meta.max_seq_len == 5
+    q, cache = torch.randn(1, 4, 8), torch.randn(1, 16, 2, 8)
+    with pytest.raises(ValueError, match="cannot run a captured decode"):
+        TorchTiledBackend().forward(q, cache, cache, captured, 0.3)
 
 
-def test_not_used_on_cpu():
-    """On the CPU the worker never makes graphs, and generation is unchanged."""
-    prompts = [[1, 2, 3, 4, 5], list(range(7, 40))]
-    outs = {}
-    for graphs in (True, False):
-        cfg = EngineConfig.from_dict(dict(
-            model="tiny", device="cpu", attention="torch", dtype="float32",
-            max_model_len=128, max_num_seqs=2, cuda_graphs=graphs, executor="local",
-        ))  # fmt: skip
-        engine = Engine(cfg)
-        try:
-            worker = engine.executor.worker
-            assert not worker.uses_cuda_graphs and worker._graphs is None
-            res = engine.generate(prompts, SamplingParams(max_new_tokens=6), logits="sampled")
-            outs[graphs] = [(o.token_ids, o.metrics["logits"]) for o in res]
-        finally:
-            engine.shutdown()
-    for (tok_on, lg_on), (tok_off, lg_off) in zip(outs[True], outs[False]):
-        assert tok_on == tok_off
-        torch.testing.assert_close(lg_on, lg_off, rtol=0, atol=0)
+@pytest.mark.parametrize("capacity", [16, 700, 8192, 131072])
+def test_triton_captured_decode_values_fit_the_frozen_grid(capacity):
+    """For every batch size and real length up to the capacity, the keys per split program the
+    backend asks a replay to use cover the longest sequence within the grid the graph froze
+    for the capacity, in whole key blocks."""
+    from runtime.attention import triton_decode
+    from runtime.attention.triton_backend import TritonBackend
+
+    backend = TritonBackend()
+    assert backend.captured_decode_params == 1
+    dev = torch.device("cuda" if ON_GPU else "cpu")
+    hkv, d = 2, 64
+    cfg = triton_decode.default_decode_config(d, torch.bfloat16, dev)
+    for bs in (1, 3, 8):
+        grid = triton_decode.split_plan(bs, hkv, capacity, dev, cfg)[1]
+        for n in sorted({1, 17, capacity // 3 + 1, capacity - 1, capacity} - {0}):
+            values = backend.captured_decode_values(bs, n, capacity, hkv, d, torch.bfloat16, dev)
+            assert len(values) == backend.captured_decode_params
+            (chunk,) = values
+            assert chunk > 0 and chunk % cfg.block_n == 0
+            assert -(-n // chunk) <= grid, (bs, n, chunk, grid)
+
+
+class _FakeGraphs:
+    """Stands in for DecodeGraphs (which needs CUDA): fits everything, fails when told to."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.calls, self.graphs = fail, 0, {}
+
+    def fits(self, chunks) -> bool:
+        return True
+
+    def run(self, chunks):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("capture broke")
+        return torch.ones(len(chunks), 4)
+
+    def capture(self, bs: int) -> None:
+        self.run([None] * bs)
+        self.graphs[bs] = True
+
+
+def test_graph_runner_falls_back_alone_and_fails_in_a_group():
+    from runtime.cuda_graphs import DecodeGraphRunner
+
+    ok = DecodeGraphRunner(_FakeGraphs(), off=None)
+    assert ok.active and ok.run([1, 2]).shape == (2, 4)
+    with ok.eager():  # warm-up's eager window: no replay
+        assert ok.run([1]) is None
+    ok.warm_up()
+    assert ok.captured_buckets == (1,) and ok.graphs.calls == 2
+
+    broken = _FakeGraphs(fail=True)
+    alone = DecodeGraphRunner(broken, off=None, world_size=1)
+    assert alone.run([1]) is None  # the caller redoes the step eagerly
+    assert not alone.active and "capture broke" in alone.off
+    assert alone.run([1]) is None and broken.calls == 1  # never tried again
+
+    group = DecodeGraphRunner(_FakeGraphs(fail=True), off=None, world_size=2)
+    with pytest.raises(RuntimeError, match="capture broke"):
+        group.run([1])  # the other ranks are inside the same collectives: fail, do not diverge
+    with pytest.raises(ValueError):
+        DecodeGraphRunner(None, off=None)
+
+
+@pytest.mark.parametrize("graphs, reason", [(True, "device cpu is not CUDA"),
+                                            (False, "turned off by config")])  # fmt: skip
+def test_worker_says_why_graphs_are_off(graphs, reason):
+    cfg = EngineConfig.from_dict(dict(
+        model="tiny", device="cpu", attention="torch", dtype="float32",
+        max_model_len=64, max_num_seqs=1, cuda_graphs=graphs, executor="local",
+    ))  # fmt: skip
+    engine = Engine(cfg)
+    try:
+        worker = engine.executor.worker
+        assert not worker.uses_cuda_graphs and worker.decode_graphs.off == reason
+    finally:
+        engine.shutdown()
 
 
 # -- the fixed-grid decode kernel (GPU, or the interpreter on CPU) -----------------------------
@@ -85,7 +158,7 @@ def test_fixed_grid_decode_matches_eager(dtype):
     if not _interpreter_ok():
         pytest.skip("triton was imported without TRITON_INTERPRET in this process")
     from runtime.attention import triton_decode
-    from runtime.attention.base import AttentionMetadata
+    from runtime.attention.base import AttentionMetadata, CapturedDecode
     from runtime.attention.triton_backend import TritonBackend
 
     dev = torch.device("cuda" if ON_GPU else "cpu")
@@ -111,15 +184,15 @@ def test_fixed_grid_decode_matches_eager(dtype):
     seq_lens = torch.tensor([*lens, 0], dtype=torch.int32, device=dev)
     block_tables = torch.zeros(bs, nblk, dtype=torch.int32, device=dev)
     block_tables[: len(lens)] = perm.to(torch.int32).to(dev)
-    chunk = backend.decode_chunk(bs, hkv, d, dtype, dev, max(lens), capacity)
-    meta = GraphDecodeMetadata(
+    (chunk,) = backend.captured_decode_values(bs, max(lens), capacity, hkv, d, dtype, dev)
+    meta = AttentionMetadata(
         query_start_loc=torch.arange(bs + 1, dtype=torch.int32, device=dev),
         seq_lens=seq_lens,
         block_tables=block_tables,
         slot_mapping=torch.full((bs,), -1, dtype=torch.int64, device=dev),
         query_lens_cpu=(1,) * bs,
-        seq_lens_cpu=(capacity,) * bs,
-        decode_chunk=torch.tensor([chunk], dtype=torch.int32, device=dev),
+        seq_lens_cpu=None,
+        captured=CapturedDecode(capacity, torch.tensor([chunk], dtype=torch.int32, device=dev)),
     )
     grid = triton_decode.split_plan(bs, hkv, capacity, dev, cfg)[1]
     assert 1 < -(-max(lens) // chunk) < grid  # several splits, and idle programs past them
@@ -156,10 +229,10 @@ def _generate(path, prompts, news, graphs: bool, dtype: str, max_model_len: int 
         worker = engine.executor.worker
         assert worker.uses_cuda_graphs == graphs
         if graphs:
-            assert set(worker._graphs.graphs) == {1}  # warm-up captured batch 1
+            assert worker.decode_graphs.captured_buckets == (1,)  # warm-up captured batch 1
         params = [SamplingParams(max_new_tokens=n) for n in news]
         outs = engine.generate(prompts, params, logits="sampled")
-        captured = sorted(worker._graphs.graphs) if graphs else []
+        captured = list(worker.decode_graphs.captured_buckets)
     finally:
         engine.shutdown()
     return [(o.token_ids, o.metrics["logits"]) for o in outs], captured

@@ -14,6 +14,14 @@ Layout (shared by all backends, see docs/architecture.md):
 * every backend returns ``(out, lse)``: ``out`` is ``[T, Hq, D]`` in ``q``'s dtype and ``lse`` is
   the float32 natural-log sum of ``exp(scale * q.k)`` over the keys seen, ``[T, Hq]``. Partial
   results over disjoint key sets (device blocks, host blocks) merge exactly through ``lse``.
+
+Captured decode (CUDA graphs, ``runtime/cuda_graphs.py``): a decode step captured once is replayed
+with other lengths, so nothing the backend reads on the host may change between replays. Such a
+step's metadata has ``seq_lens_cpu = None`` and a :class:`CapturedDecode`: launches are sized for
+``capacity`` keys, and whatever a launch would derive from the real lengths is read on the
+device from ``captured.params``, which every replay refreshes with the backend's
+:meth:`AttentionBackend.captured_decode_values`. A backend opts in by declaring how many such
+values it reads (``captured_decode_params > 0``); the others never see a captured step.
 """
 
 from __future__ import annotations
@@ -25,6 +33,20 @@ from typing import ClassVar
 import torch
 
 
+@dataclass(frozen=True)
+class CapturedDecode:
+    """What a decode step captured in a CUDA graph tells the backend instead of host lengths.
+
+    Attributes:
+        capacity: the longest sequence any replay may hold; launches are sized for it.
+        params: int32 ``[backend.captured_decode_params]`` on the device: the launch values for
+            the real lengths (``captured_decode_values``), rewritten before every replay.
+    """
+
+    capacity: int
+    params: torch.Tensor
+
+
 @dataclass
 class AttentionMetadata:
     """Per-step batch description, built once per step and shared by every layer."""
@@ -34,11 +56,12 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [B, max_blocks_per_seq], on the compute device
     slot_mapping: torch.Tensor  # int64 [T]: flat cache slot (block * block_size + offset) per token
     query_lens_cpu: tuple[int, ...]
-    seq_lens_cpu: tuple[int, ...]
+    seq_lens_cpu: tuple[int, ...] | None  # None in a captured step: lengths live on the device
+    captured: CapturedDecode | None = None  # set only for a decode step captured in a CUDA graph
 
     @property
     def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
+        return len(self.query_lens_cpu)
 
     @property
     def max_query_len(self) -> int:
@@ -46,6 +69,9 @@ class AttentionMetadata:
 
     @property
     def max_seq_len(self) -> int:
+        """The longest sequence: exact in an eager step, the capacity in a captured one."""
+        if self.captured is not None:
+            return self.captured.capacity
         return max(self.seq_lens_cpu) if self.seq_lens_cpu else 0
 
     @property
@@ -96,11 +122,29 @@ class AttentionBackend(ABC):
     """A named attention implementation over the paged KV layout described above."""
 
     name: ClassVar[str]
+    #: How many int32 launch values a captured decode step reads from ``CapturedDecode.params``;
+    #: 0 means this backend cannot run a decode step captured in a CUDA graph.
+    captured_decode_params: ClassVar[int] = 0
 
     @classmethod
     def supports(cls, device: torch.device) -> str | None:
         """Return ``None`` if this backend runs on ``device``, else the reason it does not."""
         return None
+
+    def captured_decode_values(
+        self,
+        num_seqs: int,
+        max_seq_len: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[int, ...]:
+        """The ``captured_decode_params`` values one replay of a captured decode step needs:
+        ``num_seqs`` rows (padding included), the longest ``max_seq_len`` keys, launches sized
+        for ``capacity`` keys. Only called when ``captured_decode_params > 0``."""
+        raise NotImplementedError(f"attention backend {self.name!r} has no captured decode")
 
     def write_kv(
         self,
@@ -145,6 +189,8 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if meta.captured is not None and not self.captured_decode_params:
+            raise ValueError(f"attention backend {self.name!r} cannot run a captured decode step")
         if meta.is_decode:
             return self.decode(q, k_cache, v_cache, meta, scale)
         return self.prefill(q, k_cache, v_cache, meta, scale)

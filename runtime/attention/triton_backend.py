@@ -25,6 +25,7 @@ class TritonBackend(AttentionBackend):
     """FlashAttention-2 prefill and split-KV decode over the paged cache, in Triton."""
 
     name = "triton"
+    captured_decode_params = 1  # the keys per split program of the decode kernel
 
     def __init__(
         self,
@@ -94,8 +95,8 @@ class TritonBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not meta.is_decode:
             return self.prefill(q, k_cache, v_cache, meta, scale)
-        # CUDA-graph metadata (runtime.cuda_graphs) carries a device tensor with the keys per split
-        # program; its ``seq_lens_cpu`` then holds the capacity, which sizes the fixed grid
+        # a captured step: the grid is sized for the capacity (meta.max_seq_len) and the keys
+        # per split program come from the device (captured_decode_values, refreshed per replay)
         return triton_decode.decode_attention(
             q,
             k_cache,
@@ -105,26 +106,26 @@ class TritonBackend(AttentionBackend):
             meta.max_seq_len,
             scale,
             config=self.decode_config,
-            chunk_buffer=getattr(meta, "decode_chunk", None),
+            chunk_buffer=meta.captured.params if meta.captured is not None else None,
         )
 
-    def decode_chunk(
+    def captured_decode_values(
         self,
         num_seqs: int,
+        max_seq_len: int,
+        capacity: int,
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        max_seq_len: int,
-        capacity: int,
-    ) -> int:
-        """What a CUDA graph's ``decode_chunk`` buffer holds: the keys per split program an eager
-        decode of ``num_seqs`` sequences, the longest ``max_seq_len`` keys, would use, widened if
-        needed so that the splits fit the grid the graph froze for ``capacity`` keys."""
+    ) -> tuple[int]:
+        """``(keys per split program,)``: what an eager decode of ``num_seqs`` sequences, the
+        longest ``max_seq_len`` keys, would use, widened if needed so that the splits fit the
+        grid the graph froze for ``capacity`` keys."""
         cfg = self.decode_config or triton_decode.default_decode_config(head_dim, dtype, device)
         plan = triton_decode.split_plan
         _, grid = plan(num_seqs, num_kv_heads, capacity, device, cfg)
         chunk, splits = plan(num_seqs, num_kv_heads, max_seq_len, device, cfg)
         if splits > grid:
             chunk, _ = plan(num_seqs, num_kv_heads, max_seq_len, device, cfg, num_splits=grid)
-        return chunk
+        return (chunk,)

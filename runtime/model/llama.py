@@ -65,11 +65,9 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(cfg, tp, dtype, device) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        if cfg.tie_word_embeddings:
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        if cfg.tie_word_embeddings:  # one tensor: the checkpoint has no lm_head.weight
             self.lm_head.weight = self.embed_tokens.weight
-        else:
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
 
     @torch.inference_mode()
     def forward(
