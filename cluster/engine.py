@@ -56,6 +56,10 @@ class Engine:
         self.scheduler = Scheduler(limits, self.executor.num_blocks)
         self._next_id = 0
 
+    def set_allreduce(self, overlap: bool, tiles: int | None = None) -> None:
+        """Tiled or plain AllReduce from the next step on, on every worker (ablations)."""
+        self.executor.set_allreduce(overlap, tiles)
+
     @property
     def device_infos(self) -> list[dict]:
         return self.executor.device_infos

@@ -66,6 +66,9 @@ class _Executor:
     def memory_stats(self) -> list[dict]:
         return self._all("memory_stats")
 
+    def set_allreduce(self, overlap: bool, tiles: int | None = None) -> None:
+        self._all("set_allreduce", overlap, tiles)
+
     def reset_peak_memory(self) -> None:
         self._all("reset_peak_memory")
 

@@ -223,6 +223,16 @@ class Worker:
         )
         return DecodeGraphRunner(graphs, off=None, world_size=self.world_size)
 
+    def set_allreduce(self, overlap: bool, tiles: int | None = None) -> None:
+        """Switch the row-parallel AllReduce between tiled (``overlap``) and plain at run time,
+        for ablations on one running group; every rank must get the same call. Captured decode
+        graphs hold the old collectives, so they are made again."""
+        self.parallel.overlap = overlap
+        self.parallel.allreduce_tiles = tiles
+        if self.kv is not None:
+            self.decode_graphs.close()
+            self.decode_graphs = self._make_decode_graphs()
+
     @property
     def uses_cuda_graphs(self) -> bool:
         """Whether pure-decode steps replay CUDA graphs on this worker."""

@@ -58,6 +58,7 @@ def _fresh_process_guard(request):
         pytest.skip("triton was imported without TRITON_INTERPRET; covered by the rerun test")
 
 
+@pytest.mark.slow
 def test_in_fresh_interpreter_process():
     """Rerun this file in a new process with the interpreter on from the start."""
     if not NEEDS_FRESH_PROCESS:
@@ -68,6 +69,11 @@ def test_in_fresh_interpreter_process():
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def _fast(values, keep):
+    """Parametrize ``values``; only ``keep`` runs in the fast lane (the interpreter is slow)."""
+    return [pytest.param(v, marks=() if v == keep else pytest.mark.slow) for v in values]
 
 
 def _backend():
@@ -140,17 +146,19 @@ def _run_prefill(query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0):
 
 
 @pytest.mark.parametrize("lens", PREFILL_MIXES, ids=lambda x: "-".join(map(str, x)))
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", _fast([1, 4, 8], keep=4))
 def test_prefill_ragged_gqa(lens, group):
     _run_prefill(lens, lens, HQ // group, HEAD_DIMS[0], torch.bfloat16, seed=len(lens) + group)
 
 
+@pytest.mark.slow
 def test_prefill_long():
     """A sequence of 1023 (on a GPU also 4097) tokens: many full tiles before the diagonal."""
     lens = [LONG] if not ON_GPU else [LONG, 4097]
     _run_prefill(lens, lens, HQ // 8, HEAD_DIMS[0], torch.bfloat16, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", HEAD_DIMS + [96])
 def test_prefill_dtypes_head_dims(dtype, d):
@@ -158,14 +166,14 @@ def test_prefill_dtypes_head_dims(dtype, d):
     _run_prefill(lens, lens, HQ // 4, d, dtype, seed=d)
 
 
-@pytest.mark.parametrize("block_size", [8, 64])
+@pytest.mark.parametrize("block_size", _fast([8, 64], keep=8))
 def test_prefill_block_sizes(block_size):
     lens = [17, 113, 130]
     _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.bfloat16, block_size=block_size)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("group", _fast([1, 4], keep=4))
 def test_chunked_prefill(dtype, group):
     """Queries are the tail of each sequence; earlier chunks' keys are already in the cache."""
     qlens = [q for q, _ in CHUNKED]
@@ -188,18 +196,19 @@ def _run_decode(seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16)
     _check(out, lse, q, k_cache, v_cache, meta, scale)
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", _fast([1, 4, 8], keep=4))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode(group, dtype):
     _run_decode(DECODE_LENS, HQ // group, HEAD_DIMS[0], dtype, seed=group)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 64])
+@pytest.mark.parametrize("num_splits", _fast([1, 3, 64], keep=3))
 def test_decode_forced_splits(num_splits):
     """One split (direct write), a few, and more splits than short sequences have keys for."""
     _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits=num_splits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [HEAD_DIMS[-1], 96])
 def test_decode_head_dims_block_size(d):
     _run_decode([17, 300], HQ // 8, d, torch.float16, block_size=64)

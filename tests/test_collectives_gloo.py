@@ -43,6 +43,7 @@ def _rank_main(rank: int, world_size: int, rendezvous: dict) -> None:
         comm.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_gloo_group(world_size: int) -> None:

@@ -32,6 +32,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_mpiexec_comm_world(world_size: int) -> None:
@@ -88,6 +89,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(110)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_mpi_among_ray_actors(mpi_actors, world_size: int) -> None:

@@ -20,7 +20,11 @@ PREFILL_CHUNK = 64  # so the 150-token prompt takes three chunks
 PROMPT_LENS = (1, 17, 113, 150)
 
 
-@pytest.fixture(scope="module", params=sorted(SHAPES))
+# the fast lane keeps one shape (GQA); every shape runs in the full suite
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(s, marks=() if s == "gqa" else pytest.mark.slow) for s in sorted(SHAPES)],
+)
 def checkpoint(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf = make_hf_llama(d, request.param)
@@ -91,6 +95,7 @@ def test_sdpa_backend_matches_torch_backend(checkpoint):
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="on CPU tensors the Triton kernels run only in the interpreter (GPU: test_gpu_end_to_end)",
 )
+@pytest.mark.slow  # the interpreter on CPU
 def test_triton_backend_matches_transformers(checkpoint):
     """The real Triton kernels end to end (the interpreter on CPU): prefill in chunks, decode."""
     path, hf = checkpoint

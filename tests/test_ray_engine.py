@@ -8,7 +8,7 @@ from cluster import LLM, SamplingParams
 from cluster.executor import ClusterCapacityError, WorkerDiedError
 from scheduler.errors import CapacityError
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _cfg(path, **kw):
