@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from collectives.base import Communicator, Handle
+from collectives.factory import interface_of, local_address_towards, take_listening_socket
 
 TORCH_BACKENDS = ("nccl", "hccl", "gloo")
 DEFAULT_TIMEOUT_S = 300.0
@@ -103,13 +104,21 @@ class TorchDistCommunicator(Communicator):
         # Rank 0 hosts the store; the others connect to it. wait_for_workers makes rank 0's
         # constructor return only once everyone has arrived, so a wrong address fails fast and
         # loudly on every rank instead of hanging in the first collective.
+        master_addr, port = str(rendezvous["master_addr"]), int(rendezvous["master_port"])
+        listen_fd = None
+        if rank == 0:
+            # the socket open_rendezvous bound to master_addr: the store serves on it alone
+            sock = take_listening_socket(port)
+            listen_fd = sock.detach() if sock is not None else None
+        _bind_backend_to(backend, master_addr)
         self._store = dist.TCPStore(
-            host_name=str(rendezvous["master_addr"]),
-            port=int(rendezvous["master_port"]),
+            host_name=master_addr,
+            port=port,
             world_size=world_size,
             is_master=rank == 0,
             timeout=timeout,
             wait_for_workers=True,
+            master_listen_fd=listen_fd,
         )
         dist.init_process_group(
             backend=backend,
@@ -175,6 +184,21 @@ class TorchDistCommunicator(Communicator):
         if dist.is_initialized():
             dist.destroy_process_group()
         self._store = None
+
+
+def _bind_backend_to(backend: str, master_addr: str) -> None:
+    """Make gloo/NCCL listen for their peer connections on the interface that reaches rank 0
+    (loopback when the group is on one host), not on whatever the hostname resolves to.
+    A user's own ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` wins."""
+    var = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}.get(backend)
+    if var is None or os.environ.get(var):
+        return
+    try:
+        name = interface_of(local_address_towards(master_addr))
+    except OSError:
+        name = None
+    if name:
+        os.environ[var] = name
 
 
 def _in_place(tensor: torch.Tensor, collective, async_op: bool) -> Handle | None:

@@ -89,11 +89,13 @@ class Worker:
             "attention": self.backend_name,
         }
 
-    def open_rendezvous(self, backend: str) -> dict:
-        """Rank 0 only: the address (or MPI port) the other ranks join at."""
+    def open_rendezvous(self, backend: str, host: str | None = None) -> dict:
+        """Rank 0 only: the address (or MPI port) the other ranks join at, listening on ``host``
+        (loopback when the group is on one node, else the node's address; never all
+        interfaces)."""
         from collectives.factory import open_rendezvous
 
-        return open_rendezvous(backend, self.world_size)
+        return open_rendezvous(backend, self.world_size, host)
 
     def init_communicator(self, backend: str, rendezvous: dict) -> None:
         from collectives.factory import create_communicator
