@@ -44,8 +44,12 @@ STEP_DEADLINE_FACTOR = 4.0
 # No call gets a deadline shorter than this. Passing it only triggers a health check: a rank that
 # is busy (compiling kernels, a long prefill) still answers and the call goes on.
 STEP_FLOOR_S = 5.0
-# Seconds a rank has to answer a health check (it runs beside the step, on its own thread).
+# Seconds a rank has to answer a health check (it runs beside the step, on its own thread); a
+# rank silent that long is asked once more, for twice as long, before it is named.
 PING_TIMEOUT_S = 3.0
+# Bring-up calls include starting the actor's process (imports, a first CUDA context), which a
+# loaded host stretches to tens of seconds: they are health-checked only after this long.
+BRING_UP_DEADLINE_S = 120.0
 # Seconds to wait for the other ranks once one has failed, so a death is told from its echo.
 SETTLE_S = 5.0
 # Seconds a clean shutdown of the workers may take before they are killed.
@@ -124,6 +128,7 @@ class RayExecutor(_Executor):
         self._ray = ray
         self.broken = False
         self.step_timeout_s = cc.step_timeout_s
+        self._ready = False  # bring-up done
         self._steps = 0
         self._slowest_s = 0.0  # the slowest step after the first (which compiles kernels)
         self.cluster = ensure_ray(cc.ray_address)
@@ -168,6 +173,7 @@ class RayExecutor(_Executor):
                     ).remote(config.worker, model, limits, rank, tp, threads)
                 )
             self._bring_up(tp, self.comm)
+            self._ready = True
         except BaseException:
             self.shutdown()
             raise
@@ -239,7 +245,7 @@ class RayExecutor(_Executor):
             raise WorkerStalledError(
                 f"worker {self._where(silent[0])} stopped answering: the step has run "
                 f"{waited:.1f} s, past its deadline of {deadline_s:.1f} s, and the rank did not "
-                f"answer a health check within {PING_TIMEOUT_S:.0f} s; the group is torn down "
+                f"answer two health checks ({3 * PING_TIMEOUT_S:.0f} s); the group is torn down "
                 "(raise the deadline with step_timeout_s if steps are this slow)"
             )
         log.warning("a step has run %.1f s; every rank answers, still waiting", waited)
@@ -247,18 +253,23 @@ class RayExecutor(_Executor):
     def _silent_ranks(self) -> list[int]:
         """Ranks whose health check (a call beside the running step) gets no answer in time."""
         ray = self._ray
-        pings = [w.ping.remote() for w in self.workers]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
-        answered = set(ready)
-        silent = []
-        for rank, ref in enumerate(pings):
-            if ref not in answered:
-                silent.append(rank)
-                continue
-            try:
-                ray.get(ref)
-            except Exception:  # noqa: BLE001 - a dead actor does not answer either
-                silent.append(rank)
+        ranks = list(range(len(self.workers)))
+        for timeout in (PING_TIMEOUT_S, 2 * PING_TIMEOUT_S):
+            pings = [self.workers[r].ping.remote() for r in ranks]
+            ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout)
+            answered = set(ready)
+            silent = []
+            for rank, ref in zip(ranks, pings):
+                if ref not in answered:
+                    silent.append(rank)
+                    continue
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001 - a dead actor does not answer either
+                    silent.append(rank)
+            if not silent:
+                return []
+            ranks = silent
         return silent
 
     def _where(self, rank: int | None) -> str:
@@ -272,6 +283,8 @@ class RayExecutor(_Executor):
         only triggers the check: a rank that answers is busy, not stalled, and the step goes on."""
         if self.step_timeout_s:
             return float(self.step_timeout_s)
+        if not self._ready:
+            return BRING_UP_DEADLINE_S
         return max(STEP_FLOOR_S, STEP_DEADLINE_FACTOR * self._slowest_s)
 
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:

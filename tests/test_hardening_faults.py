@@ -123,7 +123,7 @@ def test_stalled_rank_is_named_within_seconds(ray_cluster, hf_checkpoint, comm):
         took = time.monotonic() - t0
     finally:
         llm.shutdown()
-    assert took < 20, f"the stall was named after {took:.1f} s"
+    assert took < 30, f"the stall was named after {took:.1f} s"
     left = _gone_within(ours, 30)
     assert not left, f"processes left behind: {left}"
 
