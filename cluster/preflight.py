@@ -143,7 +143,8 @@ def check_prompt(
     if total > max_model_len:
         raise CapacityError(
             f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} = {total} "
-            f"exceeds max_model_len={max_model_len} by {total - max_model_len} tokens; "
+            f"exceeds the model's context limit max_model_len={max_model_len} by "
+            f"{total - max_model_len} tokens; "
             "shorten the prompt, lower --max-new-tokens or raise --max-model-len"
         )
 

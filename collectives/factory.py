@@ -73,15 +73,31 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-# Rank 0's listening socket for each open torch rendezvous, by port: open_rendezvous binds it to
-# the chosen address (never all interfaces) and the TCPStore takes it over, so no other process
-# can grab the port between the two and the store never listens on 0.0.0.0.
-_LISTENING: dict[int, socket.socket] = {}
+# The socket that reserves each open torch rendezvous's port, by port: open_rendezvous binds it
+# to the chosen address (never all interfaces) without listening, and rank 0's TCPStore serves
+# on it (or, when rank 0 is another process, on its own socket bound to the same address: a
+# bound socket that does not listen does not stop that, both having SO_REUSEADDR).
+_RESERVED: dict[int, socket.socket] = {}
 
 
-def take_listening_socket(port: int) -> socket.socket | None:
-    """The socket :func:`open_rendezvous` bound for ``port`` in this process, handed over once."""
-    return _LISTENING.pop(port, None)
+def bind_socket(host: str, port: int = 0) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (SO_REUSEADDR), not yet listening."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """The socket to serve rendezvous ``host:port`` on: the one :func:`open_rendezvous` reserved
+    in this process (handed over once), else a new one bound to the same address."""
+    s = _RESERVED.pop(port, None) or bind_socket(host, port)
+    s.listen(backlog)
+    return s
 
 
 def local_address_towards(addr: str) -> str:
@@ -126,12 +142,9 @@ def open_rendezvous(backend: str, world_size: int = 2, host: str | None = None) 
         from collectives.mpi import mpi_open_rendezvous
 
         return mpi_open_rendezvous(world_size, host)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, 0))
-    s.listen(max(world_size, 16))
+    s = bind_socket(host)
     port = s.getsockname()[1]
-    _LISTENING[port] = s
+    _RESERVED[port] = s
     return {"master_addr": host, "master_port": port}
 
 
@@ -180,5 +193,6 @@ __all__ = [
     "free_port",
     "interface_of",
     "local_address_towards",
-    "take_listening_socket",
+    "bind_socket",
+    "listening_socket",
 ]

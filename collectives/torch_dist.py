@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from collectives.base import Communicator, Handle
-from collectives.factory import interface_of, local_address_towards, take_listening_socket
+from collectives.factory import interface_of, listening_socket, local_address_towards
 
 TORCH_BACKENDS = ("nccl", "hccl", "gloo")
 DEFAULT_TIMEOUT_S = 300.0
@@ -107,9 +107,8 @@ class TorchDistCommunicator(Communicator):
         master_addr, port = str(rendezvous["master_addr"]), int(rendezvous["master_port"])
         listen_fd = None
         if rank == 0:
-            # the socket open_rendezvous bound to master_addr: the store serves on it alone
-            sock = take_listening_socket(port)
-            listen_fd = sock.detach() if sock is not None else None
+            # a socket bound to master_addr alone: the store never listens on all interfaces
+            listen_fd = listening_socket(master_addr, port, max(world_size, 16)).detach()
         _bind_backend_to(backend, master_addr)
         self._store = dist.TCPStore(
             host_name=master_addr,

@@ -3,11 +3,13 @@ right exit code, bounded waits, nothing left running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,3 +180,51 @@ def test_killed_driver_leaves_no_cluster_processes():
             p.kill()
     left = _wait_gone(tree, 30)
     assert not left, [(q, _cmdline(q)[:80]) for q in left]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_attaches_to_a_cluster_started_by_plain_ray_start(tmp_path):
+    """`ray start --head` turns token auth on; attaching sends the token it wrote, with no
+    RAY_AUTH_MODE to export."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    temp_dir = tempfile.mkdtemp(prefix="trh-", dir="/tmp")  # short: Ray's socket paths
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", "--block",
+         # its own temp dir: a cluster under /tmp/ray would be found by every plain ray.init()
+         # on this host, other test runs' included
+         f"--temp-dir={temp_dir}"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # until the GCS answers
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.settimeout(1)
+                s.connect(("127.0.0.1", port))
+                break
+            time.sleep(1)
+        time.sleep(5)  # the raylet registers after the GCS listens
+        r = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "run", "--model", "tiny", "--device", "cpu",
+             "--prompt-token-ids", "1,2,3", "--max-new-tokens", "3", "--json",
+             "--ray-address", f"127.0.0.1:{port}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        tree = _tree(head.pid)
+        head.terminate()  # `ray start --block` stops what it started on SIGTERM
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=60)
+        for pid in _wait_gone(tree, 30):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads(r.stdout)["token_ids"]) == 3
+    assert "Token authentication is enabled" not in r.stderr

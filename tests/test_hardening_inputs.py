@@ -276,7 +276,9 @@ def test_preflight_prompt_checks():
         preflight.check_prompt([], p, cfg, 100)
     with pytest.raises(CapacityError, match=r"token id\(s\) \[64, -1\] are outside"):
         preflight.check_prompt([1, 64, -1], p, cfg, 100)
-    with pytest.raises(CapacityError, match="= 104 exceeds max_model_len=100 by 4"):
+    with pytest.raises(
+        CapacityError, match="= 104 exceeds the model's context limit max_model_len=100 by 4"
+    ):
         preflight.check_prompt([1] * 100, p, cfg, 100)
 
 
@@ -315,3 +317,62 @@ def test_cli_refuses_before_starting_ray(args, expected):
     r = _cli("--prompt", "hello", "--device", "cpu", *args)
     _one_line_error(r, expected)
     assert time.monotonic() - t0 < 30  # no cluster start-up (38 s before)
+
+
+# -- prompts ------------------------------------------------------------------------------------
+
+
+def test_prompt_file_that_is_not_a_regular_file_is_named(tmp_path):
+    from cluster.prompt_file import read_prompt_file
+
+    os.mkfifo(tmp_path / "fifo")
+    cases = [(tmp_path, "is a directory"), (tmp_path / "fifo", "is a FIFO"),
+             (Path("/dev/zero"), "is a device"), (tmp_path / "none", "does not exist")]  # fmt: skip
+    for path, expected in cases:
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=f"prompt_file .* {expected}"):
+            read_prompt_file(path)
+        assert time.monotonic() - t0 < 5
+
+
+def test_prompt_file_over_the_limit_is_refused_before_reading(tmp_path):
+    from cluster.prompt_file import read_prompt_file
+
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: 3 GiB that would take minutes to tokenise
+    with pytest.raises(ConfigError, match="is 3,221,225,472 bytes, over the limit of 67,108,864"):
+        read_prompt_file(big)
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        read_prompt_file(tmp_path / "bad.txt")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt-file", "EMPTY"], "the prompt is empty"),
+        (["--prompt-file", "/dev/null"], "is a device"),
+        (["--prompt-token-ids", "1,2,99999"], "token id(s) [99999] are outside"),
+        (
+            ["--prompt", "hello", "--max-model-len", "8", "--max-new-tokens", "4"],
+            "exceeds the model's context limit max_model_len=8",
+        ),
+    ],
+)
+def test_cli_refuses_bad_prompts_before_starting_ray(tmp_path, args, expected):
+    (tmp_path / "empty.txt").write_text("")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    t0 = time.monotonic()
+    r = _cli("--device", "cpu", "--model", "tiny", *args)
+    _one_line_error(r, expected)
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a host without CUDA")
+def test_cli_cuda_without_cuda_fails_at_once():
+    t0 = time.monotonic()
+    r = _cli("--prompt", "hi", "--model", "tiny", "--device", "cuda")
+    _one_line_error(r, "device='cuda' was asked for but torch sees no CUDA GPU on this host")
+    assert time.monotonic() - t0 < 30  # the autoscaler waited 60 s before

@@ -67,6 +67,7 @@ def test_request_too_large_for_cluster_fails_fast_and_leaves_nothing(ray_cluster
         LLM(executor="ray", **_cfg(path, tp=64, placement_timeout_s=3))
     msg = str(e.value)
     assert "tp=64" in msg and "Fix" in msg and "CPU" in msg
+    assert "--device cpu" not in msg  # it is on cpu already
     # no placement group is left holding resources
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
