@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def test_signal_stops_cleanly_says_what_was_generated_and_leaves_nothing(sig, co
     assert "Traceback" not in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith(f"tilerun: interrupted by {signal.Signals(sig).name}"), err
+    assert "Token authentication is enabled" not in err  # Ray's notice, every run before
     result = json.loads(out)
     assert result["finish_reason"] == "interrupted"
     assert result["token_ids"] == result["token_ids"][: len(result["token_ids"])]
@@ -225,6 +227,10 @@ def test_attaches_to_a_cluster_started_by_plain_ray_start(tmp_path):
         for pid in _wait_gone(tree, 30):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not Path("/tmp/ray/ray_current_cluster").exists() or (
+        f":{port}" not in Path("/tmp/ray/ray_current_cluster").read_text()
+    ), "the test cluster must not become every plain ray.init()'s default"
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads(r.stdout)["token_ids"]) == 3
     assert "Token authentication is enabled" not in r.stderr

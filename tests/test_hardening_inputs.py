@@ -376,3 +376,24 @@ def test_cli_cuda_without_cuda_fails_at_once():
     r = _cli("--prompt", "hi", "--model", "tiny", "--device", "cuda")
     _one_line_error(r, "device='cuda' was asked for but torch sees no CUDA GPU on this host")
     assert time.monotonic() - t0 < 30  # the autoscaler waited 60 s before
+
+
+def test_worker_refuses_before_allocating(tmp_path):
+    """The worker's own check (for workers on hosts the driver cannot see): a config far too
+    large is refused in load_model, naming the device, before any tensor exists."""
+    from runtime.worker import Worker
+    from runtime.worker_config import WorkerConfig
+    from scheduler.config import SchedulerConfig
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({**BASE, "vocab_size": 2**25, "hidden_size": 4096, "num_attention_heads": 32,
+                    "num_key_value_heads": 32})
+    )  # fmt: skip
+    source = resolve_model(str(tmp_path))
+    w = Worker(WorkerConfig(model=str(tmp_path), device="cpu"), source,
+               SchedulerConfig().for_model(source.config.max_position_embeddings))  # fmt: skip
+    w.init_device()
+    t0 = time.monotonic()
+    with pytest.raises(CapacityError, match=r"on cpu of rank 0: .* GiB is available"):
+        w.load_model()
+    assert w.model is None and time.monotonic() - t0 < 2
