@@ -56,7 +56,10 @@ def ensure_ray(
     else:
         # Logical CPUs: at least enough for a small TP group of CPU workers on a 2-core box.
         ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+        # "local": a cluster of our own, even where `ray start` left one for plain ray.init()
+        # calls to find (that one may belong to someone else, or be gone)
         ctx = ray.init(
+            address="local",
             num_cpus=ncpu,
             include_dashboard=dashboard,
             dashboard_host=dashboard_host,

@@ -234,3 +234,21 @@ def test_attaches_to_a_cluster_started_by_plain_ray_start(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads(r.stdout)["token_ids"]) == 3
     assert "Token authentication is enabled" not in r.stderr
+
+
+def test_embedded_cluster_ignores_a_cluster_left_by_ray_start():
+    """Without --ray-address tilerun starts its own cluster, even where the Ray temp dir names a
+    cluster `ray start` left (possibly someone else's, possibly dead)."""
+    tmp = tempfile.mkdtemp(prefix="trh-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+        code = (
+            "from cluster.ray_cluster import ensure_ray, shutdown_ray\n"
+            "print(ensure_ray(num_cpus=1, dashboard=False)['address']); shutdown_ray()"
+        )
+        r = _run([sys.executable, "-c", code], timeout=180, env={"RAY_TMPDIR": tmp})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "127.0.0.1:1" not in r.stdout
