@@ -7,6 +7,7 @@ from collections.abc import Callable
 from cluster.config import EngineConfig
 from cluster.engine import Engine, Progress, RequestOutput
 from runtime.tokenizer import load_tokenizer
+from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams
 
 
@@ -41,6 +42,9 @@ class LLM:
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+        if any(isinstance(p, str) and not p for p in prompts):
+            # a tokenizer turns "" into a lone BOS, and the model would generate from nothing
+            raise CapacityError("the prompt is empty: give at least one character of text")
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         outs = self.engine.generate(ids, params, on_progress)
         for o in outs:

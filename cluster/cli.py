@@ -8,6 +8,7 @@ tilerun run --help   (every engine and sampling field is a flag, derived from th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -15,7 +16,7 @@ import logging
 import sys
 import time
 
-from scheduler.errors import TilerunError
+from scheduler.errors import CapacityError, TilerunError
 from scheduler.fields import field_type, user_fields
 
 
@@ -99,18 +100,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         values[k] = v
         where.pop(k, None)  # a flag's error has no file line
     job = build_job(values, where)
+    ids = _checked_prompt(job)
 
     from cluster.api import LLM
+    from cluster.signals import Interrupted, StopOnSignals
 
     progress = None if (args.quiet or args.json) else _progress_printer()
     t0 = time.perf_counter()
-    llm = LLM(**job.engine.to_dict())
-    try:
-        prompt = list(job.prompt_token_ids) if job.prompt_token_ids else job.prompt
-        out = llm.generate(prompt, job.sampling, on_progress=progress)[0]
-        devices = llm.engine.device_infos
-    finally:
-        llm.shutdown()
+    llm = None
+    with StopOnSignals() as stop:
+        try:
+            llm = LLM(**job.engine.to_dict())
+            stop.install()  # again: ray.init put its own SIGTERM handler in place
+            out = llm.generate(ids, job.sampling, on_progress=progress)[0]
+            devices = llm.engine.device_infos
+        except Interrupted as e:
+            return _interrupted(e, llm, args.json, t0)
+        except TilerunError as e:
+            # say it first: shutting down may wait on a rank stuck in a collective
+            _error(e)
+            if llm is not None:
+                _shutdown_quietly(llm)
+            return 2
+        except BaseException:
+            if llm is not None:
+                _shutdown_quietly(llm)
+            raise
+        with contextlib.suppress(Interrupted):  # it was shutting down anyway
+            llm.shutdown()
     m = dict(out.metrics)
     result = {
         "token_ids": out.token_ids,
@@ -125,6 +142,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_summary(result)
     return 0
+
+
+def _checked_prompt(job) -> list[int]:
+    """The prompt's token ids, checked against the model (vocabulary, context, memory for this
+    request) before anything starts: no cluster, no weights."""
+    from cluster import preflight
+    from runtime.loader import resolve_model
+    from runtime.tokenizer import load_tokenizer
+
+    w = job.engine.worker
+    model = resolve_model(w.model, seed=w.weights_seed)
+    limits = job.engine.scheduler.for_model(model.config.max_position_embeddings)
+    if job.prompt_token_ids:
+        ids = list(job.prompt_token_ids)
+    else:
+        if not job.prompt:
+            raise CapacityError("the prompt is empty: give at least one character of text")
+        ids = load_tokenizer(model.checkpoint).encode(job.prompt)
+    preflight.check_prompt(ids, job.sampling, model.config, limits.max_model_len)
+    need = len(ids) + job.sampling.max_new_tokens
+    preflight.check_engine(job.engine, model.config, limits.max_model_len, kv_tokens=need)
+    return ids
+
+
+def _error(e: BaseException) -> None:
+    print(f"tilerun: error: {e}", file=sys.stderr, flush=True)
+
+
+def _shutdown_quietly(llm) -> None:
+    with contextlib.suppress(BaseException):
+        llm.shutdown()
+
+
+def _interrupted(e, llm, as_json: bool, t0: float) -> int:
+    """One line, what was generated so far (with --json), the workers stopped."""
+    partial = getattr(e, "partial", None) or []
+    tokens = partial[0].token_ids if partial else []
+    if llm is not None:
+        _shutdown_quietly(llm)
+    if as_json:
+        text = None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                text = llm.tokenizer.decode(tokens)
+        out = {"token_ids": tokens, "text": text, "finish_reason": "interrupted",
+               "interrupted_by": e.name, "wall_s": time.perf_counter() - t0}  # fmt: skip
+        print(json.dumps(out), flush=True)
+    print(
+        f"tilerun: interrupted by {e.name} after {len(tokens)} generated token(s); "
+        "the workers are stopped",
+        file=sys.stderr,
+        flush=True,
+    )
+    return e.exit_code
 
 
 def _progress_printer():

@@ -43,6 +43,12 @@ class ClusterConfig:
     placement_timeout_s: float = option(
         60.0, help="seconds to wait for the cluster to place all workers", positive=True
     )
+    step_timeout_s: float | None = option(
+        None,
+        help="seconds a call to the workers may run before they are health-checked and a rank "
+        "that does not answer is named as stalled (default: 4 x the slowest step, at least 5 s)",
+        positive=True,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

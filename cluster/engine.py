@@ -6,10 +6,12 @@ One loop: ``schedule()`` -> ``executor.execute(batch)`` (one RPC per worker per 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cluster import preflight
 from cluster.config import EngineConfig
 from runtime.loader import resolve_model
 from scheduler.errors import CapacityError
@@ -45,6 +47,8 @@ class Engine:
         self.model_config, self.checkpoint = self.model.config, self.model.checkpoint
         limits = config.scheduler.for_model(self.model_config.max_position_embeddings)
         self.max_model_len = limits.max_model_len
+        # everything checkable without a cluster or weights fails here, before Ray starts
+        preflight.check_engine(config, self.model_config, self.max_model_len)
         if config.cluster.executor == "local":
             from cluster.executor import LocalExecutor
 
@@ -119,7 +123,13 @@ class Engine:
                             batch.num_tokens,
                         )
                     )
-        except BaseException:
+        except BaseException as e:
+            # what was generated so far travels with the error (an interrupted run reports it)
+            with contextlib.suppress(AttributeError):
+                e.partial = [  # type: ignore[attr-defined]
+                    RequestOutput(s.seq_id, s.prompt_ids, list(s.output_ids), "interrupted")
+                    for s in seqs
+                ]
             self.scheduler.abort_all()
             raise
         peak = max(m["peak_bytes"] for m in self.executor.memory_stats())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 from cluster.config import EngineConfig
@@ -26,8 +27,33 @@ class WorkerDiedError(TilerunError, RuntimeError):
     """A worker actor died; the message names its rank and device."""
 
 
+class WorkerStalledError(TilerunError, RuntimeError):
+    """A worker stopped answering within its step deadline; the message names its rank."""
+
+
+class WorkerFailedError(TilerunError, RuntimeError):
+    """A worker raised an unexpected error; the message names its rank and the error."""
+
+
 class ClusterCapacityError(TilerunError, RuntimeError):
     """The cluster cannot place the requested workers."""
+
+
+# A call may take this many times the slowest step so far before the ranks are health-checked.
+STEP_DEADLINE_FACTOR = 4.0
+# No call gets a deadline shorter than this. Passing it only triggers a health check: a rank that
+# is busy (compiling kernels, a long prefill) still answers and the call goes on.
+STEP_FLOOR_S = 5.0
+# Seconds a rank has to answer a health check (it runs beside the step, on its own thread); a
+# rank silent that long is asked once more, for twice as long, before it is named.
+PING_TIMEOUT_S = 3.0
+# Bring-up calls include starting the actor's process (imports, a first CUDA context), which a
+# loaded host stretches to tens of seconds: they are health-checked only after this long.
+BRING_UP_DEADLINE_S = 120.0
+# Seconds to wait for the other ranks once one has failed, so a death is told from its echo.
+SETTLE_S = 5.0
+# Seconds a clean shutdown of the workers may take before they are killed.
+SHUTDOWN_S = 5.0
 
 
 def comm_backend(comm: str, device_type: str) -> str:
@@ -40,6 +66,8 @@ class _Executor:
 
     device_infos: list[dict]
     num_blocks: int
+    # where rank 0 listens for the group: loopback, or the address Ray uses for its node
+    rendezvous_host: str = "127.0.0.1"
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every worker, in rank order; their results."""
@@ -48,7 +76,7 @@ class _Executor:
     def _bring_up(self, tp: int, comm: str) -> None:
         self.device_infos = self._all("init_device")
         if tp > 1:
-            rdv = self._rank0("open_rendezvous", comm)
+            rdv = self._rank0("open_rendezvous", comm, self.rendezvous_host)
             self._all("init_communicator", comm, rdv)
         self._all("load_model")
         self.num_blocks = min(self._all("kv_cache_capacity"))
@@ -101,6 +129,11 @@ class RayExecutor(_Executor):
         cc = config.cluster
         tp = cc.tp
         self._ray = ray
+        self.broken = False
+        self.step_timeout_s = cc.step_timeout_s
+        self._ready = False  # bring-up done
+        self._steps = 0
+        self._slowest_s = 0.0  # the slowest step after the first (which compiles kernels)
         self.cluster = ensure_ray(cc.ray_address)
         device_type = _device_type(config.worker.device)
         bundle, actor_opts = _bundle_for(device_type)
@@ -115,18 +148,21 @@ class RayExecutor(_Executor):
             raise ClusterCapacityError(
                 f"asked for {tp} worker(s) with {bundle} each (tp={tp} on "
                 f"{device_type}); the cluster has {have}; waited {cc.placement_timeout_s:.0f}s. "
-                f"Fix: lower --tp to what the cluster holds, add nodes, or use --device cpu"
+                "Fix: lower --tp to what the cluster holds or add nodes"
+                + (", or use --device cpu" if device_type != "cpu" else "")
             ) from None
         self.comm = comm_backend(cc.comm, device_type)
+        order = _bundles_by_node(self.pg)
+        self.rendezvous_host = _rendezvous_host(ray, self.pg, order[0])
         runtime_env = None
         if self.comm == "mpi" and tp > 1:
-            from cluster.mpi_env import mpi_runtime_env
+            from cluster.mpi_env import mpi_bind_env, mpi_runtime_env
 
-            runtime_env = mpi_runtime_env()
+            runtime_env = mpi_runtime_env(mpi_bind_env(self.rendezvous_host))
         threads = max(1, int((os.cpu_count() or 1) / tp)) if device_type == "cpu" else None
         self.workers = []
         try:
-            for rank, bundle_index in enumerate(_bundles_by_node(self.pg)):
+            for rank, bundle_index in enumerate(order):
                 opts = dict(actor_opts)
                 if runtime_env:
                     opts["runtime_env"] = runtime_env
@@ -140,6 +176,7 @@ class RayExecutor(_Executor):
                     ).remote(config.worker, model, limits, rank, tp, threads)
                 )
             self._bring_up(tp, self.comm)
+            self._ready = True
         except BaseException:
             self.shutdown()
             raise
@@ -154,43 +191,165 @@ class RayExecutor(_Executor):
     def _all(self, method: str, *args: Any) -> list[Any]:
         return self._get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def _get(self, refs: list) -> list[Any]:
+    def _get(self, refs: list, deadline_s: float | None = None) -> list[Any]:
+        """Results of one call per rank, taken as they come. A dead rank is named at once; a
+        rank that fails makes the others settle briefly so that a death is told from its echo
+        (a survivor's "connection reset"); past ``deadline_s`` every rank is health-checked and
+        one that does not answer is named as stalled (every call has a deadline: bring-up,
+        steps, memory queries)."""
         ray = self._ray
-        try:
-            # Take results as they come, so a dead worker is reported at once even while the
-            # other ranks still wait for it inside a collective.
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+        if deadline_s is None:
+            deadline_s = self.step_deadline()
+        pending = list(refs)
+        start = time.monotonic()
+        while pending:
+            wait = None
+            if deadline_s is not None:
+                wait = max(start + deadline_s - time.monotonic(), 0.0)
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait)
+            if not done:
+                self._check_health(refs, time.monotonic() - start, deadline_s)
+                start = time.monotonic()  # everyone answered: a slow step, not a stall
+                continue
+            try:
                 ray.get(done[0])
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as e:
-            rank = _dead_rank(ray, refs)
-            where = (
-                f"rank {rank} on {self.device_names[rank]}"
-                if rank is not None and rank < len(self.device_names)
-                else f"rank {rank}"
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                self.broken = True
+                raise self._explain(refs, e) from None
+        return ray.get(refs)
+
+    def _explain(self, refs: list, first: Exception) -> Exception:
+        """One error for a failed step: the rank whose actor died wins over survivors' errors."""
+        ray = self._ray
+        ray.wait(list(refs), num_returns=len(refs), timeout=SETTLE_S)
+        rank = _dead_rank(ray, refs)
+        if rank is not None:
+            return WorkerDiedError(f"worker {self._where(rank)} died")
+        stalled = self._silent_ranks()
+        if stalled:
+            return WorkerStalledError(
+                f"worker {self._where(stalled[0])} stopped answering while the others failed "
+                f"({_one_line(first)})"
             )
-            raise WorkerDiedError(f"worker {where} died: {e}") from None
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause if hasattr(e, "cause") else e
-            if isinstance(cause, TilerunError):
-                raise cause from None
-            raise
+        cause = getattr(first, "cause", None)
+        if isinstance(cause, TilerunError):
+            return cause
+        failed = next((r for r, ref in enumerate(refs) if _failed(ray, ref)), None)
+        return WorkerFailedError(f"worker {self._where(failed)} failed: {_one_line(first)}")
+
+    def _check_health(self, refs: list, waited: float, deadline_s: float | None) -> None:
+        silent = self._silent_ranks()
+        rank = _dead_rank(self._ray, refs)
+        if rank is not None:
+            self.broken = True
+            raise WorkerDiedError(f"worker {self._where(rank)} died")
+        if silent:
+            self.broken = True
+            raise WorkerStalledError(
+                f"worker {self._where(silent[0])} stopped answering: the step has run "
+                f"{waited:.1f} s, past its deadline of {deadline_s:.1f} s, and the rank did not "
+                f"answer two health checks ({3 * PING_TIMEOUT_S:.0f} s); the group is torn down "
+                "(raise the deadline with step_timeout_s if steps are this slow)"
+            )
+        log.warning("a step has run %.1f s; every rank answers, still waiting", waited)
+
+    def _silent_ranks(self) -> list[int]:
+        """Ranks whose health check (a call beside the running step) gets no answer in time."""
+        ray = self._ray
+        ranks = list(range(len(self.workers)))
+        for timeout in (PING_TIMEOUT_S, 2 * PING_TIMEOUT_S):
+            pings = [self.workers[r].ping.remote() for r in ranks]
+            ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout)
+            answered = set(ready)
+            silent = []
+            for rank, ref in zip(ranks, pings):
+                if ref not in answered:
+                    silent.append(rank)
+                    continue
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001 - a dead actor does not answer either
+                    silent.append(rank)
+            if not silent:
+                return []
+            ranks = silent
+        return silent
+
+    def _where(self, rank: int | None) -> str:
+        if rank is not None and rank < len(self.device_names):
+            return f"rank {rank} on {self.device_names[rank]}"
+        return f"rank {rank}"
+
+    def step_deadline(self) -> float:
+        """Seconds a step may run before the ranks are health-checked: a multiple of the slowest
+        step so far, never under the floor; ``step_timeout_s`` sets it outright. Passing it
+        only triggers the check: a rank that answers is busy, not stalled, and the step goes on."""
+        if self.step_timeout_s:
+            return float(self.step_timeout_s)
+        if not self._ready:
+            return BRING_UP_DEADLINE_S
+        return max(STEP_FLOOR_S, STEP_DEADLINE_FACTOR * self._slowest_s)
+
+    def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
+        # one RPC per worker per step; rank 0 returns the sampled tokens
+        t0 = time.monotonic()
+        refs = [w.execute.remote(batch, logits) for w in self.workers]
+        result = self._get(refs, deadline_s=self.step_deadline())[0]
+        if self._steps:
+            self._slowest_s = max(self._slowest_s, time.monotonic() - t0)
+        self._steps += 1
+        return result
 
     def shutdown(self) -> None:
         ray = self._ray
         from ray.util.placement_group import remove_placement_group
 
-        for w in getattr(self, "workers", []):
-            # best effort: the kill below is what frees the actor
+        workers = getattr(self, "workers", [])
+        if workers and not getattr(self, "broken", False):
+            # best effort, all ranks at once and bounded: the kill below is what frees the actor
             with contextlib.suppress(Exception):
-                ray.get(w.shutdown.remote(), timeout=10)
-            ray.kill(w, no_restart=True)
+                ray.wait([w.shutdown.remote() for w in workers], num_returns=len(workers),
+                         timeout=SHUTDOWN_S)  # fmt: skip
+        for w in workers:
+            with contextlib.suppress(Exception):
+                ray.kill(w, no_restart=True)
         self.workers = []
         if getattr(self, "pg", None) is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def _rendezvous_host(ray, pg, first_bundle: int) -> str:
+    """Where rank 0 listens for the group: loopback when every rank is on one node, else the
+    address Ray uses for rank 0's node. Never all interfaces."""
+    from ray.util import placement_group_table
+
+    where = placement_group_table(pg).get("bundles_to_node_id", {})
+    if len(set(where.values())) <= 1:
+        return "127.0.0.1"
+    node = where.get(first_bundle)
+    for n in ray.nodes():
+        if n.get("NodeID") == node:
+            return n["NodeManagerAddress"]
+    raise RuntimeError(f"rank 0's node {node} is not among the cluster's nodes")
+
+
+def _failed(ray, ref) -> bool:
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.GetTimeoutError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    """The last line of an error's own message (Ray wraps the remote traceback around it)."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    last = text[-1] if text else ""
+    return f"{type(cause).__name__}: {last}" if last else type(cause).__name__
 
 
 def _bundles_by_node(pg) -> list[int]:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from cluster.config import EngineConfig
+from cluster.prompt_file import read_prompt_file
 from scheduler.errors import ConfigError
 from scheduler.fields import user_fields
 from scheduler.request import SamplingParams
@@ -62,10 +63,7 @@ def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Jo
         )
     prompt, ids = values.get("prompt"), values.get("prompt_token_ids")
     if values.get("prompt_file") is not None:
-        pf = Path(values["prompt_file"]).expanduser()
-        if not pf.is_file():
-            raise ConfigError(f"{at('prompt_file')}prompt_file {str(pf)!r} does not exist")
-        prompt = pf.read_text(encoding="utf-8")
+        prompt = read_prompt_file(values["prompt_file"], at("prompt_file"))
     if ids is not None:
         if isinstance(ids, str):
             try:

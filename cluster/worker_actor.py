@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
 
@@ -11,7 +13,9 @@ from runtime.worker_config import WorkerConfig
 from scheduler.config import SchedulerConfig
 
 
-@ray.remote(max_restarts=0)
+# The health check runs on its own thread, so a rank busy in a step (or blocked in a collective
+# waiting for a stalled peer) still answers it; a stopped or hung process does not.
+@ray.remote(max_restarts=0, concurrency_groups={"health": 1})
 class WorkerActor(Worker):
     def __init__(
         self,
@@ -27,5 +31,11 @@ class WorkerActor(Worker):
             torch.set_num_threads(threads)
         super().__init__(config, model, limits, rank, world_size)
 
+    @ray.method(concurrency_group="health")
     def ping(self) -> int:
         return self.rank
+
+    @ray.method(concurrency_group="health")
+    def pid(self) -> int:
+        """This worker's process id (tests use it to stop or kill one rank)."""
+        return os.getpid()

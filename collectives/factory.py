@@ -38,12 +38,16 @@ def default_backend(device_type: str) -> str:
     return defaults[device_type]
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def host_address() -> str:
     """An address of this host that the other hosts can reach.
 
     ``TILERUN_MASTER_ADDR`` overrides. Otherwise the address of the interface that routes outward
     (a UDP connect sends no packet), else what the hostname resolves to, else loopback (fine when
-    every rank is on this host).
+    every rank is on this host). The cluster layer passes the address Ray uses for the node
+    instead, or loopback when every rank is local; this is the fallback for callers without Ray.
     """
     forced = os.environ.get("TILERUN_MASTER_ADDR")
     if forced:
@@ -59,29 +63,89 @@ def host_address() -> str:
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        return LOOPBACK
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it; the store binds it soon after)."""
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port on ``host`` that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def open_rendezvous(backend: str, world_size: int = 2) -> dict:
+# The socket that reserves each open torch rendezvous's port, by port: open_rendezvous binds it
+# to the chosen address (never all interfaces) without listening, and rank 0's TCPStore serves
+# on it (or, when rank 0 is another process, on its own socket bound to the same address: a
+# bound socket that does not listen does not stop that, both having SO_REUSEADDR).
+_RESERVED: dict[int, socket.socket] = {}
+
+
+def bind_socket(host: str, port: int = 0) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (SO_REUSEADDR), not yet listening."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """The socket to serve rendezvous ``host:port`` on: the one :func:`open_rendezvous` reserved
+    in this process (handed over once), else a new one bound to the same address."""
+    s = _RESERVED.pop(port, None) or bind_socket(host, port)
+    s.listen(backlog)
+    return s
+
+
+def local_address_towards(addr: str) -> str:
+    """This host's address on the route to ``addr`` (loopback for loopback)."""
+    if addr.startswith("127.") or addr == "localhost":
+        return LOOPBACK
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((addr, 1))
+        return s.getsockname()[0]
+
+
+def interface_of(addr: str) -> str | None:
+    """The name of the network interface holding IPv4 ``addr`` (Linux), or None."""
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == addr:
+                return name
+    return None
+
+
+def open_rendezvous(backend: str, world_size: int = 2, host: str | None = None) -> dict:
     """Where the ranks of a new group meet; call on rank 0's process. Never blocks.
 
-    torch.distributed backends: ``{"master_addr": <this host>, "master_port": <free port>}``.
+    ``host``: the address to listen on, the one Ray uses for this node, or loopback when every
+    rank is on this host (default: :func:`host_address`). Nothing listens on all interfaces.
+
+    torch.distributed backends: ``{"master_addr": host, "master_port": <port bound on host>}``.
     mpi: ``{"mode": "port", "port_names": [<MPI port per joining rank>]}`` (open until rank 0's
     communicator has formed the group).
     """
     _check_backend(backend)
+    host = host or host_address()
     if backend == "mpi":
         from collectives.mpi import mpi_open_rendezvous
 
-        return mpi_open_rendezvous(world_size)
-    return {"master_addr": host_address(), "master_port": free_port()}
+        return mpi_open_rendezvous(world_size, host)
+    s = bind_socket(host)
+    port = s.getsockname()[1]
+    _RESERVED[port] = s
+    return {"master_addr": host, "master_port": port}
 
 
 def create_communicator(
@@ -122,4 +186,8 @@ __all__ = [
     "create_communicator",
     "host_address",
     "free_port",
+    "interface_of",
+    "local_address_towards",
+    "bind_socket",
+    "listening_socket",
 ]

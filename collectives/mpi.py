@@ -85,7 +85,7 @@ def mpi_cuda_aware() -> bool:
     return False
 
 
-def mpi_open_rendezvous(world_size: int) -> dict:
+def mpi_open_rendezvous(world_size: int, host: str | None = None) -> dict:
     """Open one MPI port per joining rank on rank 0's process; returns at once with the dict to
     hand every rank.
 
@@ -93,6 +93,9 @@ def mpi_open_rendezvous(world_size: int) -> dict:
     order, so no two processes ever connect to one port at the same time (concurrent connects
     to a single port crashed MPICH now and then) and the join order is the rank order. The
     ports are closed by rank 0's :class:`MpiCommunicator` once the group is complete.
+
+    ``host`` is not used here: where MPI listens is fixed when the process starts (the
+    launcher's environment, see ``cluster.mpi_env.mpi_bind_env``).
     """
     MPI = _import_mpi()
     return {"mode": "port", "port_names": [MPI.Open_port() for _ in range(world_size - 1)]}

@@ -19,7 +19,12 @@ import torch
 import torch.distributed as dist
 
 from collectives.base import Communicator, Handle
-from collectives.factory import TORCH_BACKENDS
+from collectives.factory import (
+    TORCH_BACKENDS,
+    interface_of,
+    listening_socket,
+    local_address_towards,
+)
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -103,13 +108,20 @@ class TorchDistCommunicator(Communicator):
         # Rank 0 hosts the store; the others connect to it. wait_for_workers makes rank 0's
         # constructor return only once everyone has arrived, so a wrong address fails fast and
         # loudly on every rank instead of hanging in the first collective.
+        master_addr, port = str(rendezvous["master_addr"]), int(rendezvous["master_port"])
+        listen_fd = None
+        if rank == 0:
+            # a socket bound to master_addr alone: the store never listens on all interfaces
+            listen_fd = listening_socket(master_addr, port, max(world_size, 16)).detach()
+        _bind_backend_to(backend, master_addr)
         self._store = dist.TCPStore(
-            host_name=str(rendezvous["master_addr"]),
-            port=int(rendezvous["master_port"]),
+            host_name=master_addr,
+            port=port,
             world_size=world_size,
             is_master=rank == 0,
             timeout=timeout,
             wait_for_workers=True,
+            master_listen_fd=listen_fd,
         )
         dist.init_process_group(
             backend=backend,
@@ -176,6 +188,21 @@ class TorchDistCommunicator(Communicator):
         if dist.is_initialized():
             dist.destroy_process_group()
         self._store = None
+
+
+def _bind_backend_to(backend: str, master_addr: str) -> None:
+    """Make gloo/NCCL listen for their peer connections on the interface that reaches rank 0
+    (loopback when the group is on one host), not on whatever the hostname resolves to.
+    A user's own ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` wins."""
+    var = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}.get(backend)
+    if var is None or os.environ.get(var):
+        return
+    try:
+        name = interface_of(local_address_towards(master_addr))
+    except OSError:
+        name = None
+    if name:
+        os.environ[var] = name
 
 
 def _in_place(tensor: torch.Tensor, collective, async_op: bool) -> Handle | None:

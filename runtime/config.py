@@ -28,6 +28,11 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _number(f"rope_scaling.{name}", getattr(self, name))
+        _positive_int(
+            "rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings
+        )
         if self.rope_type not in _ROPE_TYPES:
             raise ConfigError(
                 f"rope_scaling.rope_type={self.rope_type!r} is not supported; "
@@ -103,6 +108,29 @@ class ModelConfig:
         _positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        _number("rms_norm_eps", self.rms_norm_eps)
+        _number("rope_theta", self.rope_theta)
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(
+                f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}"
+            )
+        if self.bos_token_id is not None and not _is_int(self.bos_token_id):
+            raise ConfigError(
+                f"bos_token_id must be an integer token id or null, got {self.bos_token_id!r}"
+            )
+        eos = self.eos_token_id
+        if not (
+            eos is None
+            or _is_int(eos)
+            or (isinstance(eos, (list, tuple)) and all(_is_int(x) for x in eos))
+        ):
+            raise ConfigError(
+                f"eos_token_id must be an integer token id, a list of them or null, got {eos!r}"
+            )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a mapping, got {self.rope_scaling!r}")
+        if not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"torch_dtype must be a string, got {self.torch_dtype!r}")
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
@@ -135,6 +163,12 @@ class ModelConfig:
         kw = {k: v for k, v in d.items() if k in known}
         # transformers >= 5 moved rope_theta/rope_scaling into rope_parameters
         rope = d.get("rope_scaling") or d.get("rope_parameters")
+        if rope is not None and not isinstance(rope, (dict, RopeScaling)):
+            key = "rope_scaling" if d.get("rope_scaling") is not None else "rope_parameters"
+            raise ConfigError(
+                f"{source}: {key} must be a mapping such as "
+                f'{{"rope_type": "linear", "factor": 2.0}}, got {rope!r}'
+            )
         if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in d:
             kw["rope_theta"] = rope["rope_theta"]
         if not isinstance(kw.get("rope_scaling"), RopeScaling):
@@ -161,6 +195,12 @@ class ModelConfig:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a UTF-8 text file") from None
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"{p}: holds a JSON {type(d).__name__}, expected an object of model fields"
+            )
         arch = d.get("architectures") or []
         mtype = d.get("model_type", "llama")
         if mtype not in ("llama", "mistral", "qwen2") and not any("Llama" in a for a in arch):
@@ -173,3 +213,12 @@ class ModelConfig:
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"{name} must be a number, got {value!r}")

@@ -33,6 +33,11 @@ def resolve_model(name: str, seed: int = 0) -> ModelSource:
         return ModelSource(name, ModelConfig.from_hf(p), p, seed)
     if p.exists() and name not in PRESETS:
         raise ConfigError(f"model={name!r} is a file; give the checkpoint directory that holds it")
+    if name not in PRESETS and ("/" in name or name.startswith((".", "~"))):
+        raise ConfigError(
+            f"model directory {str(p)!r} does not exist; give an existing checkpoint directory "
+            f"or a preset ({', '.join(sorted(PRESETS))})"
+        )
     return ModelSource(name, get_preset(name), None, seed)  # get_preset raises, listing presets
 
 

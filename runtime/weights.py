@@ -7,26 +7,142 @@ slice, and the slice is read lazily from the file, so a rank reads only what it 
 from __future__ import annotations
 
 import json
+import math
+import stat
 import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from runtime.model.llama import LlamaForCausalLM
 from scheduler.errors import CheckpointError
 
+# Parameters are floating point; an integer tensor under a weight's name is a wrong or hostile
+# checkpoint, not something to cast. Keys are safetensors header dtypes.
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_ITEM_BYTES = {**FLOAT_DTYPES, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+               "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+def safe_entry(directory: Path, name: object, what: str) -> Path:
+    """``directory / name`` if it is a regular file inside ``directory`` once links are resolved.
+
+    Checkpoints come from anywhere: an index or a link must not make the loader open
+    ``/etc/passwd``, weights from another directory, or a FIFO that blocks the load forever.
+    """
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{what}: file name {name!r} is not a non-empty string")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(
+            f"{what}: file {name!r} is outside the checkpoint directory {directory} "
+            "(absolute paths and '..' are refused)"
+        )
+    root = directory.resolve()
+    target = (directory / rel).resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointError(
+            f"{what}: file {name!r} links to {target}, outside the checkpoint directory {root}"
+        )
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        raise CheckpointError(f"{what}: file {name!r} does not exist in {directory}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"{what}: {name!r} in {directory} is not a regular file "
+            f"({_file_kind(mode)}); only regular files are read"
+        )
+    return target
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The safetensors header of ``path`` (tensor name -> dtype, shape, offsets), checked against
+    the file's size before any tensor is read; a malformed file is one line naming it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after "
+                "the length field (truncated or not a safetensors file)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    data_bytes = size - 8 - n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = meta["dtype"], [int(x) for x in meta["shape"]]
+            start, stop = (int(x) for x in meta["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has a malformed header entry {meta!r}"
+            ) from None
+        if dtype not in _ITEM_BYTES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        want = _ITEM_BYTES[dtype] * math.prod(shape)
+        if (
+            not 0 <= start <= stop <= data_bytes
+            or stop - start != want
+            or min(shape, default=0) < 0
+        ):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} spans bytes [{start}, {stop}) but the file holds "
+                f"{data_bytes} data bytes and {dtype}{shape} needs {want} (truncated or corrupt)"
+            )
+        out[name] = {"dtype": dtype, "shape": shape}
+    return out
+
 
 def checkpoint_files(directory: str | Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file that holds it."""
+    """Tensor name -> the safetensors file that holds it (every file checked, see safe_entry)."""
     d = Path(directory)
     index = d / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists() or index.is_symlink():
+        safe_entry(d, index.name, "checkpoint index")
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        return {name: d / fname for name, fname in weight_map.items()}
+            data = json.loads(index.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(
+                f"{index}: 'weight_map' must be a mapping of tensor name to file name, got "
+                f"{type(weight_map).__name__}"
+            )
+        checked: dict[str, Path] = {}
+        out = {}
+        for name, fname in weight_map.items():
+            if fname not in checked:
+                checked[fname] = safe_entry(d, fname, f"{index.name} entry {name!r}")
+            out[name] = checked[fname]
+        return out
     files = sorted(d.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
@@ -39,9 +155,9 @@ def checkpoint_files(directory: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"no *.safetensors files in {d}{hint}")
     out: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                out[name] = f
+        path = safe_entry(d, f.name, "checkpoint")
+        for name in read_header(path):
+            out[name] = path
     return out
 
 
@@ -59,18 +175,29 @@ def load_checkpoint(model: LlamaForCausalLM, directory: str | Path) -> None:
     for name in targets:
         by_file.setdefault(where[name], []).append(name)
     for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as h:
-            for name in names:
-                sl = h.get_slice(name)
-                shape = tuple(sl.get_shape())
-                expected = model.full_shape(name)
-                if shape != expected:
-                    raise CheckpointError(
-                        f"tensor {name} in {path.name} has shape {list(shape)}, "
-                        f"expected {list(expected)} from the model config"
-                    )
-                param, part = targets[name]
-                _loader(param)(_slicer(sl, len(shape)), part)
+        header = read_header(path)
+        for name in names:
+            meta = header.get(name)
+            if meta is None:
+                raise CheckpointError(f"tensor {name} is not in {path.name}, which the index names")
+            if meta["dtype"] not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"tensor {name} in {path.name} is {meta['dtype']}; weights must be floating "
+                    f"point ({', '.join(FLOAT_DTYPES)}), integer tensors are not cast"
+                )
+            expected = model.full_shape(name)
+            if tuple(meta["shape"]) != tuple(expected):
+                raise CheckpointError(
+                    f"tensor {name} in {path.name} has shape {meta['shape']}, "
+                    f"expected {list(expected)} from the model config"
+                )
+        try:
+            with safe_open(str(path), framework="pt") as h:
+                for name in names:
+                    param, part = targets[name]
+                    _loader(param)(_slicer(h.get_slice(name), len(header[name]["shape"])), part)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
 
 
 def _loader(param):

@@ -89,11 +89,13 @@ class Worker:
             "attention": self.backend_name,
         }
 
-    def open_rendezvous(self, backend: str) -> dict:
-        """Rank 0 only: the address (or MPI port) the other ranks join at."""
+    def open_rendezvous(self, backend: str, host: str | None = None) -> dict:
+        """Rank 0 only: the address (or MPI port) the other ranks join at, listening on ``host``
+        (loopback when the group is on one node, else the node's address; never all
+        interfaces)."""
         from collectives.factory import open_rendezvous
 
-        return open_rendezvous(backend, self.world_size)
+        return open_rendezvous(backend, self.world_size, host)
 
     def init_communicator(self, backend: str, rendezvous: dict) -> None:
         from collectives.factory import create_communicator
@@ -110,10 +112,33 @@ class Worker:
 
     def load_model(self) -> dict:
         t0 = time.perf_counter()
+        self._check_memory()
         self.model = build_model(self.source, self.parallel, self.dtype, self.device)
         dev.synchronize(self.device)
         n = sum(p.numel() for p in self.model.parameters())
         return {"rank": self.rank, "params_local": n, "seconds": time.perf_counter() - t0}
+
+    def _check_memory(self) -> None:
+        """Refuse, before allocating anything, weights and one step's activations that this
+        device cannot hold, with the figure and the budget. The driver's preflight checks the
+        same on its own host; this check also covers workers on other nodes."""
+        from runtime.memory_estimate import DTYPE_BYTES, available_host_bytes, check_fits, estimate
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        if dtype not in DTYPE_BYTES:
+            return
+        est = estimate(
+            self.model_config,
+            dtype,
+            tp=self.world_size,
+            kv_tokens=self.limits.block_size,
+            prefill_chunk=min(self.limits.prefill_chunk, self.max_model_len),
+            block_size=self.limits.block_size,
+        )
+        free = dev.free_memory_bytes(self.device)
+        if free is None:
+            free = available_host_bytes()
+        check_fits(est, free, f"{self.device} of rank {self.rank}")
 
     def kv_bytes_per_block(self) -> int:
         c = self.model_config

@@ -29,6 +29,8 @@ class SamplingParams:
         check_fields(self)
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 class SeqStatus(enum.Enum):

@@ -13,6 +13,7 @@ import sys
 import time
 
 from cluster import LLM, SamplingParams
+from scheduler.errors import TilerunError
 
 
 def long_document(num_tokens: int) -> list[int]:
@@ -38,6 +39,14 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=1024)
     ap.add_argument("--tp", type=int, default=1)
     args = ap.parse_args()
+    for flag in ("prompt_tokens", "new_tokens", "prefill_chunk", "tp"):
+        if getattr(args, flag) < 1:
+            name = flag.replace("_", "-")
+            print(
+                f"demo: error: --{name} must be at least 1, got {getattr(args, flag)}",
+                file=sys.stderr,
+            )
+            return 2
     if args.prompt_tokens < 8192:
         print("note: a long-context demo uses at least 8192 prompt tokens", file=sys.stderr)
 
@@ -93,4 +102,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TilerunError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -48,14 +48,26 @@ def test_shutdown_frees_actors_and_placement_group(ray_cluster, hf_checkpoint):
         _assert_dead(ray, w)
 
 
-def test_request_too_large_for_cluster_fails_fast_and_leaves_nothing(ray_cluster, hf_checkpoint):
+def test_request_too_large_for_cluster_fails_fast_and_leaves_nothing(ray_cluster, tmp_path):
+    import json
+
     from ray.util import placement_group_table
 
-    path, _ = hf_checkpoint
+    # a model that tp=64 divides (the preflight refuses one it does not), config only: the
+    # placement fails before any weight is read
+    path = tmp_path / "wide"
+    path.mkdir()
+    (path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "llama", "vocab_size": 64, "hidden_size": 128, "intermediate_size": 64,
+             "num_hidden_layers": 1, "num_attention_heads": 64, "num_key_value_heads": 64}
+        )
+    )  # fmt: skip
     with pytest.raises(ClusterCapacityError) as e:
         LLM(executor="ray", **_cfg(path, tp=64, placement_timeout_s=3))
     msg = str(e.value)
     assert "tp=64" in msg and "Fix" in msg and "CPU" in msg
+    assert "--device cpu" not in msg  # it is on cpu already
     # no placement group is left holding resources
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
