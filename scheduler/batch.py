@@ -34,6 +34,9 @@ class ScheduledBatch:
     step: int
     chunks: tuple[SeqChunk, ...]
     finished_seq_ids: tuple[int, ...] = ()  # workers drop per-sequence state for these
+    # Block copies (src_id, dst_id) every worker performs in order, for every layer, before the
+    # step's computation: device->host spills, host->device fetches (SPILL.md).
+    swaps: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
