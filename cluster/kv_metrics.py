@@ -1,9 +1,9 @@
 """KV-tier figures of one ``generate`` call: blocks per tier, bytes moved, exposed movement time.
 
 Workers report per-step figures in ``StepResult`` (SPILL.md): ``bytes_moved`` (swaps and
-staging copies), ``exposed_move_s`` (seconds the step waited on movement), ``mode`` (how
-host-resident blocks were attended: ``stream``, ``cooperate``, or ``none`` when the step read no
-host block). The scheduler adds how many blocks it spilled, fetched, and how often it preempted.
+staging copies), ``movement_exposed_s`` (seconds the step waited on movement), ``spill_mode``
+(how host-resident blocks were attended: ``stream``, ``cooperate``, or ``none`` when the step
+read no host block). The scheduler adds how many blocks it spilled, fetched, and how often it preempted.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class KVMeter:
         """Count one step's ``StepResult`` (figures a runtime does not report count as zero)."""
         self.steps += 1
         self.bytes_moved += int(getattr(result, "bytes_moved", 0) or 0)
-        self.exposed_move_s += float(getattr(result, "exposed_move_s", 0.0) or 0.0)
-        self.modes[getattr(result, "mode", None) or "none"] += 1
+        self.exposed_move_s += float(getattr(result, "movement_exposed_s", 0.0) or 0.0)
+        self.modes[getattr(result, "spill_mode", None) or "none"] += 1
 
     def as_dict(self) -> dict:
         d = {
