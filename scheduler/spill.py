@@ -72,6 +72,7 @@ class SpillScheduler(Scheduler):
         self._lifetime: dict[int, int] = {}
         self._starved: dict[int, int] = {}  # seq_id -> step it first got no device room
         self._paused: set[int] = set()  # seq ids whose blocks were spilled while not scheduled
+        self._on_host: dict[int, int] = {}  # seq_id -> how many of its blocks are host blocks
         self.stats = SpillStats()
 
     # -- admission ---------------------------------------------------------------------------
@@ -176,8 +177,12 @@ class SpillScheduler(Scheduler):
             if seq.seq_id in scheduled:
                 self._paused.discard(seq.seq_id)
 
+        victims: list = []  # device blocks the step does not write, made on the first spill
+
         def spill_one() -> None:
-            seq, idx = self._victim(plans, must)
+            if not victims:
+                victims.append(iter(self._victims(plans, must)))
+            seq, idx = next(victims[0])
             if seq.seq_id not in scheduled and seq.seq_id not in self._paused:
                 self._paused.add(seq.seq_id)
                 self.stats.preemptions += 1
@@ -186,6 +191,7 @@ class SpillScheduler(Scheduler):
             swaps.append((src, dst))
             seq.block_table[idx] = dst
             t.release(src)
+            self._on_host[seq.seq_id] = self._on_host.get(seq.seq_id, 0) + 1
             self.stats.blocks_spilled += 1
 
         def fetch(seq: Sequence, idx: int) -> None:
@@ -194,8 +200,11 @@ class SpillScheduler(Scheduler):
             swaps.append((src, dst))
             seq.block_table[idx] = dst
             t.release(src)
+            self._on_host[seq.seq_id] -= 1
             self.stats.blocks_fetched += 1
 
+        # One spill at a time, only when the device is full: a fetch frees a host block before
+        # the next spill needs one (admission keeps one block free over both tiers).
         # write blocks that sit on the host (a resumed sequence's last, partial block)
         for p in plans:
             table = p.seq.block_table
@@ -214,37 +223,31 @@ class SpillScheduler(Scheduler):
         self._prefetch(plans, fetch)
         return swaps
 
-    def _victim(self, plans: list[_Plan], must: dict[int, range]) -> tuple[Sequence, int]:
-        """The device block to spill next (see the module docstring for the order)."""
+    def _victims(self, plans: list[_Plan], must: dict[int, range]) -> list[tuple[Sequence, int]]:
+        """Device blocks the step may spill, best victim first (order: module docstring).
+
+        One pass over the tables per step; the device budget of ``_plan_chunks`` guarantees
+        the list is long enough for the step's spills.
+        """
         t = self.tiers
         sink, recent = self.config.sink_blocks, self.config.recent_blocks
+        out: list[tuple[Sequence, int]] = []
         # 1. running sequences not in this step, lowest priority (latest in order) first
         for seq in reversed(self._order()):
-            if seq.seq_id in must:
-                continue
-            for idx, b in enumerate(seq.block_table):
-                if t.on_device(b):
-                    return seq, idx
-        best: tuple[int, int, int] | None = None  # (rank, idx, plan index)
+            if seq.seq_id not in must:
+                out.extend((seq, i) for i, b in enumerate(seq.block_table) if t.on_device(b))
+        # 2-4. blocks before the write range of scheduled sequences: middle, recent, sinks
+        ranked: list[tuple[int, int, int]] = []  # (rank, idx, plan index)
         for pi, p in enumerate(plans):
             first = must[p.seq.seq_id].start
-            for idx in range(min(first, len(p.seq.block_table))):
-                if not t.on_device(p.seq.block_table[idx]):
-                    continue
-                if idx < sink:
-                    rank = 3
-                elif idx >= first - recent:
-                    rank = 2
-                else:
-                    rank = 1
-                key = (rank, idx, pi)
-                if best is None or key < best:
-                    best = key
-                if rank < 3:
-                    break  # later blocks of this sequence are newer, never a better victim
-        if best is None:  # the device budget of _plan_chunks makes this unreachable
-            raise RuntimeError("no device block can be spilled; the step's writes exceed D")
-        return plans[best[2]].seq, best[1]
+            table = p.seq.block_table
+            for idx in range(min(first, len(table))):
+                if t.on_device(table[idx]):
+                    rank = 3 if idx < sink else 2 if idx >= first - recent else 1
+                    ranked.append((rank, idx, pi))
+        ranked.sort()
+        out.extend((plans[pi].seq, idx) for _, idx, pi in ranked)
+        return out
 
     def _next_step_blocks(self, plans: list[_Plan]) -> int:
         """Device blocks the next step will allocate, about: kept free instead of prefetching."""
@@ -267,6 +270,8 @@ class SpillScheduler(Scheduler):
             return
         sink = self.config.sink_blocks
         for p in plans:
+            if not self._on_host.get(p.seq.seq_id):
+                continue
             table = p.seq.block_table
             host = [i for i, b in enumerate(table) if not t.on_device(b)]
             host.sort(key=lambda i: (i >= sink, -i))  # sinks, then newest first
@@ -287,6 +292,7 @@ class SpillScheduler(Scheduler):
         self._reserved -= self._lifetime.pop(seq.seq_id, 0)
         self._starved.pop(seq.seq_id, None)
         self._paused.discard(seq.seq_id)
+        self._on_host.pop(seq.seq_id, None)
 
     def abort_all(self) -> None:
         for seq in self.running:

@@ -72,6 +72,8 @@ def check_invariants(sched: Scheduler, batch, d: int, bs: int) -> None:
         free_dev, free_host = sched.tiers.free_ids()
         assert not (seen & (free_dev | free_host)), "a block is both free and in a table"
         assert len(seen) + len(free_dev) + len(free_host) == sched.tiers.num_blocks
+        for seq in sched.running:
+            assert sched._on_host.get(seq.seq_id, 0) == sum(b >= d for b in seq.block_table)
     for c in batch.chunks:
         if isinstance(sched, SpillScheduler):  # the plain scheduler reserves whole lifetimes
             assert len(c.block_table) == -(-c.seq_len // bs)
