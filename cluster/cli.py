@@ -105,6 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = None if (args.quiet or args.json) else _progress_printer()
     t0 = time.perf_counter()
     llm = LLM(**job.engine.to_dict())
+    if progress is not None:
+        print(llm.ready_line, file=sys.stderr)
     try:
         prompt = list(job.prompt_token_ids) if job.prompt_token_ids else job.prompt
         out = llm.generate(prompt, job.sampling, on_progress=progress)[0]
@@ -175,6 +177,15 @@ def _print_summary(r: dict) -> None:
         f"TTFT {m['ttft_s']:.2f} s | decode {rate(m['decode_tokens_per_s'])} tok/s | "
         f"peak memory {_fmt_bytes(m['peak_memory_bytes'])}"
     )
+    kv = m.get("kv")
+    if kv and kv["host_blocks"]:
+        print(
+            f"KV cache: device {kv['device_blocks']} blocks, host {kv['host_blocks']} blocks | "
+            f"moved {_fmt_bytes(kv['bytes_moved'])} ({_fmt_bytes(kv['bytes_moved_per_step'])}"
+            f"/step) | exposed {kv['exposed_move_s']:.2f} s | modes {kv['modes']} | "
+            f"spilled {kv['blocks_spilled']} fetched {kv['blocks_fetched']} blocks, "
+            f"preempted {kv['preemptions']}x"
+        )
 
 
 def _version() -> str:

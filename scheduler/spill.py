@@ -31,9 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scheduler.batch import ScheduledBatch
-from scheduler.errors import CapacityError
+from scheduler.config import SchedulerConfig
+from scheduler.errors import CapacityError, ConfigError
 from scheduler.request import SeqStatus, Sequence
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import Scheduler
 from scheduler.tiers import TierAllocator
 
 
@@ -60,13 +61,28 @@ class _Plan:
 
 
 class SpillScheduler(Scheduler):
-    """The chunked-prefill scheduler with a host tier; ``config.host_blocks`` must be >= 1."""
+    """The chunked-prefill scheduler over a device tier of ``device_blocks`` and a host tier of
+    ``host_blocks`` (>= 1) blocks. ``sink_blocks``: each sequence's first blocks, kept on the
+    device (attention sinks); ``recent_blocks``: its newest blocks before a step's writes, kept
+    on the device while older ones can go."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
-        if config.host_blocks < 1:
-            raise ValueError("SpillScheduler needs host_blocks >= 1; use Scheduler without one")
-        super().__init__(config)
-        self.tiers = TierAllocator(config.num_blocks, config.host_blocks, config.block_size)
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        device_blocks: int,
+        host_blocks: int,
+        sink_blocks: int = 1,
+        recent_blocks: int = 2,
+    ) -> None:
+        if type(host_blocks) is not int or host_blocks < 1:
+            raise ConfigError(
+                f"host_blocks must be >= 1 for the spill scheduler, got {host_blocks!r}"
+            )
+        if min(sink_blocks, recent_blocks) < 0:
+            raise ConfigError("sink_blocks and recent_blocks must be >= 0")
+        super().__init__(config, device_blocks)
+        self.sink_blocks, self.recent_blocks = sink_blocks, recent_blocks
+        self.tiers = TierAllocator(device_blocks, host_blocks, config.block_size)
         self.blocks = self.tiers  # ``update``/``abort_all`` of the base class free through it
         self._reserved = 0  # blocks reserved for the lifetimes of admitted sequences
         self._lifetime: dict[int, int] = {}
@@ -230,7 +246,7 @@ class SpillScheduler(Scheduler):
         the list is long enough for the step's spills.
         """
         t = self.tiers
-        sink, recent = self.config.sink_blocks, self.config.recent_blocks
+        sink, recent = self.sink_blocks, self.recent_blocks
         out: list[tuple[Sequence, int]] = []
         # 1. running sequences not in this step, lowest priority (latest in order) first
         for seq in reversed(self._order()):
@@ -268,7 +284,7 @@ class SpillScheduler(Scheduler):
         spare = t.num_free_device - self._next_step_blocks(plans)
         if spare <= 0:
             return
-        sink = self.config.sink_blocks
+        sink = self.sink_blocks
         for p in plans:
             if not self._on_host.get(p.seq.seq_id):
                 continue

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
+from cluster.config import EngineConfig
 from cluster.engine import Engine
 from runtime import device as devmod
-from runtime.engine_config import EngineConfig
 from scheduler.request import SamplingParams
 
 # -- measured rates ------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def engine_config(args, longest: int) -> EngineConfig:
     kw = dict(
         model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
         prefill_chunk=args.prefill_chunk, max_num_seqs=1, max_model_len=longest,
-        block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
+        block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens, executor="local",
     )  # fmt: skip
     tier_fields = {"kv_host_tokens": args.kv_host_tokens, "spill": args.spill}
     if args.kv_host_dtype is not None:
@@ -107,12 +107,12 @@ def engine_config(args, longest: int) -> EngineConfig:
             kw[name] = value
         elif value not in (None, "auto"):
             raise SystemExit(f"this build of tilerun has no {name} setting; leave it out")
-    return EngineConfig(**kw)
+    return EngineConfig.from_dict(kw)
 
 
 def run_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
     """One prefill + decode; the tier split is read from the block table at each step."""
-    bs = engine.config.block_size
+    bs = engine.config.scheduler.block_size
     D = engine.executor.num_blocks
     split = {"device": 0, "host": 0}
 
@@ -264,7 +264,7 @@ def main() -> int:
 
     longest = max(args.contexts) + args.new_tokens
     t0 = time.perf_counter()
-    engine = Engine(engine_config(args, longest), executor="local")
+    engine = Engine(engine_config(args, longest))
     worker = engine.executor.worker
     info = engine.device_infos[0]
     print(engine.ready_line(time.perf_counter() - t0), flush=True)

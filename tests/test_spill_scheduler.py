@@ -13,12 +13,23 @@ import random
 
 import pytest
 
+from scheduler.config import SchedulerConfig
 from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams, Sequence
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import Scheduler
 from scheduler.spill import SpillScheduler
 
 VOCAB = 97
+
+
+def plain_sched(num_blocks: int, **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(**kw), num_blocks)
+
+
+def spill_sched(num_blocks: int, host_blocks: int, sink_blocks=1, recent_blocks=2, **kw):
+    return SpillScheduler(
+        SchedulerConfig(**kw), num_blocks, host_blocks, sink_blocks, recent_blocks
+    )
 
 
 class FakeWorkers:
@@ -126,30 +137,26 @@ def test_random_placements_never_change_tokens(seed):
     need = max(-(-(len(p) + sp.max_new_tokens) // bs) for _, _, p, sp in work)
     total = sum(-(-(len(p) + sp.max_new_tokens) // bs) for _, _, p, sp in work)
     # plain run: a device pool with room for every lifetime at once
-    plain = Scheduler(
-        SchedulerConfig(
-            num_blocks=total,
-            block_size=bs,
-            prefill_chunk=chunk,
-            max_num_seqs=seats,
-            max_model_len=10**6,
-        )
+    plain = plain_sched(
+        num_blocks=total,
+        block_size=bs,
+        prefill_chunk=chunk,
+        max_num_seqs=seats,
+        max_model_len=10**6,
     )
     ref = run(plain, FakeWorkers(total, 0, bs), work)
     # spill run: a tiny device pool, a host pool with room for at least the largest request
     dev = rng.randint(1, max(1, need // 2))
     host = rng.randint(need, need + total)
-    sched = SpillScheduler(
-        SchedulerConfig(
-            num_blocks=dev,
-            block_size=bs,
-            prefill_chunk=chunk,
-            max_num_seqs=seats,
-            max_model_len=10**6,
-            host_blocks=host,
-            sink_blocks=rng.randint(0, 2),
-            recent_blocks=rng.randint(0, 3),
-        )
+    sched = spill_sched(
+        num_blocks=dev,
+        block_size=bs,
+        prefill_chunk=chunk,
+        max_num_seqs=seats,
+        max_model_len=10**6,
+        host_blocks=host,
+        sink_blocks=rng.randint(0, 2),
+        recent_blocks=rng.randint(0, 3),
     )
     workers = FakeWorkers(dev, host, bs)
     got = run(sched, workers, work)
@@ -166,16 +173,14 @@ def test_random_placements_never_change_tokens(seed):
 
 def test_spill_moves_oldest_middle_blocks_and_keeps_sinks_and_newest():
     bs = 4
-    s = SpillScheduler(
-        SchedulerConfig(
-            num_blocks=4,
-            block_size=bs,
-            prefill_chunk=4,
-            host_blocks=32,
-            sink_blocks=1,
-            recent_blocks=1,
-            max_model_len=1000,
-        )
+    s = spill_sched(
+        num_blocks=4,
+        block_size=bs,
+        prefill_chunk=4,
+        host_blocks=32,
+        sink_blocks=1,
+        recent_blocks=1,
+        max_model_len=1000,
     )
     w = FakeWorkers(4, 32, bs)
     seq = Sequence(0, list(range(40)), SamplingParams(max_new_tokens=2, ignore_eos=True))
@@ -198,15 +203,13 @@ def test_spill_moves_oldest_middle_blocks_and_keeps_sinks_and_newest():
 
 def test_blocks_come_back_when_the_device_has_room():
     bs = 2
-    s = SpillScheduler(
-        SchedulerConfig(
-            num_blocks=12,
-            block_size=bs,
-            prefill_chunk=8,
-            host_blocks=64,
-            max_num_seqs=2,
-            max_model_len=1000,
-        )
+    s = spill_sched(
+        num_blocks=12,
+        block_size=bs,
+        prefill_chunk=8,
+        host_blocks=64,
+        max_num_seqs=2,
+        max_model_len=1000,
     )
     w = FakeWorkers(12, 64, bs)
     long_lived = Sequence(0, list(range(12)), SamplingParams(max_new_tokens=12, ignore_eos=True))
@@ -232,11 +235,9 @@ def test_preempted_task_resumes_with_identical_tokens():
     prompts = [[(7 * i + j) % VOCAB for j in range(5 + 3 * i)] for i in range(3)]
     params = SamplingParams(max_new_tokens=9, ignore_eos=True)
     work = [(0, i, p, params) for i, p in enumerate(prompts)]
-    plain = Scheduler(SchedulerConfig(num_blocks=64, block_size=bs, max_model_len=1000))
+    plain = plain_sched(num_blocks=64, block_size=bs, max_model_len=1000)
     ref = run(plain, FakeWorkers(64, 0, bs), work)
-    s = SpillScheduler(
-        SchedulerConfig(num_blocks=2, block_size=bs, host_blocks=32, max_model_len=1000)
-    )
+    s = spill_sched(num_blocks=2, block_size=bs, host_blocks=32, max_model_len=1000)
     got = run(s, FakeWorkers(2, 32, bs), work)
     assert got == ref
     assert s.stats.preemptions >= 1
@@ -244,10 +245,8 @@ def test_preempted_task_resumes_with_identical_tokens():
 
 def test_new_task_preempts_running_one_when_device_is_full():
     bs = 4
-    s = SpillScheduler(
-        SchedulerConfig(
-            num_blocks=2, block_size=bs, host_blocks=32, max_model_len=1000, prefill_chunk=16
-        )
+    s = spill_sched(
+        num_blocks=2, block_size=bs, host_blocks=32, max_model_len=1000, prefill_chunk=16
     )
     w = FakeWorkers(2, 32, bs)
     old = Sequence(0, list(range(6)), SamplingParams(max_new_tokens=20, ignore_eos=True))
@@ -268,9 +267,7 @@ def test_new_task_preempts_running_one_when_device_is_full():
 
 
 def test_task_larger_than_both_tiers_names_what_fits_and_the_flags():
-    s = SpillScheduler(
-        SchedulerConfig(num_blocks=8, block_size=16, host_blocks=256, max_model_len=10**6)
-    )
+    s = spill_sched(num_blocks=8, block_size=16, host_blocks=256, max_model_len=10**6)
     running = Sequence(0, [1] * 20, SamplingParams(max_new_tokens=4))
     s.add(running)
     with pytest.raises(CapacityError) as e:
@@ -281,17 +278,13 @@ def test_task_larger_than_both_tiers_names_what_fits_and_the_flags():
 
 
 def test_plain_scheduler_message_unchanged():
-    s = Scheduler(SchedulerConfig(num_blocks=8, block_size=16, max_model_len=10**6))
+    s = plain_sched(num_blocks=8, block_size=16, max_model_len=10**6)
     with pytest.raises(CapacityError, match=r"capacity of 128 tokens by 4 tokens; give the cache"):
         s.check_fits(128, SamplingParams(max_new_tokens=4))
 
 
 def test_admission_counts_both_tiers():
-    s = SpillScheduler(
-        SchedulerConfig(
-            num_blocks=2, block_size=4, host_blocks=10, max_model_len=1000, max_num_seqs=8
-        )
-    )
+    s = spill_sched(num_blocks=2, block_size=4, host_blocks=10, max_model_len=1000, max_num_seqs=8)
     for i in range(3):
         s.add(Sequence(i, [1] * 12, SamplingParams(max_new_tokens=4)))  # 4 blocks each
     s.schedule()
