@@ -39,7 +39,8 @@ class _Executor:
     """The bring-up sequence and the per-step calls, whatever runs the workers (``_all``)."""
 
     device_infos: list[dict]
-    num_blocks: int
+    num_blocks: int  # device tier
+    host_blocks: int  # host tier (0: none)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every worker, in rank order; their results."""
@@ -51,8 +52,10 @@ class _Executor:
             rdv = self._rank0("open_rendezvous", comm)
             self._all("init_communicator", comm, rdv)
         self._all("load_model")
-        self.num_blocks = min(self._all("kv_cache_capacity"))
-        self._all("init_kv_cache", self.num_blocks)
+        caps = self._all("kv_cache_capacity")
+        self.num_blocks = min(c["device_blocks"] for c in caps)
+        self.host_blocks = min(c["host_blocks"] for c in caps)
+        self._all("init_kv_cache", self.num_blocks, self.host_blocks)
         self._all("warm_up")
 
     def _rank0(self, method: str, *args: Any) -> Any:
