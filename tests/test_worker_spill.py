@@ -10,8 +10,8 @@ import torch
 from runtime.loader import resolve_model
 from runtime.worker import Worker
 from runtime.worker_config import WorkerConfig
-from scheduler.config import SchedulerConfig
 from scheduler.batch import ScheduledBatch, SeqChunk
+from scheduler.config import SchedulerConfig
 from scheduler.request import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=8)
