@@ -55,7 +55,7 @@ class Engine:
             from cluster.executor import RayExecutor
 
             self.executor = RayExecutor(config, self.model, limits)
-        self.num_host_blocks = getattr(self.executor, "num_host_blocks", 0)
+        self.num_host_blocks = self.executor.num_host_blocks
         if self.num_host_blocks:
             self.scheduler = SpillScheduler(limits, self.executor.num_blocks, self.num_host_blocks)
         else:  # no host tier: the plain scheduler, whole lifetimes reserved on the device

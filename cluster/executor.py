@@ -35,29 +35,12 @@ def comm_backend(comm: str, device_type: str) -> str:
     return comm if comm != "auto" else default_backend(device_type)
 
 
-def kv_tiers(capacities: list) -> tuple[int, int]:
-    """Device and host blocks every rank can hold: the minimum over ranks of each tier.
-
-    A rank answers ``{"device_blocks": D, "host_blocks": H}`` (SPILL.md); a bare block count is
-    a device-only cache.
-    """
-    dev, host = [], []
-    for c in capacities:
-        if isinstance(c, dict):
-            dev.append(int(c["device_blocks"]))
-            host.append(int(c.get("host_blocks", 0)))
-        else:
-            dev.append(int(c))
-            host.append(0)
-    return min(dev), min(host)
-
-
 class _Executor:
     """The bring-up sequence and the per-step calls, whatever runs the workers (``_all``)."""
 
     device_infos: list[dict]
-    num_blocks: int  # device tier, blocks on every rank
-    num_host_blocks: int = 0  # host tier, blocks on every rank
+    num_blocks: int  # device tier
+    num_host_blocks: int  # host tier (0: none)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every worker, in rank order; their results."""
@@ -70,11 +53,9 @@ class _Executor:
             self._all("init_communicator", comm, rdv)
         self._all("load_model")
         caps = self._all("kv_cache_capacity")
-        self.num_blocks, self.num_host_blocks = kv_tiers(caps)
-        if isinstance(caps[0], dict):  # a runtime with tiers takes both sizes
-            self._all("init_kv_cache", self.num_blocks, self.num_host_blocks)
-        else:
-            self._all("init_kv_cache", self.num_blocks)
+        self.num_blocks = min(c["device_blocks"] for c in caps)
+        self.num_host_blocks = min(c["host_blocks"] for c in caps)
+        self._all("init_kv_cache", self.num_blocks, self.num_host_blocks)
         self._all("warm_up")
 
     def _rank0(self, method: str, *args: Any) -> Any:

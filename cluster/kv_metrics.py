@@ -29,11 +29,11 @@ class KVMeter:
             self._stats_at_start = dict(vars(self.scheduler_stats))
 
     def add(self, result) -> None:
-        """Count one step's ``StepResult`` (figures a runtime does not report count as zero)."""
+        """Count one step's ``StepResult``."""
         self.steps += 1
-        self.bytes_moved += int(getattr(result, "bytes_moved", 0) or 0)
-        self.exposed_move_s += float(getattr(result, "movement_exposed_s", 0.0) or 0.0)
-        self.modes[getattr(result, "spill_mode", None) or "none"] += 1
+        self.bytes_moved += result.bytes_moved
+        self.exposed_move_s += result.movement_exposed_s
+        self.modes[result.spill_mode] += 1
 
     def as_dict(self) -> dict:
         d = {

@@ -10,9 +10,6 @@ from runtime.device import DTYPES
 from scheduler.errors import ConfigError
 from scheduler.fields import check_fields, option
 
-SPILL_MODES = ("auto", "stream", "cooperate", "off")
-KV_HOST_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8")
-
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -41,27 +38,27 @@ class WorkerConfig:
     )
     kv_cache_tokens: int | None = option(
         None,
-        help="device-tier KV capacity in tokens (default: max_model_len x max_num_seqs on CPU, "
-        "memory-sized on GPU)",
+        help="device KV capacity in tokens (default: sized from free device memory, or from "
+        "available memory on CPU, with headroom)",
         minimum=1,
     )
     kv_host_tokens: int | None = option(
         None,
-        help="host-tier KV capacity in tokens: blocks spill there when the device tier is full "
-        "(0: no host tier; default: sized from free host memory on an accelerator, none on CPU)",
+        help="host KV capacity in tokens, where blocks spill to (0: none; default: sized from "
+        "available host memory with headroom on accelerators, none on CPU)",
         minimum=0,
     )
     spill: str = option(
         "auto",
-        help="attention over host-resident KV: auto (cost model per step)|stream (copy to the "
-        "device)|cooperate (CPU attends part)|off (no host tier)",
-        choices=SPILL_MODES,
+        help="attention over host-resident KV: auto (a cost model picks per step)|stream "
+        "(copy to the device)|cooperate (the CPU attends over part)|off (no host tier)",
+        choices=("auto", "stream", "cooperate", "off"),
     )
     kv_host_dtype: str = option(
         "auto",
-        help="host-tier KV storage: auto (the model dtype)|bfloat16|float16|float32|fp8 "
-        "(e4m3 with per-block scales)",
-        choices=KV_HOST_DTYPES,
+        help="host KV storage: auto (the KV dtype)|bfloat16|float16|float32|fp8|int8 (8-bit "
+        "with per-block scales)",
+        choices=("auto", "bfloat16", "float16", "float32", "fp8", "int8"),
     )
     gpu_memory_utilization: float = option(
         0.9, help="share of the accelerator's memory the worker may fill", positive=True
@@ -78,7 +75,7 @@ class WorkerConfig:
             )
         if self.spill == "off" and self.kv_host_tokens:
             raise ConfigError(
-                f"spill=off means no host tier, but kv_host_tokens={self.kv_host_tokens}: "
+                f"spill=off leaves no host tier but kv_host_tokens={self.kv_host_tokens}; "
                 "drop one of them"
             )
         try:

@@ -98,15 +98,9 @@ def engine_config(args, longest: int) -> EngineConfig:
         prefill_chunk=args.prefill_chunk, max_num_seqs=1, max_model_len=longest,
         block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens, executor="local",
     )  # fmt: skip
-    tier_fields = {"kv_host_tokens": args.kv_host_tokens, "spill": args.spill}
+    kw.update(kv_host_tokens=args.kv_host_tokens, spill=args.spill)
     if args.kv_host_dtype is not None:
-        tier_fields["kv_host_dtype"] = args.kv_host_dtype
-    have = set(EngineConfig.field_names())
-    for name, value in tier_fields.items():
-        if name in have:
-            kw[name] = value
-        elif value not in (None, "auto"):
-            raise SystemExit(f"this build of tilerun has no {name} setting; leave it out")
+        kw["kv_host_dtype"] = args.kv_host_dtype
     return EngineConfig.from_dict(kw)
 
 
@@ -255,7 +249,7 @@ def main() -> int:
     ap.add_argument("--kv-cache-tokens", type=int, default=None, help="device tier (auto)")
     ap.add_argument("--kv-host-tokens", type=int, default=None, help="host tier (auto)")
     ap.add_argument("--spill", default="auto", help="auto|stream|cooperate|off")
-    ap.add_argument("--kv-host-dtype", default=None, help="auto|bfloat16|float16|float32|fp8")
+    ap.add_argument("--kv-host-dtype", default=None, help="auto|bfloat16|float16|float32|fp8|int8")
     ap.add_argument("--rate-mib", type=int, default=1024, help="buffer size for the rate probes")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--hf-timeout-s", type=float, default=900.0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -35,6 +35,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: flat cache slot (block * block_size + offset) per token
     query_lens_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
+    # a step over host-resident KV blocks (runtime.spill_step.SpillStep): the attention layer
+    # hands its KV write and attention to it; None on all-device steps
+    spill: Any = None
 
     @property
     def num_seqs(self) -> int:
