@@ -26,6 +26,7 @@ Writes ``benchmarks/results/long-context-<model>-<device>.json`` (command, devic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -230,6 +231,18 @@ def run_hf(spec: dict, timeout_s: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def raise_position_limit(model: str, longest: int) -> int | None:
+    """Let a preset's random-weight model take ``longest`` positions in this process (a shape
+    benchmark: trained context limits do not apply to random weights). Returns the new limit."""
+    from runtime.presets import PRESETS
+
+    cfg = PRESETS.get(model)
+    if cfg is None or cfg.max_position_embeddings >= longest:
+        return None
+    PRESETS[model] = dataclasses.replace(cfg, max_position_embeddings=longest)
+    return longest
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -252,16 +265,24 @@ def main() -> int:
     ap.add_argument("--kv-host-dtype", default=None, help="auto|bfloat16|float16|float32|fp8|int8")
     ap.add_argument("--rate-mib", type=int, default=1024, help="buffer size for the rate probes")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
-    ap.add_argument("--hf-timeout-s", type=float, default=900.0)
+    ap.add_argument("--hf-timeout-s", type=float, default=300.0, help="limit per transformers run")
+    ap.add_argument(
+        "--hf-max-context", type=int, default=65536, help="run transformers up to this context"
+    )
+    ap.add_argument(
+        "--hf-new-tokens", type=int, default=8, help="tokens transformers decodes (its ms/token)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     longest = max(args.contexts) + args.new_tokens
+    raised = raise_position_limit(args.model, longest)
     t0 = time.perf_counter()
     engine = Engine(engine_config(args, longest))
     worker = engine.executor.worker
     info = engine.device_infos[0]
-    print(engine.ready_line(time.perf_counter() - t0), flush=True)
+    ready = engine.ready_line(time.perf_counter() - t0)
+    print(ready, flush=True)
     c = engine.model_config
     dtype = worker.dtype
     elem = torch.empty((), dtype=dtype).element_size()
@@ -296,10 +317,10 @@ def main() -> int:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if not args.no_hf:
-        for s in args.contexts:
+        for s in [c for c in args.contexts if c <= args.hf_max_context]:
             for cache in ("default", "offloaded"):
                 spec = {"model": args.model, "device": info["device"], "dtype": args.dtype,
-                        "context": s, "new": args.new_tokens, "cache": cache}  # fmt: skip
+                        "context": s, "new": args.hf_new_tokens, "cache": cache}  # fmt: skip
                 r = run_hf(spec, args.hf_timeout_s)
                 rows.append({"system": f"transformers[{cache}]", "context": s, **r})
                 print(json.dumps(rows[-1]), flush=True)
@@ -324,6 +345,9 @@ def main() -> int:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "model": args.model,
         "new_tokens": args.new_tokens,
+        "hf_new_tokens": args.hf_new_tokens,
+        "max_position_embeddings_raised_to": raised,
+        "ready_line": ready,
         "rates": rates,
         "kv_bytes_per_token": kv_per_token,
         "rows": rows,
