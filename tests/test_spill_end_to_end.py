@@ -2,6 +2,9 @@
 the host, the same greedy tokens and logits as the run with everything on the device, and as
 transformers on the same safetensors weights.
 
+Tests that take more than a few seconds on two cores are marked slow (the fast lane keeps the
+capacity error and the scheduler's own simulated tests in tests/test_spill_scheduler.py).
+
 A device tier of 128 tokens (8 blocks of 16) under prompts of up to 300 tokens: the scheduler
 spills the oldest middle blocks during chunked prefill, every later step attends over host blocks
 (``stream`` or ``cooperate``), and with more tasks than the device holds one is preempted (its
@@ -55,6 +58,20 @@ def reference(ckpt):
     return prompts, outs
 
 
+@pytest.mark.slow
+def test_spilled_logits_match_transformers(ckpt, reference):
+    path, hf = ckpt
+    prompts, _ = reference
+    with _llm(path, **SPILL, spill="auto") as llm:
+        out = _gen(llm, [prompts[1]])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompts[1] + out.token_ids[:-1]])).logits[0].float()
+    assert (out.metrics["logits"] - ref).abs().max().item() < 2e-4
+    assert out.token_ids == hf_greedy(hf, prompts[1], NEW)
+    assert out.metrics["kv"]["blocks_spilled"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stream", "cooperate"])
 def test_spilled_run_equals_all_on_device(ckpt, reference, mode):
     path, _ = ckpt
@@ -81,6 +98,7 @@ def test_spilled_run_equals_all_on_device(ckpt, reference, mode):
         assert first["bytes_moved_per_step"] == first["bytes_moved"] / first["steps"]
 
 
+@pytest.mark.slow
 def test_batched_requests_with_spill_equal_each_alone(ckpt, reference):
     path, _ = ckpt
     prompts, ref = reference
@@ -89,6 +107,7 @@ def test_batched_requests_with_spill_equal_each_alone(ckpt, reference):
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
 
 
+@pytest.mark.slow
 def test_preempted_request_resumes_with_identical_tokens(ckpt):
     """Six decoding tasks, eight device blocks of which each task's last block must be one:
     tasks are paused (their blocks to the host) and resumed, tokens as if alone."""
@@ -125,3 +144,40 @@ def test_tp2_with_spill_matches_tp1_all_on_device(ray_cluster, ckpt, reference, 
     assert out.token_ids == ref[0].token_ids
     assert (out.metrics["logits"] - ref[0].metrics["logits"]).abs().max().item() < LOGIT_ATOL
     assert out.metrics["kv"]["blocks_spilled"] > 0
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cluster.cli", "run", "--executor", "local", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_spill_flags_same_tokens_json_metrics_and_ready_line(ckpt):
+    import json
+
+    path, hf = ckpt
+    ids = ",".join(map(str, _prompt(200, hf.config.vocab_size, seed=3)))
+    base = ("--model", str(path), "--device", "cpu", "--dtype", "float32",
+            "--prompt-token-ids", ids, "--max-new-tokens", "8", "--prefill-chunk", "64")  # fmt: skip
+    plain = _cli(*base, "--spill", "off", "--json")
+    spilled = _cli(*base, "--block-size", "16", "--kv-cache-tokens", "128",
+                   "--kv-host-tokens", "4096", "--spill", "cooperate", "--json")  # fmt: skip
+    assert plain.returncode == 0 and spilled.returncode == 0, plain.stderr + spilled.stderr
+    p, s = json.loads(plain.stdout), json.loads(spilled.stdout)
+    assert s["token_ids"] == p["token_ids"]
+    kv = s["metrics"]["kv"]
+    assert (kv["device_blocks"], kv["host_blocks"]) == (8, 256)
+    assert kv["blocks_spilled"] > 0 and kv["bytes_moved"] > 0 and kv["exposed_move_s"] >= 0
+    assert p["metrics"]["kv"]["host_blocks"] == 0 and p["metrics"]["kv"]["bytes_moved"] == 0
+    text = _cli(*base, "--block-size", "16", "--kv-cache-tokens", "128",
+                "--kv-host-tokens", "4096")  # fmt: skip
+    assert text.returncode == 0, text.stderr
+    assert "KV cache: device 8 blocks, host 256 blocks" in text.stderr
+    assert "KV cache: device 8 blocks, host 256 blocks" in text.stdout  # the summary line
+    too_big = _cli(*base, "--kv-cache-tokens", "64", "--kv-host-tokens", "64")
+    assert too_big.returncode == 2
+    assert "tokens fit" in too_big.stderr and "--kv-host-tokens" in too_big.stderr
+    assert "Traceback" not in too_big.stderr
