@@ -181,3 +181,28 @@ def test_cli_spill_flags_same_tokens_json_metrics_and_ready_line(ckpt):
     assert too_big.returncode == 2
     assert "tokens fit" in too_big.stderr and "--kv-host-tokens" in too_big.stderr
     assert "Traceback" not in too_big.stderr
+
+
+@pytest.mark.slow
+def test_seeded_random_placements_never_change_tokens(ckpt, reference):
+    """Real worker, the scheduler's placement knobs drawn at random: the same tokens."""
+    import random
+
+    from scheduler.spill import SpillScheduler
+
+    path, _ = ckpt
+    prompts, ref = reference
+    with _llm(path, **SPILL, spill="auto") as llm:
+        eng = llm.engine
+        for seed in range(3):
+            rng = random.Random(seed)
+            eng.scheduler = SpillScheduler(
+                eng.scheduler.config,
+                rng.randint(4, 8),  # a device tier smaller than the workers' is still valid
+                eng.num_host_blocks,
+                sink_blocks=rng.randint(0, 3),
+                recent_blocks=rng.randint(0, 4),
+            )
+            order = rng.sample(range(len(prompts)), len(prompts))
+            outs = _gen(llm, [prompts[i] for i in order], logits="none")
+            assert [o.token_ids for o in outs] == [ref[i].token_ids for i in order], seed
