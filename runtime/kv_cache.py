@@ -110,7 +110,7 @@ class KVCache:
                 self.host_storage,
                 pin=device.type == "cuda",
                 scaled=self.quant is not None,
-                background=pin_in_background,
+                background=pin_in_background and device.type == "cuda",
             )
         host_elem = torch.empty((), dtype=self.host_storage).element_size()
         per = block_size * num_kv_heads * head_dim
@@ -267,9 +267,14 @@ class KVCache:
                 parts[kind].append(x.reshape(-1, *x.shape[2:]))
         return parts
 
-    def wait_host_ready(self, timeout: float | None = None) -> bool:
-        """Whether the host tier is fully allocated (pinned) after waiting up to ``timeout``."""
-        return self.host.wait_allocated(timeout) if self.host else True
+    def wait_host_ready(self, timeout: float | None = None, *, everything: bool = False) -> bool:
+        """Wait up to ``timeout`` for the host tier's background pinning (of the chunks ahead of
+        use, or of ``everything``); whether it is done."""
+        if self.host is None:
+            return True
+        if everything:
+            self.host.pin_all()
+        return self.host.wait_allocated(timeout)
 
     def close(self) -> None:
         if self.host is not None:

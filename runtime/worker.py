@@ -324,6 +324,9 @@ class Worker:
             "peak_bytes": dev.peak_memory_bytes(self.device),
             "kv_cache_bytes": self.kv.nbytes if self.kv else 0,
             "kv_host_bytes": self.kv.host_nbytes if self.kv else 0,
+            "kv_host_allocated_bytes": self.kv.host.allocated_bytes
+            if self.kv and self.kv.host
+            else 0,
         }
 
     # -- CUDA graphs --------------------------------------------------------------------------

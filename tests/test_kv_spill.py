@@ -338,7 +338,13 @@ def test_host_pool_chunks_and_runs_across_them():
         L, D, bs, h, d, torch.float32, torch.device("cpu"), host_blocks=H, pin_in_background=False
     )
     kv.host = type(kv.host)(
-        H, L, (bs, h, d), torch.float32, pin=False, chunk_bytes=3 * kv.host.block_bytes
+        H,
+        L,
+        (bs, h, d),
+        torch.float32,
+        pin=False,
+        chunk_bytes=3 * kv.host.block_bytes,
+        background=False,
     )
     assert kv.host.chunk_blocks == 3 and kv.host.num_chunks == 4
     g = torch.Generator().manual_seed(1)
@@ -449,3 +455,23 @@ def test_attention_over_8bit_host_blocks_is_close(kind, fraction):
     tol = 0.1 if kind == "fp8" else 0.03
     errs = [(out.double() - ref).abs().max().item() for out, ref, _ in results]
     assert 0 < max(errs) < tol, errs
+
+
+def test_host_pool_grows_as_it_fills():
+    """Chunks are allocated ``ahead`` of the highest one used, in the background; ``pin_all``
+    asks for the rest; nothing is allocated that nobody asked for."""
+    from runtime.host_pool import HostPool
+
+    pool = HostPool(10, 1, (2, 1, 4), torch.float32, pin=False, chunk_bytes=64, ahead=2)
+    try:
+        assert pool.chunk_blocks == 1 and pool.num_chunks == 10
+        assert pool.wait_allocated(60)
+        assert [c is not None for c in pool._chunks] == [True] * 2 + [False] * 8
+        pool.chunk(4)  # in use: 4 itself (now, in the foreground if need be) and 2 more ahead
+        assert pool.wait_allocated(60)
+        assert [c is not None for c in pool._chunks] == [True] * 7 + [False] * 3
+        pool.pin_all()
+        assert pool.wait_allocated(60)
+        assert all(c is not None for c in pool._chunks)
+    finally:
+        pool.close()
