@@ -1,8 +1,9 @@
 """KV cache storage in two tiers: device blocks and host blocks, addressed by one global id.
 
 Global block ids ``0 .. D-1`` are device blocks, ``D .. D+H-1`` host blocks (host index
-``id - D``); the scheduler decides which is where (docs: /work/coord/SPILL.md contract), this
-module owns the memory, the copies between tiers and the device *staging area*.
+``id - D``); the scheduler decides which is where and guarantees that a host block a step reads
+is full and lies before the step's first position; this module owns the memory, the copies
+between tiers and the device *staging area*.
 
 Device memory is one tensor for keys and one for values, ``[L*D + 2*S, block_size, Hkv, D]``:
 layer ``l``'s pool is rows ``l*D .. (l+1)*D-1`` (``layers[l]``, what the model writes into), and
