@@ -5,10 +5,13 @@ every layer's keys and values of its blocks, ``[layers, 2, chunk_blocks, block_s
 so one layer's rows of consecutive host blocks are one contiguous slice (one copy per run).
 
 On a CUDA worker the chunks are pinned (page-locked), which is what lets host->device copies run
-at link speed on a copy stream. Pinning is slow (about 1 GiB/s), so a background thread pins the
-chunks in order from start-up on, and a chunk asked for before the thread reached it is pinned on
-the spot; start-up itself waits for none of it. Elsewhere the chunks are plain ``torch.empty``
-memory (the OS hands pages out when they are first written).
+at link speed on a copy stream. Pinning is slow (about 1 GiB/s), and a pool sized from free host
+memory may be ~100 GiB that a short task never touches, so the pool grows as it fills: a
+background thread keeps ``ahead`` chunks pinned beyond the highest chunk used so far (the first
+ones from start-up on); a chunk needed before the thread reached it is pinned on the spot.
+Start-up waits for none of it; ``pin_all`` asks for everything (benchmarks, then
+``wait_allocated``). Elsewhere the chunks are plain ``torch.empty`` memory (the OS hands pages out
+when they are first written).
 
 With an 8-bit host dtype (``fp8``/``int8``) a chunk stores bytes plus one float32 scale per
 block, layer and K/V (``runtime.kv_quant``).
@@ -24,6 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 30  # pinned memory is handed out in powers of two: stay just under one
+AHEAD_CHUNKS = 8  # pinned ahead of use: what a burst of spills may take before pinning stalls
 
 
 class HostPool:
@@ -40,6 +44,7 @@ class HostPool:
         scaled: bool = False,
         chunk_bytes: int = CHUNK_BYTES,
         background: bool = True,
+        ahead: int = AHEAD_CHUNKS,
     ) -> None:
         self.num_blocks = num_blocks
         self.num_layers = num_layers
@@ -54,10 +59,14 @@ class HostPool:
         self._chunks: list[torch.Tensor | None] = [None] * self.num_chunks
         self._scales: list[torch.Tensor | None] = [None] * self.num_chunks
         self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._ahead = ahead
+        self._want = min(ahead, self.num_chunks)  # chunks the background thread should hold
+        self._done = 0  # chunks the background thread has walked past
         self._stop = False
         self._thread: threading.Thread | None = None
-        if pin and background and self.num_chunks:
-            self._thread = threading.Thread(target=self._pin_all, name="kv-host-pin", daemon=True)
+        if background and self.num_chunks:
+            self._thread = threading.Thread(target=self._pin_ahead, name="kv-host-pin", daemon=True)
             self._thread.start()
 
     @property
@@ -82,25 +91,45 @@ class HostPool:
                     (self.num_layers, 2, self._rows(i)), dtype=torch.float32, pin_memory=self.pin
                 )
 
-    def _pin_all(self) -> None:
+    def _pin_ahead(self) -> None:
         try:
-            for i in range(self.num_chunks):
-                if self._stop:
-                    return
+            while True:
+                with self._cv:
+                    while not self._stop and self._done >= self._want:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    i = self._done
                 self._allocate(i)
+                with self._cv:
+                    self._done = i + 1
+                    self._cv.notify_all()
         except Exception as e:  # noqa: BLE001 - the foreground pins what it needs itself
             log.warning("background pinning of the KV host pool stopped: %s", e)
 
+    def _grow_to(self, n: int) -> None:
+        n = min(n, self.num_chunks)
+        if self._thread is not None and n > self._want:
+            with self._cv:
+                self._want = max(self._want, n)
+                self._cv.notify_all()
+
+    def pin_all(self) -> None:
+        """Ask the background thread for every chunk (not only those ahead of use)."""
+        self._grow_to(self.num_chunks)
+
     def wait_allocated(self, timeout: float | None = None) -> bool:
-        """Block until the background thread has pinned every chunk (True) or ``timeout``
-        passed (False); benchmarks call it so that pinning does not run inside their timings."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
+        """Wait until the chunks asked of the background thread exist (True), or ``timeout``
+        passed (False)."""
+        if self._thread is None:
+            return True
+        with self._cv:
+            return self._cv.wait_for(lambda: self._done >= self._want or self._stop, timeout)
 
     def chunk(self, i: int) -> torch.Tensor:
         """Chunk ``i`` ``[layers, 2, rows, block_size, Hkv, D]``, allocated on first use."""
+        if i + 1 + self._ahead > self._want:
+            self._grow_to(i + 1 + self._ahead)
         c = self._chunks[i]
         if c is None:
             self._allocate(i)
@@ -119,6 +148,8 @@ class HostPool:
         return divmod(host_index, self.chunk_blocks)
 
     def close(self) -> None:
-        self._stop = True
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
         self._chunks = [None] * self.num_chunks
         self._scales = [None] * self.num_chunks

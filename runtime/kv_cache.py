@@ -1,8 +1,9 @@
 """KV cache storage in two tiers: device blocks and host blocks, addressed by one global id.
 
 Global block ids ``0 .. D-1`` are device blocks, ``D .. D+H-1`` host blocks (host index
-``id - D``); the scheduler decides which is where (docs: /work/coord/SPILL.md contract), this
-module owns the memory, the copies between tiers and the device *staging area*.
+``id - D``); the scheduler decides which is where and guarantees that a host block a step reads
+is full and lies before the step's first position; this module owns the memory, the copies
+between tiers and the device *staging area*.
 
 Device memory is one tensor for keys and one for values, ``[L*D + 2*S, block_size, Hkv, D]``:
 layer ``l``'s pool is rows ``l*D .. (l+1)*D-1`` (``layers[l]``, what the model writes into), and
@@ -33,15 +34,20 @@ def bytes_per_block(
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
 
-def _runs(pairs: list[tuple[int, int]], boundary: int | None = None) -> list[tuple[int, int, int]]:
+def _runs(
+    pairs: list[tuple[int, int]], src_chunk: int | None = None, dst_chunk: int | None = None
+) -> list[tuple[int, int, int]]:
     """``(src, dst, n)`` runs of consecutive ``src`` and consecutive ``dst`` in order; a run never
-    crosses a multiple of ``boundary`` on either side (a host chunk's end)."""
+    crosses a multiple of ``src_chunk`` in ``src`` nor of ``dst_chunk`` in ``dst`` (the end of a
+    host chunk on the host side)."""
     out: list[list[int]] = []
     for s, d in pairs:
         if out:
             s0, d0, n = out[-1]
             if s == s0 + n and d == d0 + n:
-                crosses = boundary is not None and (s % boundary == 0 or d % boundary == 0)
+                crosses = (src_chunk is not None and s % src_chunk == 0) or (
+                    dst_chunk is not None and d % dst_chunk == 0
+                )
                 if not crosses:
                     out[-1][2] += 1
                     continue
@@ -105,7 +111,7 @@ class KVCache:
                 self.host_storage,
                 pin=device.type == "cuda",
                 scaled=self.quant is not None,
-                background=pin_in_background,
+                background=pin_in_background and device.type == "cuda",
             )
         host_elem = torch.empty((), dtype=self.host_storage).element_size()
         per = block_size * num_kv_heads * head_dim
@@ -168,15 +174,16 @@ class KVCache:
         else:
             dst.copy_(x.to(self.device, non_blocking=True))
 
-    def copy_blocks(self, layer: int, pairs: list[tuple[int, int]]) -> int:
-        """Perform block copies ``(src_id, dst_id)`` (global ids, any tiers) for one layer, in
-        order; returns the bytes that crossed between tiers."""
-        d, moved = self.num_blocks, 0
+    def plan_copies(self, pairs: list[tuple[int, int]]) -> list[tuple]:
+        """Turn block copies ``(src_id, dst_id)`` (global ids, any tiers, in order) into the
+        operations ``copy_blocks`` runs: consecutive cross-tier copies coalesce into runs (their
+        sources and destinations cannot overlap); same-tier copies stay one by one, in order.
+        Made once per step, used for every layer."""
+        d = self.num_blocks
         chunk = self.host.chunk_blocks if self.host else None
+        ops: list[tuple] = []
         i = 0
         while i < len(pairs):
-            # group consecutive pairs of one direction; only cross-tier ones coalesce (their
-            # sources and destinations cannot overlap)
             direction = (pairs[i][0] >= d, pairs[i][1] >= d)
             j = i
             while j < len(pairs) and (pairs[j][0] >= d, pairs[j][1] >= d) == direction:
@@ -185,21 +192,33 @@ class KVCache:
             i = j
             src_host, dst_host = direction
             if src_host == dst_host:
-                if src_host:
-                    self._host_to_host(layer, group)
-                else:
-                    for s, t in group:
-                        for pool in self.layers[layer]:
-                            pool[t].copy_(pool[s])
+                ops.append(("host-host" if src_host else "device-device", group))
                 continue
             local = [(s - d if src_host else s, t - d if dst_host else t) for s, t in group]
-            for s, t, n in _runs(local, chunk):
-                if dst_host:
-                    self._to_host(layer, s, t, n)
-                else:
-                    for kind, pool in enumerate(self.layers[layer]):
-                        self._from_host(layer, s, pool[t : t + n], kind)
-                moved += n * self.host_layer_block_bytes
+            runs = _runs(local, chunk if src_host else None, chunk if dst_host else None)
+            ops.append(("to-host" if dst_host else "from-host", runs))
+        return ops
+
+    def copy_blocks(self, layer: int, pairs: list[tuple[int, int]], plan=None) -> int:
+        """Perform block copies ``(src_id, dst_id)`` (global ids, any tiers) for one layer, in
+        order (``plan``: ``plan_copies(pairs)``, made once); returns the bytes that crossed
+        between tiers."""
+        moved = 0
+        for kind, what in plan if plan is not None else self.plan_copies(pairs):
+            if kind == "host-host":
+                self._host_to_host(layer, what)
+            elif kind == "device-device":
+                for s, t in what:
+                    for pool in self.layers[layer]:
+                        pool[t].copy_(pool[s])
+            else:
+                for s, t, n in what:
+                    if kind == "to-host":
+                        self._to_host(layer, s, t, n)
+                    else:
+                        for i, pool in enumerate(self.layers[layer]):
+                            self._from_host(layer, s, pool[t : t + n], i)
+                    moved += n * self.host_layer_block_bytes
         return moved
 
     def _host_to_host(self, layer: int, group: list[tuple[int, int]]) -> None:
@@ -214,39 +233,49 @@ class KVCache:
                         self._host_scales(layer, kind, s - d, 1)
                     )
 
-    def stage(self, layer: int, host_ids: list[int]) -> int:
-        """Copy host blocks (global ids) into slots ``0..`` of this layer's staging buffer;
-        returns the bytes moved."""
+    def host_runs(self, host_ids: list[int]) -> list[tuple[int, int, int]]:
+        """``(host_index, position, n)``: runs of host blocks (global ids, in this order) that
+        are consecutive in one host chunk; one copy (or one in-place read) per run."""
+        d = self.num_blocks
+        return _runs([(h - d, i) for i, h in enumerate(host_ids)], src_chunk=self.host.chunk_blocks)
+
+    def stage(self, layer: int, host_ids: list[int], runs=None) -> int:
+        """Copy host blocks (global ids) into slots ``0..`` of this layer's staging buffer
+        (``runs``: ``host_runs(host_ids)``, made once); returns the bytes moved."""
         if len(host_ids) > self.staging_blocks:
             raise ValueError(
                 f"{len(host_ids)} blocks exceed the staging area of {self.staging_blocks}"
             )
-        d = self.num_blocks
-        base = self.num_layers * d + (layer % 2) * self.staging_blocks
-        chunk = self.host.chunk_blocks
-        for s, t, n in _runs([(h - d, i) for i, h in enumerate(host_ids)], chunk):
+        base = self.num_layers * self.num_blocks + (layer % 2) * self.staging_blocks
+        for s, t, n in runs if runs is not None else self.host_runs(host_ids):
             self._from_host(layer, s, self.k_all[base + t : base + t + n], 0)
             self._from_host(layer, s, self.v_all[base + t : base + t + n], 1)
         return len(host_ids) * self.host_layer_block_bytes
 
-    def host_kv(self, layer: int, host_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of host blocks (global ids) of one layer, on the host, in the KV dtype
-        (dequantised): ``[n, block_size, Hkv, D]`` each."""
-        d = self.num_blocks
-        parts: list[list[torch.Tensor]] = [[], []]
-        for s, _, n in _runs([(h - d, i) for i, h in enumerate(host_ids)], self.host.chunk_blocks):
+    def host_kv(
+        self, layer: int, host_ids: list[int], runs=None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values of host blocks (global ids) of one layer, on the host, as segments
+        ``[n_i * block_size, Hkv, D]`` (one per run of consecutive host rows: views of the pool,
+        no copy; dequantised copies for 8-bit host dtypes)."""
+        parts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for s, _, n in runs if runs is not None else self.host_runs(host_ids):
             for kind in (0, 1):
                 x = self._host_rows(layer, kind, s, n)
                 if self.quant:
                     scale = self._host_scales(layer, kind, s, n)
                     x = kv_quant.dequantize(x, scale, self.quant, self.dtype)
-                parts[kind].append(x)
-        k, v = (torch.cat(p) if len(p) > 1 else p[0] for p in parts)
-        return k, v
+                parts[kind].append(x.reshape(-1, *x.shape[2:]))
+        return parts
 
-    def wait_host_ready(self, timeout: float | None = None) -> bool:
-        """Whether the host tier is fully allocated (pinned) after waiting up to ``timeout``."""
-        return self.host.wait_allocated(timeout) if self.host else True
+    def wait_host_ready(self, timeout: float | None = None, *, everything: bool = False) -> bool:
+        """Wait up to ``timeout`` for the host tier's background pinning (of the chunks ahead of
+        use, or of ``everything``); whether it is done."""
+        if self.host is None:
+            return True
+        if everything:
+            self.host.pin_all()
+        return self.host.wait_allocated(timeout)
 
     def close(self) -> None:
         if self.host is not None:

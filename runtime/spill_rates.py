@@ -49,6 +49,7 @@ def measure_rates(
     *,
     keys: int = 8192,
     queries: int = 256,
+    link_bytes: int = 64 << 20,
 ) -> SpillRates:
     """Rates of this worker's device and CPU for attention over ``keys`` cached keys."""
     g = torch.Generator().manual_seed(0)
@@ -76,7 +77,7 @@ def measure_rates(
 
     flops = attention_flops(queries, keys, num_heads, head_dim)
     return SpillRates(
-        link_bytes_per_s=link_rate(device),
+        link_bytes_per_s=link_rate(device, link_bytes),
         device_flops=flops / device_time(queries),
         device_bytes_per_s=kv_bytes / device_time(1),
         cpu_flops=flops / cpu_time(queries),

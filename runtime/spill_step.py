@@ -123,6 +123,10 @@ class SpillStep:
         mode = ("cooperate" if cpu_blocks else "stream") if host_blocks else "none"
         self.figures = SpillFigures(mode=mode, host_blocks=host_blocks, cpu_blocks=cpu_blocks)
         self._cpu_any = self.figures.cpu_blocks > 0
+        # copy plans, made once and replayed for every layer
+        self._swap_plan = kv.plan_copies(self.swaps) if self.swaps else None
+        self._stage_runs = kv.host_runs(self.staged) if self.staged else None
+        self._cpu_runs = [kv.host_runs(ids) if ids else None for ids in self.cpu_ids]
         self._layer_of = {k.data_ptr(): i for i, (k, _) in enumerate(kv.layers)}
         self._cuda = kv.device.type == "cuda"
         self._keep: list[torch.Tensor] = []  # pinned buffers in flight until the step ends
@@ -150,19 +154,21 @@ class SpillStep:
 
     def _move(self, layer: int) -> None:
         """This layer's swaps, then its staging copies (on the current stream)."""
-        moved = self.kv.copy_blocks(layer, self.swaps) if self.swaps else 0
+        moved = self.kv.copy_blocks(layer, self.swaps, self._swap_plan) if self.swaps else 0
         if self.staged:
-            moved += self.kv.stage(layer, self.staged)
+            moved += self.kv.stage(layer, self.staged, self._stage_runs)
         self.figures.bytes_moved += moved
 
     def _enqueue(self, layer: int, after: torch.cuda.Event | None) -> None:
         with torch.cuda.stream(self.copy):
             if self.swaps:
-                self.figures.bytes_moved += self.kv.copy_blocks(layer, self.swaps)
+                moved = self.kv.copy_blocks(layer, self.swaps, self._swap_plan)
+                self.figures.bytes_moved += moved
             if self.staged:
                 if after is not None:  # the buffer is free once layer - 2 has read it
                     self.copy.wait_event(after)
-                self.figures.bytes_moved += self.kv.stage(layer, self.staged)
+                moved = self.kv.stage(layer, self.staged, self._stage_runs)
+                self.figures.bytes_moved += moved
             ev = torch.cuda.Event()
             ev.record(self.copy)
         self.ready[layer] = ev
@@ -244,9 +250,7 @@ class SpillStep:
         for b, qlen in enumerate(self.meta.query_lens_cpu):
             ids = self.cpu_ids[b]
             if ids:
-                kh, vh = self.kv.host_kv(layer, ids)
-                kh = kh.reshape(-1, *kh.shape[2:])
-                vh = vh.reshape(-1, *vh.shape[2:])
+                kh, vh = self.kv.host_kv(layer, ids, self._cpu_runs[b])
                 o, s = visible_attention(q_host[start : start + qlen], kh, vh, scale)
                 out_c[start : start + qlen] = o
                 lse_c[start : start + qlen] = s

@@ -74,6 +74,7 @@ class Worker:
         self._graphs_off: str | None = None if config.cuda_graphs else "turned off by config"
         self._eager_only = False
         self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
+        self._said_eager = False
 
     # -- bring-up ----------------------------------------------------------------------------
     def init_device(self) -> dict:
@@ -167,6 +168,9 @@ class Worker:
         free = dev.free_memory_bytes(self.device)
         if free is None:  # CPU: the pool shares host memory with everything else
             avail, total = dev.host_memory_bytes()
+            # pages are touched only as blocks fill: a busy moment does not shrink the pool
+            # below half the machine
+            avail = max(avail, total // 2)
             budget = (avail - dev.host_headroom_bytes(total)) / self.world_size
             budget = budget * self.config.gpu_memory_utilization - self._activation_bytes()
         else:
@@ -320,6 +324,9 @@ class Worker:
             "peak_bytes": dev.peak_memory_bytes(self.device),
             "kv_cache_bytes": self.kv.nbytes if self.kv else 0,
             "kv_host_bytes": self.kv.host_nbytes if self.kv else 0,
+            "kv_host_allocated_bytes": self.kv.host.allocated_bytes
+            if self.kv and self.kv.host
+            else 0,
         }
 
     # -- CUDA graphs --------------------------------------------------------------------------
@@ -398,6 +405,9 @@ class Worker:
             self._generators.pop(sid, None)
         spill = self._spill_step(batch)
         eager = self._eager_only or spill is not None  # steps over host KV run eagerly
+        if spill is not None and not self._said_eager and self.rank == 0:
+            self._said_eager = True
+            log.info("steps that read host KV blocks or move blocks run eagerly (no CUDA graph)")
         if not eager and all(len(c.token_ids) == 1 for c in batch.chunks):
             graphs = self._decode_graphs()
             if graphs is not None and graphs.fits(batch.chunks):

@@ -54,6 +54,8 @@ def build(
     staging=None,
     host_dtype=None,
     spare=3,
+    device="cpu",
+    dtype=torch.float32,
 ):
     """A two-tier cache holding random KV at a random placement, and the same KV all-device."""
     g = torch.Generator().manual_seed(seed)
@@ -61,7 +63,7 @@ def build(
     counts = [-(-s // bs) for s in seq_lens]
     total = sum(counts)
     # logical contents [layers, 2, total, bs, hkv, d]; logical block i of the batch
-    content = torch.randn(layers, 2, total, bs, hkv, d, generator=g)
+    content = torch.randn(layers, 2, total, bs, hkv, d, generator=g).to(dtype)
     placement = []  # per logical block: ("dev"|"host", index)
     logical = 0
     for qlen, slen, n in zip(query_lens, seq_lens, counts):
@@ -80,8 +82,8 @@ def build(
         bs,
         hkv,
         d,
-        torch.float32,
-        torch.device("cpu"),
+        dtype,
+        torch.device(device),
         host_blocks=H,
         host_dtype=host_dtype,
         staging_blocks=staging,
@@ -136,20 +138,23 @@ def run_step(
     swaps=(),
     seed=1,
 ):
-    """All layers of one step through SpillStep; returns [(out, ref_out)] per layer."""
+    """All layers of one step through SpillStep; returns the step's figures and, per layer,
+    ``(out, float64 reference, the same backend over an all-device cache)``."""
     g = torch.Generator().manual_seed(seed)
     bs = kv.block_size
+    dev = kv.device
     chunks = [
         SeqChunk(b, (0,) * q, s - q, tuple(t), False, PARAMS)
         for b, (q, s, t) in enumerate(zip(query_lens, seq_lens, tables))
     ]
     step = SpillStep(kv, chunks, swaps, cpu_fraction=fraction)
-    meta = AttentionMetadata.build(query_lens, step.seq_lens, step.tables, bs)
+    meta = AttentionMetadata.build(query_lens, step.seq_lens, step.tables, bs, dev)
     step.bind(meta)
     ref_meta = AttentionMetadata.build(query_lens, seq_lens, ref_tables, bs)
+    plain_meta = AttentionMetadata.build(query_lens, seq_lens, ref_tables, bs, dev)
     results = []
     for layer in range(kv.num_layers):
-        q = torch.randn(sum(query_lens), hq, d, generator=g)
+        q = torch.randn(sum(query_lens), hq, d, generator=g).to(kv.dtype)
         # this step's own keys/values: the contents at its positions (the write rewrites them)
         ks, vs = [], []
         for b, (qlen, slen) in enumerate(zip(query_lens, seq_lens)):
@@ -157,13 +162,14 @@ def run_step(
                 blk = ref_tables[b][p // bs]
                 ks.append(content[layer, 0, blk, p % bs])
                 vs.append(content[layer, 1, blk, p % bs])
-        k_new, v_new = torch.stack(ks), torch.stack(vs)
+        k_new, v_new = torch.stack(ks).to(dev), torch.stack(vs).to(dev)
         kc, vc = kv.layers[layer]
-        out = step.attention(q, k_new, v_new, kc, vc, backend, d**-0.5)
+        out = step.attention(q.to(dev), k_new, v_new, kc, vc, backend, d**-0.5)
         ref_k = content[layer, 0]
         ref_v = content[layer, 1]
         ref_out, _ = reference_attention(q, ref_k, ref_v, ref_meta, d**-0.5)
-        results.append((out, ref_out))
+        plain, _ = backend.forward(q.to(dev), ref_k.to(dev), ref_v.to(dev), plain_meta, d**-0.5)
+        results.append((out, ref_out, plain))
     return step.finish(), results
 
 
@@ -204,9 +210,11 @@ def test_mixed_tables_equal_all_device(case, backend_name, mode, layout):
             fraction=MODES[mode],
             swaps=tuple(swaps_in),
         )
-        for out, ref in results:
+        for out, ref, plain in results:
             assert torch.isfinite(out).all()
             assert (out.double() - ref).abs().max().item() < 1e-5
+            if MODES[mode] == 0:  # stream: the same kernel over the same keys, bit for bit
+                assert torch.equal(out, plain)
         if figs.host_blocks:
             expect = "stream" if MODES[mode] == 0 else "cooperate"
             if MODES[mode] == 0.5 and figs.cpu_blocks == 0:
@@ -239,7 +247,7 @@ def test_staging_overflow_goes_to_the_cpu(case):
         d=16,
         fraction=0.0,
     )
-    for out, ref in results:
+    for out, ref, _ in results:
         assert (out.double() - ref).abs().max().item() < 1e-5
     if figs.host_blocks > 2:
         assert figs.cpu_blocks == figs.host_blocks - 2 and figs.mode == "cooperate"
@@ -273,7 +281,7 @@ def test_mixed_tables_triton_interpreter(case, mode):
         swaps=tuple(swaps_in),
     )
     assert figs.host_blocks > 0
-    for out, ref in results:
+    for out, ref, _ in results:
         assert (out.double() - ref).abs().max().item() < 1e-4
 
 
@@ -330,7 +338,13 @@ def test_host_pool_chunks_and_runs_across_them():
         L, D, bs, h, d, torch.float32, torch.device("cpu"), host_blocks=H, pin_in_background=False
     )
     kv.host = type(kv.host)(
-        H, L, (bs, h, d), torch.float32, pin=False, chunk_bytes=3 * kv.host.block_bytes
+        H,
+        L,
+        (bs, h, d),
+        torch.float32,
+        pin=False,
+        chunk_bytes=3 * kv.host.block_bytes,
+        background=False,
     )
     assert kv.host.chunk_blocks == 3 and kv.host.num_chunks == 4
     g = torch.Generator().manual_seed(1)
@@ -341,7 +355,9 @@ def test_host_pool_chunks_and_runs_across_them():
     for li in range(L):
         kv.copy_blocks(li, pairs)
     k, v = kv.host_kv(1, [D + 1, D + 2, D + 3, D + 4])
-    assert torch.equal(k, x[1, 0]) and torch.equal(v, x[1, 1])
+    assert [t.shape[0] for t in k] == [2 * bs, 2 * bs]  # two runs: rows 1-2 | 3-4 (chunk 1)
+    assert torch.equal(torch.cat(k), x[1, 0].reshape(-1, h, d))
+    assert torch.equal(torch.cat(v), x[1, 1].reshape(-1, h, d))
     assert kv.host.allocated_bytes == 2 * 3 * kv.host.block_bytes  # chunks 0 and 1 only
 
 
@@ -372,3 +388,90 @@ def test_merge_equals_attention_over_the_union():
     oe, le = visible_attention(q, k[:0], v[:0], 0.25)
     out2, lse2 = merge_attention_states(oa, la, oe, le)
     assert torch.allclose(out2, oa.float()) and torch.allclose(lse2, la.float())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_8bit_host_blocks_round_trip_within_the_format_bound(kind):
+    L, D, H, bs, h, d = 2, 4, 4, 8, 2, 16
+    kv = KVCache(
+        L,
+        D,
+        bs,
+        h,
+        d,
+        torch.float32,
+        torch.device("cpu"),
+        host_blocks=H,
+        host_dtype=kind,
+        pin_in_background=False,
+    )
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(L, 2, D, bs, h, d, generator=g) * torch.logspace(-3, 2, D).view(
+        1, 1, D, 1, 1, 1
+    )
+    x[0, 0, 1] = 0  # an all-zero block
+    for li in range(L):
+        kv.layers[li][0][:], kv.layers[li][1][:] = x[li, 0], x[li, 1]
+        moved = kv.copy_blocks(li, [(b, D + b) for b in range(D)])
+        assert moved == D * (2 * bs * h * d * 1 + 8)  # one byte per value, two scales
+        kv.layers[li][0].fill_(float("nan"))
+        kv.copy_blocks(li, [(D + b, b) for b in range(D)])  # fetch back (dequantised)
+    for li in range(L):
+        for kind_i in (0, 1):
+            got, want = kv.layers[li][kind_i], x[li, kind_i]
+            amax = want.abs().amax(dim=(1, 2, 3), keepdim=True)
+            if kind == "int8":
+                bound = amax / 254 * 1.001
+            else:  # 3 mantissa bits: half a step of 2^-3 relative, subnormals below 2^-6
+                scale = amax / 448
+                bound = torch.maximum(want.abs() / 16, scale * 2**-10) * 1.001
+            err = (got - want).abs()
+            assert (err <= bound + 1e-12).all()
+            assert err.max() > 0  # it did quantise
+    assert torch.equal(kv.layers[0][0][1], torch.zeros_like(x[0, 0, 1]))  # zeros stay zeros
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["stream", "cpu"])
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_attention_over_8bit_host_blocks_is_close(kind, fraction):
+    qlens, slens = CASES["mixed"]
+    kv, content, tables, ref_tables, swaps_in = build(
+        qlens, slens, bs=16, hq=8, hkv=2, d=16, seed=6, p_host=1.0, host_dtype=kind
+    )
+    figs, results = run_step(
+        kv,
+        content,
+        tables,
+        ref_tables,
+        qlens,
+        slens,
+        get_backend("torch", "cpu"),
+        hq=8,
+        d=16,
+        fraction=fraction,
+        swaps=tuple(swaps_in),
+    )
+    assert figs.host_blocks > 0
+    tol = 0.1 if kind == "fp8" else 0.03
+    errs = [(out.double() - ref).abs().max().item() for out, ref, _ in results]
+    assert 0 < max(errs) < tol, errs
+
+
+def test_host_pool_grows_as_it_fills():
+    """Chunks are allocated ``ahead`` of the highest one used, in the background; ``pin_all``
+    asks for the rest; nothing is allocated that nobody asked for."""
+    from runtime.host_pool import HostPool
+
+    pool = HostPool(10, 1, (2, 1, 4), torch.float32, pin=False, chunk_bytes=64, ahead=2)
+    try:
+        assert pool.chunk_blocks == 1 and pool.num_chunks == 10
+        assert pool.wait_allocated(60)
+        assert [c is not None for c in pool._chunks] == [True] * 2 + [False] * 8
+        pool.chunk(4)  # in use: 4 itself (now, in the foreground if need be) and 2 more ahead
+        assert pool.wait_allocated(60)
+        assert [c is not None for c in pool._chunks] == [True] * 7 + [False] * 3
+        pool.pin_all()
+        assert pool.wait_allocated(60)
+        assert all(c is not None for c in pool._chunks)
+    finally:
+        pool.close()

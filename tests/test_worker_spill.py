@@ -102,3 +102,47 @@ def test_spilled_run_equals_all_device_run(attention, spill, staging):
     )
     assert all(r.bytes_moved > 0 for r in got[1:])
     assert got[0].spill_mode == "none" and got[0].bytes_moved == 0
+
+
+def test_tier_sizes_from_flags_and_defaults():
+    from runtime.worker_config import WorkerConfig
+    from scheduler.errors import ConfigError
+
+    def capacity(**kw):
+        source = resolve_model("tiny")
+        limits = SchedulerConfig(block_size=BS).for_model(source.config.max_position_embeddings)
+        w = Worker(WorkerConfig(model="tiny", device="cpu", **kw), source, limits)
+        w.init_device()
+        return w.kv_cache_capacity()
+
+    assert capacity(kv_cache_tokens=64, kv_host_tokens=4096) == {
+        "device_blocks": 16,
+        "host_blocks": 1024,
+    }
+    assert capacity(kv_cache_tokens=64)["host_blocks"] == 0  # a CPU device: no automatic tier
+    assert capacity(kv_cache_tokens=64, kv_host_tokens=0)["host_blocks"] == 0
+    auto = capacity()  # sized from memory, not from max_model_len x max_num_seqs
+    assert auto["device_blocks"] > 1 and auto["host_blocks"] == 0
+    with pytest.raises(ConfigError, match="spill=off leaves no host tier but kv_host_tokens=8"):
+        WorkerConfig(spill="off", kv_host_tokens=8)
+    with pytest.raises(ConfigError, match="kv_host_dtype='fp4' is not valid"):
+        WorkerConfig(kv_host_dtype="fp4")
+
+
+def test_measured_rates_feed_the_cost_model():
+    from runtime.attention.registry import get_backend
+    from runtime.spill_rates import measure_rates
+
+    rates = measure_rates(
+        get_backend("torch", "cpu"),
+        torch.device("cpu"),
+        torch.float32,
+        4,
+        2,
+        16,
+        4,
+        keys=256,
+        queries=16,
+        link_bytes=1 << 20,
+    )
+    assert rates.known
