@@ -125,6 +125,9 @@ def run_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
         "decode_ms_per_token": 1000 * m["decode_s"] / max(new - 1, 1),
         "peak_device_bytes": m["peak_memory_bytes"],
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "host_kv_allocated_bytes": max(
+            m.get("kv_host_allocated_bytes", 0) for m in engine.executor.memory_stats()
+        ),
         "kv_bytes_moved": kv.get("bytes_moved", 0),
         "kv_bytes_moved_per_step": kv.get("bytes_moved_per_step", 0.0),
         "exposed_move_s": kv.get("exposed_move_s", 0.0),
@@ -264,6 +267,9 @@ def main() -> int:
     ap.add_argument("--spill", default="auto", help="auto|stream|cooperate|off")
     ap.add_argument("--kv-host-dtype", default=None, help="auto|bfloat16|float16|float32|fp8|int8")
     ap.add_argument("--rate-mib", type=int, default=1024, help="buffer size for the rate probes")
+    ap.add_argument(
+        "--no-pin-first", action="store_true", help="let the host tier pin itself as it fills"
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--hf-timeout-s", type=float, default=300.0, help="limit per transformers run")
     ap.add_argument(
@@ -289,6 +295,14 @@ def main() -> int:
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
     params = sum(p.numel() for p in worker.model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in worker.model.parameters())
+    pin_s = None
+    if not args.no_pin_first and worker.kv is not None:
+        # the host tier pins itself in the background as it fills; for steady timings, all of
+        # it first (about 1 GiB/s on the GPU machine), timed on its own
+        t1 = time.perf_counter()
+        worker.kv.wait_host_ready(None, everything=True)
+        pin_s = time.perf_counter() - t1
+        print(f"host tier ready in {pin_s:.1f} s", flush=True)
     rates = measure_rates(worker.device, dtype, c.head_dim, args.rate_mib)
     print(json.dumps({"rates": rates}), flush=True)
 
@@ -348,6 +362,7 @@ def main() -> int:
         "hf_new_tokens": args.hf_new_tokens,
         "max_position_embeddings_raised_to": raised,
         "ready_line": ready,
+        "host_tier_ready_s": pin_s,
         "rates": rates,
         "kv_bytes_per_token": kv_per_token,
         "rows": rows,
