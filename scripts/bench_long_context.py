@@ -87,6 +87,11 @@ def measure_rates(device: torch.device, dtype: torch.dtype, head_dim: int, mib: 
     a = torch.randn(m, m, dtype=dtype, device=device)
     t = _timed(lambda: a @ a, device)
     rates["matmul_flop_per_s"] = 2 * m**3 / t
+    # causal prefill attention on the device (SDPA: the fused kernel where there is one)
+    n, h = (4096, 32) if device.type == "cuda" else (512, 4)
+    q = torch.randn(1, h, n, head_dim, dtype=dtype, device=device)
+    t = _timed(lambda: sdpa(q, q, q, is_causal=True), device)
+    rates["attention_flop_per_s"] = 2 * h * n * n * head_dim / t  # QK and PV, half of each
     return rates
 
 
@@ -147,7 +152,7 @@ def bounds(row: dict, rates: dict, kv_bytes_per_token: int, params: int, weight_
     bs = row["block_tokens"]
     dev_kv = row["kv_blocks_on_device_at_peak"] * bs * kv_bytes_per_token
     host_kv = row["kv_blocks_on_host_at_peak"] * bs * kv_bytes_per_token
-    dev_bw = rates["device_bytes_per_s"] / 2  # the copy counted read + write; attention reads
+    dev_bw = rates["device_bytes_per_s"]  # the copy's read + write rate: what attention reads at
     h2d = rates["host_to_device_bytes_per_s"]
     cpu = rates["cpu_attention_bytes_per_s"]
     if h2d is None:  # CPU "device": host-resident KV is read like the rest
@@ -158,14 +163,16 @@ def bounds(row: dict, rates: dict, kv_bytes_per_token: int, params: int, weight_
         host_rate = h2d
     kv_s = dev_kv / dev_bw + host_kv / host_rate
     s = row["context"]
-    flops = 2 * params * s + 2 * layers * q_width * s * s  # dense + causal attention (QK, PV)
-    prefill_compute_s = flops / rates["matmul_flop_per_s"]
+    # dense FLOPs at the matmul rate + causal attention FLOPs (QK, PV) at the attention rate
+    attn_s = 2 * layers * q_width * s * s / rates["attention_flop_per_s"]
+    prefill_compute_s = 2 * params * s / rates["matmul_flop_per_s"] + attn_s
     prefill_move_s = row["kv_bytes_moved"] / (h2d or dev_bw)
     return {
         "decode_kv_bound_ms": 1000 * kv_s,
         "decode_bound_ms": 1000 * (kv_s + weight_bytes / dev_bw),
         "decode_vs_bound": row["decode_ms_per_token"] / (1000 * (kv_s + weight_bytes / dev_bw)),
         "prefill_compute_bound_s": prefill_compute_s,
+        "prefill_attention_s_at_kernel_rate": attn_s,
         "prefill_move_bound_s": prefill_move_s,
         "prefill_vs_bound": row["prefill_s"] / max(prefill_compute_s, prefill_move_s),
     }
