@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from cluster.config import EngineConfig
@@ -25,9 +26,12 @@ class LLM:
     """
 
     def __init__(self, model: str = "demo-small", **engine_kwargs) -> None:
+        t0 = time.perf_counter()
         self.config = EngineConfig.from_dict({"model": model, **engine_kwargs})
         self.engine = Engine(self.config)
         self.tokenizer = load_tokenizer(self.engine.checkpoint)
+        #: ``ready in ...s: ... KV cache: device N blocks, host M blocks ...``
+        self.ready_line = self.engine.ready_line(time.perf_counter() - t0)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -112,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             llm = LLM(**job.engine.to_dict())
             stop.install()  # again: ray.init put its own SIGTERM handler in place
+            if progress is not None:
+                print(llm.ready_line, file=sys.stderr)
             out = llm.generate(ids, job.sampling, on_progress=progress)[0]
             devices = llm.engine.device_infos
         except Interrupted as e:
@@ -246,6 +248,15 @@ def _print_summary(r: dict) -> None:
         f"TTFT {m['ttft_s']:.2f} s | decode {rate(m['decode_tokens_per_s'])} tok/s | "
         f"peak memory {_fmt_bytes(m['peak_memory_bytes'])}"
     )
+    kv = m.get("kv")
+    if kv and kv["host_blocks"]:
+        print(
+            f"KV cache: device {kv['device_blocks']} blocks, host {kv['host_blocks']} blocks | "
+            f"moved {_fmt_bytes(kv['bytes_moved'])} ({_fmt_bytes(kv['bytes_moved_per_step'])}"
+            f"/step) | exposed {kv['exposed_move_s']:.2f} s | modes {kv['modes']} | "
+            f"spilled {kv['blocks_spilled']} fetched {kv['blocks_fetched']} blocks, "
+            f"preempted {kv['preemptions']}x"
+        )
 
 
 def _version() -> str:

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 from cluster import preflight
 from cluster.config import EngineConfig
+from cluster.kv_metrics import KVMeter
 from runtime.loader import resolve_model
 from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams, Sequence
 from scheduler.scheduler import Scheduler
+from scheduler.spill import SpillScheduler
 
 
 @dataclass
@@ -57,7 +59,11 @@ class Engine:
             from cluster.executor import RayExecutor
 
             self.executor = RayExecutor(config, self.model, limits)
-        self.scheduler = Scheduler(limits, self.executor.num_blocks)
+        self.num_host_blocks = self.executor.num_host_blocks
+        if self.num_host_blocks:
+            self.scheduler = SpillScheduler(limits, self.executor.num_blocks, self.num_host_blocks)
+        else:  # no host tier: the plain scheduler, whole lifetimes reserved on the device
+            self.scheduler = Scheduler(limits, self.executor.num_blocks)
         self._next_id = 0
 
     def set_allreduce(self, overlap: bool, tiles: int | None = None) -> None:
@@ -67,6 +73,16 @@ class Engine:
     @property
     def device_infos(self) -> list[dict]:
         return self.executor.device_infos
+
+    def ready_line(self, seconds: float) -> str:
+        """The start-up line the CLI, the API's users and the demo print."""
+        info = self.device_infos[0]
+        return (
+            f"ready in {seconds:.1f}s: {len(self.device_infos)} worker(s) on {info['device']} "
+            f"({info['name']}), attention={info['attention']}, dtype={info['dtype']}, "
+            f"KV cache: device {self.executor.num_blocks} blocks, host {self.num_host_blocks} "
+            f"blocks (x {self.config.scheduler.block_size} tokens)"
+        )
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         vocab = self.model_config.vocab_size
@@ -100,12 +116,19 @@ class Engine:
         plen = {s.seq_id: len(s.prompt_ids) for s in seqs}
         total_prefill = sum(plen.values())
         done_prefill = 0
+        meter = KVMeter(
+            self.executor.num_blocks,
+            self.num_host_blocks,
+            self.config.scheduler.block_size,
+            scheduler_stats=getattr(self.scheduler, "stats", None),
+        )
         try:
             while self.scheduler.has_work:
                 batch = self.scheduler.schedule()
                 if batch is None:
                     break
                 result = self.executor.execute(batch, logits)
+                meter.add(result)
                 for sid, lg in result.logits.items():
                     kept.setdefault(sid, []).append(lg)
                 self.scheduler.update(batch, result.sampled)
@@ -133,10 +156,12 @@ class Engine:
             self.scheduler.abort_all()
             raise
         peak = max(m["peak_bytes"] for m in self.executor.memory_stats())
+        kv = meter.as_dict()
         outs = []
         for s in seqs:
             out = RequestOutput(s.seq_id, s.prompt_ids, s.output_ids, s.finish_reason)
             out.metrics = _metrics(s, peak)
+            out.metrics["kv"] = kv
             if logits != "none":
                 import torch
 

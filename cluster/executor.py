@@ -65,7 +65,8 @@ class _Executor:
     """The bring-up sequence and the per-step calls, whatever runs the workers (``_all``)."""
 
     device_infos: list[dict]
-    num_blocks: int
+    num_blocks: int  # device tier
+    num_host_blocks: int  # host tier (0: none)
     # where rank 0 listens for the group: loopback, or the address Ray uses for its node
     rendezvous_host: str = "127.0.0.1"
 
@@ -79,8 +80,10 @@ class _Executor:
             rdv = self._rank0("open_rendezvous", comm, self.rendezvous_host)
             self._all("init_communicator", comm, rdv)
         self._all("load_model")
-        self.num_blocks = min(self._all("kv_cache_capacity"))
-        self._all("init_kv_cache", self.num_blocks)
+        caps = self._all("kv_cache_capacity")
+        self.num_blocks = min(c["device_blocks"] for c in caps)
+        self.num_host_blocks = min(c["host_blocks"] for c in caps)
+        self._all("init_kv_cache", self.num_blocks, self.num_host_blocks)
         self._all("warm_up")
 
     def _rank0(self, method: str, *args: Any) -> Any:

@@ -124,3 +124,27 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"dtype={name!r} is not valid; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def host_memory_bytes() -> tuple[int, int]:
+    """``(available, total)`` host memory in bytes (Linux ``/proc/meminfo``; else from sysconf,
+    counting all of it as available)."""
+    info: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if "MemTotal" in info:
+        return info.get("MemAvailable", info.get("MemFree", 0)), info["MemTotal"]
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total, total
+
+
+def host_headroom_bytes(total: int) -> int:
+    """Host memory left alone when sizing KV pools automatically: a tenth, at least 2 GiB."""
+    return max(total // 10, 2 << 30)

@@ -19,15 +19,20 @@ from runtime import device as dev
 from runtime.attention import AttentionMetadata, get_backend, resolve_backend_name
 from runtime.cuda_graphs import DecodeGraphRunner, DecodeGraphs, unsupported_reason
 from runtime.kv_cache import KVCache, bytes_per_block
+from runtime.kv_quant import resolve_host_dtype
 from runtime.loader import ModelSource, build_model
 from runtime.parallel import ParallelState
 from runtime.sampling import make_generator, sample
+from runtime.spill_step import SpillStep, host_blocks_of
 from runtime.worker_config import WorkerConfig
+from scheduler import spill_cost
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.config import SchedulerConfig
 from scheduler.request import SamplingParams
 
 log = logging.getLogger(__name__)
+
+STAGING_SHARE = 16  # see Worker._staging_blocks
 
 
 @dataclass
@@ -35,6 +40,9 @@ class StepResult:
     sampled: dict[int, int]  # seq_id -> token (rank 0 only; empty elsewhere)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # on request, float32 CPU
     seconds: float = 0.0
+    bytes_moved: int = 0  # KV bytes that crossed between tiers (swaps and staging)
+    movement_exposed_s: float = 0.0  # time the computation waited for that movement
+    spill_mode: str = "none"  # none | stream | cooperate: how host-resident KV was attended
 
 
 class Worker:
@@ -65,6 +73,8 @@ class Worker:
         self.kv: KVCache | None = None
         self._generators: dict[int, torch.Generator] = {}
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
+        self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
+        self._said_eager = False
 
     # -- bring-up ----------------------------------------------------------------------------
     def init_device(self) -> dict:
@@ -150,19 +160,69 @@ class Worker:
             self.dtype,
         )
 
-    def kv_cache_capacity(self) -> int:
-        """How many blocks this worker can hold (the engine takes the minimum over ranks)."""
-        max_model_len = self.max_model_len
+    def _spill_option(self, name: str, default):
+        # one place that reads the spill fields (tests substitute it)
+        return getattr(self.config, name, default)
+
+    def kv_cache_capacity(self) -> dict:
+        """How many blocks this worker can hold in each tier, ``{"device_blocks": D,
+        "host_blocks": H}`` (the engine takes the minimum of each over ranks).
+
+        Device: ``kv_cache_tokens`` if set, else what free device memory (available memory on
+        CPU) leaves after the utilisation headroom and one chunk's activations. Host:
+        ``kv_host_tokens`` if set (0: none), else available host memory less a headroom, shared
+        by the ranks of a node; automatic sizing gives a CPU device no host tier (both tiers
+        would be the same memory) and ``spill: off`` none at all.
+        """
         bs = self.limits.block_size
+        host_blocks = self._host_blocks()
         if self.config.kv_cache_tokens is not None:
-            return -(-self.config.kv_cache_tokens // bs)
+            device_blocks = -(-self.config.kv_cache_tokens // bs)
+        else:
+            device_blocks = self._device_blocks_from_memory()
+            if host_blocks:  # the staging area comes out of the same memory
+                layers = self.model_config.num_hidden_layers
+                if host_blocks >= device_blocks * layers // STAGING_SHARE:
+                    device_blocks = device_blocks * STAGING_SHARE // (STAGING_SHARE + 2)
+                else:
+                    device_blocks -= -(-2 * host_blocks // layers)
+                device_blocks = max(device_blocks, 1)
+        return {"device_blocks": device_blocks, "host_blocks": host_blocks}
+
+    def _device_blocks_from_memory(self) -> int:
         free = dev.free_memory_bytes(self.device)
-        if free is None:  # CPU: room for max_num_seqs sequences of full length
-            return -(-max_model_len // bs) * self.limits.max_num_seqs
-        total = dev.device_info(self.device).total_memory_bytes or free
-        # keep (1 - utilization) of the card and some room for activations of one chunk
-        budget = free - (1 - self.config.gpu_memory_utilization) * total - self._activation_bytes()
+        if free is None:  # CPU: the pool shares host memory with everything else
+            avail, total = dev.host_memory_bytes()
+            # pages are touched only as blocks fill: a busy moment does not shrink the pool
+            # below half the machine
+            avail = max(avail, total // 2)
+            budget = (avail - dev.host_headroom_bytes(total)) / self.world_size
+            budget = budget * self.config.gpu_memory_utilization - self._activation_bytes()
+        else:
+            total = dev.device_info(self.device).total_memory_bytes or free
+            # keep (1 - utilization) of the card and some room for activations of one chunk
+            budget = (
+                free - (1 - self.config.gpu_memory_utilization) * total - self._activation_bytes()
+            )
         return max(int(budget // self.kv_bytes_per_block()), 1)
+
+    def _host_blocks(self) -> int:
+        tokens = self._spill_option("kv_host_tokens", None)
+        bs = self.limits.block_size
+        if self._spill_option("spill", "auto") == "off":
+            return 0
+        if tokens is not None:
+            return -(-tokens // bs)
+        if self.device.type == "cpu":
+            return 0
+        avail, total = dev.host_memory_bytes()
+        budget = (avail - dev.host_headroom_bytes(total)) / self.world_size
+        storage, _ = resolve_host_dtype(self._spill_option("kv_host_dtype", "auto"), self.dtype)
+        c = self.model_config
+        per_block = bytes_per_block(
+            c.num_hidden_layers, bs, c.num_key_value_heads // self.world_size, c.head_dim, storage
+        )
+        return max(int(budget // per_block), 0)
 
     def _activation_bytes(self) -> int:
         c = self.model_config
@@ -171,20 +231,44 @@ class Worker:
         # a few hidden-sized and intermediate-sized tensors of one chunk, plus logits
         return int(t * elem * (8 * c.hidden_size + 3 * c.intermediate_size) + t * c.vocab_size * 4)
 
-    def init_kv_cache(self, num_blocks: int) -> dict:
+    def init_kv_cache(self, device_blocks: int, host_blocks: int = 0) -> dict:
+        """Allocate both tiers (nothing zero-filled; the host tier is pinned in the background
+        on CUDA). The device staging area takes ``min(host_blocks, staging)`` blocks of one
+        layer per buffer, two buffers."""
         c = self.model_config
         self.decode_graphs.close()  # captured graphs point into the old cache
+        if self.kv is not None:
+            self.kv.close()
+        self.kv = None
+        staging = min(host_blocks, self._staging_blocks(device_blocks))
         self.kv = KVCache(
             c.num_hidden_layers,
-            num_blocks,
+            device_blocks,
             self.limits.block_size,
             c.num_key_value_heads // self.world_size,
             c.head_dim,
             self.dtype,
             self.device,
+            host_blocks=host_blocks,
+            host_dtype=self._spill_option("kv_host_dtype", "auto"),
+            staging_blocks=staging,
         )
         self.decode_graphs = self._make_decode_graphs()
-        return {"rank": self.rank, "num_blocks": num_blocks, "bytes": self.kv.nbytes}
+        return {
+            "rank": self.rank,
+            "num_blocks": device_blocks,
+            "device_blocks": device_blocks,
+            "host_blocks": host_blocks,
+            "bytes": self.kv.nbytes,
+            "host_bytes": self.kv.host_nbytes,
+        }
+
+    def _staging_blocks(self, device_blocks: int) -> int:
+        """Blocks per staging buffer. A staged block holds one layer, so two buffers of
+        ``D * L / STAGING_SHARE`` blocks cost ``2 / STAGING_SHARE`` of the pool's bytes (1/8)
+        and let one step stream ``L / STAGING_SHARE`` times the device tier's tokens (twice, for
+        a 32-layer model); what a step reads beyond that is attended on the CPU."""
+        return max(1, device_blocks * self.model_config.num_hidden_layers // STAGING_SHARE)
 
     def warm_up(self) -> None:
         """One small prefill and decode steps (kernel compilation, allocator pools), written into
@@ -213,6 +297,41 @@ class Worker:
                 chunk = SeqChunk(-1, (0,), length, blocks, False, params)
                 self.execute(ScheduledBatch(0, (chunk,)))
         self.decode_graphs.warm_up()
+        self._measure_spill_rates()
+
+    def _measure_spill_rates(self) -> None:
+        """Feed the spill cost model where it decides (a host tier, an accelerator, ``auto``
+        or ``cooperate``); on a CPU device both tiers are the same memory and it never runs."""
+        mode = self._spill_option("spill", "auto")
+        if (
+            not self.kv.host_blocks
+            or self.device.type == "cpu"
+            or mode not in ("auto", "cooperate")
+        ):
+            return
+        from runtime.spill_rates import measure_rates
+
+        c = self.model_config
+        self.spill_rates = measure_rates(
+            self.backend,
+            self.device,
+            self.dtype,
+            c.num_attention_heads // self.world_size,
+            c.num_key_value_heads // self.world_size,
+            c.head_dim,
+            self.limits.block_size,
+        )
+        if self.rank == 0:
+            r = self.spill_rates
+            log.info(
+                "spill rates: link %.1f GB/s, device %.1f TFLOP/s %.0f GB/s, "
+                "cpu %.2f TFLOP/s %.1f GB/s",
+                r.link_bytes_per_s / 1e9,
+                r.device_flops / 1e12,
+                r.device_bytes_per_s / 1e9,
+                r.cpu_flops / 1e12,
+                r.cpu_bytes_per_s / 1e9,
+            )
 
     def reset_peak_memory(self) -> None:
         dev.reset_peak_memory(self.device)
@@ -222,6 +341,10 @@ class Worker:
             "rank": self.rank,
             "peak_bytes": dev.peak_memory_bytes(self.device),
             "kv_cache_bytes": self.kv.nbytes if self.kv else 0,
+            "kv_host_bytes": self.kv.host_nbytes if self.kv else 0,
+            "kv_host_allocated_bytes": self.kv.host.allocated_bytes
+            if self.kv and self.kv.host
+            else 0,
         }
 
     # -- CUDA graphs --------------------------------------------------------------------------
@@ -278,11 +401,15 @@ class Worker:
         # the row of each chunk's last token: the one that samples
         last = list(itertools.accumulate(len(c.token_ids) for c in chunks))
         sample_rows = [end - 1 for end, c in zip(last, chunks) if c.sample]
-        all_logits = None
-        if all(len(c.token_ids) == 1 for c in chunks):
+        spill = self._spill_step(batch)  # None: every block the step reads is on the device
+        if spill is not None and not self._said_eager and self.rank == 0:
+            self._said_eager = True
+            log.info("steps that read host KV blocks or move blocks run eagerly (no CUDA graph)")
+        all_logits, figures = None, None
+        if spill is None and all(len(c.token_ids) == 1 for c in chunks):
             all_logits = self.decode_graphs.run(chunks)  # None: run it eagerly
         if all_logits is None:
-            hidden = self._forward(chunks)
+            hidden, figures = self._forward(chunks, spill)
             # every rank runs the LM head (it is vocabulary-parallel); rank 0 samples
             if logits == "all":
                 all_logits = self.model.compute_logits(hidden)
@@ -301,27 +428,77 @@ class Worker:
                 if logits == "sampled":
                     result.logits[c.seq_id] = all_logits[row].cpu()
         dev.synchronize(self.device)
+        if figures is not None:
+            result.bytes_moved = figures.bytes_moved
+            result.movement_exposed_s = figures.exposed_s
+            result.spill_mode = figures.mode
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _forward(self, chunks: tuple[SeqChunk, ...]) -> torch.Tensor:
-        """The eager step: hidden states ``[tokens, hidden]`` of every packed token."""
+    def _forward(self, chunks: tuple[SeqChunk, ...], spill: SpillStep | None):
+        """The eager step: hidden states ``[tokens, hidden]`` of every packed token, and the
+        step's movement figures when it reads host blocks or moves blocks (else None)."""
         ids: list[int] = []
         pos: list[int] = []
         for c in chunks:
             ids.extend(c.token_ids)
             pos.extend(range(c.start_pos, c.seq_len))
         d = self.device
+        if spill is not None:  # tables without the CPU's blocks, host ids as staging slots
+            tables, seq_lens = spill.tables, spill.seq_lens
+        else:
+            tables = [list(c.block_table) for c in chunks]
+            seq_lens = [c.seq_len for c in chunks]
         meta = AttentionMetadata.build(
-            [len(c.token_ids) for c in chunks],
-            [c.seq_len for c in chunks],
-            [list(c.block_table) for c in chunks],
-            self.limits.block_size,
-            d,
+            [len(c.token_ids) for c in chunks], seq_lens, tables, self.limits.block_size, d
         )
+        if spill is not None:
+            spill.bind(meta)
         input_ids = torch.tensor(ids, dtype=torch.long, device=d)
         positions = torch.tensor(pos, dtype=torch.long, device=d)
-        return self.model(input_ids, positions, self.kv.layers, meta, self.backend)
+        hidden = self.model(input_ids, positions, self.kv.layers, meta, self.backend)
+        return hidden, (spill.finish() if spill is not None else None)
+
+    def _spill_step(self, batch: ScheduledBatch) -> SpillStep | None:
+        """The step's movement and mixed-table plan, or None for an all-device step."""
+        swaps = batch.swaps
+        if self.kv is None or (not swaps and not self.kv.host_blocks):
+            return None
+        bs = self.limits.block_size
+        n_host = host_blocks_of(batch.chunks, self.kv.num_blocks, bs)
+        if not n_host and not swaps:
+            return None
+        fraction = 0.0
+        if n_host:
+            forced = self._spill_option("spill", "auto")
+            if self.kv.device.type == "cpu" and forced == "auto":
+                forced = "stream"  # the "host" is the same memory: nothing to gain from a split
+            shape = self._step_shape(batch)
+            fraction = spill_cost.choose(shape, self.spill_rates, forced).cpu_fraction
+        return SpillStep(self.kv, batch.chunks, swaps, cpu_fraction=fraction)
+
+    def _step_shape(self, batch: ScheduledBatch) -> spill_cost.StepShape:
+        """One layer's attention work of the step, split by tier, for the cost model."""
+        c, kv, bs = self.model_config, self.kv, self.limits.block_size
+        hq = c.num_attention_heads // self.world_size
+        per_key = kv.device_layer_block_bytes / bs
+        dev_flops = dev_bytes = host_flops = 0.0
+        n_host = 0
+        for ch in batch.chunks:
+            used = ch.block_table[: -(-ch.seq_len // bs)]
+            h = sum(1 for b in used if b >= kv.num_blocks)
+            n_host += h
+            qlen = len(ch.token_ids)
+            dev_flops += spill_cost.attention_flops(qlen, ch.seq_len - h * bs, hq, c.head_dim)
+            dev_bytes += (ch.seq_len - h * bs) * per_key
+            host_flops += spill_cost.attention_flops(qlen, h * bs, hq, c.head_dim)
+        return spill_cost.StepShape(
+            device_flops=dev_flops,
+            device_bytes=dev_bytes,
+            host_flops=host_flops,
+            host_bytes=n_host * kv.host_layer_block_bytes,
+            host_bytes_on_device=n_host * kv.device_layer_block_bytes,
+        )
 
     def _generator(self, c) -> torch.Generator | None:
         if c.params.temperature == 0:
@@ -336,5 +513,7 @@ class Worker:
     def shutdown(self) -> None:
         self.decode_graphs.close()
         self.parallel.comm.close()
+        if self.kv is not None:
+            self.kv.close()
         self.kv = None
         self.model = None

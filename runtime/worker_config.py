@@ -40,9 +40,27 @@ class WorkerConfig:
     )
     kv_cache_tokens: int | None = option(
         None,
-        help="KV capacity in tokens (default: max_model_len x max_num_seqs on CPU, "
-        "memory-sized on GPU)",
+        help="device KV capacity in tokens (default: sized from free device memory, or from "
+        "available memory on CPU, with headroom)",
         minimum=1,
+    )
+    kv_host_tokens: int | None = option(
+        None,
+        help="host KV capacity in tokens, where blocks spill to (0: none; default: sized from "
+        "available host memory with headroom on accelerators, none on CPU)",
+        minimum=0,
+    )
+    spill: str = option(
+        "auto",
+        help="attention over host-resident KV: auto (a cost model picks per step)|stream "
+        "(copy to the device)|cooperate (the CPU attends over part)|off (no host tier)",
+        choices=("auto", "stream", "cooperate", "off"),
+    )
+    kv_host_dtype: str = option(
+        "auto",
+        help="host KV storage: auto (the KV dtype)|bfloat16|float16|float32|fp8|int8 (8-bit "
+        "with per-block scales)",
+        choices=("auto", "bfloat16", "float16", "float32", "fp8", "int8"),
     )
     gpu_memory_utilization: float = option(
         0.9, help="share of the accelerator's memory the worker may fill", positive=True
@@ -56,6 +74,11 @@ class WorkerConfig:
         if self.gpu_memory_utilization > 1:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.spill == "off" and self.kv_host_tokens:
+            raise ConfigError(
+                f"spill=off leaves no host tier but kv_host_tokens={self.kv_host_tokens}; "
+                "drop one of them"
             )
         try:
             check_backend_name(self.attention)

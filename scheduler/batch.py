@@ -33,6 +33,9 @@ class ScheduledBatch:
     step: int
     chunks: tuple[SeqChunk, ...]
     finished_seq_ids: tuple[int, ...] = ()  # workers drop per-sequence state for these
+    # block copies (src_id, dst_id) in global ids (device 0..D-1, host D..D+H-1) every worker
+    # performs in order, for every layer, before the step's computation (spill, fetch, resume)
+    swaps: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:

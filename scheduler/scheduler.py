@@ -45,13 +45,21 @@ class Scheduler:
                 f"prompt of {prompt_len} tokens + max_new_tokens {params.max_new_tokens} = {total} "
                 f"exceeds the model's context limit max_model_len={limit} by {total - limit} tokens"
             )
-        cap = self.blocks.capacity_tokens
+        cap = self.capacity_tokens
         if total > cap:
             raise CapacityError(
                 f"prompt of {prompt_len} tokens + max_new_tokens {params.max_new_tokens} = {total} "
                 f"exceeds the KV cache capacity of {cap} tokens by {total - cap} tokens; "
-                "give the cache more memory (--kv-cache-tokens) or shorten the prompt"
+                + self._more_capacity_hint()
             )
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens (prompt + new) one request may hold."""
+        return self.blocks.capacity_tokens
+
+    def _more_capacity_hint(self) -> str:
+        return "give the cache more memory (--kv-cache-tokens) or shorten the prompt"
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(len(seq.prompt_ids), seq.params)

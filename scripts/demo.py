@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from cluster import LLM, SamplingParams
 from scheduler.errors import TilerunError
@@ -50,7 +49,6 @@ def main() -> int:
     if args.prompt_tokens < 8192:
         print("note: a long-context demo uses at least 8192 prompt tokens", file=sys.stderr)
 
-    t0 = time.perf_counter()
     print(f"starting an embedded Ray cluster and {args.tp} worker(s) for {args.model} ...")
     with LLM(
         model=args.model,
@@ -62,12 +60,7 @@ def main() -> int:
         max_num_seqs=1,
     ) as llm:
         info = llm.engine.device_infos[0]
-        ready = time.perf_counter() - t0
-        print(
-            f"ready in {ready:.1f}s: {len(llm.engine.device_infos)} worker(s) on {info['device']} "
-            f"({info['name']}), attention={info['attention']}, dtype={info['dtype']}, "
-            f"KV cache {llm.engine.executor.num_blocks} blocks x {llm.config.scheduler.block_size} tokens"
-        )
+        print(llm.ready_line)
         dash = llm.engine.executor.cluster.get("dashboard")
         if dash:
             print(f"Ray dashboard (token auth): {dash}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,6 +58,9 @@ class AttentionMetadata:
     query_lens_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...] | None  # None in a captured step: lengths live on the device
     captured: CapturedDecode | None = None  # set only for a decode step captured in a CUDA graph
+    # a step over host-resident KV blocks (runtime.spill_step.SpillStep): the attention layer
+    # hands its KV write and attention to it; None on all-device steps
+    spill: Any = None
 
     @property
     def num_seqs(self) -> int:

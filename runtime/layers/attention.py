@@ -52,6 +52,9 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
+        if meta.spill is not None:  # some KV blocks live on the host, or blocks move this step
+            out = meta.spill.attention(q.contiguous(), k, v, k_cache, v_cache, backend, self.scale)
+            return self.o_proj(out.reshape(t, q_local))
         backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out, _lse = backend.forward(q.contiguous(), k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, q_local))

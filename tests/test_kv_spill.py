@@ -1,0 +1,477 @@
+"""Two-tier KV cache: swaps move exactly the right blocks, and attention over block tables that
+mix device and host blocks equals attention over all-device blocks (float64 reference).
+
+Placements are seeded random: every full block before a sequence's first query position may be
+on the host (the scheduler's invariant); the rest are on the device at shuffled ids. Both ways of
+attending (stream: staged copies, one kernel call; cooperate: part on the CPU, merged by lse) and
+a staging area too small for the step (the overflow goes to the CPU) are checked for the torch,
+sdpa and triton (interpreter) backends, prefill chunks and decode, GQA, ragged lengths.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from runtime.attention.base import AttentionMetadata
+from runtime.attention.merge import merge_attention_states
+from runtime.attention.partial import visible_attention
+from runtime.attention.reference import reference_attention
+from runtime.attention.registry import get_backend
+from runtime.kv_cache import KVCache
+from runtime.spill_step import SpillInvariantError, SpillStep
+from scheduler.batch import SeqChunk
+from scheduler.request import SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=1)
+
+# (query lens, seq lens): decode, prefill chunks after a long prefix, mixed, ragged
+CASES = {
+    "decode": ([1], [113]),
+    "decode-batch": ([1, 1, 1], [17, 1, 113]),
+    "chunk": ([17], [113]),
+    "mixed": ([1, 17, 5, 1], [300, 113, 17, 64]),
+}
+SMALL = {  # for Triton's interpreter
+    "decode": ([1, 1], [17, 40]),
+    "chunk": ([5], [40]),
+}
+
+
+def build(
+    query_lens,
+    seq_lens,
+    *,
+    bs,
+    hq,
+    hkv,
+    d,
+    layers=2,
+    seed=0,
+    p_host=0.6,
+    staging=None,
+    host_dtype=None,
+    spare=3,
+    device="cpu",
+    dtype=torch.float32,
+):
+    """A two-tier cache holding random KV at a random placement, and the same KV all-device."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    counts = [-(-s // bs) for s in seq_lens]
+    total = sum(counts)
+    # logical contents [layers, 2, total, bs, hkv, d]; logical block i of the batch
+    content = torch.randn(layers, 2, total, bs, hkv, d, generator=g).to(dtype)
+    placement = []  # per logical block: ("dev"|"host", index)
+    logical = 0
+    for qlen, slen, n in zip(query_lens, seq_lens, counts):
+        start = slen - qlen
+        for i in range(n):
+            host = (i + 1) * bs <= start and rng.random() < p_host
+            placement.append("host" if host else "dev")
+            logical += 1
+    n_dev = placement.count("dev")
+    n_host = placement.count("host")
+    D = n_dev + spare + n_host  # room for scratch blocks the host contents pass through
+    H = n_host + spare
+    kv = KVCache(
+        layers,
+        D,
+        bs,
+        hkv,
+        d,
+        dtype,
+        torch.device(device),
+        host_blocks=H,
+        host_dtype=host_dtype,
+        staging_blocks=staging,
+        pin_in_background=False,
+    )
+    for t in (kv.k_all, kv.v_all):
+        t.fill_(float("nan"))  # unused memory must never be read
+    dev_ids = rng.sample(range(D - n_host), n_dev)
+    host_ids = [D + h for h in rng.sample(range(H), n_host)]
+    scratch = list(range(D - n_host, D))
+    global_ids, swaps_in = [], []
+    di = hi = 0
+    for i, where in enumerate(placement):
+        if where == "dev":
+            b = dev_ids[di]
+            di += 1
+            for li in range(layers):
+                kv.layers[li][0][b] = content[li, 0, i]
+                kv.layers[li][1][b] = content[li, 1, i]
+        else:
+            b = host_ids[hi]
+            s = scratch[hi]
+            hi += 1
+            for li in range(layers):
+                kv.layers[li][0][s] = content[li, 0, i]
+                kv.layers[li][1][s] = content[li, 1, i]
+            swaps_in.append((s, b))
+        global_ids.append(b)
+    tables, k = [], 0
+    for n in counts:
+        tables.append(global_ids[k : k + n])
+        k += n
+    ref_tables, k = [], 0
+    for n in counts:
+        ref_tables.append(list(range(k, k + n)))
+        k += n
+    return kv, content, tables, ref_tables, swaps_in
+
+
+def run_step(
+    kv,
+    content,
+    tables,
+    ref_tables,
+    query_lens,
+    seq_lens,
+    backend,
+    *,
+    hq,
+    d,
+    fraction,
+    swaps=(),
+    seed=1,
+):
+    """All layers of one step through SpillStep; returns the step's figures and, per layer,
+    ``(out, float64 reference, the same backend over an all-device cache)``."""
+    g = torch.Generator().manual_seed(seed)
+    bs = kv.block_size
+    dev = kv.device
+    chunks = [
+        SeqChunk(b, (0,) * q, s - q, tuple(t), False, PARAMS)
+        for b, (q, s, t) in enumerate(zip(query_lens, seq_lens, tables))
+    ]
+    step = SpillStep(kv, chunks, swaps, cpu_fraction=fraction)
+    meta = AttentionMetadata.build(query_lens, step.seq_lens, step.tables, bs, dev)
+    step.bind(meta)
+    ref_meta = AttentionMetadata.build(query_lens, seq_lens, ref_tables, bs)
+    plain_meta = AttentionMetadata.build(query_lens, seq_lens, ref_tables, bs, dev)
+    results = []
+    for layer in range(kv.num_layers):
+        q = torch.randn(sum(query_lens), hq, d, generator=g).to(kv.dtype)
+        # this step's own keys/values: the contents at its positions (the write rewrites them)
+        ks, vs = [], []
+        for b, (qlen, slen) in enumerate(zip(query_lens, seq_lens)):
+            for p in range(slen - qlen, slen):
+                blk = ref_tables[b][p // bs]
+                ks.append(content[layer, 0, blk, p % bs])
+                vs.append(content[layer, 1, blk, p % bs])
+        k_new, v_new = torch.stack(ks).to(dev), torch.stack(vs).to(dev)
+        kc, vc = kv.layers[layer]
+        out = step.attention(q.to(dev), k_new, v_new, kc, vc, backend, d**-0.5)
+        ref_k = content[layer, 0]
+        ref_v = content[layer, 1]
+        ref_out, _ = reference_attention(q, ref_k, ref_v, ref_meta, d**-0.5)
+        plain, _ = backend.forward(q.to(dev), ref_k.to(dev), ref_v.to(dev), plain_meta, d**-0.5)
+        results.append((out, ref_out, plain))
+    return step.finish(), results
+
+
+BACKENDS = ["torch", "sdpa"]
+MODES = {"stream": 0.0, "cooperate": 0.5, "cpu-all": 1.0}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("layout", [(16, 4, 4), (7, 8, 2)], ids=["mha-bs16", "gqa4-bs7"])
+def test_mixed_tables_equal_all_device(case, backend_name, mode, layout):
+    bs, hq, hkv = layout
+    d = 16
+    qlens, slens = CASES[case]
+    for seed in (0, 1):
+        kv, content, tables, ref_tables, swaps_in = build(
+            qlens, slens, bs=bs, hq=hq, hkv=hkv, d=d, seed=seed
+        )
+        # seed 0: the host blocks arrive by this step's own swaps; seed 1: by an earlier step's
+        if seed == 1:
+            for layer in range(kv.num_layers):
+                kv.copy_blocks(layer, swaps_in)
+            swaps_in = ()
+        backend = get_backend(
+            backend_name, "cpu", **({"kv_tile": 37} if backend_name == "torch" else {})
+        )
+        figs, results = run_step(
+            kv,
+            content,
+            tables,
+            ref_tables,
+            qlens,
+            slens,
+            backend,
+            hq=hq,
+            d=d,
+            fraction=MODES[mode],
+            swaps=tuple(swaps_in),
+        )
+        for out, ref, plain in results:
+            assert torch.isfinite(out).all()
+            assert (out.double() - ref).abs().max().item() < 1e-5
+            if MODES[mode] == 0:  # stream: the same kernel over the same keys, bit for bit
+                assert torch.equal(out, plain)
+        if figs.host_blocks:
+            expect = "stream" if MODES[mode] == 0 else "cooperate"
+            if MODES[mode] == 0.5 and figs.cpu_blocks == 0:
+                expect = "stream"  # one host block per sequence rounds to none on the CPU
+            assert figs.mode == expect
+        per_layer_swap = len(swaps_in) * kv.host_layer_block_bytes
+        staged = figs.host_blocks - figs.cpu_blocks  # distinct here: no block is shared
+        assert figs.bytes_moved == kv.num_layers * (
+            per_layer_swap + staged * kv.host_layer_block_bytes
+        )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_staging_overflow_goes_to_the_cpu(case):
+    qlens, slens = CASES[case]
+    kv, content, tables, ref_tables, swaps_in = build(
+        qlens, slens, bs=7, hq=8, hkv=2, d=16, seed=3, p_host=0.9, staging=2
+    )
+    for layer in range(kv.num_layers):
+        kv.copy_blocks(layer, swaps_in)
+    figs, results = run_step(
+        kv,
+        content,
+        tables,
+        ref_tables,
+        qlens,
+        slens,
+        get_backend("torch", "cpu"),
+        hq=8,
+        d=16,
+        fraction=0.0,
+    )
+    for out, ref, _ in results:
+        assert (out.double() - ref).abs().max().item() < 1e-5
+    if figs.host_blocks > 2:
+        assert figs.cpu_blocks == figs.host_blocks - 2 and figs.mode == "cooperate"
+
+
+@pytest.mark.parametrize("mode", ["stream", "cooperate"])
+@pytest.mark.parametrize("case", SMALL)
+def test_mixed_tables_triton_interpreter(case, mode):
+    pytest.importorskip("triton")
+    from runtime.attention.registry import resolve_backend_name
+
+    try:
+        resolve_backend_name("triton", torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"triton backend unavailable on CPU: {e}")
+    qlens, slens = SMALL[case]
+    kv, content, tables, ref_tables, swaps_in = build(
+        qlens, slens, bs=4, hq=4, hkv=2, d=16, seed=5, layers=2
+    )
+    figs, results = run_step(
+        kv,
+        content,
+        tables,
+        ref_tables,
+        qlens,
+        slens,
+        get_backend("triton", "cpu"),
+        hq=4,
+        d=16,
+        fraction=0.5 if mode == "cooperate" else 0.0,
+        swaps=tuple(swaps_in),
+    )
+    assert figs.host_blocks > 0
+    for out, ref, _ in results:
+        assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+def test_host_block_that_is_not_before_the_queries_is_refused():
+    kv = KVCache(
+        1, 8, 4, 1, 8, torch.float32, torch.device("cpu"), host_blocks=4, pin_in_background=False
+    )
+    chunk = SeqChunk(0, (0, 0), 6, (0, 8), False, PARAMS)  # host block 8 holds positions 4..7
+    with pytest.raises(SpillInvariantError, match="host block 8 at table entry 1"):
+        SpillStep(kv, [chunk])
+
+
+def test_swaps_move_exactly_the_right_blocks():
+    """Spills, fetches, device and host copies in one ordered list, a source overwritten after
+    it was read: every block ends as sequential semantics say, nothing else changes, and the
+    bytes reported are the cross-tier copies."""
+    L, D, H, bs, h, d = 3, 6, 5, 4, 2, 8
+    kv = KVCache(
+        L, D, bs, h, d, torch.float32, torch.device("cpu"), host_blocks=H, pin_in_background=False
+    )
+    g = torch.Generator().manual_seed(0)
+    truth = {}
+    for b in range(D + H):
+        x = torch.randn(L, 2, bs, h, d, generator=g)
+        truth[b] = x
+        for li in range(L):
+            if b < D:
+                kv.layers[li][0][b], kv.layers[li][1][b] = x[li, 0], x[li, 1]
+            else:
+                chunk, row = kv.host.locate(b - D)
+                kv.host.chunk(chunk)[li, :, row] = x[li]
+    swaps = [(1, 6), (2, 7), (3, 8), (6, 1), (1, 9), (4, 5), (9, 10), (8, 2), (0, 3)]
+    expect = dict(truth)
+    for s, t in swaps:
+        expect[t] = expect[s]
+    cross = sum(1 for s, t in swaps if (s >= D) != (t >= D))
+    moved = sum(kv.copy_blocks(li, swaps) for li in range(L))
+    assert moved == L * cross * kv.host_layer_block_bytes
+    assert kv.host_layer_block_bytes == 2 * bs * h * d * 4
+    for b in range(D + H):
+        for li in range(L):
+            if b < D:
+                got = torch.stack([kv.layers[li][0][b], kv.layers[li][1][b]])
+            else:
+                chunk, row = kv.host.locate(b - D)
+                got = kv.host.chunk(chunk)[li, :, row]
+            assert torch.equal(got, expect[b][li]), (b, li)
+
+
+def test_host_pool_chunks_and_runs_across_them():
+    """Host blocks spread over several small chunks: runs split at chunk ends, contents kept."""
+    L, D, H, bs, h, d = 2, 4, 10, 2, 1, 4
+    kv = KVCache(
+        L, D, bs, h, d, torch.float32, torch.device("cpu"), host_blocks=H, pin_in_background=False
+    )
+    kv.host = type(kv.host)(
+        H,
+        L,
+        (bs, h, d),
+        torch.float32,
+        pin=False,
+        chunk_bytes=3 * kv.host.block_bytes,
+        background=False,
+    )
+    assert kv.host.chunk_blocks == 3 and kv.host.num_chunks == 4
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(L, 2, 4, bs, h, d, generator=g)
+    for li in range(L):
+        kv.layers[li][0][:], kv.layers[li][1][:] = x[li, 0], x[li, 1]
+    pairs = [(0, D + 1), (1, D + 2), (2, D + 3), (3, D + 4)]  # rows 1..4 cross chunk 0 -> 1
+    for li in range(L):
+        kv.copy_blocks(li, pairs)
+    k, v = kv.host_kv(1, [D + 1, D + 2, D + 3, D + 4])
+    assert [t.shape[0] for t in k] == [2 * bs, 2 * bs]  # two runs: rows 1-2 | 3-4 (chunk 1)
+    assert torch.equal(torch.cat(k), x[1, 0].reshape(-1, h, d))
+    assert torch.equal(torch.cat(v), x[1, 1].reshape(-1, h, d))
+    assert kv.host.allocated_bytes == 2 * 3 * kv.host.block_bytes  # chunks 0 and 1 only
+
+
+def test_block_zero_is_finite_and_nothing_else_is_filled():
+    kv = KVCache(3, 5, 4, 2, 8, torch.float32, torch.device("cpu"))
+    for k, v in kv.layers:
+        assert torch.equal(k[0], torch.zeros_like(k[0])) and torch.equal(
+            v[0], torch.zeros_like(v[0])
+        )
+
+
+def test_merge_equals_attention_over_the_union():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(5, 8, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(300, 2, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(300, 2, 16, generator=g, dtype=torch.float64)
+    perm = torch.randperm(300, generator=g)
+    a, b = perm[:123], perm[123:]
+    oa, la = visible_attention(q, k[a], v[a], 0.25, kv_tile=50)
+    ob, lb = visible_attention(q, k[b], v[b], 0.25, kv_tile=64)
+    out, lse = merge_attention_states(oa, la, ob, lb)
+    kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    s = torch.einsum("qhd,khd->hqk", q, kr) * 0.25
+    ref = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vr)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    assert (lse.double() - torch.logsumexp(s, -1).T).abs().max().item() < 1e-5
+    # an empty side merges as "saw nothing"
+    oe, le = visible_attention(q, k[:0], v[:0], 0.25)
+    out2, lse2 = merge_attention_states(oa, la, oe, le)
+    assert torch.allclose(out2, oa.float()) and torch.allclose(lse2, la.float())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_8bit_host_blocks_round_trip_within_the_format_bound(kind):
+    L, D, H, bs, h, d = 2, 4, 4, 8, 2, 16
+    kv = KVCache(
+        L,
+        D,
+        bs,
+        h,
+        d,
+        torch.float32,
+        torch.device("cpu"),
+        host_blocks=H,
+        host_dtype=kind,
+        pin_in_background=False,
+    )
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(L, 2, D, bs, h, d, generator=g) * torch.logspace(-3, 2, D).view(
+        1, 1, D, 1, 1, 1
+    )
+    x[0, 0, 1] = 0  # an all-zero block
+    for li in range(L):
+        kv.layers[li][0][:], kv.layers[li][1][:] = x[li, 0], x[li, 1]
+        moved = kv.copy_blocks(li, [(b, D + b) for b in range(D)])
+        assert moved == D * (2 * bs * h * d * 1 + 8)  # one byte per value, two scales
+        kv.layers[li][0].fill_(float("nan"))
+        kv.copy_blocks(li, [(D + b, b) for b in range(D)])  # fetch back (dequantised)
+    for li in range(L):
+        for kind_i in (0, 1):
+            got, want = kv.layers[li][kind_i], x[li, kind_i]
+            amax = want.abs().amax(dim=(1, 2, 3), keepdim=True)
+            if kind == "int8":
+                bound = amax / 254 * 1.001
+            else:  # 3 mantissa bits: half a step of 2^-3 relative, subnormals below 2^-6
+                scale = amax / 448
+                bound = torch.maximum(want.abs() / 16, scale * 2**-10) * 1.001
+            err = (got - want).abs()
+            assert (err <= bound + 1e-12).all()
+            assert err.max() > 0  # it did quantise
+    assert torch.equal(kv.layers[0][0][1], torch.zeros_like(x[0, 0, 1]))  # zeros stay zeros
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["stream", "cpu"])
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_attention_over_8bit_host_blocks_is_close(kind, fraction):
+    qlens, slens = CASES["mixed"]
+    kv, content, tables, ref_tables, swaps_in = build(
+        qlens, slens, bs=16, hq=8, hkv=2, d=16, seed=6, p_host=1.0, host_dtype=kind
+    )
+    figs, results = run_step(
+        kv,
+        content,
+        tables,
+        ref_tables,
+        qlens,
+        slens,
+        get_backend("torch", "cpu"),
+        hq=8,
+        d=16,
+        fraction=fraction,
+        swaps=tuple(swaps_in),
+    )
+    assert figs.host_blocks > 0
+    tol = 0.1 if kind == "fp8" else 0.03
+    errs = [(out.double() - ref).abs().max().item() for out, ref, _ in results]
+    assert 0 < max(errs) < tol, errs
+
+
+def test_host_pool_grows_as_it_fills():
+    """Chunks are allocated ``ahead`` of the highest one used, in the background; ``pin_all``
+    asks for the rest; nothing is allocated that nobody asked for."""
+    from runtime.host_pool import HostPool
+
+    pool = HostPool(10, 1, (2, 1, 4), torch.float32, pin=False, chunk_bytes=64, ahead=2)
+    try:
+        assert pool.chunk_blocks == 1 and pool.num_chunks == 10
+        assert pool.wait_allocated(60)
+        assert [c is not None for c in pool._chunks] == [True] * 2 + [False] * 8
+        pool.chunk(4)  # in use: 4 itself (now, in the foreground if need be) and 2 more ahead
+        assert pool.wait_allocated(60)
+        assert [c is not None for c in pool._chunks] == [True] * 7 + [False] * 3
+        pool.pin_all()
+        assert pool.wait_allocated(60)
+        assert all(c is not None for c in pool._chunks)
+    finally:
+        pool.close()

@@ -1,0 +1,89 @@
+"""The spill cost model: which share of host-resident KV the CPU attends, from measured rates."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.spill_cost import (
+    GRID,
+    SpillRates,
+    StepShape,
+    attention_flops,
+    choose,
+    layer_seconds,
+)
+
+# an H100-like device, a PCIe 5 link, a many-core host
+H100 = SpillRates(
+    link_bytes_per_s=50e9,
+    device_flops=400e12,
+    device_bytes_per_s=2.5e12,
+    cpu_flops=2e12,
+    cpu_bytes_per_s=60e9,
+)
+
+
+def decode_shape(device_keys: int, host_keys: int, heads=32, kv_heads=32, d=128, elem=2):
+    per_key = 2 * kv_heads * d * elem
+    return StepShape(
+        device_flops=attention_flops(1, device_keys, heads, d),
+        device_bytes=device_keys * per_key,
+        host_flops=attention_flops(1, host_keys, heads, d),
+        host_bytes=host_keys * per_key,
+        host_bytes_on_device=host_keys * per_key,
+    )
+
+
+def prefill_shape(queries: int, device_keys: int, host_keys: int, heads=32, kv_heads=32, d=128):
+    per_key = 2 * kv_heads * d * 2
+    return StepShape(
+        device_flops=attention_flops(queries, device_keys, heads, d),
+        device_bytes=device_keys * per_key,
+        host_flops=attention_flops(queries, host_keys, heads, d),
+        host_bytes=host_keys * per_key,
+        host_bytes_on_device=host_keys * per_key,
+    )
+
+
+def test_decode_over_host_kv_shares_the_reads_between_link_and_cpu():
+    # decode reads every host byte once: the link (50 GB/s) and the CPU (60 GB/s) together
+    # beat either alone, so the model gives the CPU about 60/110 of the host blocks
+    c = choose(decode_shape(64_000, 192_000), H100)
+    assert c.mode == "cooperate"
+    assert 0.4 < c.cpu_fraction < 0.7
+    assert c.layer_seconds < layer_seconds(decode_shape(64_000, 192_000), H100, 0.0)
+    assert c.layer_seconds < layer_seconds(decode_shape(64_000, 192_000), H100, 1.0)
+
+
+def test_prefill_chunks_stream_because_the_cpu_cannot_keep_up_with_the_flops():
+    # a 4096-query chunk over 128K host keys: the CPU's 2 TFLOP/s is 200x too slow
+    c = choose(prefill_shape(4096, 8192, 131_072), H100)
+    assert c.mode == "stream" and c.cpu_fraction == 0.0
+
+
+def test_forced_modes_and_unknown_rates():
+    shape = decode_shape(1000, 5000)
+    assert choose(shape, H100, "stream").cpu_fraction == 0.0
+    forced = choose(shape, H100, "cooperate")
+    assert forced.mode == "cooperate" and forced.cpu_fraction >= 1 / GRID
+    # a prefill the model would stream still gives the CPU its smallest share when forced
+    big = prefill_shape(4096, 8192, 131_072)
+    assert choose(big, H100, "cooperate").cpu_fraction == 1 / GRID
+    unknown = SpillRates(0, 0, 0, 0, 0)
+    assert choose(shape, unknown).mode == "stream"
+    assert choose(shape, None, "cooperate").cpu_fraction == 0.5
+    assert choose(decode_shape(1000, 0), H100, "cooperate").mode == "stream"  # nothing on host
+    with pytest.raises(ValueError, match="spill mode 'fast'"):
+        choose(shape, H100, "fast")
+
+
+def test_the_choice_is_the_grid_minimum():
+    for shape in (decode_shape(10, 100_000), prefill_shape(64, 1000, 20_000)):
+        c = choose(shape, H100)
+        best = min(layer_seconds(shape, H100, i / GRID) for i in range(GRID + 1))
+        assert c.layer_seconds == pytest.approx(best)
+
+
+def test_a_slow_cpu_is_never_asked():
+    slow = SpillRates(50e9, 400e12, 2.5e12, cpu_flops=1e9, cpu_bytes_per_s=1e8)
+    assert choose(decode_shape(64_000, 192_000), slow).mode == "stream"

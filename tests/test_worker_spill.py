@@ -1,0 +1,148 @@
+"""A real Worker (tiny Llama, CPU) over a two-tier KV cache: the same steps with blocks spilled to
+the host, fetched back and re-used in the same step give the logits and greedy tokens of the
+all-device run, for the stream and cooperate modes and with a staging area that is too small."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.loader import resolve_model
+from runtime.worker import Worker
+from runtime.worker_config import WorkerConfig
+from scheduler.batch import ScheduledBatch, SeqChunk
+from scheduler.config import SchedulerConfig
+from scheduler.request import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=8)
+BS = 4
+
+
+def make_worker(attention: str, device_blocks: int, host_blocks: int, spill: str, staging=None):
+    source = resolve_model("tiny")
+    limits = SchedulerConfig(block_size=BS).for_model(source.config.max_position_embeddings)
+    w = Worker(WorkerConfig(model="tiny", device="cpu", attention=attention), source, limits)
+    w.init_device()
+    w.load_model()
+    w._spill_option = lambda name, default: spill if name == "spill" else default
+    if staging is not None:
+        w._staging_blocks = lambda d: staging
+    w.init_kv_cache(device_blocks, host_blocks)
+    for t in (w.kv.k_all, w.kv.v_all):  # block 0 aside, memory is garbage: make it loud
+        t[1:].fill_(float("nan"))
+    for k, v in w.kv.layers:
+        k[0].zero_()
+        v[0].zero_()
+    return w
+
+
+def schedule(D: int | None):
+    """The steps of two sequences; with ``D`` (device blocks) the spilled variant."""
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randint(0, 512, (40,), generator=g).tolist()
+    p1 = torch.randint(0, 512, (9,), generator=g).tolist()
+    h = (lambda i: D + i) if D is not None else None
+    # seq 0 uses device blocks 0..10 (all-device run), seq 1 blocks 12..14
+    t0 = list(range(11))
+    t1 = [12, 13, 14]
+    steps = []
+    steps.append(([(0, p0[:24], 0, t0[:6], False), (1, p1, 0, t1, True)], ()))
+    if D is None:
+        steps.append(([(0, p0[24:], 24, t0[:10], True)], ()))
+        for _ in range(3):
+            steps.append(([(0, None, None, t0, True), (1, None, None, t1, True)], ()))
+        return steps
+    # spill seq 0's blocks 1..4 and write the chunk into the very same device blocks
+    spilled = [0, h(0), h(1), h(2), h(3), 5, 1, 2, 3, 4]
+    steps.append(([(0, p0[24:], 24, spilled, True)], ((1, h(0)), (2, h(1)), (3, h(2)), (4, h(3)))))
+    a = spilled + [6]
+    steps.append(([(0, None, None, a, True), (1, None, None, [h(6), 13, 14], True)], ((12, h(6)),)))
+    b = [0, h(0), 7, h(2), h(3), 5, 1, 2, 3, 4, 6]  # fetch h(1) back into device block 7
+    steps.append(([(0, None, None, b, True), (1, None, None, [h(6), 13, 14], True)], ((h(1), 7),)))
+    c = [0, h(0), 7, h(2), h(3), h(4), 1, 2, 3, 4, 6]  # spill block 5 as well
+    steps.append(([(0, None, None, c, True), (1, None, None, [h(6), 13, 14], True)], ((5, h(4)),)))
+    return steps
+
+
+def run(worker: Worker, steps):
+    """Execute the steps, feeding each sequence its own sampled tokens; logits of every row."""
+    pos = {}
+    last = {}
+    out = []
+    for n, (chunks, swaps) in enumerate(steps):
+        built = []
+        for sid, tokens, start, table, sample in chunks:
+            if tokens is None:  # decode: the token sampled last
+                tokens, start = [last[sid]], pos[sid]
+            built.append(SeqChunk(sid, tuple(tokens), start, tuple(table), sample, GREEDY))
+            pos[sid] = start + len(tokens)
+        r = worker.execute(ScheduledBatch(n, tuple(built), swaps=swaps), logits="all")
+        last.update(r.sampled)
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize(
+    "spill,staging",
+    [("stream", None), ("cooperate", None), ("stream", 2)],
+    ids=["stream", "cooperate", "stream-small-staging"],
+)
+@pytest.mark.parametrize("attention", ["torch", "sdpa"])
+def test_spilled_run_equals_all_device_run(attention, spill, staging):
+    ref = run(make_worker(attention, 16, 0, "auto"), schedule(None))
+    D = 64
+    got = run(make_worker(attention, D, 16, spill, staging), schedule(D))
+    for n, (a, b) in enumerate(zip(ref, got)):
+        assert a.sampled == b.sampled, n
+        for sid in a.logits:
+            assert torch.isfinite(b.logits[sid]).all()
+            assert torch.allclose(a.logits[sid], b.logits[sid], atol=1e-5, rtol=1e-5), (n, sid)
+    assert [r.spill_mode for r in got[1:]] == (
+        ["stream"] * 4 if spill == "stream" and staging is None else ["cooperate"] * 4
+    )
+    assert all(r.bytes_moved > 0 for r in got[1:])
+    assert got[0].spill_mode == "none" and got[0].bytes_moved == 0
+
+
+def test_tier_sizes_from_flags_and_defaults():
+    from runtime.worker_config import WorkerConfig
+    from scheduler.errors import ConfigError
+
+    def capacity(**kw):
+        source = resolve_model("tiny")
+        limits = SchedulerConfig(block_size=BS).for_model(source.config.max_position_embeddings)
+        w = Worker(WorkerConfig(model="tiny", device="cpu", **kw), source, limits)
+        w.init_device()
+        return w.kv_cache_capacity()
+
+    assert capacity(kv_cache_tokens=64, kv_host_tokens=4096) == {
+        "device_blocks": 16,
+        "host_blocks": 1024,
+    }
+    assert capacity(kv_cache_tokens=64)["host_blocks"] == 0  # a CPU device: no automatic tier
+    assert capacity(kv_cache_tokens=64, kv_host_tokens=0)["host_blocks"] == 0
+    auto = capacity()  # sized from memory, not from max_model_len x max_num_seqs
+    assert auto["device_blocks"] > 1 and auto["host_blocks"] == 0
+    with pytest.raises(ConfigError, match="spill=off leaves no host tier but kv_host_tokens=8"):
+        WorkerConfig(spill="off", kv_host_tokens=8)
+    with pytest.raises(ConfigError, match="kv_host_dtype='fp4' is not valid"):
+        WorkerConfig(kv_host_dtype="fp4")
+
+
+def test_measured_rates_feed_the_cost_model():
+    from runtime.attention.registry import get_backend
+    from runtime.spill_rates import measure_rates
+
+    rates = measure_rates(
+        get_backend("torch", "cpu"),
+        torch.device("cpu"),
+        torch.float32,
+        4,
+        2,
+        16,
+        4,
+        keys=256,
+        queries=16,
+        link_bytes=1 << 20,
+    )
+    assert rates.known
