@@ -29,3 +29,9 @@ class WorkerActor(Worker):
 
     def ping(self) -> int:
         return self.rank
+
+    def where(self) -> dict:
+        """The process and Ray node this worker lives in (status tables, recovery tests)."""
+        import os
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}

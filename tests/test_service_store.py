@@ -1,0 +1,106 @@
+"""The task store and the cluster file, without Ray: real SQLite, real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster.service.spec import load_cluster_file
+from cluster.service.store import TaskStore
+from scheduler.errors import ConfigError
+
+
+def test_tasks_keep_arrival_order_and_their_inputs(tmp_path):
+    s = TaskStore(tmp_path / "tasks.db")
+    a = s.add([1, 2, 3], {"max_new_tokens": 4}, prompt_text="abc")
+    b = s.add([4], {"max_new_tokens": 1})
+    assert [t.id for t in s.list(("queued",))] == [a, b]
+    t = TaskStore(tmp_path / "tasks.db").get(a)  # another connection sees it committed
+    assert t.prompt_token_ids == [1, 2, 3] and t.params == {"max_new_tokens": 4}
+    assert t.prompt_text == "abc" and t.state == "queued" and t.attempts == 0
+
+
+def test_lifecycle_attempts_requeue_and_results(tmp_path):
+    s = TaskStore(tmp_path / "tasks.db")
+    a = s.add([1, 2, 3], {"max_new_tokens": 4})
+    assert s.start(a) == 1
+    s.progress([(a, 2, 0, None, None)])
+    assert s.get(a).prefill_done == 2
+    s.requeue(a, "worker died")
+    t = s.get(a)
+    assert (t.state, t.attempts, t.error, t.prefill_done) == ("queued", 1, "worker died", 0)
+    assert s.start(a) == 2
+    s.requeue(a, None, refund_attempt=True)  # `tilerun down`: not the task's fault
+    assert s.get(a).attempts == 1
+    s.start(a)
+    out = {"token_ids": [7, 8], "metrics": {"generated_tokens": 2, "ttft_s": 0.5}}
+    s.finish(a, "done", output=out)
+    t = s.get(a)
+    assert t.state == "done" and t.output == out and t.prefill_done == 3 and t.generated == 2
+    with pytest.raises(ValueError):
+        s.finish(a, "running")
+
+
+def test_cancel_queued_at_once_running_by_request(tmp_path):
+    s = TaskStore(tmp_path / "tasks.db")
+    a, b = s.add([1], {}), s.add([2], {})
+    assert s.request_cancel(a) == "cancelled" and s.get(a).state == "cancelled"
+    s.start(b)
+    assert s.request_cancel(b) == "running" and s.get(b).cancel_requested
+    assert s.request_cancel("nope") == "unknown"
+    assert s.list(("queued",)) == []
+
+
+def test_twenty_processes_submit_at_once_none_lost_or_duplicated(tmp_path):
+    db = tmp_path / "tasks.db"
+    TaskStore(db)  # schema first, as `tilerun up` does
+    code = (
+        "import sys; from cluster.service.store import TaskStore; "
+        "s = TaskStore(sys.argv[1]); print(s.add([int(sys.argv[2])] * 3, {'max_new_tokens': 2}))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(db), str(i)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(20)
+    ]
+    ids = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    tasks = TaskStore(db).list()
+    assert sorted(t.id for t in tasks) == sorted(ids) and len(set(ids)) == 20
+    assert sorted(t.prompt_token_ids[0] for t in tasks) == list(range(20))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            "model: tiny\ntp: 1\nprefil_chunk: 8\n",
+            r"line 3: unknown field 'prefil_chunk'; did you mean 'prefill_chunk'",
+        ),
+        ("model: tiny\ntp: two\n", r"line 2: tp must be a positive integer, got 'two'"),
+        ("device: cpu\n", r"missing field 'model'; add `model: demo-small`"),
+        ("model: tiny\nmax_attempts: 0\n", r"line 2: max_attempts must be a positive integer"),
+        (
+            "model: tiny\nkv_cache_tokens: -5\n",
+            r"line 2: kv_cache_tokens must be a positive integer",
+        ),
+        ("model: [tiny\n", r"line 1: not valid YAML"),
+    ],
+)
+def test_malformed_cluster_file_names_line_and_fix(tmp_path, text, match):
+    p = tmp_path / "cluster.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_cluster_file(p)
+
+
+def test_cluster_file_model_dir_is_relative_to_the_file(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    p = tmp_path / "cluster.yaml"
+    p.write_text("model: ckpt\ndevice: cpu\nmax_attempts: 2\n")
+    spec = load_cluster_file(p)
+    assert spec.engine.model == str((tmp_path / "ckpt").resolve())
+    assert spec.max_attempts == 2 and spec.engine.device == "cpu"
