@@ -40,7 +40,6 @@ from cluster.service.spec import (
 from cluster.service.store import TERMINAL, Task, TaskStore
 from scheduler.errors import ConfigError, TilerunError
 
-
 # Before Ray is first imported (it reads its configuration then): a tilerun cluster checks every
 # call's token, so clients present Ray's own (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
