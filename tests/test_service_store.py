@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cluster.service.spec import load_cluster_file
+from cluster.service.spec import load_spec
 from cluster.service.store import TaskStore
 from scheduler.errors import ConfigError
 
@@ -80,7 +80,13 @@ def test_twenty_processes_submit_at_once_none_lost_or_duplicated(tmp_path):
             "model: tiny\ntp: 1\nprefil_chunk: 8\n",
             r"line 3: unknown field 'prefil_chunk'; did you mean 'prefill_chunk'",
         ),
-        ("model: tiny\ntp: two\n", r"line 2: tp must be a positive integer, got 'two'"),
+        ("model: tiny\ntp: two\n", r"line 2: tp must be an integer, got 'two'"),
+        (
+            "model: tiny\nexecutor: local\n",
+            r"line 2: executor='local': the service runs its workers as Ray actors",
+        ),
+        ("model: tiny\noverlap: no\n", r"line 2: overlap must be true or false, got 'no'"),
+        ("model: tiny\ntp: 1\ntp: 2\n", r"line 3: field 'tp' is given twice"),
         ("device: cpu\n", r"missing field 'model'; add `model: demo-small`"),
         ("model: tiny\nmax_attempts: 0\n", r"line 2: max_attempts must be a positive integer"),
         (
@@ -94,13 +100,13 @@ def test_malformed_cluster_file_names_line_and_fix(tmp_path, text, match):
     p = tmp_path / "cluster.yaml"
     p.write_text(text)
     with pytest.raises(ConfigError, match=match):
-        load_cluster_file(p)
+        load_spec(p)
 
 
 def test_cluster_file_model_dir_is_relative_to_the_file(tmp_path):
     (tmp_path / "ckpt").mkdir()
     p = tmp_path / "cluster.yaml"
     p.write_text("model: ckpt\ndevice: cpu\nmax_attempts: 2\n")
-    spec = load_cluster_file(p)
-    assert spec.engine.model == str((tmp_path / "ckpt").resolve())
-    assert spec.max_attempts == 2 and spec.engine.device == "cpu"
+    spec = load_spec(p)
+    assert spec.engine.worker.model == str((tmp_path / "ckpt").resolve())
+    assert spec.service.max_attempts == 2 and spec.engine.worker.device == "cpu"

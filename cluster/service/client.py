@@ -1,7 +1,7 @@
 """The service from Python: what the commands do, callable from scripts.
 
 >>> from cluster.service.client import Service
->>> svc = Service.up("cluster.yaml")                  # or Service.up(model="tiny", device="cpu")
+>>> svc = Service.up("cluster.yaml")   # or Service.up(model="tiny", device="cpu"): the same fields
 >>> ids = [svc.submit(prompt="Once upon a time", max_new_tokens=32) for _ in range(8)]
 >>> outs = [svc.result(i, wait=True) for i in ids]    # the schema of `tilerun run --json`
 >>> svc.down()
@@ -32,6 +32,7 @@ from cluster.service.home import (
 )
 from cluster.service.spec import (
     ServiceSpec,
+    build_spec,
     engine_mismatch,
     load_cluster_file,
     parse_task,
@@ -96,13 +97,12 @@ class Service:
     ) -> Service:
         """Start (or attach to) Ray, start the engine actor, wait until its workers are ready."""
         svc = cls(home)
-        if cluster_file is not None:
-            spec = load_cluster_file(cluster_file)
-            if engine_fields:
-                spec = ServiceSpec.from_dict({**spec.to_dict(), **engine_fields})
-        else:
-            spec = ServiceSpec.from_dict(engine_fields)
-        svc._up(spec, address, timeout_s)
+        values, where = load_cluster_file(cluster_file) if cluster_file else ({}, {})
+        for k, v in engine_fields.items():
+            values[k] = v
+            where.pop(k, None)
+        spec = build_spec(values, where)
+        svc._up(spec, address or spec.engine.cluster.ray_address, timeout_s)
         return svc
 
     def _up(self, spec: ServiceSpec, address: str | None, timeout_s: float) -> None:
@@ -122,7 +122,7 @@ class Service:
             if address:
                 cluster = {"address": address, "started_by_tilerun": False}
             else:
-                cluster = head.start_head(self.home, spec.num_cpus)
+                cluster = head.start_head(self.home, spec.service.num_cpus)
             write_json(self.home, "cluster.json", cluster)
         try:
             connect(cluster["address"])
@@ -221,14 +221,13 @@ class Service:
 
     def submit_values(self, values: dict[str, Any], where: dict[str, str] | None = None) -> str:
         """Validate job fields (from a job file and flags) against the engine, then store."""
-        from runtime.engine_config import EngineConfig
+        from cluster.config import EngineConfig
         from runtime.tokenizer import load_tokenizer
         from scheduler.scheduler import Scheduler, SchedulerConfig
 
         info = self.engine_info()
         engine = info["config"]
         given = {k: values[k] for k in EngineConfig.field_names() if values.get(k) is not None}
-        given.pop("seed", None)  # a job's seed is its sampling seed here
         engine_mismatch(given, engine)
         text, ids, sampling = parse_task(values, where)
         if ids is None:
@@ -241,11 +240,8 @@ class Service:
                 "give ids the model's tokenizer makes, or a text prompt"
             )
         fits = Scheduler(
-            SchedulerConfig(
-                num_blocks=info["num_blocks"],
-                block_size=info["block_size"],
-                max_model_len=info["max_model_len"],
-            )
+            SchedulerConfig(block_size=info["block_size"], max_model_len=info["max_model_len"]),
+            info["num_blocks"],
         )
         fits.check_fits(len(ids), sampling)
         return self.store.add(ids, sampling_dict(sampling), prompt_text=text)

@@ -22,6 +22,9 @@ def _home(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> dict[str, Any]:
     """Add the service's subcommands to ``sub``; returns name -> handler."""
+    from cluster.cli import add_config_flags
+    from scheduler.request import SamplingParams
+
     p = sub.add_parser(
         "up",
         help="start the long-lived service (Ray head, engine actor, workers)",
@@ -49,12 +52,9 @@ def register(sub) -> dict[str, Any]:
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
     src.add_argument("--prompt-token-ids", help="comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
     _home(p)
     p.add_argument("--json", action="store_true", help='print {"id": ...}')
+    add_config_flags(p, [SamplingParams])
 
     p = sub.add_parser("status", help="tasks and actors of the service")
     p.add_argument("id", nargs="?", help="one task (a prefix of its id is enough)")
@@ -101,8 +101,12 @@ def _out(args, obj: dict, text: str) -> None:
 
 def cmd_up(args) -> int:
     from cluster.service.client import Service
+    from cluster.service.spec import cluster_fields
 
-    svc = Service.up(args.cluster, address=args.address, home=args.home, timeout_s=args.timeout)
+    flags = {k: getattr(args, k) for k in cluster_fields() if getattr(args, k, None) is not None}
+    svc = Service.up(
+        args.cluster, address=args.address, home=args.home, timeout_s=args.timeout, **flags
+    )
     info = svc.engine_info()
     urls = svc.urls()
     obj = {**urls, "model": info["config"]["model"], "tp": info["config"]["tp"],
@@ -120,26 +124,19 @@ def cmd_up(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from cluster.job import PROMPT_FIELDS, load_job_values
+    from cluster.job import PROMPT_FIELDS, load_job_values, sampling_fields
     from cluster.service.client import Service
 
     values, where = load_job_values(args.job) if args.job else ({}, {})
-    flags = {
-        "prompt": args.prompt,
-        "prompt_file": args.prompt_file,
-        "prompt_token_ids": args.prompt_token_ids,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "seed": args.seed,
-    }
-    if any(flags[k] is not None for k in PROMPT_FIELDS):
+    names = [*PROMPT_FIELDS, *sampling_fields()]
+    flags = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    # a prompt given as a flag replaces the file's prompt, whichever form either takes
+    if any(k in flags for k in PROMPT_FIELDS):
         for k in PROMPT_FIELDS:
             values.pop(k, None)
     for k, v in flags.items():
-        if v is not None:
-            values[k] = v
-            where.pop(k, None)
+        values[k] = v
+        where.pop(k, None)  # a flag's error has no file line
     task_id = Service(args.home).submit_values(values, where)
     _out(args, {"id": task_id}, task_id)
     return 0

@@ -113,7 +113,7 @@ class ServiceLoop:
         deadline = time.monotonic() + 60
         while True:
             try:
-                self.engine = Engine(self.spec.engine, executor="ray", executor_options=opts)
+                self.engine = Engine(self.spec.engine, executor_options=opts)
                 break
             except ValueError as e:
                 # a killed worker's name is released a moment after it dies
@@ -138,7 +138,7 @@ class ServiceLoop:
             "config": self.spec.to_dict(),
             "max_model_len": e.max_model_len,
             "num_blocks": e.executor.num_blocks,
-            "block_size": self.spec.engine.block_size,
+            "block_size": self.spec.engine.scheduler.block_size,
             "vocab_size": e.model_config.vocab_size,
             "checkpoint": str(e.checkpoint) if e.checkpoint else None,
             "devices": e.device_infos,
@@ -151,7 +151,7 @@ class ServiceLoop:
             self._retry_or_fail(t.id, t.attempts, "the engine restarted while the task ran")
 
     def _retry_or_fail(self, task_id: str, attempts: int, reason: str) -> None:
-        if attempts >= self.spec.max_attempts:
+        if attempts >= self.spec.service.max_attempts:
             self.store.finish(
                 task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)"
             )
@@ -226,7 +226,7 @@ class ServiceLoop:
 
     def _admit(self, engine: Engine) -> None:
         sched = engine.scheduler
-        seats = engine.config.max_num_seqs - len(sched.running) - len(sched.waiting)
+        seats = engine.config.scheduler.max_num_seqs - len(sched.running) - len(sched.waiting)
         if seats <= 0 or sched.waiting:
             return
         for task in self.store.list(("queued",), limit=seats):
@@ -333,8 +333,8 @@ class ServiceLoop:
         return {
             "engine": {
                 "started_at": self.started_at,
-                "model": self.spec.engine.model,
-                "tp": self.spec.engine.tp,
+                "model": self.spec.engine.worker.model,
+                "tp": self.spec.engine.cluster.tp,
                 "ray_address": self.ray_address,
                 "home": str(self.home),
                 "pid": os.getpid(),

@@ -1,6 +1,7 @@
 """What ``tilerun up`` reads (a cluster file) and what ``tilerun submit`` checks before storing.
 
-A cluster file holds the engine fields of job files (``EngineConfig``) plus two service fields:
+A cluster file holds the engine fields of job files (``EngineConfig``) plus the service's own
+(``ServiceConfig``); ``tilerun up``'s flags are the same fields and override the file's:
 
 ```yaml
 model: demo-small      # required: preset or checkpoint directory (relative to this file)
@@ -25,54 +26,72 @@ from typing import Any
 
 import yaml
 
-from runtime.engine_config import EngineConfig
+from cluster.config import EngineConfig
 from scheduler.errors import ConfigError
+from scheduler.fields import check_fields, option, user_fields
 from scheduler.request import SamplingParams
 
-SERVICE_FIELDS = ("max_attempts", "num_cpus")
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The service's own fields (besides the engine's)."""
+
+    max_attempts: int = option(
+        3, help="runs of a task (the first included) before a worker death marks it failed",
+        minimum=1,
+    )  # fmt: skip
+    num_cpus: int | None = option(
+        None,
+        help="logical CPUs of the Ray head `tilerun up` starts (default max(cores, 4); "
+        "not with --address)",
+        minimum=1,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+SERVICE_FIELDS = tuple(f.name for f in user_fields(ServiceConfig))
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
+    """What ``tilerun up`` starts: one engine and the service around it."""
+
     engine: EngineConfig
-    max_attempts: int = 3
-    """Runs of a task (the first one included) before a worker death marks it failed."""
-    num_cpus: int | None = None
-    """Logical CPUs of the Ray head ``tilerun up`` starts; default max(cores, 4)."""
+    service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
-        for name in SERVICE_FIELDS:
-            v = getattr(self, name)
-            if v is None and name == "num_cpus":
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.engine.cluster.executor != "ray":
+            raise ConfigError(
+                f"executor={self.engine.cluster.executor!r}: the service runs its workers as Ray "
+                "actors; drop the executor field (or use `tilerun run --executor local`)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            **dataclasses.asdict(self.engine),
-            "max_attempts": self.max_attempts,
-            "num_cpus": self.num_cpus,
-        }
+        return {**self.engine.to_dict(), **dataclasses.asdict(self.service)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ServiceSpec:
         d = dict(d)
-        service = {k: d.pop(k) for k in SERVICE_FIELDS if k in d}
-        return ServiceSpec(EngineConfig.from_dict(d), **service)
+        service = ServiceConfig(**{k: d.pop(k) for k in SERVICE_FIELDS if k in d})
+        return ServiceSpec(EngineConfig.from_dict(d), service)
 
 
-def load_cluster_file(path: str | Path) -> ServiceSpec:
-    """Parse and validate a cluster YAML file; errors name the file, the line and the fix."""
-    from cluster.job import _construct
+def cluster_fields() -> list[str]:
+    return [*EngineConfig.field_names(), *SERVICE_FIELDS]
 
+
+def load_spec(path: str | Path) -> ServiceSpec:
+    """A cluster file, parsed and checked."""
+    return build_spec(*load_cluster_file(path))
+
+
+def load_cluster_file(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse a cluster YAML file into fields (checked: unknown, missing model; each error names
+    the file and line). ``build_spec`` then checks the values."""
     p = Path(path)
-    valid = [*EngineConfig.field_names(), *SERVICE_FIELDS]
-    data, where = load_yaml_mapping(p, valid, what="cluster file")
-
-    def at(name: str | None) -> str:
-        return f"{where[name]}: " if name in where else f"{p}: "
-
+    data, where = load_yaml_mapping(p, cluster_fields(), what="cluster file")
     if "model" not in data:
         raise ConfigError(
             f"{p}: missing field 'model'; add `model: demo-small` (a preset) or "
@@ -81,14 +100,19 @@ def load_cluster_file(path: str | Path) -> ServiceSpec:
     model = data["model"]
     if isinstance(model, str) and not Path(model).is_absolute() and (p.parent / model).is_dir():
         data["model"] = str((p.parent / model).resolve())
-    engine = _construct(
-        EngineConfig, {k: v for k, v in data.items() if k not in SERVICE_FIELDS}, at
-    )
-    try:
-        return ServiceSpec(engine, **{k: data[k] for k in SERVICE_FIELDS if k in data})
-    except ConfigError as e:
-        name = next((k for k in SERVICE_FIELDS if str(e).startswith(k)), None)
-        raise ConfigError(f"{at(name)}{e}") from None
+    return data, where
+
+
+def build_spec(values: dict[str, Any], where: dict[str, str] | None = None) -> ServiceSpec:
+    """Validate cluster fields (from a file and flags); errors name the file's line."""
+    from cluster.job import _construct
+
+    where = where or {}
+
+    def at(name: str | None) -> str:
+        return f"{where[name]}: " if name in where else ""
+
+    return _construct(ServiceSpec.from_dict, values, at)
 
 
 def sampling_dict(p: SamplingParams) -> dict[str, Any]:
@@ -117,19 +141,28 @@ def load_yaml_mapping(p: Path, valid: list[str], what: str) -> tuple[dict, dict[
     here, naming the line (as job files do)."""
     import difflib
 
+    from cluster.job import _JobLoader
+
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} does not exist")
     text = p.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_JobLoader)
+        data = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}:{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{p}: a {what} is a mapping of fields (model: ..., tp: ...)")
-    where = {k.value: f"{p} line {k.start_mark.line + 1}" for k, _ in node.value}
+    where: dict[str, str] = {}
+    for k, _ in node.value:
+        line = f"{p} line {k.start_mark.line + 1}"
+        if k.value in where:
+            raise ConfigError(
+                f"{line}: field {k.value!r} is given twice (first at {where[k.value]}); keep one"
+            )
+        where[k.value] = line
     for key in data:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
@@ -145,7 +178,7 @@ def parse_task(values: dict[str, Any], where: dict[str, str] | None = None):
     exists; constructing one would import torch and slow every ``submit`` by seconds). Prompt
     files are read here, on the submitting side.
     """
-    from cluster.job import PROMPT_FIELDS, SAMPLING_FIELDS, _construct
+    from cluster.job import PROMPT_FIELDS, _construct, sampling_fields
 
     where = where or {}
 
@@ -183,6 +216,6 @@ def parse_task(values: dict[str, Any], where: dict[str, str] | None = None):
             raise ConfigError(
                 f"{at('prompt_token_ids')}prompt_token_ids must be a non-empty list of integers"
             )
-    kw = {k: values[k] for k in SAMPLING_FIELDS if values.get(k) is not None}
-    sampling = _construct(SamplingParams, kw, at)
+    kw = {k: values[k] for k in sampling_fields() if values.get(k) is not None}
+    sampling = _construct(lambda kw: SamplingParams(**kw), kw, at)
     return text, ids, sampling
