@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.5
 IDLE_POLL_S = 0.1
+SNAPSHOT_FINISHED = 200  # finished tasks a snapshot lists (all queued and running ones too)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ServiceLoop:
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self.rebuilds = 0
+        self._readers = threading.local()
         self.thread = threading.Thread(target=self._main, name="tilerun-step-loop", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -299,6 +301,14 @@ class ServiceLoop:
                 self._memory = self.engine.executor.memory_stats()
 
     # -- what the status page and `tilerun status` show ----------------------------------------
+    def _reader(self) -> TaskStore:
+        """This thread's own connection: snapshots come from the actor's, the status page's and
+        the metrics pump's threads, and a SQLite connection is not for sharing across threads."""
+        store = getattr(self._readers, "store", None)
+        if store is None:
+            store = self._readers.store = TaskStore(self.store.path)
+        return store
+
     def snapshot(self) -> dict[str, Any]:
         e = self.engine
         blocks = e.scheduler.blocks if e else None
@@ -321,7 +331,7 @@ class ServiceLoop:
         with self._lock:
             live = {t.task_id: t for t in self._live.values()}
         tasks = []
-        for task in self.store.list():
+        for task in self._reader().recent(SNAPSHOT_FINISHED):
             d = task.summary()
             t = live.get(task.id)
             if t is not None:

@@ -96,7 +96,9 @@ class TaskStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: each statement, or each explicit BEGIN ... COMMIT, is one transaction
+        # autocommit mode: each statement, or each explicit BEGIN ... COMMIT, is one transaction.
+        # One thread at a time uses a TaskStore (the engine's loop makes it and hands it to its
+        # thread; readers on other threads open their own).
         self._db = sqlite3.connect(
             str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
         )
@@ -184,6 +186,16 @@ class TaskStore:
         if limit is not None:
             q += f" LIMIT {int(limit)}"
         return [_task(r) for r in self._db.execute(q, states).fetchall()]
+
+    def recent(self, limit: int) -> list[Task]:
+        """Every queued or running task, and the latest ``limit`` finished ones, in arrival order."""
+        rows = self._db.execute(
+            "SELECT * FROM tasks WHERE state IN ('queued', 'running') UNION "
+            "SELECT * FROM (SELECT * FROM tasks WHERE state NOT IN ('queued', 'running') "
+            "ORDER BY n DESC LIMIT ?) ORDER BY n",
+            (int(limit),),
+        ).fetchall()
+        return [_task(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         got = dict(self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
