@@ -110,3 +110,31 @@ def test_cluster_file_model_dir_is_relative_to_the_file(tmp_path):
     spec = load_spec(p)
     assert spec.engine.worker.model == str((tmp_path / "ckpt").resolve())
     assert spec.service.max_attempts == 2 and spec.engine.worker.device == "cpu"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_service_commands_have_help_with_the_config_fields():
+    up = _cli("up", "--help")
+    assert up.returncode == 0
+    for flag in ("--address", "--home", "--model", "--tp", "--max-attempts", "--num-cpus"):
+        assert flag in up.stdout, flag
+    sub = _cli("submit", "--help")
+    for flag in ("--prompt-file", "--prompt-token-ids", "--max-new-tokens", "--temperature"):
+        assert flag in sub.stdout, flag
+
+
+def test_submit_without_a_service_names_the_fix_and_stores_nothing(tmp_path):
+    r = _cli("submit", "--home", tmp_path, "--prompt", "hello")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "no tilerun service under" in r.stderr and "tilerun up" in r.stderr
+    r = _cli("result", "abc", "--home", tmp_path)
+    assert r.returncode == 2 and "no task 'abc'" in r.stderr and "tilerun status" in r.stderr
+    assert TaskStore(tmp_path / "tasks.db").list() == []

@@ -23,6 +23,10 @@ def _home(p: argparse.ArgumentParser) -> None:
 def register(sub) -> dict[str, Any]:
     """Add the service's subcommands to ``sub``; returns name -> handler."""
     from cluster.cli import add_config_flags
+    from cluster.config import ClusterConfig
+    from cluster.service.spec import ServiceConfig
+    from runtime.worker_config import WorkerConfig
+    from scheduler.config import SchedulerConfig
     from scheduler.request import SamplingParams
 
     p = sub.add_parser(
@@ -40,6 +44,8 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the workers")
     _home(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    # the cluster file's fields, as flags that override it
+    add_config_flags(p, [ServiceConfig, WorkerConfig, SchedulerConfig, ClusterConfig])
 
     p = sub.add_parser(
         "submit",
