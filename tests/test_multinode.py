@@ -9,18 +9,22 @@ from cluster import SamplingParams
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ENGINE = dict(model="tiny", device="cpu", dtype="float32", max_model_len=256, prefill_chunk=16)
+ENGINE = dict(device="cpu", dtype="float32", max_model_len=256, prefill_chunk=16)
 
 
-def test_tp4_across_two_simulated_nodes_matches_tp1():
+def test_tp4_across_two_simulated_nodes_matches_tp1(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
     from cluster import LLM
+    from tests.hf_models import make_hf_llama
+
+    make_hf_llama(tmp_path, "mha")  # 4 KV heads: one per rank at TP=4
+    engine = {**ENGINE, "model": str(tmp_path)}
 
     prompts = [list(range(1, 50)), [7, 3, 9]]
     params = SamplingParams(max_new_tokens=8)
-    with LLM(executor="local", **ENGINE) as one:
+    with LLM(executor="local", **engine) as one:
         want = [o.token_ids for o in one.generate(prompts, params)]
 
     if ray.is_initialized():  # this test needs its own two-node cluster
@@ -29,7 +33,7 @@ def test_tp4_across_two_simulated_nodes_matches_tp1():
     try:
         cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
-        with LLM(tp=4, comm="gloo", ray_address=cluster.address, **ENGINE) as four:
+        with LLM(tp=4, comm="gloo", ray_address=cluster.address, **engine) as four:
             got = [o.token_ids for o in four.generate(prompts, params)]
             where = ray.get([w.where.remote() for w in four.engine.executor.workers])
         nodes = [w["node"] for w in where]
