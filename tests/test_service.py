@@ -102,6 +102,23 @@ def test_up_submit_status_results_equal_tilerun_run(service):
         assert r["metrics"]["ttft_s"] > 0 and r["metrics"]["prompt_tokens"] == len(p)
     table = ok("status", "--home", home)
     assert ids[0] in table and "done" in table and "tilerun-worker-0" in table
+    # the engine's status page: loopback, Ray's token or nothing
+    import urllib.error
+    import urllib.request
+
+    from cluster.service.ray_token import ray_auth_token
+
+    url = info["status_page"]
+    assert url.startswith("http://127.0.0.1:")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "api/snapshot", timeout=60)
+    assert refused.value.code == 401
+    req = urllib.request.Request(
+        url + "api/snapshot", headers={"Authorization": f"Bearer {ray_auth_token()}"}
+    )
+    snap = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert {t["id"] for t in snap["tasks"]} >= set(ids)
+    assert snap["workers"][0]["name"] == "tilerun-worker-0"
 
 
 def test_twenty_concurrent_submits_all_stored_once_and_run(service):
