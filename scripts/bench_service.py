@@ -74,21 +74,22 @@ def one_run(ids: list[int], args) -> tuple[float, float]:
         "--max-model-len", str(args.context + args.max_new_tokens), "--max-new-tokens",
         str(args.max_new_tokens), "--prompt-token-ids", ",".join(map(str, ids)),
     ]  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", suffix=".ids") as _:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-        first = None
-        buf = b""
-        while True:
-            chunk = os.read(p.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            buf = (buf + chunk)[-4096:]
-            # the progress line reaches 100% prefill in the step that samples the first token
-            if first is None and b"(100%)" in buf:
-                first = time.perf_counter() - t0
-        rc = p.wait()
-        end = time.perf_counter() - t0
+    if args.prefill_chunk:  # the same engine fields as the service's
+        cmd += ["--prefill-chunk", str(args.prefill_chunk)]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    first = None
+    buf = b""
+    while True:
+        chunk = os.read(p.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        buf = (buf + chunk)[-4096:]
+        # the progress line reaches 100% prefill in the step that samples the first token
+        if first is None and b"(100%)" in buf:
+            first = time.perf_counter() - t0
+    rc = p.wait()
+    end = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"tilerun run failed ({rc}): {buf.decode(errors='replace')[-2000:]}")
     return (first if first is not None else end), end
