@@ -211,12 +211,15 @@ def test_cancel_running_task(service):
 def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):
     home, _, _ = service
     store = TaskStore(home / "tasks.db")
+    pid = ok("status", "--home", home, "--json")["workers"][0]["pid"]  # before: status is slow
     victim = submit(home, LONG, 5)
-    behind = submit(home, [9, 8, 7], 4)  # queued behind it: must not be lost
-    pid = ok("status", "--home", home, "--json")["workers"][0]["pid"]
-    t = wait_until(lambda: (lambda t: t if t.prefill_done > 0 else None)(store.get(victim)))
-    assert t.state == "running" and t.prefill_done < len(LONG)  # killed mid-prefill
+    # running is written when the engine admits the task, before its first step; its prefill
+    # takes 450 steps of 4 tokens, so a kill within a poll of that lands inside the prefill
+    wait_until(lambda: store.get(victim).state == "running", every=0.01)
+    t = store.get(victim)
+    assert t.state == "running" and t.prefill_done < len(LONG)
     os.kill(pid, signal.SIGKILL)
+    behind = submit(home, [9, 8, 7], 4)  # queued while the workers are rebuilt: not lost
     r = ok("result", victim, "--wait", "--home", home, "--json")
     assert r["attempts"] == 2 and r["token_ids"] == reference(LONG, 5)
     assert ok("result", behind, "--wait", "--home", home, "--json")["token_ids"] == reference(
@@ -231,10 +234,11 @@ def test_engine_killed_up_again_finds_every_task_and_finishes(service):
     store = TaskStore(home / "tasks.db")
     engine_pid = ok("status", "--home", home, "--json")["engine"]["pid"]
     inputs = [(LONG, 3), ([1, 2, 3], 3), ([4, 5], 3)]
-    ids = [submit(home, p, n) for p, n in inputs]
-    wait_until(lambda: store.get(ids[0]).state == "running")
+    ids = [submit(home, *inputs[0])]
+    wait_until(lambda: store.get(ids[0]).state == "running", every=0.01)
     os.kill(engine_pid, signal.SIGKILL)
     assert store.get(ids[0]).state == "running"  # it died mid-task
+    ids += [submit(home, p, n) for p, n in inputs[1:]]  # queued while no engine runs
     wait_until(
         lambda: ok("status", "--home", home, "--json")["engine"] is None, timeout=300, every=1
     )
