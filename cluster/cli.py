@@ -271,10 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
+    from cluster.service.commands import register
+
+    handlers = {"run": cmd_run, **register(sub)}
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run}[args.cmd](args)
+        return handlers[args.cmd](args)
     except TilerunError as e:
         print(f"tilerun: error: {e}", file=sys.stderr)
         return 2

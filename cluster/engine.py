@@ -42,7 +42,8 @@ class Progress:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor_options: dict | None = None) -> None:
+        """``executor_options`` go to the Ray executor (the service names its workers so)."""
         self.config = config
         # the model is resolved here, once; workers receive the result
         self.model = resolve_model(config.worker.model, seed=config.worker.weights_seed)
@@ -58,7 +59,7 @@ class Engine:
         else:
             from cluster.executor import RayExecutor
 
-            self.executor = RayExecutor(config, self.model, limits)
+            self.executor = RayExecutor(config, self.model, limits, **(executor_options or {}))
         self.num_host_blocks = self.executor.num_host_blocks
         if self.num_host_blocks:
             self.scheduler = SpillScheduler(limits, self.executor.num_blocks, self.num_host_blocks)

@@ -121,7 +121,16 @@ class LocalExecutor(_Executor):
 class RayExecutor(_Executor):
     """``tp`` worker actors, one per device, in one placement group."""
 
-    def __init__(self, config: EngineConfig, model: ModelSource, limits: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: ModelSource,
+        limits: SchedulerConfig,
+        actor_name_prefix: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        """``actor_name_prefix`` names the workers ``<prefix><rank>`` in ``namespace`` (the
+        service's ``tilerun-worker-0``...), so Ray's dashboard and ``ray.get_actor`` find them."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -167,6 +176,9 @@ class RayExecutor(_Executor):
         try:
             for rank, bundle_index in enumerate(order):
                 opts = dict(actor_opts)
+                if actor_name_prefix:
+                    opts["name"] = f"{actor_name_prefix}{rank}"
+                    opts["namespace"] = namespace
                 if runtime_env:
                     opts["runtime_env"] = runtime_env
                 self.workers.append(
@@ -174,7 +186,6 @@ class RayExecutor(_Executor):
                         scheduling_strategy=PlacementGroupSchedulingStrategy(
                             placement_group=self.pg, placement_group_bundle_index=bundle_index
                         ),
-                        name=None,
                         **opts,
                     ).remote(config.worker, model, limits, rank, tp, threads)
                 )

@@ -39,3 +39,7 @@ class WorkerActor(Worker):
     def pid(self) -> int:
         """This worker's process id (tests use it to stop or kill one rank)."""
         return os.getpid()
+
+    def where(self) -> dict:
+        """The process and Ray node this worker lives in (status tables, recovery tests)."""
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}

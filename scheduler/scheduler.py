@@ -145,6 +145,21 @@ class Scheduler:
             self._finished_since_last.append(seq.seq_id)
         return done
 
+    def abort(self, seq_id: int) -> bool:
+        """Drop one sequence (a cancelled task): free its blocks; the workers hear of it with the
+        next batch's ``finished``. Returns whether it was here."""
+        for seq in self.running:
+            if seq.seq_id == seq_id:
+                self.running.remove(seq)
+                self.blocks.free(seq.block_table)
+                self._finished_since_last.append(seq_id)
+                return True
+        for seq in self.waiting:
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                return True
+        return False
+
     def abort_all(self) -> None:
         for seq in self.running:
             self.blocks.free(seq.block_table)

@@ -310,6 +310,12 @@ class SpillScheduler(Scheduler):
         self._paused.discard(seq.seq_id)
         self._on_host.pop(seq.seq_id, None)
 
+    def abort(self, seq_id: int) -> bool:
+        for seq in self.running:
+            if seq.seq_id == seq_id:
+                self._release(seq)
+        return super().abort(seq_id)
+
     def abort_all(self) -> None:
         for seq in self.running:
             self._release(seq)

@@ -1,0 +1,276 @@
+"""``tilerun up | submit | status | result | cancel | down | dashboard``: the service's commands.
+
+Each is a thin layer over ``cluster.service.client.Service``; errors are ``TilerunError``s that
+the CLI prints as one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+
+def _home(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--home",
+        help="state directory (task store, cluster record); default $TILERUN_HOME or ~/.tilerun",
+    )
+
+
+def register(sub) -> dict[str, Any]:
+    """Add the service's subcommands to ``sub``; returns name -> handler."""
+    from cluster.cli import add_config_flags
+    from cluster.config import ClusterConfig
+    from cluster.service.spec import ServiceConfig
+    from runtime.worker_config import WorkerConfig
+    from scheduler.config import SchedulerConfig
+    from scheduler.request import SamplingParams
+
+    p = sub.add_parser(
+        "up",
+        help="start the long-lived service (Ray head, engine actor, workers)",
+        description="Start an embedded Ray cluster (or attach with --address), the engine actor "
+        "`tilerun-engine` and its workers; returns once they are ready.",
+    )
+    p.add_argument(
+        "cluster", nargs="?", help="a cluster YAML file: engine fields, max_attempts, num_cpus"
+    )
+    p.add_argument(
+        "--address", help="attach to this Ray cluster (host:port) instead of starting one"
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the workers")
+    _home(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    # the cluster file's fields, as flags that override it
+    add_config_flags(p, [ServiceConfig, WorkerConfig, SchedulerConfig, ClusterConfig])
+
+    p = sub.add_parser(
+        "submit",
+        help="queue one task; prints its id at once",
+        description="Queue a task on the running service. Prompt files are read here, not by the "
+        "server. The task is stored before the id is printed.",
+    )
+    p.add_argument("job", nargs="?", help="a job YAML file (flags given too override its fields)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    src.add_argument("--prompt-token-ids", help="comma-separated token ids, e.g. 1,2,3")
+    _home(p)
+    p.add_argument("--json", action="store_true", help='print {"id": ...}')
+    add_config_flags(p, [SamplingParams])
+
+    p = sub.add_parser("status", help="tasks and actors of the service")
+    p.add_argument("id", nargs="?", help="one task (a prefix of its id is enough)")
+    p.add_argument("--watch", action="store_true", help="a live table, redrawn every second")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (--watch)")
+    _home(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("result", help="the output of a task (the schema of `tilerun run --json`)")
+    p.add_argument("id")
+    p.add_argument("--wait", action="store_true", help="wait until the task finishes")
+    p.add_argument("--timeout", type=float, help="seconds to wait at most (with --wait)")
+    _home(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("cancel", help="cancel a queued or running task")
+    p.add_argument("id")
+    _home(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
+        "down", help="stop the engine and its workers (and the Ray head that `up` started)"
+    )
+    _home(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("dashboard", help="print the Ray dashboard and status page URLs")
+    _home(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return {
+        "up": cmd_up,
+        "submit": cmd_submit,
+        "status": cmd_status,
+        "result": cmd_result,
+        "cancel": cmd_cancel,
+        "down": cmd_down,
+        "dashboard": cmd_dashboard,
+    }
+
+
+def _out(args, obj: dict, text: str) -> None:
+    print(json.dumps(obj) if args.json else text)
+
+
+def cmd_up(args) -> int:
+    from cluster.service.client import Service
+    from cluster.service.spec import cluster_fields
+
+    flags = {k: getattr(args, k) for k in cluster_fields() if getattr(args, k, None) is not None}
+    svc = Service.up(
+        args.cluster, address=args.address, home=args.home, timeout_s=args.timeout, **flags
+    )
+    info = svc.engine_info()
+    urls = svc.urls()
+    obj = {**urls, "model": info["config"]["model"], "tp": info["config"]["tp"],
+           "devices": info["devices"]}  # fmt: skip
+    lines = [
+        f"tilerun service up: {obj['model']} on {', '.join(d['device'] for d in info['devices'])}",
+        f"  Ray address:   {urls['ray_address']}",
+        f"  Ray dashboard: {urls['ray_dashboard'] or '(attached cluster: its own)'}",
+    ]
+    if urls.get("status_page"):
+        lines.append(f"  status page:   {urls['status_page']}")
+    lines.append(f"  state dir:     {urls['home']}")
+    _out(args, obj, "\n".join(lines))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from cluster.job import PROMPT_FIELDS, load_job_values, sampling_fields
+    from cluster.service.client import Service
+
+    values, where = load_job_values(args.job) if args.job else ({}, {})
+    names = [*PROMPT_FIELDS, *sampling_fields()]
+    flags = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    # a prompt given as a flag replaces the file's prompt, whichever form either takes
+    if any(k in flags for k in PROMPT_FIELDS):
+        for k in PROMPT_FIELDS:
+            values.pop(k, None)
+    for k, v in flags.items():
+        values[k] = v
+        where.pop(k, None)  # a flag's error has no file line
+    task_id = Service(args.home).submit_values(values, where)
+    _out(args, {"id": task_id}, task_id)
+    return 0
+
+
+def _fmt_rate(x) -> str:
+    return f"{x:,.1f}" if x else "-"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def render(tasks: list[dict], snap: dict | None) -> str:
+    rows = [
+        ["ID", "STATE", "PREFILL", "GEN", "DECODE TOK/S", "TTFT S", "CONTEXT", "ATTEMPTS", "ERROR"]
+    ]
+    for t in tasks:
+        pct = 100 * t["prefill_done"] / max(t["prefill_total"], 1)
+        rows.append(
+            [
+                t["id"],
+                t["state"],
+                f"{t['prefill_done']}/{t['prefill_total']} ({pct:.0f}%)",
+                f"{t['generated']}/{t['max_new_tokens']}",
+                _fmt_rate(t["decode_tokens_per_s"]),
+                f"{t['ttft_s']:.2f}" if t["ttft_s"] is not None else "-",
+                str(t["context_len"]),
+                str(t["attempts"]),
+                (t["error"] or "")[:60],
+            ]
+        )
+    out = [f"tasks ({len(tasks)}):", _table(rows)]
+    if snap is None:
+        out.append("engine: not running (tasks wait in the store; `tilerun up` resumes them)")
+    else:
+        e = snap["engine"]
+        out.append(
+            f"engine: {e['model']} tp={e['tp']} at {e['ray_address']}, rebuilds {e.get('rebuilds', 0)}"
+        )
+        rows = [["RANK", "ACTOR", "NODE", "DEVICE", "PEAK MEMORY", "KV BLOCKS USED/TOTAL"]]
+        for w in snap["workers"]:
+            rows.append(
+                [
+                    str(w["rank"]),
+                    w["name"],
+                    w["node"][:12],
+                    w["device"],
+                    f"{w['peak_memory_bytes'] / 2**20:.1f} MiB",
+                    f"{w['kv_used']['device']}/{w['kv_blocks']['device']} device, "
+                    f"{w['kv_used']['host']}/{w['kv_blocks']['host']} host",
+                ]
+            )
+        out.append(_table(rows))
+    return "\n".join(out)
+
+
+def cmd_status(args) -> int:
+    from cluster.service.client import Service
+
+    svc = Service(args.home)
+    while True:
+        snap = svc.snapshot()
+        tasks = svc.tasks(args.id)
+        if snap is not None and not args.id:
+            tasks = snap["tasks"]  # live progress between the store's writes
+        if args.json:
+            print(json.dumps({"tasks": tasks, "engine": snap and snap["engine"],
+                              "workers": snap and snap["workers"]}), flush=True)  # fmt: skip
+        else:
+            text = render(tasks, snap)
+            if args.watch:
+                sys.stdout.write("\x1b[2J\x1b[H")  # clear the screen, cursor home
+            print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_result(args) -> int:
+    from cluster.cli import _print_summary
+    from cluster.service.client import Service
+
+    r = Service(args.home).result(args.id, wait=args.wait, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        _print_summary(r)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from cluster.service.client import Service
+
+    svc = Service(args.home)
+    state = svc.cancel(args.id)
+    task_id = svc.task(args.id).id
+    msg = {
+        "cancelled": f"task {task_id} cancelled",
+        "running": f"task {task_id} is running: the engine cancels it after its current step",
+    }.get(state, f"task {task_id} is already {state}; nothing to cancel")
+    _out(args, {"id": task_id, "state": state}, msg)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cluster.service.client import Service
+
+    stopped = Service(args.home).down()
+    msg = "engine and workers stopped" if stopped["engine"] else "no engine was running"
+    if stopped["head"]:
+        msg += "; the Ray head started by `tilerun up` stopped"
+    _out(args, stopped, msg)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from cluster.service.client import Service
+
+    urls = Service(args.home).urls()
+    if not urls["ray_address"]:
+        from cluster.service.client import ServiceError
+
+        raise ServiceError(f"no tilerun service under {urls['home']}; start one with `tilerun up`")
+    lines = [f"Ray dashboard: {urls['ray_dashboard'] or '(the attached cluster’s own)'}"]
+    if urls["status_page"]:
+        lines.append(f"status page:   {urls['status_page']}")
+    lines.append("both ask for Ray's token (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+    _out(args, urls, "\n".join(lines))
+    return 0

@@ -1,0 +1,168 @@
+"""The Ray head that ``tilerun up`` starts, and stops again on ``tilerun down``.
+
+``ray start --head --block`` runs as a child in its own session, so it outlives ``up`` and its
+processes (GCS, raylet, dashboard, Ray's workers) form one process group that ``down`` can stop
+without touching anyone else's cluster on the machine (never ``ray stop``, which stops them all).
+Everything binds to 127.0.0.1 on ports picked free for this cluster, the dashboard included, and
+token authentication is on (``RAY_AUTH_MODE=token``; the token is Ray's own, ``~/.ray/auth_token``
+or ``RAY_AUTH_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scheduler.errors import TilerunError
+
+
+class HeadError(TilerunError, RuntimeError):
+    """The Ray head could not be started or stopped."""
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray processes and clients of a tilerun cluster: token auth on."""
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def ensure_token() -> None:
+    """Make Ray's token if there is none yet (Ray's own command; its output, the token, is kept
+    off the terminal)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    subprocess.run(
+        [_ray_exe(), "get-auth-token", "--generate"],
+        env=ray_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+
+
+def _ray_exe() -> str:
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe) if exe.exists() else "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def temp_dir_for(home: Path) -> Path:
+    # Ray puts Unix sockets under its temp dir; their paths must stay under ~100 characters,
+    # so the dir is short and derived from the home (one cluster per home).
+    return Path("/tmp") / f"tilerun-{hashlib.sha1(str(home).encode()).hexdigest()[:10]}"
+
+
+def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0) -> dict:
+    """Start a Ray head for ``home``; returns what ``cluster.json`` records about it."""
+    ensure_token()
+    gcs, dash = _free_port(), _free_port()
+    # Ray's GCS and raylet bind to the node's IP (Ray picks it); the dashboard, the client
+    # server and the agents stay on loopback.
+    temp = temp_dir_for(home)
+    log_path = home / "ray-head.log"
+    home.mkdir(parents=True, exist_ok=True)
+    ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+    cmd = [
+        _ray_exe(), "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={gcs}", f"--num-cpus={ncpu}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        f"--temp-dir={temp}",
+    ]  # fmt: skip
+    address_file = temp / "ray_current_cluster"
+    address_file.unlink(missing_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=ray_env(),
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HeadError(
+                f"`ray start --head` exited with code {proc.returncode}; see {log_path}. "
+                "Fix: read the log's last lines (a port in use? run `tilerun up` again)"
+            )
+        if b"Ray runtime started" in log_path.read_bytes() and address_file.is_file():
+            # the address Ray itself uses (its node IP), as `ray start` wrote it
+            address = address_file.read_text().strip()
+            break
+        time.sleep(0.5)
+    else:
+        stop_head({"pid": proc.pid})
+        raise HeadError(
+            f"the Ray head did not start within {timeout_s:.0f}s; see {log_path}. "
+            "Fix: check the machine's load, or start Ray yourself and use `tilerun up --address`"
+        )
+    return {
+        "address": address,
+        "started_by_tilerun": True,
+        "pid": proc.pid,
+        "temp_dir": str(temp),
+        "dashboard": f"http://127.0.0.1:{dash}",
+        "log": str(log_path),
+    }
+
+
+def head_alive(info: dict) -> bool:
+    pid = info.get("pid")
+    return bool(pid) and bool(group_pids(pid))
+
+
+def stop_head(info: dict, grace_s: float = 30.0) -> None:
+    """Stop the head started for this home: SIGTERM to ``ray start`` (which stops the processes
+    it started), then SIGKILL to whatever is left in its process group. Only that group."""
+    pid = info.get("pid")
+    if not pid:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and head_alive(info):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
+        time.sleep(0.3)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and head_alive(info):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (tests: nothing of ours is left after down)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields: state ppid pgrp ...; zombies are gone for every purpose but the parent's
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out

@@ -1,0 +1,392 @@
+"""The service's step loop: queued tasks from the store -> the engine's scheduler -> results.
+
+It runs in a thread of the engine actor. Each turn it admits queued tasks in arrival order while
+the scheduler has seats (several in flight share each step's batch), honours cancel requests,
+runs one step, and writes progress (at most twice a second) and results to the store.
+
+Durability: when a worker dies (``WorkerDiedError``, raised at once by the executor) the tasks
+that were running go back to the queue, or are marked failed once they have had
+``max_attempts`` runs, and the workers are built again. When the engine itself restarts, tasks
+the store still calls running are treated the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.engine import Engine, _metrics
+from cluster.executor import WorkerDiedError
+from cluster.service.home import NAMESPACE, WORKER_PREFIX, store_path
+from cluster.service.spec import ServiceSpec, sampling_from_dict
+from cluster.service.store import TaskStore
+from runtime.tokenizer import load_tokenizer
+from scheduler.errors import TilerunError
+from scheduler.request import Sequence
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 0.5
+IDLE_POLL_S = 0.1
+SNAPSHOT_FINISHED = 200  # finished tasks a snapshot lists (all queued and running ones too)
+
+
+@dataclass
+class _Live:
+    """A task the scheduler holds: its store row id, its sequence, when it was submitted."""
+
+    task_id: str
+    seq: Sequence
+    submitted_at: float
+    attempt: int
+    started_wall: float
+    first_token_wall: float | None = None
+
+
+class ServiceLoop:
+    def __init__(self, spec: ServiceSpec, home: Path, ray_address: str = "") -> None:
+        self.spec = spec
+        self.home = home
+        self.ray_address = ray_address
+        self.started_at = time.time()
+        self.store = TaskStore(store_path(home))
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._live: dict[int, _Live] = {}  # seq_id -> task
+        self._workers: list[dict] = []
+        self._memory: list[dict] = []
+        self._throughput: collections.deque = collections.deque(maxlen=600)
+        self._window = [time.time(), 0, 0]  # start, prefill tokens, decode tokens
+        self._last_progress = 0.0
+        self._last_cancel_check = 0.0
+        self.rebuilds = 0
+        self._readers = threading.local()
+        self.thread = threading.Thread(target=self._main, name="tilerun-step-loop", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop after the current step; running tasks go back to the queue, their attempt not
+        counted (nothing failed), to resume on the next ``tilerun up``."""
+        self.stopping.set()
+        self.thread.join(timeout)
+        with self._lock:
+            live, self._live = list(self._live.values()), {}
+        for t in live:
+            self.store.requeue(t.task_id, None, refund_attempt=True)
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def _main(self) -> None:
+        try:
+            self._build()
+            self._recover_after_restart()
+        except BaseException as e:  # noqa: BLE001 - reported through ready()
+            log.exception("engine bring-up failed")
+            self.error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        while not self.stopping.is_set():
+            try:
+                self._turn()
+            except WorkerDiedError as e:
+                log.warning("%s; rebuilding the workers", e)
+                self._on_worker_death(str(e))
+            except Exception as e:  # noqa: BLE001 - one bad step fails its tasks, not the loop
+                log.exception("step failed")
+                self._fail_live(f"{type(e).__name__}: {e}")
+
+    def _build(self) -> None:
+        opts = {"actor_name_prefix": WORKER_PREFIX, "namespace": NAMESPACE}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.engine = Engine(self.spec.engine, executor_options=opts)
+                break
+            except ValueError as e:
+                # a killed worker's name is released a moment after it dies
+                if "already taken" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        self.tokenizer = load_tokenizer(self.engine.checkpoint)
+        import ray
+
+        where = ray.get([w.where.remote() for w in self.engine.executor.workers])
+        self._workers = [
+            {**info, **w, "name": f"{WORKER_PREFIX}{info['rank']}"}
+            for info, w in zip(self.engine.device_infos, where)
+        ]
+        self._memory = self.engine.executor.memory_stats()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``tilerun up`` records in engine.json: what submit checks tasks against."""
+        e = self.engine
+        assert e is not None
+        return {
+            "config": self.spec.to_dict(),
+            "max_model_len": e.max_model_len,
+            "num_blocks": e.executor.num_blocks,
+            "block_size": self.spec.engine.scheduler.block_size,
+            "vocab_size": e.model_config.vocab_size,
+            "checkpoint": str(e.checkpoint) if e.checkpoint else None,
+            "devices": e.device_infos,
+            "started_at": self.started_at,
+        }
+
+    # -- recovery ----------------------------------------------------------------------------
+    def _recover_after_restart(self) -> None:
+        for t in self.store.list(("running",)):
+            self._retry_or_fail(t.id, t.attempts, "the engine restarted while the task ran")
+
+    def _retry_or_fail(self, task_id: str, attempts: int, reason: str) -> None:
+        if attempts >= self.spec.service.max_attempts:
+            self.store.finish(
+                task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)"
+            )
+        else:
+            self.store.requeue(task_id, reason)
+
+    def _on_worker_death(self, reason: str) -> None:
+        with self._lock:
+            live, self._live = list(self._live.values()), {}
+        for t in live:
+            self._retry_or_fail(t.task_id, t.attempt, reason)
+        assert self.engine is not None
+        self.engine.scheduler.abort_all()
+        self.engine.shutdown()
+        self.engine = None
+        while not self.stopping.is_set():
+            try:
+                self._build()
+                self.rebuilds += 1
+                return
+            except Exception:  # noqa: BLE001 - keep trying: the tasks wait in the store
+                log.exception("rebuilding the workers failed; trying again in 5 s")
+                time.sleep(5)
+
+    def _fail_live(self, reason: str) -> None:
+        with self._lock:
+            live, self._live = list(self._live.values()), {}
+        for t in live:
+            self.store.finish(t.task_id, "failed", error=reason)
+        if self.engine is not None:
+            self.engine.scheduler.abort_all()
+
+    # -- one turn ----------------------------------------------------------------------------
+    def _turn(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        sched = engine.scheduler
+        self._admit(engine)
+        now = time.monotonic()
+        if now - self._last_cancel_check > 0.2:
+            self._last_cancel_check = now
+            self._cancel(engine)
+        if not sched.has_work:
+            self._flush_progress(force=True)
+            self.stopping.wait(IDLE_POLL_S)
+            return
+        batch = sched.schedule()
+        if batch is None:
+            self.stopping.wait(IDLE_POLL_S)
+            return
+        result = engine.executor.execute(batch)
+        done = sched.update(batch, result.sampled)
+        wall = time.time()
+        prefill_tokens = sum(
+            len(c.token_ids) for c in batch.chunks if c.start_pos < self._prompt_len(c.seq_id)
+        )
+        self._window[1] += prefill_tokens
+        self._window[2] += batch.num_tokens - prefill_tokens
+        with self._lock:
+            for c in batch.chunks:
+                t = self._live.get(c.seq_id)
+                if t and t.first_token_wall is None and t.seq.output_ids:
+                    t.first_token_wall = wall
+        for seq in done:
+            self._finish(engine, seq)
+        self._sample_throughput()
+        self._flush_progress()
+
+    def _prompt_len(self, seq_id: int) -> int:
+        t = self._live.get(seq_id)
+        return len(t.seq.prompt_ids) if t else 0
+
+    def _admit(self, engine: Engine) -> None:
+        sched = engine.scheduler
+        seats = engine.config.scheduler.max_num_seqs - len(sched.running) - len(sched.waiting)
+        if seats <= 0 or sched.waiting:
+            return
+        for task in self.store.list(("queued",), limit=seats):
+            attempt = self.store.start(task.id)
+            try:
+                params = sampling_from_dict(task.params)
+                # checks the vocabulary and that it fits, as submit did against engine.json
+                seq = engine.add_request(list(task.prompt_token_ids), params)
+            except TilerunError as e:
+                self.store.finish(task.id, "failed", error=str(e))
+                continue
+            with self._lock:
+                self._live[seq.seq_id] = _Live(
+                    task.id, seq, task.submitted_at, attempt, started_wall=time.time()
+                )
+
+    def _cancel(self, engine: Engine) -> None:
+        with self._lock:
+            by_task = {t.task_id: sid for sid, t in self._live.items()}
+        if not by_task:
+            return
+        for task in self.store.list(("running",)):
+            if task.cancel_requested and task.id in by_task:
+                sid = by_task[task.id]
+                engine.scheduler.abort(sid)
+                with self._lock:
+                    self._live.pop(sid, None)
+                self.store.finish(task.id, "cancelled", error="cancelled by the user")
+
+    def _finish(self, engine: Engine, seq: Sequence) -> None:
+        with self._lock:
+            t = self._live.pop(seq.seq_id, None)
+        if t is None:
+            return
+        peak = max(m["peak_bytes"] for m in engine.executor.memory_stats())
+        metrics = _metrics(seq, peak)
+        now = time.time()
+        metrics["queue_s"] = t.started_wall - t.submitted_at
+        metrics["submit_to_first_token_s"] = (t.first_token_wall or now) - t.submitted_at
+        metrics["attempts"] = t.attempt
+        output = {
+            "token_ids": seq.output_ids,
+            "text": self.tokenizer.decode(seq.output_ids) if self.tokenizer else None,
+            "finish_reason": seq.finish_reason,
+            "metrics": metrics,
+            "devices": engine.device_infos,
+            "wall_s": now - t.submitted_at,
+        }
+        self.store.finish(t.task_id, "done", output=output)
+
+    def _flush_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        with self._lock:
+            live = list(self._live.values())
+        self.store.progress([_progress(t) for t in live])
+
+    def _sample_throughput(self) -> None:
+        now = time.time()
+        start, pre, dec = self._window
+        if now - start >= 1.0:
+            dt = now - start
+            self._throughput.append(
+                {"t": now, "prefill_tokens_per_s": pre / dt, "decode_tokens_per_s": dec / dt}
+            )
+            self._window = [now, 0, 0]
+            if self.engine is not None:
+                self._memory = self.engine.executor.memory_stats()
+
+    # -- what the status page and `tilerun status` show ----------------------------------------
+    def _reader(self) -> TaskStore:
+        """This thread's own connection: snapshots come from the actor's, the status page's and
+        the metrics pump's threads, and a SQLite connection is not for sharing across threads."""
+        store = getattr(self._readers, "store", None)
+        if store is None:
+            store = self._readers.store = TaskStore(self.store.path)
+        return store
+
+    def snapshot(self) -> dict[str, Any]:
+        e = self.engine
+        blocks = e.scheduler.blocks if e else None
+        tiers = getattr(e.scheduler, "tiers", None) if e else None  # the two-tier scheduler
+        if tiers is not None:
+            size = {"device": tiers.device_blocks, "host": tiers.host_blocks}
+            used = {
+                "device": tiers.device_blocks - tiers.num_free_device,
+                "host": tiers.host_blocks - tiers.num_free_host,
+            }
+        else:
+            size = {"device": blocks.num_blocks if blocks else 0, "host": 0}
+            used = {"device": (blocks.num_blocks - blocks.num_free) if blocks else 0, "host": 0}
+        workers = []
+        for w, m in zip(self._workers, self._memory or [{}] * len(self._workers)):
+            workers.append(
+                {
+                    "rank": w["rank"],
+                    "node": w.get("node", ""),
+                    "device": w["device"],
+                    "name": w["name"],
+                    "pid": w.get("pid"),
+                    "memory_bytes": m.get("kv_cache_bytes", 0),
+                    "peak_memory_bytes": m.get("peak_bytes", 0),
+                    "kv_blocks": dict(size),
+                    "kv_used": dict(used),
+                }
+            )
+        with self._lock:
+            live = {t.task_id: t for t in self._live.values()}
+        tasks = []
+        for task in self._reader().recent(SNAPSHOT_FINISHED):
+            d = task.summary()
+            t = live.get(task.id)
+            if t is not None:
+                _, d["prefill_done"], d["generated"], d["decode_tokens_per_s"], d["ttft_s"] = (
+                    _progress(t)
+                )
+                d["context_len"] = d["prefill_total"] + d["generated"]
+            tasks.append(d)
+        return {
+            "engine": {
+                "started_at": self.started_at,
+                "model": self.spec.engine.worker.model,
+                "tp": self.spec.engine.cluster.tp,
+                "ray_address": self.ray_address,
+                "home": str(self.home),
+                "pid": os.getpid(),
+                "ready": self.ready.is_set() and self.error is None,
+                "rebuilds": self.rebuilds,
+            },
+            "workers": workers,
+            "tasks": tasks,
+            "throughput": list(self._throughput),
+            "counters": self._counters(e),
+        }
+
+    def _counters(self, e) -> dict[str, Any]:
+        """Totals since the engine started: KV bytes spilled to and fetched from the host tier
+        (all ranks). Exposed AllReduce time is not measured per step yet: 0."""
+        stats = getattr(e.scheduler, "stats", None) if e else None
+        out = {"bytes_spilled": 0, "bytes_prefetched": 0, "allreduce_exposed_s": 0.0}
+        if stats is None:
+            return out
+        c, bs = e.model.config, e.config.scheduler.block_size
+        elem = {"float32": 4}.get(str(e.device_infos[0].get("dtype")), 2)
+        block = 2 * c.num_hidden_layers * bs * c.num_key_value_heads * c.head_dim * elem
+        out["bytes_spilled"] = stats.blocks_spilled * block
+        out["bytes_prefetched"] = stats.blocks_fetched * block
+        return out
+
+
+def _progress(t: _Live) -> tuple[str, int, int, float | None, float | None]:
+    s = t.seq
+    n_gen = len(s.output_ids)
+    tps = None
+    if n_gen > 1 and s.first_token_time is not None:
+        dt = time.perf_counter() - s.first_token_time
+        tps = (n_gen - 1) / dt if dt > 0 else None
+    ttft = (s.first_token_time - s.arrival_time) if s.first_token_time else None
+    return (t.task_id, min(s.num_computed, len(s.prompt_ids)), n_gen, tps, ttft)

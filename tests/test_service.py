@@ -1,0 +1,299 @@
+"""The long-lived service for real: `tilerun up/submit/status/result/cancel/down` as subprocesses
+against a Ray head that `up` starts, a real SQLite store, real worker and engine deaths."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.service.head import group_pids
+from cluster.service.store import TaskStore
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# prefill_chunk 4: a long prompt's prefill takes hundreds of steps, long enough to kill a worker in
+ENGINE = {
+    "model": "tiny",
+    "device": "cpu",
+    "dtype": "float32",
+    "max_model_len": 2048,
+    "prefill_chunk": 4,
+}
+LONG = [(i * 7) % 500 + 1 for i in range(1800)]
+
+
+def tilerun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(*args: str, timeout: int = 600):
+    r = tilerun(*args, timeout=timeout)
+    assert r.returncode == 0, f"tilerun {' '.join(map(str, args))}: {r.stderr[-3000:]}"
+    return json.loads(r.stdout) if "--json" in args else r.stdout
+
+
+def reference(ids: list[int], max_new_tokens: int) -> list[int]:
+    """`tilerun run` (one-shot, in-process worker) on the same inputs and engine fields."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
+    out = ok(
+        "run", *flags, "--executor", "local", "--json",
+        "--prompt-token-ids", ",".join(map(str, ids)), "--max-new-tokens", str(max_new_tokens),
+    )  # fmt: skip
+    return out["token_ids"]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    home = tmp_path_factory.mktemp("svc")
+    cfg = home / "cluster.yaml"
+    cfg.write_text(
+        "".join(f"{k}: {v}\n" for k, v in ENGINE.items()) + "max_attempts: 3\nnum_cpus: 4\n"
+    )
+    info = ok("up", cfg, "--home", home, "--json")
+    yield home, cfg, info
+    if (home / "cluster.json").exists():
+        tilerun("down", "--home", home)
+
+
+def submit(home: Path, ids: list[int], n: int) -> str:
+    return ok("submit", "--home", home, "--prompt-token-ids", ",".join(map(str, ids)),
+              "--max-new-tokens", n, "--json")["id"]  # fmt: skip
+
+
+def wait_until(pred, timeout: float = 300, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_up_submit_status_results_equal_tilerun_run(service):
+    home, _, info = service
+    # the GCS is where Ray puts it (the node's IP); the dashboard stays on loopback
+    assert info["ray_address"].rsplit(":", 1)[1].isdigit()
+    assert info["ray_dashboard"].startswith("http://127.0.0.1:")
+    assert info["home"] == str(home)
+    prompts = [(list(range(1, 40)), 8), ([5, 6, 7], 6), ([(i * 13) % 500 for i in range(300)], 7)]
+    ids = [submit(home, p, n) for p, n in prompts]
+    st = ok("status", "--home", home, "--json")
+    assert {t["id"] for t in st["tasks"]} >= set(ids)
+    assert [w["name"] for w in st["workers"]] == ["tilerun-worker-0"]
+    assert st["workers"][0]["device"] == "cpu" and st["engine"]["model"] == "tiny"
+    for tid, (p, n) in zip(ids, prompts):
+        r = ok("result", tid, "--wait", "--home", home, "--json")
+        assert r["state"] == "done" and r["finish_reason"] == "length"
+        assert r["token_ids"] == reference(p, n)
+        assert set(r) >= {"token_ids", "text", "finish_reason", "metrics", "devices", "wall_s"}
+        assert r["metrics"]["ttft_s"] > 0 and r["metrics"]["prompt_tokens"] == len(p)
+    table = ok("status", "--home", home)
+    assert ids[0] in table and "done" in table and "tilerun-worker-0" in table
+    # the engine's status page: loopback, Ray's token or nothing
+    import urllib.error
+    import urllib.request
+
+    from cluster.service.ray_token import ray_auth_token
+
+    url = info["status_page"]
+    assert url.startswith("http://127.0.0.1:")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "api/snapshot", timeout=60)
+    assert refused.value.code == 401
+    req = urllib.request.Request(
+        url + "api/snapshot", headers={"Authorization": f"Bearer {ray_auth_token()}"}
+    )
+    snap = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert {t["id"] for t in snap["tasks"]} >= set(ids)
+    assert snap["workers"][0]["name"] == "tilerun-worker-0"
+
+
+def test_twenty_concurrent_submits_all_stored_once_and_run(service):
+    home, _, _ = service
+    before = {t.id for t in TaskStore(home / "tasks.db").list()}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cluster.cli",
+                "submit",
+                "--home",
+                str(home),
+                "--prompt-token-ids",
+                f"{i + 1},{i + 2},{i + 3}",
+                "--max-new-tokens",
+                "2",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(20)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    ids = [json.loads(o)["id"] for o, _ in outs]
+    new = [t for t in TaskStore(home / "tasks.db").list() if t.id not in before]
+    assert len(set(ids)) == 20 and sorted(t.id for t in new) == sorted(ids)
+    assert sorted(t.prompt_token_ids[0] for t in new) == list(range(1, 21))
+    store = TaskStore(home / "tasks.db")
+    wait_until(lambda: all(store.get(i).state == "done" for i in ids))
+
+
+@pytest.mark.parametrize(
+    "job, flags, match",
+    [
+        (
+            "prompt_token_ids: [1, 2]\nmax_new_tokenz: 3\n",
+            [],
+            r"line 2: unknown field 'max_new_tokenz'; did you mean 'max_new_tokens'",
+        ),
+        (
+            "prompt_token_ids: [1, 2]\nmax_new_tokens: many\n",
+            [],
+            r"line 2: max_new_tokens must be an integer, got 'many'",
+        ),
+        (
+            "prompt_token_ids: [1, 2]\n",
+            ["--max-new-tokens", "-3"],
+            r"max_new_tokens must be a positive integer, got -3",
+        ),
+        (
+            f"prompt_token_ids: {[1] * 2040}\nmax_new_tokens: 16\n",
+            [],
+            r"exceeds the model's context limit max_model_len=2048 by 8 tokens",
+        ),
+        ("prompt_token_ids: [1, 2]\ntp: 2\n", [], r"tp=2 differs from the running service's tp=1"),
+        ("prompt_token_ids: [1, 99999]\n", [], r"outside the model's vocabulary \[0, 512\)"),
+        ("max_new_tokens: 3\n", [], r"give exactly one of prompt, prompt_file, prompt_token_ids"),
+    ],
+)
+def test_malformed_job_refused_at_submit_nothing_stored(service, tmp_path, job, flags, match):
+    import re
+
+    home, _, _ = service
+    before = len(TaskStore(home / "tasks.db").list())
+    p = tmp_path / "job.yaml"
+    p.write_text(job)
+    r = tilerun("submit", p, *flags, "--home", home)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("tilerun: error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert re.search(match, r.stderr), r.stderr
+    assert len(TaskStore(home / "tasks.db").list()) == before
+
+
+def test_cancel_running_task(service):
+    home, _, _ = service
+    tid = submit(home, LONG[:200], 1500)
+    store = TaskStore(home / "tasks.db")
+    wait_until(lambda: store.get(tid).state == "running")
+    assert "cancel" in ok("cancel", tid, "--home", home)
+    wait_until(lambda: store.get(tid).state == "cancelled")
+    r = tilerun("result", tid, "--home", home)
+    assert r.returncode == 2 and "was cancelled" in r.stderr
+
+
+def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    pid = ok("status", "--home", home, "--json")["workers"][0]["pid"]  # before: status is slow
+    victim = submit(home, LONG, 5)
+    # running is written when the engine admits the task, before its first step; its prefill
+    # takes 450 steps of 4 tokens, so a kill within a poll of that lands inside the prefill
+    wait_until(lambda: store.get(victim).state == "running", every=0.01)
+    t = store.get(victim)
+    assert t.state == "running" and t.prefill_done < len(LONG)
+    os.kill(pid, signal.SIGKILL)
+    behind = submit(home, [9, 8, 7], 4)  # queued while the workers are rebuilt: not lost
+    r = ok("result", victim, "--wait", "--home", home, "--json")
+    assert r["attempts"] == 2 and r["token_ids"] == reference(LONG, 5)
+    assert ok("result", behind, "--wait", "--home", home, "--json")["token_ids"] == reference(
+        [9, 8, 7], 4
+    )
+    st = ok("status", "--home", home, "--json")
+    assert st["engine"]["rebuilds"] == 1 and st["workers"][0]["pid"] != pid
+
+
+def test_engine_killed_up_again_finds_every_task_and_finishes(service):
+    home, cfg, _ = service
+    store = TaskStore(home / "tasks.db")
+    engine_pid = ok("status", "--home", home, "--json")["engine"]["pid"]
+    inputs = [(LONG, 3), ([1, 2, 3], 3), ([4, 5], 3)]
+    ids = [submit(home, *inputs[0])]
+    wait_until(lambda: store.get(ids[0]).state == "running", every=0.01)
+    os.kill(engine_pid, signal.SIGKILL)
+    assert store.get(ids[0]).state == "running"  # it died mid-task
+    ids += [submit(home, p, n) for p, n in inputs[1:]]  # queued while no engine runs
+    wait_until(
+        lambda: ok("status", "--home", home, "--json")["engine"] is None, timeout=300, every=1
+    )
+    ok("up", cfg, "--home", home, "--json")
+    for i, (p, n) in zip(ids, inputs):
+        assert ok("result", i, "--wait", "--home", home, "--json")["token_ids"] == reference(p, n)
+    assert store.get(ids[0]).attempts == 2
+
+
+def test_down_leaves_no_process_of_ours(service):
+    home, _, _ = service
+    cluster = json.loads((home / "cluster.json").read_text())
+    assert group_pids(cluster["pid"])
+    tasks = {t.id: t.state for t in TaskStore(home / "tasks.db").list()}
+    out = ok("down", "--home", home, "--json")
+    assert out == {"engine": True, "head": True}
+    assert group_pids(cluster["pid"]) == []
+    temp = cluster["temp_dir"]
+    left = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and temp in (d / "cmdline").read_text():
+                left.append(d.name)
+        except OSError:
+            pass
+    assert left == [] and not (home / "cluster.json").exists()
+    # the tasks outlive the service
+    assert tasks and {t.id: t.state for t in TaskStore(home / "tasks.db").list()} == tasks
+
+
+def test_up_address_attaches_and_down_leaves_the_users_cluster_without_our_actors(tmp_path):
+    from cluster.service.head import head_alive, start_head, stop_head
+
+    theirs = start_head(tmp_path / "their-cluster", num_cpus=2)  # someone else's cluster
+    home = tmp_path / "home"
+    try:
+        info = ok("up", "--address", theirs["address"], "--home", home, "--model", "tiny",
+                  "--device", "cpu", "--max-model-len", "256", "--json")  # fmt: skip
+        assert info["ray_address"] == theirs["address"]
+        tid = submit(home, [1, 2, 3], 4)
+        assert len(ok("result", tid, "--wait", "--home", home, "--json")["token_ids"]) == 4
+        assert ok("down", "--home", home, "--json") == {"engine": True, "head": False}
+        assert head_alive(theirs)  # not ours to stop
+        code = (
+            "import os, sys\nos.environ['RAY_AUTH_MODE'] = 'token'\nimport ray\n"
+            "ray.init(address=sys.argv[1], namespace='tilerun', logging_level='ERROR')\n"
+            "alive = []\n"
+            "for n in ('tilerun-engine', 'tilerun-worker-0'):\n"
+            "    try:\n        ray.get_actor(n); alive.append(n)\n"
+            "    except ValueError:\n        pass\n"
+            "print(alive)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code, theirs["address"]], capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == "[]"
+    finally:
+        stop_head(theirs)

@@ -1,0 +1,140 @@
+"""The task store and the cluster file, without Ray: real SQLite, real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster.service.spec import load_spec
+from cluster.service.store import TaskStore
+from scheduler.errors import ConfigError
+
+
+def test_tasks_keep_arrival_order_and_their_inputs(tmp_path):
+    s = TaskStore(tmp_path / "tasks.db")
+    a = s.add([1, 2, 3], {"max_new_tokens": 4}, prompt_text="abc")
+    b = s.add([4], {"max_new_tokens": 1})
+    assert [t.id for t in s.list(("queued",))] == [a, b]
+    t = TaskStore(tmp_path / "tasks.db").get(a)  # another connection sees it committed
+    assert t.prompt_token_ids == [1, 2, 3] and t.params == {"max_new_tokens": 4}
+    assert t.prompt_text == "abc" and t.state == "queued" and t.attempts == 0
+
+
+def test_lifecycle_attempts_requeue_and_results(tmp_path):
+    s = TaskStore(tmp_path / "tasks.db")
+    a = s.add([1, 2, 3], {"max_new_tokens": 4})
+    assert s.start(a) == 1
+    s.progress([(a, 2, 0, None, None)])
+    assert s.get(a).prefill_done == 2
+    s.requeue(a, "worker died")
+    t = s.get(a)
+    assert (t.state, t.attempts, t.error, t.prefill_done) == ("queued", 1, "worker died", 0)
+    assert s.start(a) == 2
+    s.requeue(a, None, refund_attempt=True)  # `tilerun down`: not the task's fault
+    assert s.get(a).attempts == 1
+    s.start(a)
+    out = {"token_ids": [7, 8], "metrics": {"generated_tokens": 2, "ttft_s": 0.5}}
+    s.finish(a, "done", output=out)
+    t = s.get(a)
+    assert t.state == "done" and t.output == out and t.prefill_done == 3 and t.generated == 2
+    with pytest.raises(ValueError):
+        s.finish(a, "running")
+
+
+def test_cancel_queued_at_once_running_by_request(tmp_path):
+    s = TaskStore(tmp_path / "tasks.db")
+    a, b = s.add([1], {}), s.add([2], {})
+    assert s.request_cancel(a) == "cancelled" and s.get(a).state == "cancelled"
+    s.start(b)
+    assert s.request_cancel(b) == "running" and s.get(b).cancel_requested
+    assert s.request_cancel("nope") == "unknown"
+    assert s.list(("queued",)) == []
+
+
+def test_twenty_processes_submit_at_once_none_lost_or_duplicated(tmp_path):
+    db = tmp_path / "tasks.db"
+    TaskStore(db)  # schema first, as `tilerun up` does
+    code = (
+        "import sys; from cluster.service.store import TaskStore; "
+        "s = TaskStore(sys.argv[1]); print(s.add([int(sys.argv[2])] * 3, {'max_new_tokens': 2}))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(db), str(i)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(20)
+    ]
+    ids = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    tasks = TaskStore(db).list()
+    assert sorted(t.id for t in tasks) == sorted(ids) and len(set(ids)) == 20
+    assert sorted(t.prompt_token_ids[0] for t in tasks) == list(range(20))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            "model: tiny\ntp: 1\nprefil_chunk: 8\n",
+            r"line 3: unknown field 'prefil_chunk'; did you mean 'prefill_chunk'",
+        ),
+        ("model: tiny\ntp: two\n", r"line 2: tp must be an integer, got 'two'"),
+        (
+            "model: tiny\nexecutor: local\n",
+            r"line 2: executor='local': the service runs its workers as Ray actors",
+        ),
+        ("model: tiny\noverlap: no\n", r"line 2: overlap must be true or false, got 'no'"),
+        ("model: tiny\ntp: 1\ntp: 2\n", r"line 3: field 'tp' is given twice"),
+        ("device: cpu\n", r"missing field 'model'; add `model: demo-small`"),
+        ("model: tiny\nmax_attempts: 0\n", r"line 2: max_attempts must be a positive integer"),
+        (
+            "model: tiny\nkv_cache_tokens: -5\n",
+            r"line 2: kv_cache_tokens must be a positive integer",
+        ),
+        ("model: [tiny\n", r"line 1: not valid YAML"),
+    ],
+)
+def test_malformed_cluster_file_names_line_and_fix(tmp_path, text, match):
+    p = tmp_path / "cluster.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_spec(p)
+
+
+def test_cluster_file_model_dir_is_relative_to_the_file(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    p = tmp_path / "cluster.yaml"
+    p.write_text("model: ckpt\ndevice: cpu\nmax_attempts: 2\n")
+    spec = load_spec(p)
+    assert spec.engine.worker.model == str((tmp_path / "ckpt").resolve())
+    assert spec.service.max_attempts == 2 and spec.engine.worker.device == "cpu"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_service_commands_have_help_with_the_config_fields():
+    up = _cli("up", "--help")
+    assert up.returncode == 0
+    for flag in ("--address", "--home", "--model", "--tp", "--max-attempts", "--num-cpus"):
+        assert flag in up.stdout, flag
+    sub = _cli("submit", "--help")
+    for flag in ("--prompt-file", "--prompt-token-ids", "--max-new-tokens", "--temperature"):
+        assert flag in sub.stdout, flag
+
+
+def test_submit_without_a_service_names_the_fix_and_stores_nothing(tmp_path):
+    r = _cli("submit", "--home", tmp_path, "--prompt", "hello")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "no tilerun service under" in r.stderr and "tilerun up" in r.stderr
+    r = _cli("result", "abc", "--home", tmp_path)
+    assert r.returncode == 2 and "no task 'abc'" in r.stderr and "tilerun status" in r.stderr
+    assert TaskStore(tmp_path / "tasks.db").list() == []
