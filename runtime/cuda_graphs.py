@@ -204,11 +204,11 @@ class DecodeGraphs:
         ids, pos, slots = [], [], []
         lens, need_w = [], 1
         for i, c in enumerate(chunks):
-            p = c.start_pos
+            start = c.start_pos
             table = c.block_table
             ids.append(c.token_ids[0])
-            pos.append(p)
-            slots.append(table[p // page] * page + p % page)
+            pos.append(start)
+            slots.append(table[start // page] * page + start % page)
             lens.append(c.seq_len)
             k = -(-c.seq_len // page)
             need_w = max(need_w, k)

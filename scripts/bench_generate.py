@@ -160,7 +160,7 @@ def main() -> int:
             model=args.model, device=args.device, dtype=args.dtype, attention=attn,
             prefill_chunk=args.prefill_chunk, max_num_seqs=1, max_model_len=longest,
             kv_cache_tokens=longest + 16, q_tile=args.q_tile, kv_tile=args.kv_tile,
-            cuda_graphs=not args.no_cuda_graphs, executor="local",
+            cuda_graphs=not args.no_cuda_graphs, executor="local", kv_host_tokens=0,
         ))  # fmt: skip
         engine = Engine(cfg)
         info = engine.device_infos[0]
