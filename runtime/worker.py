@@ -474,14 +474,17 @@ class Worker:
         n_host = host_blocks_of(batch.chunks, self.kv.num_blocks, bs)
         if not n_host and not swaps:
             return None
-        fraction = 0.0
+        fraction, min_blocks = 0.0, 0
         if n_host:
             forced = self._spill_option("spill", "auto")
             if self.kv.device.type == "cpu" and forced == "auto":
                 forced = "stream"  # the "host" is the same memory: nothing to gain from a split
             shape = self._step_shape(batch)
-            fraction = spill_cost.choose(shape, self.spill_rates, forced).cpu_fraction
-        return SpillStep(self.kv, batch.chunks, swaps, cpu_fraction=fraction)
+            choice = spill_cost.choose(shape, self.spill_rates, forced)
+            fraction, min_blocks = choice.cpu_fraction, choice.cpu_min_blocks
+        return SpillStep(
+            self.kv, batch.chunks, swaps, cpu_fraction=fraction, cpu_min_blocks=min_blocks
+        )
 
     def _step_shape(self, batch: ScheduledBatch) -> spill_cost.StepShape:
         """One layer's attention work of the step, split by tier, for the cost model."""
@@ -489,11 +492,12 @@ class Worker:
         hq = c.num_attention_heads // self.world_size
         per_key = kv.device_layer_block_bytes / bs
         dev_flops = dev_bytes = host_flops = 0.0
-        n_host = 0
+        n_host = n_seqs = 0
         for ch in batch.chunks:
             used = ch.block_table[: -(-ch.seq_len // bs)]
             h = sum(1 for b in used if b >= kv.num_blocks)
             n_host += h
+            n_seqs += h > 0
             qlen = len(ch.token_ids)
             dev_flops += spill_cost.attention_flops(qlen, ch.seq_len - h * bs, hq, c.head_dim)
             dev_bytes += (ch.seq_len - h * bs) * per_key
@@ -504,6 +508,8 @@ class Worker:
             host_flops=host_flops,
             host_bytes=n_host * kv.host_layer_block_bytes,
             host_bytes_on_device=n_host * kv.device_layer_block_bytes,
+            host_blocks=n_host,
+            host_seqs=n_seqs,
         )
 
     def _generator(self, c) -> torch.Generator | None:
