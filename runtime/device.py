@@ -104,6 +104,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def empty_cache(device: torch.device) -> None:
+    """Hand cached, unused device memory back (so that ``free_memory_bytes`` counts it)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -214,7 +214,8 @@ class Worker:
         self._graphs = None  # captured graphs point into the old cache
         if self.kv is not None:
             self.kv.close()
-        self.kv = None
+            self.kv = None
+            dev.empty_cache(self.device)  # the old cache's memory counts as free below
         staging = min(host_blocks, self._staging_blocks(device_blocks))
         self.kv = KVCache(
             c.num_hidden_layers,
@@ -238,11 +239,29 @@ class Worker:
         }
 
     def _staging_blocks(self, device_blocks: int) -> int:
-        """Blocks per staging buffer. A staged block holds one layer, so two buffers of
-        ``D * L / STAGING_SHARE`` blocks cost ``2 / STAGING_SHARE`` of the pool's bytes (1/8)
-        and let one step stream ``L / STAGING_SHARE`` times the device tier's tokens (twice, for
-        a 32-layer model); what a step reads beyond that is attended on the CPU."""
-        return max(1, device_blocks * self.model_config.num_hidden_layers // STAGING_SHARE)
+        """Blocks (of one layer) per staging buffer; ``init_kv_cache`` caps it at the host
+        tier's size, the most one layer of a step can ever stream.
+
+        Automatic sizing: two buffers of ``D * L / STAGING_SHARE`` blocks cost ``2 /
+        STAGING_SHARE`` of the pool's bytes (1/8) and hold ``L / STAGING_SHARE`` times the device
+        tier's tokens (twice, for a 32-layer model: a 256K context of the 7B shape on an H100,
+        ~100K tokens on the device and ~156K on the host, stages its host part in one go).
+        With ``kv_cache_tokens`` forced on an accelerator the pool is small on purpose: the
+        staging area takes the free memory left after the pool, with the same headroom as the
+        automatic pool. Whatever a step streams beyond one buffer goes in rounds."""
+        share = max(1, device_blocks * self.model_config.num_hidden_layers // STAGING_SHARE)
+        free = dev.free_memory_bytes(self.device)
+        if self.config.kv_cache_tokens is None or free is None:
+            return share
+        total = dev.device_info(self.device).total_memory_bytes or free
+        budget = (
+            free
+            - (1 - self.config.gpu_memory_utilization) * total
+            - self._activation_bytes()
+            - device_blocks * self.kv_bytes_per_block()
+        )
+        per = 2 * self.kv_bytes_per_block() / self.model_config.num_hidden_layers  # two buffers
+        return max(1, int(budget // per))
 
     def warm_up(self) -> None:
         """One small prefill and decode steps (kernel compilation, allocator pools), written into
