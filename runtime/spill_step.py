@@ -117,9 +117,7 @@ class SpillStep:
         self._round_offsets = [0, half] if 2 * half <= s_blocks else [0]
         in_round = {b: (r, j) for r, blk in enumerate(self.rounds) for j, b in enumerate(blk)}
         # per round, per sequence: slots (within the round's region) of its blocks
-        self.round_slots: list[list[list[int]]] = [
-            [[] for _ in streamed] for _ in self.rounds
-        ]
+        self.round_slots: list[list[list[int]]] = [[[] for _ in streamed] for _ in self.rounds]
         for i, ids in enumerate(streamed):
             for b in ids:
                 if b in in_round:

@@ -159,7 +159,9 @@ def _h100_7b_worker(monkeypatch, **kw):
     w = Worker(WorkerConfig(model="llama2-7b", device="cpu", **kw), source, limits)
     w.device, w.dtype = torch.device("cpu"), torch.bfloat16
     monkeypatch.setattr(dev, "free_memory_bytes", lambda d: 66 * 10**9)
-    monkeypatch.setattr(dev, "device_info", lambda d: DeviceInfo("cuda", "H100", (9, 0), 80 * 10**9))
+    monkeypatch.setattr(
+        dev, "device_info", lambda d: DeviceInfo("cuda", "H100", (9, 0), 80 * 10**9)
+    )
     return w
 
 
