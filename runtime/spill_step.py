@@ -36,6 +36,7 @@ import torch
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 from runtime.attention.merge import merge_attention_states
 from runtime.attention.partial import visible_attention
+from runtime.device import torch_threads
 from runtime.kv_cache import KVCache
 
 
@@ -72,9 +73,12 @@ class SpillStep:
         *,
         cpu_fraction: float = 0.0,
         cpu_min_blocks: int = 0,
+        cpu_threads: int | None = None,
     ) -> None:
         """``cpu_fraction`` of each sequence's host blocks (at least ``cpu_min_blocks`` of them,
-        where it has that many) are attended on the CPU; the rest stream to the device."""
+        where it has that many) are attended on the CPU, with ``cpu_threads`` torch threads
+        (``None``: the process's setting); the rest stream to the device."""
+        self.cpu_threads = cpu_threads
         self.kv = kv
         self.swaps = [tuple(p) for p in swaps]
         d, bs = kv.num_blocks, kv.block_size
@@ -360,14 +364,15 @@ class SpillStep:
         out_c = torch.zeros(T, hq, d, dtype=torch.float32, pin_memory=pin)
         lse_c = torch.full((T, hq), float("-inf"), dtype=torch.float32, pin_memory=pin)
         start = 0
-        for b, qlen in enumerate(self.meta.query_lens_cpu):
-            ids = self.cpu_ids[b]
-            if ids:
-                kh, vh = self.kv.host_kv(layer, ids, self._cpu_runs[b])
-                o, s = visible_attention(q_host[start : start + qlen], kh, vh, scale)
-                out_c[start : start + qlen] = o
-                lse_c[start : start + qlen] = s
-            start += qlen
+        with torch_threads(self.cpu_threads):
+            for b, qlen in enumerate(self.meta.query_lens_cpu):
+                ids = self.cpu_ids[b]
+                if ids:
+                    kh, vh = self.kv.host_kv(layer, ids, self._cpu_runs[b])
+                    o, s = visible_attention(q_host[start : start + qlen], kh, vh, scale)
+                    out_c[start : start + qlen] = o
+                    lse_c[start : start + qlen] = s
+                start += qlen
         if self._cuda:
             resumed = torch.cuda.Event(enable_timing=True)
             resumed.record(self.compute)  # the device idled from dev_done until here (if done)

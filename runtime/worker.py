@@ -9,6 +9,7 @@ worker: ``init_device`` -> ``init_communicator`` -> ``load_model`` -> ``kv_cache
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -74,6 +75,10 @@ class Worker:
         self._graphs_off: str | None = None if config.cuda_graphs else "turned off by config"
         self._eager_only = False
         self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
+        # torch threads for the CPU part of cooperative attention (None: the process's setting;
+        # an accelerator worker takes the node's cores shared by its ranks, see init_device)
+        self.cpu_threads: int | None = None
+        self.ranks_on_node = world_size
         self._said_eager = False
 
     # -- bring-up ----------------------------------------------------------------------------
@@ -82,6 +87,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = dev.resolve_dtype(self.config.dtype, self.device)
+        if self.device.type != "cpu" and self.cpu_threads is None:
+            cores = os.cpu_count() or 1
+            self.cpu_threads = max(1, cores // max(1, self.ranks_on_node))
         self.backend_name = resolve_backend_name(self.config.attention, self.device)
         opts = {"q_tile": self.config.q_tile, "kv_tile": self.config.kv_tile}
         self.backend = get_backend(
@@ -313,15 +321,16 @@ class Worker:
         from runtime.spill_rates import measure_rates
 
         c = self.model_config
-        self.spill_rates = measure_rates(
-            self.backend,
-            self.device,
-            self.dtype,
-            c.num_attention_heads // self.world_size,
-            c.num_key_value_heads // self.world_size,
-            c.head_dim,
-            self.limits.block_size,
-        )
+        with dev.torch_threads(self.cpu_threads):  # the CPU rate at the threads it will use
+            self.spill_rates = measure_rates(
+                self.backend,
+                self.device,
+                self.dtype,
+                c.num_attention_heads // self.world_size,
+                c.num_key_value_heads // self.world_size,
+                c.head_dim,
+                self.limits.block_size,
+            )
         if self.rank == 0:
             r = self.spill_rates
             log.info(
@@ -502,7 +511,12 @@ class Worker:
             choice = spill_cost.choose(shape, self.spill_rates, forced)
             fraction, min_blocks = choice.cpu_fraction, choice.cpu_min_blocks
         return SpillStep(
-            self.kv, batch.chunks, swaps, cpu_fraction=fraction, cpu_min_blocks=min_blocks
+            self.kv,
+            batch.chunks,
+            swaps,
+            cpu_fraction=fraction,
+            cpu_min_blocks=min_blocks,
+            cpu_threads=self.cpu_threads,
         )
 
     def _step_shape(self, batch: ScheduledBatch) -> spill_cost.StepShape:

@@ -494,3 +494,35 @@ def test_host_pool_grows_as_it_fills():
         assert all(c is not None for c in pool._chunks)
     finally:
         pool.close()
+
+
+def test_the_cpu_part_runs_with_its_own_threads(monkeypatch):
+    """A GPU worker under Ray has one torch thread; the CPU share of cooperative attention runs
+    with the threads the worker gives it, and the process's setting is restored afterwards."""
+    import runtime.spill_step as spill_step
+
+    seen = []
+
+    def recording(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return visible_attention(*a, **kw)
+
+    monkeypatch.setattr(spill_step, "visible_attention", recording)
+    qlens, slens = CASES["chunk"]
+    kv, content, tables, ref_tables, swaps_in = build(qlens, slens, bs=7, hq=8, hkv=2, d=16)
+    for layer in range(kv.num_layers):
+        kv.copy_blocks(layer, swaps_in)
+    chunks = [SeqChunk(0, (0,) * qlens[0], slens[0] - qlens[0], tuple(tables[0]), False, PARAMS)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step = SpillStep(kv, chunks, cpu_fraction=1.0, cpu_threads=2)
+        meta = AttentionMetadata.build(qlens, step.seq_lens, step.tables, kv.block_size)
+        step.bind(meta)
+        q = torch.randn(qlens[0], 8, 16)
+        k_new = torch.randn(qlens[0], 2, 16)
+        kc, vc = kv.layers[0]
+        step.attention(q, k_new, k_new, kc, vc, get_backend("torch", "cpu"), 0.25)
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
