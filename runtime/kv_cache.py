@@ -269,13 +269,17 @@ class KVCache:
                 parts[kind].append(x.reshape(-1, *x.shape[2:]))
         return parts
 
-    def wait_host_ready(self, timeout: float | None = None, *, everything: bool = False) -> bool:
+    def wait_host_ready(
+        self, timeout: float | None = None, *, everything: bool = False, blocks: int | None = None
+    ) -> bool:
         """Wait up to ``timeout`` for the host tier's background pinning (of the chunks ahead of
-        use, or of ``everything``); whether it is done."""
+        use, of the first ``blocks`` host blocks, or of ``everything``); whether it is done."""
         if self.host is None:
             return True
         if everything:
             self.host.pin_all()
+        elif blocks is not None:
+            self.host.pin_first(blocks)
         return self.host.wait_allocated(timeout)
 
     def close(self) -> None:
