@@ -7,13 +7,15 @@ read off the id alone.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 from scheduler.errors import CapacityError, ConfigError
 
 
 class TierAllocator:
-    """Free lists of device and host blocks. Ids are handed out lowest first and reused."""
+    """Free lists of device and host blocks. Ids are handed out lowest first (heaps), so the
+    host blocks a sequence spills in order get consecutive ids where they are free: the runtime
+    copies a run of consecutive host ids in one copy."""
 
     def __init__(self, device_blocks: int, host_blocks: int, block_size: int) -> None:
         if not isinstance(device_blocks, int) or device_blocks < 1:
@@ -25,8 +27,8 @@ class TierAllocator:
         self.device_blocks = device_blocks
         self.host_blocks = host_blocks
         self.block_size = block_size
-        self._free_dev: deque[int] = deque(range(device_blocks))
-        self._free_host: deque[int] = deque(range(device_blocks, device_blocks + host_blocks))
+        self._free_dev: list[int] = list(range(device_blocks))  # sorted: a valid heap
+        self._free_host: list[int] = list(range(device_blocks, device_blocks + host_blocks))
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -55,18 +57,18 @@ class TierAllocator:
     def take_device(self) -> int:
         if not self._free_dev:
             raise CapacityError(f"no free device KV block (all {self.device_blocks} in use)")
-        return self._free_dev.popleft()
+        return heapq.heappop(self._free_dev)
 
     def take_host(self) -> int:
         if not self._free_host:
             raise CapacityError(f"no free host KV block (all {self.host_blocks} in use)")
-        return self._free_host.popleft()
+        return heapq.heappop(self._free_host)
 
     def release(self, block_id: int) -> None:
         """Return one block to its tier's free list."""
         if not 0 <= block_id < self.num_blocks:
             raise ValueError(f"block id {block_id} outside 0..{self.num_blocks - 1}")
-        (self._free_dev if self.on_device(block_id) else self._free_host).append(block_id)
+        heapq.heappush(self._free_dev if self.on_device(block_id) else self._free_host, block_id)
 
     def free(self, table: list[int]) -> None:
         for b in table:

@@ -94,6 +94,12 @@ def measure_rates(device: torch.device, dtype: torch.dtype, head_dim: int, mib: 
     a = torch.randn(m, m, dtype=dtype, device=device)
     t = _timed(lambda: a @ a, device)
     rates["matmul_flop_per_s"] = 2 * m**3 / t
+    # a peer's causal prefill attention on the device (SDPA's fused kernel where there is one);
+    # the bound uses tilerun's own kernel (measure_attention_rate)
+    n, h = (4096, 32) if device.type == "cuda" else (512, 4)
+    q = torch.randn(1, h, n, head_dim, dtype=dtype, device=device)
+    t = _timed(lambda: sdpa(q, q, q, is_causal=True), device)
+    rates["sdpa_attention_flop_per_s"] = 2 * h * n * n * head_dim / t  # QK and PV, half of each
     return rates
 
 
