@@ -172,6 +172,7 @@ class RayExecutor(_Executor):
 
             runtime_env = mpi_runtime_env(mpi_bind_env(self.rendezvous_host))
         threads = max(1, int((os.cpu_count() or 1) / tp)) if device_type == "cpu" else None
+        per_node = _ranks_on_node(self.pg)
         self.workers = []
         try:
             for rank, bundle_index in enumerate(order):
@@ -187,7 +188,9 @@ class RayExecutor(_Executor):
                             placement_group=self.pg, placement_group_bundle_index=bundle_index
                         ),
                         **opts,
-                    ).remote(config.worker, model, limits, rank, tp, threads)
+                    ).remote(
+                        config.worker, model, limits, rank, tp, threads, per_node[bundle_index]
+                    )
                 )
             self._bring_up(tp, self.comm)
             self._ready = True
@@ -375,6 +378,16 @@ def _bundles_by_node(pg) -> list[int]:
     for i in sorted(where):
         first_seen.setdefault(where[i], i)
     return sorted(range(len(pg.bundle_specs)), key=lambda i: (first_seen.get(where.get(i), i), i))
+
+
+def _ranks_on_node(pg) -> list[int]:
+    """Per bundle: how many of the group's workers share its node (they share its cores)."""
+    from ray.util import placement_group_table
+
+    where = placement_group_table(pg).get("bundles_to_node_id", {})
+    n = len(pg.bundle_specs)
+    nodes = [where.get(i, where.get(str(i))) for i in range(n)]
+    return [max(1, sum(1 for x in nodes if x == nodes[i])) if nodes[i] else n for i in range(n)]
 
 
 def _dead_rank(ray, refs: list) -> int | None:

@@ -25,11 +25,16 @@ class WorkerActor(Worker):
         rank: int,
         world_size: int,
         threads: int | None = None,
+        ranks_on_node: int | None = None,
     ) -> None:
         if threads:
             # CPU workers share the node's cores: one torch thread pool per worker, no oversubscription
             torch.set_num_threads(threads)
         super().__init__(config, model, limits, rank, world_size)
+        if ranks_on_node:
+            # accelerator workers keep Ray's one torch thread for their own work; the CPU part of
+            # cooperative attention takes this node's cores / its ranks (Worker.init_device)
+            self.ranks_on_node = ranks_on_node
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:

@@ -6,6 +6,7 @@ queries, synchronisation and memory figures, so the rest of ``runtime/`` stays d
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import resource
 import sys
@@ -102,6 +103,29 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.npu.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op CPU threads (``None``: as set), then restore.
+
+    GPU workers under Ray get one torch thread; the CPU part of cooperative attention is the one
+    piece of their work that wants the node's cores."""
+    prev = torch.get_num_threads()
+    if not n or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def empty_cache(device: torch.device) -> None:
+    """Hand cached, unused device memory back (so that ``free_memory_bytes`` counts it)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def free_memory_bytes(device: torch.device) -> int | None:

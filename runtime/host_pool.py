@@ -118,6 +118,11 @@ class HostPool:
         """Ask the background thread for every chunk (not only those ahead of use)."""
         self._grow_to(self.num_chunks)
 
+    def pin_first(self, blocks: int) -> None:
+        """Ask the background thread for the chunks holding host blocks ``0 .. blocks-1`` (ids
+        are handed out lowest first, so these are the ones a task of that size uses)."""
+        self._grow_to(-(-blocks // self.chunk_blocks))
+
     def wait_allocated(self, timeout: float | None = None) -> bool:
         """Wait until the chunks asked of the background thread exist (True), or ``timeout``
         passed (False)."""

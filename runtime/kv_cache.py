@@ -239,14 +239,15 @@ class KVCache:
         d = self.num_blocks
         return _runs([(h - d, i) for i, h in enumerate(host_ids)], src_chunk=self.host.chunk_blocks)
 
-    def stage(self, layer: int, host_ids: list[int], runs=None) -> int:
-        """Copy host blocks (global ids) into slots ``0..`` of this layer's staging buffer
+    def stage(self, layer: int, host_ids: list[int], runs=None, slot0: int = 0) -> int:
+        """Copy host blocks (global ids) into slots ``slot0..`` of this layer's staging buffer
         (``runs``: ``host_runs(host_ids)``, made once); returns the bytes moved."""
-        if len(host_ids) > self.staging_blocks:
+        if slot0 + len(host_ids) > self.staging_blocks:
             raise ValueError(
-                f"{len(host_ids)} blocks exceed the staging area of {self.staging_blocks}"
+                f"{len(host_ids)} blocks from slot {slot0} exceed the staging area of "
+                f"{self.staging_blocks}"
             )
-        base = self.num_layers * self.num_blocks + (layer % 2) * self.staging_blocks
+        base = self.num_layers * self.num_blocks + (layer % 2) * self.staging_blocks + slot0
         for s, t, n in runs if runs is not None else self.host_runs(host_ids):
             self._from_host(layer, s, self.k_all[base + t : base + t + n], 0)
             self._from_host(layer, s, self.v_all[base + t : base + t + n], 1)
@@ -268,13 +269,17 @@ class KVCache:
                 parts[kind].append(x.reshape(-1, *x.shape[2:]))
         return parts
 
-    def wait_host_ready(self, timeout: float | None = None, *, everything: bool = False) -> bool:
+    def wait_host_ready(
+        self, timeout: float | None = None, *, everything: bool = False, blocks: int | None = None
+    ) -> bool:
         """Wait up to ``timeout`` for the host tier's background pinning (of the chunks ahead of
-        use, or of ``everything``); whether it is done."""
+        use, of the first ``blocks`` host blocks, or of ``everything``); whether it is done."""
         if self.host is None:
             return True
         if everything:
             self.host.pin_all()
+        elif blocks is not None:
+            self.host.pin_first(blocks)
         return self.host.wait_allocated(timeout)
 
     def close(self) -> None:

@@ -8,6 +8,12 @@ which is what makes both ways of attending over them exact:
   buffers, alternating by layer, so layer ``l+1``'s copies run on the copy stream while layer
   ``l`` computes), and the host ids in the table are replaced by staging rows of the layer's
   window: one kernel call of any backend over the whole sequence, nothing to merge.
+  When the distinct host blocks of a step exceed one staging buffer, the first ``S`` go that way
+  and the rest stream in *rounds*, still on the device: each round copies a batch of host blocks
+  into half of the layer's buffer (the other half fills meanwhile) and attends over them as a
+  non-causal partial (they are full and before every query), merged by log-sum-exp. The CPU
+  never takes blocks because the staging area is full: a prefill chunk on the CPU costs seconds
+  per layer where the device takes milliseconds.
 * **cooperate**: some host blocks are dropped from the table and attended on the CPU
   (``runtime.attention.partial``) while the device runs the rest; dropping whole, full blocks
   that every query sees leaves the causal structure of the remaining (shorter) sequence intact,
@@ -30,6 +36,7 @@ import torch
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 from runtime.attention.merge import merge_attention_states
 from runtime.attention.partial import visible_attention
+from runtime.device import torch_threads
 from runtime.kv_cache import KVCache
 
 
@@ -65,7 +72,13 @@ class SpillStep:
         swaps: tuple[tuple[int, int], ...] = (),
         *,
         cpu_fraction: float = 0.0,
+        cpu_min_blocks: int = 0,
+        cpu_threads: int | None = None,
     ) -> None:
+        """``cpu_fraction`` of each sequence's host blocks (at least ``cpu_min_blocks`` of them,
+        where it has that many) are attended on the CPU, with ``cpu_threads`` torch threads
+        (``None``: the process's setting); the rest stream to the device."""
+        self.cpu_threads = cpu_threads
         self.kv = kv
         self.swaps = [tuple(p) for p in swaps]
         d, bs = kv.num_blocks, kv.block_size
@@ -91,41 +104,51 @@ class SpillStep:
                             f"full and before the step's first position {c.start_pos}"
                         )
                     hosts.append(b)
-            k = round(cpu_fraction * len(hosts))
+            k = max(round(cpu_fraction * len(hosts)), min(cpu_min_blocks, len(hosts)))
             self.cpu_ids.append(hosts[:k])
             streamed.append(hosts[k:])
             self.seq_lens.append(c.seq_len)
             self.tables.append(used)
-        # one staging slot per distinct streamed block; what does not fit goes to the CPU
-        slots: dict[int, int] = {}
-        for ids in streamed:
-            for b in ids:
-                if b not in slots and len(slots) < kv.staging_blocks:
-                    slots[b] = len(slots)
-        self.staged = list(slots)
+        # one staging slot per distinct streamed block; beyond one buffer, rounds of half a
+        # buffer each (alternating halves, so a round's copy overlaps the previous round)
+        ordered = list(dict.fromkeys(b for ids in streamed for b in ids))
+        s_blocks = kv.staging_blocks
+        slots = {b: i for i, b in enumerate(ordered[:s_blocks])}
+        rest = ordered[s_blocks:]
+        half = max(1, s_blocks // 2)
+        self.rounds = [rest[i : i + half] for i in range(0, len(rest), half)]
+        # regions of the buffer rounds alternate between (one when the buffer holds one block)
+        self._round_offsets = [0, half] if 2 * half <= s_blocks else [0]
+        in_round = {b: (r, j) for r, blk in enumerate(self.rounds) for j, b in enumerate(blk)}
+        # per round, per sequence: slots (within the round's region) of its blocks
+        self.round_slots: list[list[list[int]]] = [[[] for _ in streamed] for _ in self.rounds]
         for i, ids in enumerate(streamed):
-            over = [b for b in ids if b not in slots]
-            if over:
-                self.cpu_ids[i] = self.cpu_ids[i] + over
+            for b in ids:
+                if b in in_round:
+                    r, j = in_round[b]
+                    self.round_slots[r][i].append(j)
         for i, used in enumerate(self.tables):
-            cpu = set(self.cpu_ids[i])
+            dropped = set(self.cpu_ids[i]) | {b for b in streamed[i] if b in in_round}
             table, mask = [], []
             for b in used:
-                if b in cpu:
-                    continue  # attended on the CPU: dropped, the sequence gets shorter
+                if b in dropped:
+                    continue  # attended elsewhere (CPU, a round): the sequence gets shorter
                 table.append(slots[b] if b >= d else b)
                 mask.append(b >= d)
             self.tables[i] = table
             self.staged_mask.append(mask)
-            self.seq_lens[i] -= len(self.cpu_ids[i]) * bs
+            self.seq_lens[i] -= (len(used) - len(table)) * bs
+        self.staged = list(slots)
         cpu_blocks = sum(len(x) for x in self.cpu_ids)
-        host_blocks = sum(sum(m) for m in self.staged_mask) + cpu_blocks
+        round_blocks = sum(len(x) for r in self.round_slots for x in r)
+        host_blocks = sum(sum(m) for m in self.staged_mask) + round_blocks + cpu_blocks
         mode = ("cooperate" if cpu_blocks else "stream") if host_blocks else "none"
         self.figures = SpillFigures(mode=mode, host_blocks=host_blocks, cpu_blocks=cpu_blocks)
         self._cpu_any = self.figures.cpu_blocks > 0
         # copy plans, made once and replayed for every layer
         self._swap_plan = kv.plan_copies(self.swaps) if self.swaps else None
         self._stage_runs = kv.host_runs(self.staged) if self.staged else None
+        self._round_runs = [kv.host_runs(blk) for blk in self.rounds]
         self._cpu_runs = [kv.host_runs(ids) if ids else None for ids in self.cpu_ids]
         self._layer_of = {k.data_ptr(): i for i, (k, _) in enumerate(kv.layers)}
         self._cuda = kv.device.type == "cuda"
@@ -140,6 +163,16 @@ class SpillStep:
         self.mask = torch.tensor(rows, dtype=torch.bool).reshape(len(rows), w)
         self.mask = self.mask.to(meta.block_tables.device)
         meta.spill = self
+        # per round: slots of each sequence's blocks within the round's region, and key counts
+        self._round_meta = []
+        for r, per_seq in enumerate(self.round_slots):
+            off = self._round_offsets[r % len(self._round_offsets)]
+            width = max(1, max(len(x) for x in per_seq))
+            rows = [[off + j for j in x] + [off] * (width - len(x)) for x in per_seq]
+            table = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width)
+            lens = torch.tensor([len(x) * self.kv.block_size for x in per_seq], dtype=torch.int32)
+            dev = meta.block_tables.device
+            self._round_meta.append((off, table.to(dev), lens.to(dev)))
         L = self.kv.num_layers
         if self._cuda:
             dev = self.kv.device
@@ -217,10 +250,94 @@ class SpillStep:
         else:
             kw, vw, run_meta = k_cache, v_cache, meta
         out, lse = backend.forward(q, kw, vw, run_meta, scale)
+        if self.rounds:
+            out, lse = self._attend_rounds(layer, q, out, lse, backend, scale)
         self._done(layer)
         if self._cpu_any:
             out = self._cooperate(layer, q_host, out, lse, scale)
         return out
+
+    def _attend_rounds(self, layer, q, out, lse, backend, scale):
+        """Host blocks beyond the staging buffer: rounds of copies into the layer's buffer, each
+        attended as a non-causal partial on the device and merged into ``(out, lse)``."""
+        kv = self.kv
+        base = kv.num_layers * kv.num_blocks + (layer % 2) * kv.staging_blocks
+        ahead = len(self._round_offsets)  # rounds in flight: one per region of the buffer
+        n = len(self.rounds)
+        out32 = out.to(torch.float32)
+        ready: dict[int, torch.cuda.Event] = {}
+        if self._cuda:
+            free = torch.cuda.Event()
+            free.record(self.compute)  # the main kernel has read the whole buffer
+            for r in range(min(ahead, n)):
+                ready[r] = self._enqueue_round(layer, r, base, free)
+        for r in range(n):
+            if self._cuda:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record(self.compute)
+                self.compute.wait_event(ready.pop(r))
+                e1.record(self.compute)
+                self.stalls.append((e0, e1))
+            else:
+                t0 = time.perf_counter()
+                off = self._round_meta[r][0]
+                self.figures.bytes_moved += kv.stage(
+                    layer, self.rounds[r], self._round_runs[r], slot0=off
+                )
+                self.figures.exposed_s += time.perf_counter() - t0
+            o, s = self._round_partial(r, base, q, backend, scale)
+            if self._cuda and r + ahead < n:
+                done = torch.cuda.Event()
+                done.record(self.compute)  # this round's region is free again
+                ready[r + ahead] = self._enqueue_round(layer, r + ahead, base, done)
+            out32, lse = merge_attention_states(out32, lse, o, s)
+        return out32.to(out.dtype), lse
+
+    def _enqueue_round(self, layer: int, r: int, base: int, after) -> torch.cuda.Event:
+        with torch.cuda.stream(self.copy):
+            self.copy.wait_event(after)
+            off = self._round_meta[r][0]
+            moved = self.kv.stage(layer, self.rounds[r], self._round_runs[r], slot0=off)
+            self.figures.bytes_moved += moved
+            ev = torch.cuda.Event()
+            ev.record(self.copy)
+        return ev
+
+    def _round_partial(self, r: int, base: int, q, backend, scale):
+        """Every query over the round's blocks of its sequence, no mask: float32 ``out``."""
+        off, table, lens = self._round_meta[r]
+        kv, meta = self.kv, self.meta
+        if backend.name == "triton":
+            from runtime.attention import triton_prefill
+
+            o, s = triton_prefill.prefill_attention(
+                q,
+                kv.k_all,
+                kv.v_all,
+                meta.query_start_loc,
+                lens,
+                table + base,
+                meta.max_query_len,
+                scale,
+                config=getattr(backend, "prefill_config", None),
+                causal=False,
+            )
+            return o, s
+        T, hq, d = q.shape
+        o = torch.zeros(T, hq, d, dtype=torch.float32, device=q.device)
+        s = torch.full((T, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        start = 0
+        for b, qlen in enumerate(meta.query_lens_cpu):
+            slots = self.round_slots[r][b]
+            if slots:
+                idx = torch.tensor([base + off + j for j in slots], device=q.device)
+                k = kv.k_all.index_select(0, idx).reshape(-1, *kv.k_all.shape[2:])
+                v = kv.v_all.index_select(0, idx).reshape(-1, *kv.v_all.shape[2:])
+                ob, sb = visible_attention(q[start : start + qlen], k, v, scale)
+                o[start : start + qlen] = ob
+                s[start : start + qlen] = sb
+            start += qlen
+        return o, s
 
     def _queries_to_host(self, q: torch.Tensor):
         if not self._cuda:
@@ -247,14 +364,15 @@ class SpillStep:
         out_c = torch.zeros(T, hq, d, dtype=torch.float32, pin_memory=pin)
         lse_c = torch.full((T, hq), float("-inf"), dtype=torch.float32, pin_memory=pin)
         start = 0
-        for b, qlen in enumerate(self.meta.query_lens_cpu):
-            ids = self.cpu_ids[b]
-            if ids:
-                kh, vh = self.kv.host_kv(layer, ids, self._cpu_runs[b])
-                o, s = visible_attention(q_host[start : start + qlen], kh, vh, scale)
-                out_c[start : start + qlen] = o
-                lse_c[start : start + qlen] = s
-            start += qlen
+        with torch_threads(self.cpu_threads):
+            for b, qlen in enumerate(self.meta.query_lens_cpu):
+                ids = self.cpu_ids[b]
+                if ids:
+                    kh, vh = self.kv.host_kv(layer, ids, self._cpu_runs[b])
+                    o, s = visible_attention(q_host[start : start + qlen], kh, vh, scale)
+                    out_c[start : start + qlen] = o
+                    lse_c[start : start + qlen] = s
+                start += qlen
         if self._cuda:
             resumed = torch.cuda.Event(enable_timing=True)
             resumed.record(self.compute)  # the device idled from dev_done until here (if done)

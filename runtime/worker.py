@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -74,6 +75,10 @@ class Worker:
         self._generators: dict[int, torch.Generator] = {}
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
         self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
+        # torch threads for the CPU part of cooperative attention (None: the process's setting;
+        # an accelerator worker takes the node's cores shared by its ranks, see init_device)
+        self.cpu_threads: int | None = None
+        self.ranks_on_node = world_size
         self._said_eager = False
 
     # -- bring-up ----------------------------------------------------------------------------
@@ -82,6 +87,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = dev.resolve_dtype(self.config.dtype, self.device)
+        if self.device.type != "cpu" and self.cpu_threads is None:
+            cores = os.cpu_count() or 1
+            self.cpu_threads = max(1, cores // max(1, self.ranks_on_node))
         self.backend_name = resolve_backend_name(self.config.attention, self.device)
         opts = {"q_tile": self.config.q_tile, "kv_tile": self.config.kv_tile}
         self.backend = get_backend(
@@ -239,7 +247,8 @@ class Worker:
         self.decode_graphs.close()  # captured graphs point into the old cache
         if self.kv is not None:
             self.kv.close()
-        self.kv = None
+            self.kv = None
+            dev.empty_cache(self.device)  # the old cache's memory counts as free below
         staging = min(host_blocks, self._staging_blocks(device_blocks))
         self.kv = KVCache(
             c.num_hidden_layers,
@@ -264,11 +273,29 @@ class Worker:
         }
 
     def _staging_blocks(self, device_blocks: int) -> int:
-        """Blocks per staging buffer. A staged block holds one layer, so two buffers of
-        ``D * L / STAGING_SHARE`` blocks cost ``2 / STAGING_SHARE`` of the pool's bytes (1/8)
-        and let one step stream ``L / STAGING_SHARE`` times the device tier's tokens (twice, for
-        a 32-layer model); what a step reads beyond that is attended on the CPU."""
-        return max(1, device_blocks * self.model_config.num_hidden_layers // STAGING_SHARE)
+        """Blocks (of one layer) per staging buffer; ``init_kv_cache`` caps it at the host
+        tier's size, the most one layer of a step can ever stream.
+
+        Automatic sizing: two buffers of ``D * L / STAGING_SHARE`` blocks cost ``2 /
+        STAGING_SHARE`` of the pool's bytes (1/8) and hold ``L / STAGING_SHARE`` times the device
+        tier's tokens (twice, for a 32-layer model: a 256K context of the 7B shape on an H100,
+        ~100K tokens on the device and ~156K on the host, stages its host part in one go).
+        With ``kv_cache_tokens`` forced on an accelerator the pool is small on purpose: the
+        staging area takes the free memory left after the pool, with the same headroom as the
+        automatic pool. Whatever a step streams beyond one buffer goes in rounds."""
+        share = max(1, device_blocks * self.model_config.num_hidden_layers // STAGING_SHARE)
+        free = dev.free_memory_bytes(self.device)
+        if self.config.kv_cache_tokens is None or free is None:
+            return share
+        total = dev.device_info(self.device).total_memory_bytes or free
+        budget = (
+            free
+            - (1 - self.config.gpu_memory_utilization) * total
+            - self._activation_bytes()
+            - device_blocks * self.kv_bytes_per_block()
+        )
+        per = 2 * self.kv_bytes_per_block() / self.model_config.num_hidden_layers  # two buffers
+        return max(1, int(budget // per))
 
     def warm_up(self) -> None:
         """One small prefill and decode steps (kernel compilation, allocator pools), written into
@@ -312,15 +339,16 @@ class Worker:
         from runtime.spill_rates import measure_rates
 
         c = self.model_config
-        self.spill_rates = measure_rates(
-            self.backend,
-            self.device,
-            self.dtype,
-            c.num_attention_heads // self.world_size,
-            c.num_key_value_heads // self.world_size,
-            c.head_dim,
-            self.limits.block_size,
-        )
+        with dev.torch_threads(self.cpu_threads):  # the CPU rate at the threads it will use
+            self.spill_rates = measure_rates(
+                self.backend,
+                self.device,
+                self.dtype,
+                c.num_attention_heads // self.world_size,
+                c.num_key_value_heads // self.world_size,
+                c.head_dim,
+                self.limits.block_size,
+            )
         if self.rank == 0:
             r = self.spill_rates
             log.info(
@@ -468,14 +496,22 @@ class Worker:
         n_host = host_blocks_of(batch.chunks, self.kv.num_blocks, bs)
         if not n_host and not swaps:
             return None
-        fraction = 0.0
+        fraction, min_blocks = 0.0, 0
         if n_host:
             forced = self._spill_option("spill", "auto")
             if self.kv.device.type == "cpu" and forced == "auto":
                 forced = "stream"  # the "host" is the same memory: nothing to gain from a split
             shape = self._step_shape(batch)
-            fraction = spill_cost.choose(shape, self.spill_rates, forced).cpu_fraction
-        return SpillStep(self.kv, batch.chunks, swaps, cpu_fraction=fraction)
+            choice = spill_cost.choose(shape, self.spill_rates, forced)
+            fraction, min_blocks = choice.cpu_fraction, choice.cpu_min_blocks
+        return SpillStep(
+            self.kv,
+            batch.chunks,
+            swaps,
+            cpu_fraction=fraction,
+            cpu_min_blocks=min_blocks,
+            cpu_threads=self.cpu_threads,
+        )
 
     def _step_shape(self, batch: ScheduledBatch) -> spill_cost.StepShape:
         """One layer's attention work of the step, split by tier, for the cost model."""
@@ -483,11 +519,12 @@ class Worker:
         hq = c.num_attention_heads // self.world_size
         per_key = kv.device_layer_block_bytes / bs
         dev_flops = dev_bytes = host_flops = 0.0
-        n_host = 0
+        n_host = n_seqs = 0
         for ch in batch.chunks:
             used = ch.block_table[: -(-ch.seq_len // bs)]
             h = sum(1 for b in used if b >= kv.num_blocks)
             n_host += h
+            n_seqs += h > 0
             qlen = len(ch.token_ids)
             dev_flops += spill_cost.attention_flops(qlen, ch.seq_len - h * bs, hq, c.head_dim)
             dev_bytes += (ch.seq_len - h * bs) * per_key
@@ -498,6 +535,8 @@ class Worker:
             host_flops=host_flops,
             host_bytes=n_host * kv.host_layer_block_bytes,
             host_bytes_on_device=n_host * kv.device_layer_block_bytes,
+            host_blocks=n_host,
+            host_seqs=n_seqs,
         )
 
     def _generator(self, c) -> torch.Generator | None:

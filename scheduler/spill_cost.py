@@ -12,7 +12,9 @@ fraction ``f`` of the host blocks' work given to the CPU:
 
 A layer takes the longest of the three; ``f`` is picked from a grid of sixteenths. ``f == 0`` is
 the ``stream`` mode, anything else ``cooperate``. Both are exact, so the model only ever costs
-speed, never correctness.
+speed, never correctness. Forcing ``cooperate`` lets the CPU take its modelled share, and at
+least one block per sequence where that does not slow the layer (model-wise); a prefill chunk,
+whose FLOPs the CPU cannot keep up with, then still streams everything.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class StepShape:
     host_flops: float  # over host-resident keys
     host_bytes: float  # host-resident KV bytes as stored on the host (what the link carries)
     host_bytes_on_device: float  # the same blocks once staged (the device kernel reads these)
+    host_blocks: int = 0  # host block reads (per layer), all sequences
+    host_seqs: int = 0  # sequences with at least one host block
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class SpillChoice:
     mode: str  # "stream" or "cooperate"
     cpu_fraction: float
     layer_seconds: float  # the model's estimate for one layer, nan when rates are unknown
+    cpu_min_blocks: int = 0  # per sequence, whatever the fraction gives
 
 
 def attention_flops(query_tokens: int, keys: int, num_heads: int, head_dim: int) -> float:
@@ -97,7 +102,11 @@ def choose(shape: StepShape, rates: SpillRates | None, forced: str = "auto") -> 
         if forced == "cooperate":
             return SpillChoice("cooperate", 0.5, float("nan"))
         return SpillChoice("stream", 0.0, float("nan"))
-    start = 1 if forced == "cooperate" else 0
-    best = min(range(start, GRID + 1), key=lambda i: (layer_seconds(shape, rates, i / GRID), i))
+    best = min(range(GRID + 1), key=lambda i: (layer_seconds(shape, rates, i / GRID), i))
     f = best / GRID
-    return SpillChoice("stream" if f == 0 else "cooperate", f, layer_seconds(shape, rates, f))
+    t = layer_seconds(shape, rates, f)
+    if f == 0 and forced == "cooperate" and shape.host_blocks and shape.host_seqs:
+        one = layer_seconds(shape, rates, shape.host_seqs / shape.host_blocks)
+        if one <= t:  # one block per sequence costs nothing the layer waits for
+            return SpillChoice("cooperate", 0.0, one, cpu_min_blocks=1)
+    return SpillChoice("stream" if f == 0 else "cooperate", f, t)

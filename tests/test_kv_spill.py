@@ -4,8 +4,9 @@ mix device and host blocks equals attention over all-device blocks (float64 refe
 Placements are seeded random: every full block before a sequence's first query position may be
 on the host (the scheduler's invariant); the rest are on the device at shuffled ids. Both ways of
 attending (stream: staged copies, one kernel call; cooperate: part on the CPU, merged by lse) and
-a staging area too small for the step (the overflow goes to the CPU) are checked for the torch,
-sdpa and triton (interpreter) backends, prefill chunks and decode, GQA, ragged lengths.
+a staging area too small for the step (the rest streams in rounds on the device, merged by lse;
+nothing goes to the CPU) are checked for the torch, sdpa and triton (interpreter) backends,
+prefill chunks and decode, GQA, ragged lengths.
 """
 
 from __future__ import annotations
@@ -227,14 +228,21 @@ def test_mixed_tables_equal_all_device(case, backend_name, mode, layout):
         )
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5], ids=["stream", "cooperate"])
+@pytest.mark.parametrize("staging", [1, 2, 3])
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_staging_overflow_goes_to_the_cpu(case):
+def test_staging_overflow_streams_in_rounds(case, backend_name, staging, fraction):
+    """A staging buffer of 1-3 blocks for a step over many host blocks: the first buffer-full
+    goes through the main kernel, the rest in rounds of half a buffer (one block when the
+    buffer holds one), all on the device; the CPU takes only the share it was given."""
     qlens, slens = CASES[case]
     kv, content, tables, ref_tables, swaps_in = build(
-        qlens, slens, bs=7, hq=8, hkv=2, d=16, seed=3, p_host=0.9, staging=2
+        qlens, slens, bs=7, hq=8, hkv=2, d=16, seed=3, p_host=0.9, staging=staging
     )
     for layer in range(kv.num_layers):
         kv.copy_blocks(layer, swaps_in)
+    backend = get_backend(backend_name, "cpu")
     figs, results = run_step(
         kv,
         content,
@@ -242,18 +250,27 @@ def test_staging_overflow_goes_to_the_cpu(case):
         ref_tables,
         qlens,
         slens,
-        get_backend("torch", "cpu"),
+        backend,
         hq=8,
         d=16,
-        fraction=0.0,
+        fraction=fraction,
     )
     for out, ref, _ in results:
+        assert torch.isfinite(out).all()
         assert (out.double() - ref).abs().max().item() < 1e-5
-    if figs.host_blocks > 2:
-        assert figs.cpu_blocks == figs.host_blocks - 2 and figs.mode == "cooperate"
+    # what the CPU took is exactly its share, whatever the staging area holds
+    host_per_seq = [
+        sum(1 for b in t[: -(-s // kv.block_size)] if b >= kv.num_blocks)
+        for t, s in zip(tables, slens)
+    ]
+    assert figs.cpu_blocks == sum(round(fraction * n) for n in host_per_seq)
+    streamed = figs.host_blocks - figs.cpu_blocks
+    assert figs.bytes_moved == kv.num_layers * streamed * kv.host_layer_block_bytes
+    if streamed > staging:
+        assert figs.mode == ("cooperate" if figs.cpu_blocks else "stream")
 
 
-@pytest.mark.parametrize("mode", ["stream", "cooperate"])
+@pytest.mark.parametrize("mode", ["stream", "cooperate", "rounds"])
 @pytest.mark.parametrize("case", SMALL)
 def test_mixed_tables_triton_interpreter(case, mode):
     pytest.importorskip("triton")
@@ -265,8 +282,9 @@ def test_mixed_tables_triton_interpreter(case, mode):
         pytest.skip(f"triton backend unavailable on CPU: {e}")
     qlens, slens = SMALL[case]
     kv, content, tables, ref_tables, swaps_in = build(
-        qlens, slens, bs=4, hq=4, hkv=2, d=16, seed=5, layers=2
-    )
+        qlens, slens, bs=4, hq=4, hkv=2, d=16, seed=5, layers=2,
+        staging=2 if mode == "rounds" else None, p_host=0.9 if mode == "rounds" else 0.6,
+    )  # fmt: skip
     figs, results = run_step(
         kv,
         content,
@@ -280,7 +298,8 @@ def test_mixed_tables_triton_interpreter(case, mode):
         fraction=0.5 if mode == "cooperate" else 0.0,
         swaps=tuple(swaps_in),
     )
-    assert figs.host_blocks > 0
+    assert figs.host_blocks > (2 if mode == "rounds" else 0)
+    assert figs.cpu_blocks == 0 or mode == "cooperate"
     for out, ref, _ in results:
         assert (out.double() - ref).abs().max().item() < 1e-4
 
@@ -475,3 +494,35 @@ def test_host_pool_grows_as_it_fills():
         assert all(c is not None for c in pool._chunks)
     finally:
         pool.close()
+
+
+def test_the_cpu_part_runs_with_its_own_threads(monkeypatch):
+    """A GPU worker under Ray has one torch thread; the CPU share of cooperative attention runs
+    with the threads the worker gives it, and the process's setting is restored afterwards."""
+    import runtime.spill_step as spill_step
+
+    seen = []
+
+    def recording(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return visible_attention(*a, **kw)
+
+    monkeypatch.setattr(spill_step, "visible_attention", recording)
+    qlens, slens = CASES["chunk"]
+    kv, content, tables, ref_tables, swaps_in = build(qlens, slens, bs=7, hq=8, hkv=2, d=16)
+    for layer in range(kv.num_layers):
+        kv.copy_blocks(layer, swaps_in)
+    chunks = [SeqChunk(0, (0,) * qlens[0], slens[0] - qlens[0], tuple(tables[0]), False, PARAMS)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step = SpillStep(kv, chunks, cpu_fraction=1.0, cpu_threads=2)
+        meta = AttentionMetadata.build(qlens, step.seq_lens, step.tables, kv.block_size)
+        step.bind(meta)
+        q = torch.randn(qlens[0], 8, 16)
+        k_new = torch.randn(qlens[0], 2, 16)
+        kc, vc = kv.layers[0]
+        step.attention(q, k_new, k_new, kc, vc, get_backend("torch", "cpu"), 0.25)
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

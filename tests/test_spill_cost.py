@@ -31,6 +31,8 @@ def decode_shape(device_keys: int, host_keys: int, heads=32, kv_heads=32, d=128,
         host_flops=attention_flops(1, host_keys, heads, d),
         host_bytes=host_keys * per_key,
         host_bytes_on_device=host_keys * per_key,
+        host_blocks=host_keys // 16,
+        host_seqs=1 if host_keys else 0,
     )
 
 
@@ -42,6 +44,8 @@ def prefill_shape(queries: int, device_keys: int, host_keys: int, heads=32, kv_h
         host_flops=attention_flops(queries, host_keys, heads, d),
         host_bytes=host_keys * per_key,
         host_bytes_on_device=host_keys * per_key,
+        host_blocks=host_keys // 16,
+        host_seqs=1 if host_keys else 0,
     )
 
 
@@ -66,9 +70,16 @@ def test_forced_modes_and_unknown_rates():
     assert choose(shape, H100, "stream").cpu_fraction == 0.0
     forced = choose(shape, H100, "cooperate")
     assert forced.mode == "cooperate" and forced.cpu_fraction >= 1 / GRID
-    # a prefill the model would stream still gives the CPU its smallest share when forced
+    # forced cooperate on a prefill chunk: the CPU takes one block per sequence (its FLOPs hide
+    # behind the device's), never a fixed share of the chunk
     big = prefill_shape(4096, 8192, 131_072)
-    assert choose(big, H100, "cooperate").cpu_fraction == 1 / GRID
+    c = choose(big, H100, "cooperate")
+    assert c.mode == "cooperate" and c.cpu_fraction == 0.0 and c.cpu_min_blocks == 1
+    assert c.layer_seconds <= layer_seconds(big, H100, 0.0)
+    # ... unless even that would make the layer wait for the CPU: then everything streams
+    slow = SpillRates(50e9, 400e12, 2.5e12, cpu_flops=1e9, cpu_bytes_per_s=1e8)
+    s = choose(big, slow, "cooperate")
+    assert s.mode == "stream" and s.cpu_fraction == 0.0 and s.cpu_min_blocks == 0
     unknown = SpillRates(0, 0, 0, 0, 0)
     assert choose(shape, unknown).mode == "stream"
     assert choose(shape, None, "cooperate").cpu_fraction == 0.5

@@ -98,7 +98,7 @@ def test_spilled_run_equals_all_device_run(attention, spill, staging):
             assert torch.isfinite(b.logits[sid]).all()
             assert torch.allclose(a.logits[sid], b.logits[sid], atol=1e-5, rtol=1e-5), (n, sid)
     assert [r.spill_mode for r in got[1:]] == (
-        ["stream"] * 4 if spill == "stream" and staging is None else ["cooperate"] * 4
+        ["stream"] * 4 if spill == "stream" else ["cooperate"] * 4
     )
     assert all(r.bytes_moved > 0 for r in got[1:])
     assert got[0].spill_mode == "none" and got[0].bytes_moved == 0
@@ -146,3 +146,49 @@ def test_measured_rates_feed_the_cost_model():
         link_bytes=1 << 20,
     )
     assert rates.known
+
+
+def _h100_7b_worker(monkeypatch, **kw):
+    """A Worker of the 7B shape (bf16, block 16, 32 layers) whose memory queries answer like an
+    80 GB H100 with the weights loaded (66 GB free); the sizing arithmetic is the real one."""
+    from runtime import device as dev
+    from runtime.device import DeviceInfo
+
+    source = resolve_model("llama2-7b")
+    limits = SchedulerConfig(block_size=16).for_model(262_144)
+    w = Worker(WorkerConfig(model="llama2-7b", device="cpu", **kw), source, limits)
+    w.device, w.dtype = torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(dev, "free_memory_bytes", lambda d: 66 * 10**9)
+    monkeypatch.setattr(
+        dev, "device_info", lambda d: DeviceInfo("cuda", "H100", (9, 0), 80 * 10**9)
+    )
+    return w
+
+
+def test_staging_holds_the_host_part_of_a_256k_context_of_the_7b_shape(monkeypatch):
+    # automatic device tier, a host tier of ~156K tokens: one staging buffer holds all of it
+    host_tokens = 156 * 1024
+    w = _h100_7b_worker(monkeypatch, kv_host_tokens=host_tokens)
+    cap = w.kv_cache_capacity()
+    d, h = cap["device_blocks"], cap["host_blocks"]
+    assert 90_000 <= d * 16 <= 110_000 and h * 16 == host_tokens
+    staging = min(h, w._staging_blocks(d))
+    assert staging == h
+    # the pool, both buffers (one layer per staged block) and the activations fit the budget
+    per = w.kv_bytes_per_block()
+    used = d * per + 2 * staging * per / 32 + w._activation_bytes()
+    assert used <= 66 * 10**9 - 0.1 * 80 * 10**9
+
+
+def test_forced_device_tier_stages_from_the_free_memory_left(monkeypatch):
+    # --kv-cache-tokens 16384 at 64K: the 3072 host blocks of one layer all fit one buffer (the
+    # share of the small pool, 16384 / 16 x 32 / 16 = 2048 blocks, would not)
+    w = _h100_7b_worker(monkeypatch, kv_cache_tokens=16_384, kv_host_tokens=48 * 1024)
+    cap = w.kv_cache_capacity()
+    assert cap == {"device_blocks": 1024, "host_blocks": 3072}
+    assert min(cap["host_blocks"], w._staging_blocks(1024)) == 3072
+    # no free memory left: the staging area shrinks (rounds take the rest), never below one block
+    from runtime import device as dev
+
+    monkeypatch.setattr(dev, "free_memory_bytes", lambda d: 10 * 10**9)
+    assert w._staging_blocks(1024) == 1

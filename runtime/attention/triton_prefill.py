@@ -187,6 +187,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_MODE: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     h = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
@@ -210,7 +211,10 @@ def _prefill_kernel(
     # load q: it stays on chip for the whole key loop
     q_ptrs = Q + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    q_pos = ctx + offs_m
+    if CAUSAL:
+        q_pos = ctx + offs_m
+    else:  # every query sees every key: the diagonal mask only drops keys past the end
+        q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + (seq_len - 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -220,9 +224,13 @@ def _prefill_kernel(
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     # keys [0, full_end) are seen by every row of this tile: no mask
-    full_end = ((ctx + m0 + 1) // BLOCK_N) * BLOCK_N
     # the tile's last query sits at ctx + min(m0 + BLOCK_M, q_len) - 1
-    hi = ctx + tl.minimum(m0 + BLOCK_M, q_len)
+    if CAUSAL:
+        full_end = ((ctx + m0 + 1) // BLOCK_N) * BLOCK_N
+        hi = ctx + tl.minimum(m0 + BLOCK_M, q_len)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        hi = seq_len
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, q, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb,
         stride_vt, 0, full_end, qk_scale, offs_n, offs_d,
@@ -276,8 +284,14 @@ def prefill_attention(
     max_query_len: int,
     scale: float,
     config: PrefillConfig | None = None,
+    causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal paged attention for packed queries; returns ``(out [T,Hq,D], lse [T,Hq] fp32)``."""
+    """Causal paged attention for packed queries; returns ``(out [T,Hq,D], lse [T,Hq] fp32)``.
+
+    ``causal=False``: every query sees all ``seq_lens[b]`` keys of its sequence, whatever its
+    query length (a partial over blocks that lie before every query, e.g. host KV streamed in
+    rounds); a sequence with no keys gets lse ``-inf`` (its output is undefined).
+    """
     check_layout(q, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -304,6 +318,7 @@ def prefill_attention(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         DOT_MODE=dot_mode(q.dtype, q.device),
+        CAUSAL=causal,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
