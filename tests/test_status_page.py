@@ -1,0 +1,134 @@
+"""The status page over HTTP: Ray's token or 401, the cookie login, loopback, the JSON snapshot."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+from urllib.parse import urlsplit
+
+import pytest
+
+from cluster.service.status_page import COOKIE, StatusPage
+
+TOKEN = "tok-3f9a1c77e2b84d0e"
+
+
+def _snapshot() -> dict:
+    return {
+        "engine": {"started_at": 1.0, "model": "tiny", "tp": 1, "ray_address": "", "home": ""},
+        "workers": [{"rank": 0, "node": "n", "device": "cpu", "name": "x", "memory_bytes": 1}],
+        "tasks": [{"id": "t1", "state": "running", "prefill_done": 3, "prefill_total": 8,
+                   "decode_tokens_per_s": math.nan, "ttft_s": math.inf}],
+        "throughput": [],
+        "counters": {"bytes_spilled": 0},
+    }  # fmt: skip
+
+
+def _get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def page():
+    p = StatusPage(_snapshot, token=TOKEN)
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_everything_is_refused_without_the_token(page):
+    for path in ("/", "/index.html", "/api/snapshot", "/nope"):
+        code, headers, body = _get(page.url, path)
+        assert code == 401, (path, code)
+        assert b"Ray's token" in body and "bearer" in headers["www-authenticate"].lower()
+        assert b"tilerun" in body and b"workers" not in body
+    bad = [
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Bearer {TOKEN[:-1]}"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"Cookie": f"{COOKIE}=wrong"},
+        {"Cookie": f"other={TOKEN}"},
+    ]
+    for h in bad:
+        assert _get(page.url, "/api/snapshot", h)[0] == 401, h
+    assert _get(page.url, "/?token=wrong")[0] == 401
+
+
+def test_bearer_header_and_rays_header_are_accepted(page):
+    for name in ("Authorization", "X-Ray-Authorization"):
+        code, headers, body = _get(page.url, "/api/snapshot", {name: f"Bearer {TOKEN}"})
+        assert code == 200 and headers["content-type"] == "application/json"
+        snap = json.loads(body)  # strict JSON: NaN and inf became null
+        assert snap["workers"][0]["device"] == "cpu"
+        assert (
+            snap["tasks"][0]["decode_tokens_per_s"] is None and snap["tasks"][0]["ttft_s"] is None
+        )
+    code, headers, body = _get(page.url, "/", {"Authorization": f"Bearer {TOKEN}"})
+    assert code == 200 and b"<title>tilerun status</title>" in body
+    # No external assets: nothing is loaded from another origin, and the CSP forbids it.
+    assert b"http://" not in body.replace(b"http://www.w3.org/2000/svg", b"")
+    assert b"https://" not in body
+    assert "default-src 'none'" in headers["content-security-policy"]
+    assert _get(page.url, "/nope", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
+
+
+def test_query_token_sets_an_httponly_cookie_and_drops_the_token_from_the_url(page):
+    code, headers, _ = _get(page.url, f"/?token={TOKEN}")
+    assert code == 303 and headers["location"] == "/"
+    cookie = headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}={TOKEN};")
+    for attr in ("HttpOnly", "SameSite=Strict", "Path=/"):
+        assert attr in cookie
+    code, _, body = _get(page.url, "/api/snapshot", {"Cookie": f"a=b; {COOKIE}={TOKEN}"})
+    assert code == 200 and json.loads(body)["engine"]["model"] == "tiny"
+
+
+def test_a_failing_snapshot_is_a_503_with_the_reason():
+    def broken() -> dict:
+        raise RuntimeError("engine actor died")
+
+    with StatusPage(broken, token=TOKEN) as p:
+        code, _, body = _get(p.url, "/api/snapshot", {"Authorization": f"Bearer {TOKEN}"})
+    assert code == 503 and "engine actor died" in json.loads(body)["error"]
+
+
+def test_binds_loopback_unless_configured(monkeypatch):
+    monkeypatch.delenv("TILERUN_STATUS_HOST", raising=False)
+    with StatusPage(_snapshot, token=TOKEN) as p:
+        assert p.url.startswith("http://127.0.0.1:")
+        assert p._server.server_address[0] == "127.0.0.1"
+    monkeypatch.setenv("TILERUN_STATUS_HOST", "localhost")
+    with StatusPage(_snapshot, token=TOKEN) as p:
+        assert p.url.startswith("http://localhost:")
+        assert p._server.server_address[0] == "127.0.0.1"
+        assert _get(p.url, "/api/snapshot", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+
+
+def test_empty_token_is_refused():
+    with pytest.raises(ValueError, match="token is empty"):
+        StatusPage(_snapshot, token="  ")
+
+
+@pytest.mark.ray
+def test_default_token_is_the_one_rays_servers_accept(ray_cluster):
+    """``token=None`` takes Ray's token: the value Ray's own validator accepts, from Ray's file."""
+    from ray._raylet import validate_authentication_token
+
+    from cluster.service.ray_token import _from_env_or_file, ray_auth_token
+
+    token = ray_auth_token()
+    assert validate_authentication_token(f"Bearer {token}")
+    assert not validate_authentication_token(f"Bearer {token}0")
+    assert _from_env_or_file() == token  # RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+    with StatusPage(lambda: {"workers": []}) as p:
+        assert _get(p.url, "/api/snapshot", {"Authorization": f"Bearer {token}"})[0] == 200
+        assert _get(p.url, "/api/snapshot")[0] == 401
