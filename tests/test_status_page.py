@@ -139,8 +139,8 @@ def test_default_token_is_the_one_rays_servers_accept(ray_cluster):
 
 
 @pytest.mark.slow
-def test_without_any_ray_token_the_error_names_the_fix(tmp_path):
-    """No RAY_AUTH_TOKEN, no token file: one clear line, and the page does not start unguarded."""
+def test_token_sources_in_rays_order_and_the_error_without_one(tmp_path):
+    """Ray's token sources in Ray's order; with none, one clear line and no unguarded page."""
     import os
     import subprocess
     import sys
@@ -149,7 +149,7 @@ def test_without_any_ray_token_the_error_names_the_fix(tmp_path):
         "from cluster.service.status_page import StatusPage\n"
         "from scheduler.errors import TilerunError\n"
         "try:\n"
-        "    StatusPage(dict)\n"
+        "    print('TOKEN', StatusPage(dict)._token)\n"
         "except TilerunError as e:\n"
         "    print('ERROR', e)\n"
     )
@@ -169,3 +169,11 @@ def test_without_any_ray_token_the_error_names_the_fix(tmp_path):
     assert "ray get-auth-token --generate" in out
     out = run({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
     assert out.startswith(f"ERROR RAY_AUTH_TOKEN_PATH={tmp_path / 'missing'} cannot be read"), out
+    # Ray's order: RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token.
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("homeTok\n")
+    (tmp_path / "tok").write_text("fileTok")
+    assert run({}) == "TOKEN homeTok\n"
+    assert run({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")}) == "TOKEN fileTok\n"
+    both = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok"), "RAY_AUTH_TOKEN": "envTok"}
+    assert run(both) == "TOKEN envTok\n"

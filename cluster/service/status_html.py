@@ -143,7 +143,9 @@ function renderEngine(s) {
   const up = e.started_at ? Date.now() / 1000 - e.started_at : null;
   $("engine").textContent = [e.model ? "model " + e.model : null,
     e.tp ? "TP " + e.tp : null, e.ray_address ? "Ray " + e.ray_address : null,
-    up !== null ? "up " + secs(up) : null].filter(Boolean).join("  \\u00b7  ");
+    up !== null ? "up " + secs(up) : null, e.ready === false ? "starting" : null,
+    e.rebuilds ? "workers rebuilt " + e.rebuilds + "\\u00d7" : null,
+    e.home ? "home " + e.home : null].filter(Boolean).join("  \\u00b7  ");
 }
 
 function renderCards(s) {
