@@ -118,6 +118,7 @@ def test_empty_token_is_refused():
         StatusPage(_snapshot, token="  ")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_default_token_is_the_one_rays_servers_accept(ray_cluster):
     """``token=None`` takes Ray's token: the value Ray's own validator accepts, from Ray's file."""
