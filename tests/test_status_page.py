@@ -118,9 +118,13 @@ def test_empty_token_is_refused():
         StatusPage(_snapshot, token="  ")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_default_token_is_the_one_rays_servers_accept(ray_cluster):
     """``token=None`` takes Ray's token: the value Ray's own validator accepts, from Ray's file."""
+    from ray._private.authentication.authentication_constants import (
+        AUTHENTICATION_TOKEN_COOKIE_NAME,
+    )
     from ray._raylet import validate_authentication_token
 
     from cluster.service.ray_token import _from_env_or_file, ray_auth_token
@@ -129,6 +133,48 @@ def test_default_token_is_the_one_rays_servers_accept(ray_cluster):
     assert validate_authentication_token(f"Bearer {token}")
     assert not validate_authentication_token(f"Bearer {token}0")
     assert _from_env_or_file() == token  # RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+    assert COOKIE == AUTHENTICATION_TOKEN_COOKIE_NAME  # a login to Ray's dashboard serves both
     with StatusPage(lambda: {"workers": []}) as p:
         assert _get(p.url, "/api/snapshot", {"Authorization": f"Bearer {token}"})[0] == 200
         assert _get(p.url, "/api/snapshot")[0] == 401
+
+
+@pytest.mark.slow
+def test_token_sources_in_rays_order_and_the_error_without_one(tmp_path):
+    """Ray's token sources in Ray's order; with none, one clear line and no unguarded page."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from cluster.service.status_page import StatusPage\n"
+        "from scheduler.errors import TilerunError\n"
+        "try:\n"
+        "    print('TOKEN', StatusPage(dict)._token)\n"
+        "except TilerunError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)
+
+    def run(extra: dict) -> str:
+        r = subprocess.run(
+            [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    out = run({})
+    assert out.startswith("ERROR no Ray authentication token found"), out
+    assert "ray get-auth-token --generate" in out
+    out = run({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    assert out.startswith(f"ERROR RAY_AUTH_TOKEN_PATH={tmp_path / 'missing'} cannot be read"), out
+    # Ray's order: RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token.
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("homeTok\n")
+    (tmp_path / "tok").write_text("fileTok")
+    assert run({}) == "TOKEN homeTok\n"
+    assert run({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")}) == "TOKEN fileTok\n"
+    both = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok"), "RAY_AUTH_TOKEN": "envTok"}
+    assert run(both) == "TOKEN envTok\n"

@@ -1,15 +1,15 @@
 """tilerun's service metrics on Ray's metrics API, scraped from Ray's Prometheus endpoint.
 
-``ServiceMetrics().record(snapshot)`` turns one engine snapshot (the service's schema, see
-:mod:`cluster.service.status_page`) into ``ray.util.metrics`` values. Ray's metrics agent on each
-node exports them in Prometheus text on the node's metrics export port (``ray_`` prefixed, with
-Ray's own labels such as ``SessionName`` and ``NodeAddress`` added); Ray's dashboard and Grafana
-read them from there. Create it in a process connected to Ray (the engine actor).
+``ServiceMetrics().record(snapshot)`` turns one engine snapshot (the schema in the README's
+"Watching") into ``ray.util.metrics`` values. Ray's metrics agent on each node exports them in
+Prometheus text on the node's metrics export port (``ray_`` prefixed, with Ray's own labels such
+as ``SessionName`` and ``NodeAddress`` added), where Prometheus and Grafana read them. Create it
+in a process connected to Ray (the engine actor).
 
-Ray forgets a gauge about 20 s after it was last set (seen with Ray 2.60), so an idle engine must
-keep recording: :meth:`ServiceMetrics.start` records ``snapshot_fn()`` every few seconds from a
-daemon thread. Ray exports a histogram's ``_sum`` from bucket midpoints, so read time to first
-token from its buckets and ``_count``.
+Ray forgets a gauge within about half a minute of its last set (seen with Ray 2.60), so an idle
+engine must keep recording: :meth:`ServiceMetrics.start` records ``snapshot_fn()`` every few
+seconds from a daemon thread. Ray exports a histogram's ``_sum`` from bucket midpoints, so read
+time to first token from its buckets and ``_count``.
 """
 
 from __future__ import annotations

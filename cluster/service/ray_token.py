@@ -13,14 +13,20 @@ from pathlib import Path
 from scheduler.errors import ConfigError
 
 NO_TOKEN = (
-    "Ray's token authentication is on but no token was found (RAY_AUTH_TOKEN, "
-    "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); fix: start the cluster with ray.init()/`tilerun up`, "
-    "or run `ray get-auth-token --generate`, or set RAY_AUTH_TOKEN"
+    "no Ray authentication token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) "
+    "to guard the status page; fix: start the cluster with ray.init()/`tilerun up`, or run "
+    "`ray get-auth-token --generate`, or set RAY_AUTH_TOKEN"
 )
 
 
 def ray_auth_token() -> str:
     """The token Ray's dashboard and API accept; ``ConfigError`` naming the fix when there is none."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN", "").strip() and not _read(path):
+        raise ConfigError(
+            f"RAY_AUTH_TOKEN_PATH={path} cannot be read or is empty; fix: point it at the "
+            "cluster's token file, or unset it to use ~/.ray/auth_token"
+        )
     token = _from_ray() or _from_env_or_file()
     if not token:
         raise ConfigError(NO_TOKEN)
@@ -35,15 +41,21 @@ def _from_ray() -> str | None:
         return None
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()  # the token may have been written since Ray first looked
-    if not loader.has_token(ignore_auth_mode=True):
+    try:
+        if not loader.has_token(ignore_auth_mode=True):
+            return None
+        return (loader.get_raw_token(ignore_auth_mode=True) or "").strip() or None
+    except Exception:  # Ray's AuthenticationError: fall back to reading the sources directly
         return None
-    return (loader.get_raw_token(ignore_auth_mode=True) or "").strip() or None
 
 
 def _from_env_or_file() -> str | None:
     if os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return _read(os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token"))
+
+
+def _read(path: str) -> str | None:
     try:
         return Path(path).read_text().strip() or None
     except OSError:

@@ -160,13 +160,13 @@ class RunSnapshot:
 
     def snapshot(self) -> dict:
         """The snapshot schema the status page and metrics read (README, "Watching"), plain JSON."""
-        cfg = self.llm.config
+        cfg = self.llm.config.to_dict()  # the flat user-facing fields
         with self._lock:
             return {
                 "engine": {
                     "started_at": self.started_at,
-                    "model": cfg.model,
-                    "tp": cfg.tp,
+                    "model": cfg["model"],
+                    "tp": cfg["tp"],
                     "ray_address": _ray_address(),
                     "home": "",
                 },

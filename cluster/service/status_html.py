@@ -28,8 +28,9 @@ PAGE = """<!doctype html>
   main { padding:14px 20px; display:grid; gap:14px; }
   .cards { display:grid; grid-template-columns:repeat(auto-fit, minmax(118px, 1fr)); gap:10px; }
   .card, section { background:var(--card); border:1px solid var(--line); border-radius:8px; }
-  .card { padding:8px 12px; }
-  .card .k { color:var(--mute); font-size:12px; }
+  .card { padding:8px 10px; }
+  .card .k { color:var(--mute); font-size:12px; white-space:nowrap; overflow:hidden;
+             text-overflow:ellipsis; }
   .card .v { font-size:20px; font-weight:600; font-variant-numeric:tabular-nums; }
   section { padding:10px 14px; }
   section h2 { font-size:14px; margin:0 0 8px; color:var(--mute); text-transform:uppercase;
@@ -142,7 +143,9 @@ function renderEngine(s) {
   const up = e.started_at ? Date.now() / 1000 - e.started_at : null;
   $("engine").textContent = [e.model ? "model " + e.model : null,
     e.tp ? "TP " + e.tp : null, e.ray_address ? "Ray " + e.ray_address : null,
-    up !== null ? "up " + secs(up) : null].filter(Boolean).join("  \\u00b7  ");
+    up !== null ? "up " + secs(up) : null, e.ready === false ? "starting" : null,
+    e.rebuilds ? "workers rebuilt " + e.rebuilds + "\\u00d7" : null,
+    e.home ? "home " + e.home : null].filter(Boolean).join("  \\u00b7  ");
 }
 
 function renderCards(s) {
@@ -153,7 +156,7 @@ function renderCards(s) {
     ["failed", by("failed")], ["prefill tok/s", num(tp.prefill_tokens_per_s)],
     ["decode tok/s", num(tp.decode_tokens_per_s)], ["KV spilled", bytes(c.bytes_spilled)],
     ["KV prefetched", bytes(c.bytes_prefetched)],
-    ["AllReduce exposed", secs(c.allreduce_exposed_s)]];
+    ["AllReduce wait", secs(c.allreduce_exposed_s)]];
   $("cards").replaceChildren(...cards.map(([k, v]) =>
     el("div", {class: "card"}, el("div", {class: "k"}, k), el("div", {class: "v"}, v))));
 }

@@ -49,6 +49,7 @@ class StatusPage:
 
     ``token=None`` takes Ray's token (:func:`cluster.service.ray_token.ray_auth_token`);
     ``host=None`` takes ``TILERUN_STATUS_HOST``, else 127.0.0.1; ``port=0`` picks a free port.
+    ``snapshot_fn`` is called from the server's request threads, once per page refresh.
     """
 
     def __init__(
