@@ -179,6 +179,7 @@ def parse_task(values: dict[str, Any], where: dict[str, str] | None = None):
     files are read here, on the submitting side.
     """
     from cluster.job import PROMPT_FIELDS, _construct, sampling_fields
+    from cluster.prompt_file import read_prompt_file
 
     where = where or {}
 
@@ -192,11 +193,8 @@ def parse_task(values: dict[str, Any], where: dict[str, str] | None = None):
             + (f" (got {', '.join(given)})" if given else "")
         )
     text, ids = values.get("prompt"), values.get("prompt_token_ids")
-    if values.get("prompt_file") is not None:
-        pf = Path(values["prompt_file"]).expanduser()
-        if not pf.is_file():
-            raise ConfigError(f"{at('prompt_file')}prompt_file {str(pf)!r} does not exist")
-        text = pf.read_text(encoding="utf-8")
+    if values.get("prompt_file") is not None:  # the same rules as `tilerun run` (size, type)
+        text = read_prompt_file(values["prompt_file"], at("prompt_file"))
     if text is not None and not isinstance(text, str):
         raise ConfigError(f"{at('prompt')}prompt must be text, got {type(text).__name__}")
     if ids is not None:
