@@ -55,15 +55,30 @@ def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Jo
     def at(name: str) -> str:
         return f"{where[name]}: " if name in where else ""
 
+    prompt, ids = parse_prompt(values, at)
+    if ids is not None:
+        ids = tuple(ids)
+    sampling_kw = {k: values[k] for k in sampling_fields() if values.get(k) is not None}
+    engine_kw = {k: values[k] for k in EngineConfig.field_names() if values.get(k) is not None}
+    sampling = _construct(lambda kw: SamplingParams(**kw), sampling_kw, at)
+    engine = _construct(EngineConfig.from_dict, engine_kw, at)
+    return Job(engine=engine, sampling=sampling, prompt=prompt, prompt_token_ids=ids)
+
+
+def parse_prompt(values: dict[str, Any], at) -> tuple[str | None, list[int] | None]:
+    """A job's one prompt: text (a ``prompt_file`` is read here, on the caller's side) or token
+    ids (a list, or a comma-separated string). ``at(field)`` prefixes errors with 'file line N'."""
     given = [k for k in PROMPT_FIELDS if values.get(k) is not None]
     if len(given) != 1:
         raise ConfigError(
             "give exactly one of prompt, prompt_file, prompt_token_ids"
             + (f" (got {', '.join(given)})" if given else "")
         )
-    prompt, ids = values.get("prompt"), values.get("prompt_token_ids")
+    text, ids = values.get("prompt"), values.get("prompt_token_ids")
     if values.get("prompt_file") is not None:
-        prompt = read_prompt_file(values["prompt_file"], at("prompt_file"))
+        text = read_prompt_file(values["prompt_file"], at("prompt_file"))
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(f"{at('prompt')}prompt must be text, got {type(text).__name__}")
     if ids is not None:
         if isinstance(ids, str):
             try:
@@ -73,16 +88,15 @@ def build_job(values: dict[str, Any], where: dict[str, str] | None = None) -> Jo
                     f"{at('prompt_token_ids')}prompt_token_ids must be integers separated by "
                     f"commas, got {values['prompt_token_ids']!r}"
                 ) from None
-        if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids) or not ids:
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids)
+        ):
             raise ConfigError(
                 f"{at('prompt_token_ids')}prompt_token_ids must be a non-empty list of integers"
             )
-        ids = tuple(ids)
-    sampling_kw = {k: values[k] for k in sampling_fields() if values.get(k) is not None}
-    engine_kw = {k: values[k] for k in EngineConfig.field_names() if values.get(k) is not None}
-    sampling = _construct(lambda kw: SamplingParams(**kw), sampling_kw, at)
-    engine = _construct(EngineConfig.from_dict, engine_kw, at)
-    return Job(engine=engine, sampling=sampling, prompt=prompt, prompt_token_ids=ids)
+    return text, ids
 
 
 def _construct(build, kw: dict[str, Any], at):

@@ -174,46 +174,18 @@ def load_yaml_mapping(p: Path, valid: list[str], what: str) -> tuple[dict, dict[
 def parse_task(values: dict[str, Any], where: dict[str, str] | None = None):
     """The prompt (text or token ids) and sampling parameters of a submitted job.
 
-    Mirrors ``cluster.job.build_job`` without building an ``EngineConfig`` (the engine already
-    exists; constructing one would import torch and slow every ``submit`` by seconds). Prompt
-    files are read here, on the submitting side.
+    The prompt rules are ``cluster.job.parse_prompt``'s, as for ``tilerun run``; no
+    ``EngineConfig`` is built (the engine already exists). Prompt files are read here, on the
+    submitting side.
     """
-    from cluster.job import PROMPT_FIELDS, _construct, sampling_fields
-    from cluster.prompt_file import read_prompt_file
+    from cluster.job import _construct, parse_prompt, sampling_fields
 
     where = where or {}
 
     def at(name: str | None) -> str:
         return f"{where[name]}: " if name in where else ""
 
-    given = [k for k in PROMPT_FIELDS if values.get(k) is not None]
-    if len(given) != 1:
-        raise ConfigError(
-            "give exactly one of prompt, prompt_file, prompt_token_ids"
-            + (f" (got {', '.join(given)})" if given else "")
-        )
-    text, ids = values.get("prompt"), values.get("prompt_token_ids")
-    if values.get("prompt_file") is not None:  # the same rules as `tilerun run` (size, type)
-        text = read_prompt_file(values["prompt_file"], at("prompt_file"))
-    if text is not None and not isinstance(text, str):
-        raise ConfigError(f"{at('prompt')}prompt must be text, got {type(text).__name__}")
-    if ids is not None:
-        if isinstance(ids, str):
-            try:
-                ids = [int(x) for x in ids.replace(" ", "").split(",") if x]
-            except ValueError:
-                raise ConfigError(
-                    f"{at('prompt_token_ids')}prompt_token_ids must be integers separated by "
-                    f"commas, got {values['prompt_token_ids']!r}"
-                ) from None
-        if (
-            not isinstance(ids, list)
-            or not ids
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids)
-        ):
-            raise ConfigError(
-                f"{at('prompt_token_ids')}prompt_token_ids must be a non-empty list of integers"
-            )
+    text, ids = parse_prompt(values, at)
     kw = {k: values[k] for k in sampling_fields() if values.get(k) is not None}
     sampling = _construct(lambda kw: SamplingParams(**kw), kw, at)
     return text, ids, sampling
