@@ -8,7 +8,7 @@ from torch import nn
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 from runtime.config import ModelConfig
 from runtime.layers.linear import ColumnParallelLinear, RowParallelLinear
-from runtime.layers.rotary import RotaryEmbedding
+from runtime.layers.rotary import apply_rotary
 from runtime.parallel import ParallelState, shard_size
 
 
@@ -32,12 +32,11 @@ class LlamaAttention(nn.Module):
             device,
         )
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, "o_proj input", dtype, device)
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
@@ -50,7 +49,7 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)  # rope: this step's (cos, sin)
         k_cache, v_cache = kv_cache
         if meta.spill is not None:  # some KV blocks live on the host, or blocks move this step
             out = meta.spill.attention(q.contiguous(), k, v, k_cache, v_cache, backend, self.scale)

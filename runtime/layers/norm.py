@@ -1,9 +1,12 @@
-"""RMSNorm, computed in float32 and cast back as Hugging Face Llama does (bitwise-compatible order)."""
+"""RMSNorm, computed in float32 and cast back as Hugging Face Llama does (bitwise-compatible
+order), optionally with the residual add in front (one fused kernel on CUDA)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from runtime.layers import fused_ops
 
 
 class RMSNorm(nn.Module):
@@ -14,7 +17,18 @@ class RMSNorm(nn.Module):
             torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``RMSNorm(x)``; given ``residual``, ``(RMSNorm(x + residual), x + residual)`` (the
+        sum in the activation dtype, as ``residual + hidden`` is in Hugging Face's layer)."""
+        if fused_ops.fused_enabled(x):
+            y, res = fused_ops.rms_norm(x, self.weight, self.eps, residual)
+            return y if residual is None else (y, res)
+        if residual is None:
+            return self._norm(x)
+        x = residual + x
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

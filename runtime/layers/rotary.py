@@ -1,5 +1,5 @@
 """Rotary position embeddings (rotate-half layout of HF Llama checkpoints), with Llama-3 and
-linear frequency scaling. cos/sin are computed from positions on the fly, so no table of
+linear frequency scaling. cos/sin are computed from positions once per step, so no table of
 ``max_position_embeddings`` rows is kept and any position in range works."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from runtime.config import RopeScaling
+from runtime.layers import fused_ops
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -38,18 +39,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """One per model: ``cos_sin`` once per step, then ``apply_rotary`` in every layer."""
+
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None, device):
         super().__init__()
         self.register_buffer(
             "inv_freq", inverse_frequencies(head_dim, theta, scaling).to(device), persistent=False
         )
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q [T, Hq, D]`` and ``k [T, Hk, D]`` by their token positions ``[T]``."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``cos``/``sin`` ``[T, D]`` in ``dtype`` for the token positions ``[T]``."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(q.dtype)[:, None, :]
-        sin = emb.sin().to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [T, Hq, D]`` and ``k [T, Hk, D]`` by ``cos``/``sin`` ``[T, D]`` (one fused
+    kernel on CUDA writing contiguous outputs; the same roundings either way)."""
+    if fused_ops.fused_enabled(q):
+        return fused_ops.rope(q, k, cos, sin)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

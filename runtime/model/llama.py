@@ -11,10 +11,12 @@ from torch import nn
 
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 from runtime.config import ModelConfig
+from runtime.layers import fused_ops
 from runtime.layers.attention import LlamaAttention
 from runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from runtime.layers.linear import ColumnParallelLinear, RowParallelLinear
 from runtime.layers.norm import RMSNorm
+from runtime.layers.rotary import RotaryEmbedding
 from runtime.parallel import ParallelState
 
 
@@ -30,7 +32,10 @@ class LlamaMLP(nn.Module):
         )
 
     def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused_ops.fused_enabled(gate_up):
+            return fused_ops.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return nn.functional.silu(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,9 +52,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(cfg, tp, dtype, device)
 
-    def forward(self, x, positions, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta, backend):
+        """``(mlp output, residual stream)``: the residual add is left to the next norm, which
+        fuses it (``residual`` None: ``x`` is the first layer's input)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -65,6 +77,7 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(cfg, tp, dtype, device) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
         if cfg.tie_word_embeddings:  # one tensor: the checkpoint has no lm_head.weight
             self.lm_head.weight = self.embed_tokens.weight
@@ -80,9 +93,11 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (after the last norm)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions, x.dtype)  # once per step, shared by the layers
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv, meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv, meta, backend)
+        return self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
