@@ -6,7 +6,10 @@ The model has transformers' default weight scale (``initializer_range=0.02``): w
 scale the CPU tests use, a model of hidden size 4096 is chaotic in bfloat16 (the all-device bf16
 run differs from a float32 run by tens in max |logit|), so near-ties flip and nothing is tested.
 Logits are judged against a float32 run by the FlashAttention tests' rule: the spilled run's
-error is at most twice the all-device bf16 run's own error, plus a small ``atol``.
+error is at most twice the all-device bf16 run's own error, plus a small ``atol``. Greedy tokens
+equal the all-device run's until a near-tie: the cooperative mode computes part of attention on
+the CPU in another precision, so a row whose top-2 logits are closer than the two runs' rounding
+difference may flip (seen at token 10 of 16 on an H100); the rows before it are compared.
 """
 
 from __future__ import annotations
@@ -56,9 +59,28 @@ def _run(path, attention, **kw):
     return out
 
 
+def _same_history(out, plain, mode: str) -> int:
+    """How many leading greedy tokens ``out`` shares with ``plain``. A token may differ only
+    where the two runs' logits for that row differ by at least half the plain run's top-2 margin
+    (then rounding alone can flip the argmax, a near-tie); any other difference fails."""
+    a, b = out.metrics["logits"], plain.metrics["logits"]
+    for i, (x, y) in enumerate(zip(out.token_ids, plain.token_ids)):
+        if x != y:
+            top2 = b[i].topk(2).values
+            margin = (top2[0] - top2[1]).item()
+            gap = (a[i] - b[i]).abs().max().item()
+            assert margin <= 2 * gap, (
+                f"{mode}: token {i} differs ({x} vs {y}) with a top-2 margin of {margin:.3e}, "
+                f"more than twice the rows' largest logit difference {gap:.3e}"
+            )
+            return i
+    assert len(out.token_ids) == len(plain.token_ids)
+    return len(plain.token_ids)
+
+
 @pytest.mark.parametrize("attention", ["triton", "torch"])
 def test_spill_on_gpu_equals_all_on_device(ckpt, attention):
-    """Tokens equal the all-device run; logits as close to a float32 run as the all-device bf16
+    """Tokens equal the all-device run up to a near-tie; logits as close to a float32 run as the all-device bf16
     run is: err(spilled bf16 vs fp32) <= 2 err(all-device bf16 vs fp32) + atol."""
     ref = _run(
         ckpt, attention, dtype="float32", kv_cache_tokens=8192, kv_host_tokens=0, spill="off"
@@ -75,7 +97,9 @@ def test_spill_on_gpu_equals_all_on_device(ckpt, attention):
         assert kv["blocks_spilled"] > 0 and kv["bytes_moved"] > 0, kv
         if mode == "stream":  # the staging area holds the host tier: nothing on the CPU
             assert set(kv["modes"]) <= {"none", "stream"}, kv["modes"]
-        assert out.token_ids == plain.token_ids, (mode, out.token_ids, plain.token_ids)
-        err = (out.metrics["logits"] - ref_logits).abs().max().item()
-        print(f"{attention} {mode}: err vs fp32 {err:.3e}, plain bf16 err {plain_err:.3e}")
+        same = _same_history(out, plain, mode)
+        # rows up to the first differing token share their history: their logits compare
+        err = (out.metrics["logits"][: same + 1] - ref_logits[: same + 1]).abs().max().item()
+        print(f"{attention} {mode}: {same} of {NEW} tokens equal; err vs fp32 {err:.3e}, "
+              f"plain bf16 err {plain_err:.3e}")  # fmt: skip
         assert err <= 2 * plain_err + ATOL
