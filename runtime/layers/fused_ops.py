@@ -185,6 +185,7 @@ def rope(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos.stride(0),
         HQ=hq, HK=hk, BLOCK_H=triton.next_power_of_2(max(hq, hk)), HALF=d // 2, num_warps=4,
+        enable_fp_fusion=False,  # no fma: each product rounds before the sum, as in torch
     )  # fmt: skip
     return qo, ko
 
