@@ -1,21 +1,43 @@
 """Measures the rates the spill cost model (``scheduler.spill_cost``) weighs, once at warm-up.
 
-Host->device bandwidth from pinned memory, and the attention rate of the device backend and of
-the CPU path (``runtime.attention.partial``), each in a decode shape (bytes of KV read per
-second) and a prefill shape (FLOP/s). Small, fixed problems, best of a few runs, so that it
-costs well under a second on a GPU machine.
+Host->device bandwidth from pinned memory, the attention rate of the device backend, and the
+rate of the CPU part of cooperative attention, each in a decode shape (bytes of KV read per
+second) and a prefill shape (FLOP/s). The CPU is timed on the path the step runs:
+``runtime.attention.partial.host_attention`` over host KV laid out as the host pool holds it
+(runs of contiguous blocks, each run a separate tensor read in place), with the threads the
+step gets; every method in ``CPU_METHODS`` is timed and the fastest is the one the step uses.
+Small, fixed problems, best of a few runs, so that it costs well under a second on a GPU
+machine. ``scripts/bench_long_context.py`` reports the same figures beside its bounds.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from runtime import device as dev
 from runtime.attention.base import AttentionBackend, AttentionMetadata
-from runtime.attention.partial import visible_attention
+from runtime.attention.partial import CPU_METHODS, fused_available, host_attention
 from scheduler.spill_cost import SpillRates, attention_flops
+
+
+@dataclass(frozen=True)
+class CpuAttentionRate:
+    """The CPU part's method (``CPU_METHODS``) and its decode rate, with every method's rate."""
+
+    method: str
+    bytes_per_s: float  # host KV bytes (as stored) read per second, one query per sequence
+    tried: dict[str, float] = field(default_factory=dict)  # method -> bytes/s
+
+
+@dataclass(frozen=True)
+class MeasuredRates:
+    """What a worker measured: the cost model's rates and the CPU method the step uses."""
+
+    spill: SpillRates
+    cpu: CpuAttentionRate
 
 
 def _best(fn, device: torch.device, repeats: int = 3) -> float:
@@ -38,6 +60,60 @@ def link_rate(device: torch.device, nbytes: int = 64 << 20) -> float:
     return nbytes / _best(lambda: dst.copy_(src, non_blocking=True), device)
 
 
+def host_kv_runs(
+    keys: int, run_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Host KV of ``keys`` tokens as the host pool hands it to the CPU part: runs of at most
+    ``run_tokens`` tokens (one host chunk's rows of one layer), each a contiguous
+    ``[n, Hkv, D]`` view of its own allocation."""
+    g = torch.Generator().manual_seed(seed)
+    ks, vs = [], []
+    for start in range(0, keys, run_tokens):
+        n = min(run_tokens, keys - start)
+        block = torch.empty(2, n, num_kv_heads, head_dim, dtype=torch.float32)
+        block.uniform_(-2.0, 2.0, generator=g)  # randn's cost, without its minutes at 1 GiB
+        block = block.to(dtype)
+        ks.append(block[0])
+        vs.append(block[1])
+    return ks, vs
+
+
+def cpu_attention_rate(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    *,
+    keys: int = 32768,
+    run_tokens: int = 2048,
+    queries: int = 1,
+    methods: tuple[str, ...] | None = None,
+    threads: int | None = None,
+    repeats: int = 3,
+) -> CpuAttentionRate:
+    """Time ``host_attention`` of ``queries`` queries over ``keys`` host tokens in runs of
+    ``run_tokens``, with ``threads`` torch threads, by each method; the fastest wins (a tie
+    within 5 % goes to the one listed first in ``CPU_METHODS``: the fused kernel on float32
+    rounds least)."""
+    if methods is None:
+        methods = CPU_METHODS if fused_available() else ("tiled",)
+    ks, vs = host_kv_runs(keys, run_tokens, num_kv_heads, head_dim, dtype)
+    q = torch.randn(queries, num_heads, head_dim, generator=torch.Generator().manual_seed(1))
+    q = q.to(dtype)
+    nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
+    cpu = torch.device("cpu")
+    scale = head_dim**-0.5
+    tried = {}
+    with dev.torch_threads(threads):
+        for m in methods:
+            t = _best(lambda m=m: host_attention(q, ks, vs, scale, m), cpu, repeats)
+            tried[m] = nbytes / t
+    order = [m for m in CPU_METHODS if m in tried]
+    top = max(tried.values())
+    method = next(m for m in order if tried[m] >= 0.95 * top)
+    return CpuAttentionRate(method, tried[method], tried)
+
+
 def measure_rates(
     backend: AttentionBackend,
     device: torch.device,
@@ -50,8 +126,13 @@ def measure_rates(
     keys: int = 8192,
     queries: int = 256,
     link_bytes: int = 64 << 20,
-) -> SpillRates:
-    """Rates of this worker's device and CPU for attention over ``keys`` cached keys."""
+    cpu_keys: int = 32768,
+    run_tokens: int = 2048,
+    host_dtype: torch.dtype | None = None,
+    cpu_threads: int | None = None,
+) -> MeasuredRates:
+    """Rates of this worker's device and CPU for attention over ``keys`` cached keys on the
+    device and ``cpu_keys`` host keys (stored as ``host_dtype``, in runs of ``run_tokens``)."""
     g = torch.Generator().manual_seed(0)
     nblk = -(-keys // block_size)
     shape = (nblk, block_size, num_kv_heads, head_dim)
@@ -61,25 +142,31 @@ def measure_rates(
     table = [list(range(nblk))]
     scale = head_dim**-0.5
     kv_bytes = 2 * keys * num_kv_heads * head_dim * kc.element_size()
+    del kc, vc
 
     def device_time(qlen: int) -> float:
         meta = AttentionMetadata.build([qlen], [keys], table, block_size, device)
         q = torch.randn(qlen, num_heads, head_dim, generator=g).to(dtype).to(device)
         return _best(lambda: backend.forward(q, kd, vd, meta, scale), device)
 
-    cpu = torch.device("cpu")
-    kf = kc.view(-1, num_kv_heads, head_dim)[:keys]
-    vf = vc.view(-1, num_kv_heads, head_dim)[:keys]
-
-    def cpu_time(qlen: int) -> float:
-        q = torch.randn(qlen, num_heads, head_dim, generator=g).to(dtype)
-        return _best(lambda: visible_attention(q, kf, vf, scale), cpu, repeats=2)
-
-    flops = attention_flops(queries, keys, num_heads, head_dim)
-    return SpillRates(
+    host_dtype = host_dtype or dtype
+    cpu = cpu_attention_rate(
+        num_heads, num_kv_heads, head_dim, host_dtype, keys=cpu_keys, run_tokens=run_tokens,
+        threads=cpu_threads,
+    )  # fmt: skip
+    # the prefill shape, by the method the decode shape chose
+    pre_keys = min(cpu_keys, keys)
+    ks, vs = host_kv_runs(pre_keys, run_tokens, num_kv_heads, head_dim, host_dtype)
+    q = torch.randn(queries, num_heads, head_dim, generator=g).to(dtype)
+    with dev.torch_threads(cpu_threads):
+        t = _best(
+            lambda: host_attention(q, ks, vs, scale, cpu.method), torch.device("cpu"), repeats=2
+        )
+    spill = SpillRates(
         link_bytes_per_s=link_rate(device, link_bytes),
-        device_flops=flops / device_time(queries),
+        device_flops=attention_flops(queries, keys, num_heads, head_dim) / device_time(queries),
         device_bytes_per_s=kv_bytes / device_time(1),
-        cpu_flops=flops / cpu_time(queries),
-        cpu_bytes_per_s=kv_bytes / cpu_time(1),
+        cpu_flops=attention_flops(queries, pre_keys, num_heads, head_dim) / t,
+        cpu_bytes_per_s=cpu.bytes_per_s,
     )
+    return MeasuredRates(spill, cpu)

@@ -35,7 +35,7 @@ import torch
 
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 from runtime.attention.merge import merge_attention_states
-from runtime.attention.partial import visible_attention
+from runtime.attention.partial import host_attention, visible_attention
 from runtime.device import torch_threads
 from runtime.kv_cache import KVCache
 
@@ -74,11 +74,14 @@ class SpillStep:
         cpu_fraction: float = 0.0,
         cpu_min_blocks: int = 0,
         cpu_threads: int | None = None,
+        cpu_method: str = "fused",
     ) -> None:
         """``cpu_fraction`` of each sequence's host blocks (at least ``cpu_min_blocks`` of them,
         where it has that many) are attended on the CPU, with ``cpu_threads`` torch threads
-        (``None``: the process's setting); the rest stream to the device."""
+        (``None``: the process's setting) by ``cpu_method`` (``runtime.attention.partial``:
+        the one ``runtime.spill_rates`` found fastest); the rest stream to the device."""
         self.cpu_threads = cpu_threads
+        self.cpu_method = cpu_method
         self.kv = kv
         self.swaps = [tuple(p) for p in swaps]
         d, bs = kv.num_blocks, kv.block_size
@@ -180,6 +183,8 @@ class SpillStep:
             self.copy = torch.cuda.Stream(dev)
             self.side = torch.cuda.Stream(dev) if self._cpu_any else None
             self.ready: list[torch.cuda.Event | None] = [None] * L
+            # per layer: its swaps have landed (what the CPU part waits for; None: no swaps)
+            self.swapped: list[torch.cuda.Event | None] = [None] * L
             self.stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
             self.copy.wait_stream(self.compute)  # earlier steps' KV writes land before spills
             for layer in range(min(2, L)):
@@ -197,6 +202,9 @@ class SpillStep:
             if self.swaps:
                 moved = self.kv.copy_blocks(layer, self.swaps, self._swap_plan)
                 self.figures.bytes_moved += moved
+                if self._cpu_any:
+                    self.swapped[layer] = torch.cuda.Event()
+                    self.swapped[layer].record(self.copy)
             if self.staged:
                 if after is not None:  # the buffer is free once layer - 2 has read it
                     self.copy.wait_event(after)
@@ -358,7 +366,8 @@ class SpillStep:
             dev_done = torch.cuda.Event(enable_timing=True)
             dev_done.record(self.compute)
             copied.synchronize()
-            self.ready[layer].synchronize()  # this layer's spills have landed on the host
+            if self.swapped[layer] is not None:  # this layer's spills have landed on the host
+                self.swapped[layer].synchronize()  # (not its staging copies: the CPU skips those)
         T, hq, d = q_host.shape
         pin = self._cuda
         out_c = torch.zeros(T, hq, d, dtype=torch.float32, pin_memory=pin)
@@ -369,7 +378,8 @@ class SpillStep:
                 ids = self.cpu_ids[b]
                 if ids:
                     kh, vh = self.kv.host_kv(layer, ids, self._cpu_runs[b])
-                    o, s = visible_attention(q_host[start : start + qlen], kh, vh, scale)
+                    q_b = q_host[start : start + qlen]
+                    o, s = host_attention(q_b, kh, vh, scale, self.cpu_method)
                     out_c[start : start + qlen] = o
                     lse_c[start : start + qlen] = s
                 start += qlen

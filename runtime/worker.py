@@ -78,6 +78,7 @@ class Worker:
         # torch threads for the CPU part of cooperative attention (None: the process's setting;
         # an accelerator worker takes the node's cores shared by its ranks, see init_device)
         self.cpu_threads: int | None = None
+        self.cpu_method = "fused"  # runtime.attention.partial.CPU_METHODS; measured at warm-up
         self.ranks_on_node = world_size
         self._said_eager = False
 
@@ -338,27 +339,32 @@ class Worker:
             return
         from runtime.spill_rates import measure_rates
 
-        c = self.model_config
-        with dev.torch_threads(self.cpu_threads):  # the CPU rate at the threads it will use
-            self.spill_rates = measure_rates(
-                self.backend,
-                self.device,
-                self.dtype,
-                c.num_attention_heads // self.world_size,
-                c.num_key_value_heads // self.world_size,
-                c.head_dim,
-                self.limits.block_size,
-            )
+        c, kv = self.model_config, self.kv
+        measured = measure_rates(
+            self.backend,
+            self.device,
+            self.dtype,
+            c.num_attention_heads // self.world_size,
+            c.num_key_value_heads // self.world_size,
+            c.head_dim,
+            self.limits.block_size,
+            run_tokens=kv.host.chunk_blocks * self.limits.block_size,  # one run per host chunk
+            host_dtype=self.dtype if kv.quant else kv.host_storage,
+            cpu_threads=self.cpu_threads,  # the CPU rate at the threads it will use
+        )
+        self.spill_rates, self.cpu_method = measured.spill, measured.cpu.method
         if self.rank == 0:
             r = self.spill_rates
             log.info(
                 "spill rates: link %.1f GB/s, device %.1f TFLOP/s %.0f GB/s, "
-                "cpu %.2f TFLOP/s %.1f GB/s",
+                "cpu %.2f TFLOP/s %.1f GB/s (%s, %s threads)",
                 r.link_bytes_per_s / 1e9,
                 r.device_flops / 1e12,
                 r.device_bytes_per_s / 1e9,
                 r.cpu_flops / 1e12,
                 r.cpu_bytes_per_s / 1e9,
+                self.cpu_method,
+                self.cpu_threads,
             )
 
     def reset_peak_memory(self) -> None:
@@ -511,6 +517,7 @@ class Worker:
             cpu_fraction=fraction,
             cpu_min_blocks=min_blocks,
             cpu_threads=self.cpu_threads,
+            cpu_method=self.cpu_method,
         )
 
     def _step_shape(self, batch: ScheduledBatch) -> spill_cost.StepShape:

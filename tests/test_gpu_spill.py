@@ -1,9 +1,10 @@
 """On a CUDA GPU: the copy-stream paths of the two-tier KV cache at bf16 (skipped without one).
 
-The same random mixed placements as ``test_kv_spill``, with pinned host blocks, swaps and staging
-on the copy stream, double-buffered per layer, and the CPU part of ``cooperate`` overlapping the
-device kernel: stream equals the same backend over an all-device cache bit for bit, cooperate
-is within bf16 rounding of the float64 reference, and 8-bit host blocks within their bound.
+The same random mixed placements as ``test_kv_spill`` (``tests.spill_setup``), with pinned host
+blocks, swaps and staging on the copy stream, double-buffered per layer, and the CPU part of
+``cooperate`` overlapping the device kernel: stream equals the same backend over an all-device
+cache bit for bit; cooperate (by every CPU method) and rounds are within twice the plain
+kernel's bf16 error of the float64 reference; 8-bit host blocks within their bound.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from runtime.attention.registry import get_backend
-from tests.test_kv_spill import build, run_step
+from tests.spill_setup import build, max_err, run_step, within_twice_plain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,49 +22,31 @@ CASES = {
     "chunk": ([512], [8192]),
     "mixed": ([1, 113, 1], [2048, 4096, 300]),
 }
+# the 8B shape's heads (32 query, 8 KV, head dim 128), bf16, on the GPU
+SHAPE = dict(bs=16, hq=32, hkv=8, d=128, device="cuda", dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.5], ids=["stream", "cooperate"])
+@pytest.mark.parametrize(
+    "fraction,method",
+    [(0.0, "fused"), (0.5, "fused"), (0.5, "fused-f32"), (0.5, "tiled")],
+    ids=["stream", "cooperate", "cooperate-f32", "cooperate-tiled"],
+)
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
 @pytest.mark.parametrize("case", CASES)
-def test_mixed_tables_on_gpu(case, backend_name, fraction):
+def test_mixed_tables_on_gpu(case, backend_name, fraction, method):
     qlens, slens = CASES[case]
-    kv, content, tables, ref_tables, swaps = build(
-        qlens,
-        slens,
-        bs=16,
-        hq=32,
-        hkv=8,
-        d=128,
-        layers=4,
-        seed=7,
-        p_host=0.7,
-        device="cuda",
-        dtype=torch.bfloat16,
-    )
+    spill = build(qlens, slens, layers=4, seed=7, p_host=0.7, **SHAPE)
     backend = get_backend(backend_name, "cuda")
-    figs, results = run_step(
-        kv,
-        content,
-        tables,
-        ref_tables,
-        qlens,
-        slens,
-        backend,
-        hq=32,
-        d=128,
-        fraction=fraction,
-        swaps=tuple(swaps),
-    )
+    figs, results = run_step(spill, backend, fraction, cpu_method=method)
     assert figs.host_blocks > 0 and figs.bytes_moved > 0 and figs.exposed_s >= 0
-    for out, ref, plain in results:
+    for out, _, plain in results:
         assert torch.isfinite(out).all()
         if fraction == 0:
             assert torch.equal(out, plain)
-        else:
-            # the merge rounds once more than the plain kernel: within twice its bf16 error
-            plain_err = (plain.double().cpu() - ref).abs().max().item()
-            assert (out.double().cpu() - ref).abs().max().item() <= 2 * plain_err + 2e-3
+    if fraction > 0:
+        # the merge rounds once more than the plain kernel: within twice its bf16 error
+        for err, bound in within_twice_plain(results):
+            assert err <= bound
 
 
 @pytest.mark.parametrize("staging", [1, 16, 64])
@@ -74,51 +57,18 @@ def test_rounds_on_gpu(case, backend_name, staging):
     the copy stream (alternating halves of the buffer), non-causal partials merged by lse, no
     CPU; within twice the plain kernel's bf16 error of the float64 reference."""
     qlens, slens = CASES[case]
-    kv, content, tables, ref_tables, swaps = build(
-        qlens, slens, bs=16, hq=32, hkv=8, d=128, layers=4, seed=11, p_host=0.9,
-        device="cuda", dtype=torch.bfloat16, staging=staging,
-    )  # fmt: skip
-    backend = get_backend(backend_name, "cuda")
-    figs, results = run_step(
-        kv, content, tables, ref_tables, qlens, slens, backend, hq=32, d=128, fraction=0.0,
-        swaps=tuple(swaps),
-    )  # fmt: skip
+    spill = build(qlens, slens, layers=4, seed=11, p_host=0.9, staging=staging, **SHAPE)
+    figs, results = run_step(spill, get_backend(backend_name, "cuda"), 0.0)
     assert figs.host_blocks > staging and figs.cpu_blocks == 0 and figs.mode == "stream"
-    for out, ref, plain in results:
+    for (err, bound), (out, _, _) in zip(within_twice_plain(results), results):
         assert torch.isfinite(out).all()
-        plain_err = (plain.double().cpu() - ref).abs().max().item()
-        assert (out.double().cpu() - ref).abs().max().item() <= 2 * plain_err + 2e-3
+        assert err <= bound
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 def test_8bit_host_blocks_on_gpu(kind):
     qlens, slens = CASES["mixed"]
-    kv, content, tables, ref_tables, swaps = build(
-        qlens,
-        slens,
-        bs=16,
-        hq=32,
-        hkv=8,
-        d=128,
-        layers=2,
-        seed=8,
-        p_host=1.0,
-        device="cuda",
-        dtype=torch.bfloat16,
-        host_dtype=kind,
-    )
-    figs, results = run_step(
-        kv,
-        content,
-        tables,
-        ref_tables,
-        qlens,
-        slens,
-        get_backend("triton", "cuda"),
-        hq=32,
-        d=128,
-        fraction=0.0,
-        swaps=tuple(swaps),
-    )
+    spill = build(qlens, slens, layers=2, seed=8, p_host=1.0, host_dtype=kind, **SHAPE)
+    figs, results = run_step(spill, get_backend("triton", "cuda"), 0.0)
     for out, ref, _ in results:
-        assert (out.double().cpu() - ref).abs().max().item() < (0.1 if kind == "fp8" else 0.03)
+        assert max_err(out, ref) < (0.1 if kind == "fp8" else 0.03)

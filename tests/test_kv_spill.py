@@ -11,22 +11,17 @@ prefill chunks and decode, GQA, ragged lengths.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from runtime.attention.base import AttentionMetadata
 from runtime.attention.merge import merge_attention_states
 from runtime.attention.partial import visible_attention
-from runtime.attention.reference import reference_attention
 from runtime.attention.registry import get_backend
 from runtime.kv_cache import KVCache
 from runtime.spill_step import SpillInvariantError, SpillStep
 from scheduler.batch import SeqChunk
-from scheduler.request import SamplingParams
-
-PARAMS = SamplingParams(max_new_tokens=1)
+from tests.spill_setup import PARAMS, build, max_err, run_step
 
 # (query lens, seq lens): decode, prefill chunks after a long prefix, mixed, ragged
 CASES = {
@@ -39,139 +34,6 @@ SMALL = {  # for Triton's interpreter
     "decode": ([1, 1], [17, 40]),
     "chunk": ([5], [40]),
 }
-
-
-def build(
-    query_lens,
-    seq_lens,
-    *,
-    bs,
-    hq,
-    hkv,
-    d,
-    layers=2,
-    seed=0,
-    p_host=0.6,
-    staging=None,
-    host_dtype=None,
-    spare=3,
-    device="cpu",
-    dtype=torch.float32,
-):
-    """A two-tier cache holding random KV at a random placement, and the same KV all-device."""
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    counts = [-(-s // bs) for s in seq_lens]
-    total = sum(counts)
-    # logical contents [layers, 2, total, bs, hkv, d]; logical block i of the batch
-    content = torch.randn(layers, 2, total, bs, hkv, d, generator=g).to(dtype)
-    placement = []  # per logical block: ("dev"|"host", index)
-    logical = 0
-    for qlen, slen, n in zip(query_lens, seq_lens, counts):
-        start = slen - qlen
-        for i in range(n):
-            host = (i + 1) * bs <= start and rng.random() < p_host
-            placement.append("host" if host else "dev")
-            logical += 1
-    n_dev = placement.count("dev")
-    n_host = placement.count("host")
-    D = n_dev + spare + n_host  # room for scratch blocks the host contents pass through
-    H = n_host + spare
-    kv = KVCache(
-        layers,
-        D,
-        bs,
-        hkv,
-        d,
-        dtype,
-        torch.device(device),
-        host_blocks=H,
-        host_dtype=host_dtype,
-        staging_blocks=staging,
-        pin_in_background=False,
-    )
-    for t in (kv.k_all, kv.v_all):
-        t.fill_(float("nan"))  # unused memory must never be read
-    dev_ids = rng.sample(range(D - n_host), n_dev)
-    host_ids = [D + h for h in rng.sample(range(H), n_host)]
-    scratch = list(range(D - n_host, D))
-    global_ids, swaps_in = [], []
-    di = hi = 0
-    for i, where in enumerate(placement):
-        if where == "dev":
-            b = dev_ids[di]
-            di += 1
-            for li in range(layers):
-                kv.layers[li][0][b] = content[li, 0, i]
-                kv.layers[li][1][b] = content[li, 1, i]
-        else:
-            b = host_ids[hi]
-            s = scratch[hi]
-            hi += 1
-            for li in range(layers):
-                kv.layers[li][0][s] = content[li, 0, i]
-                kv.layers[li][1][s] = content[li, 1, i]
-            swaps_in.append((s, b))
-        global_ids.append(b)
-    tables, k = [], 0
-    for n in counts:
-        tables.append(global_ids[k : k + n])
-        k += n
-    ref_tables, k = [], 0
-    for n in counts:
-        ref_tables.append(list(range(k, k + n)))
-        k += n
-    return kv, content, tables, ref_tables, swaps_in
-
-
-def run_step(
-    kv,
-    content,
-    tables,
-    ref_tables,
-    query_lens,
-    seq_lens,
-    backend,
-    *,
-    hq,
-    d,
-    fraction,
-    swaps=(),
-    seed=1,
-):
-    """All layers of one step through SpillStep; returns the step's figures and, per layer,
-    ``(out, float64 reference, the same backend over an all-device cache)``."""
-    g = torch.Generator().manual_seed(seed)
-    bs = kv.block_size
-    dev = kv.device
-    chunks = [
-        SeqChunk(b, (0,) * q, s - q, tuple(t), False, PARAMS)
-        for b, (q, s, t) in enumerate(zip(query_lens, seq_lens, tables))
-    ]
-    step = SpillStep(kv, chunks, swaps, cpu_fraction=fraction)
-    meta = AttentionMetadata.build(query_lens, step.seq_lens, step.tables, bs, dev)
-    step.bind(meta)
-    ref_meta = AttentionMetadata.build(query_lens, seq_lens, ref_tables, bs)
-    plain_meta = AttentionMetadata.build(query_lens, seq_lens, ref_tables, bs, dev)
-    results = []
-    for layer in range(kv.num_layers):
-        q = torch.randn(sum(query_lens), hq, d, generator=g).to(kv.dtype)
-        # this step's own keys/values: the contents at its positions (the write rewrites them)
-        ks, vs = [], []
-        for b, (qlen, slen) in enumerate(zip(query_lens, seq_lens)):
-            for p in range(slen - qlen, slen):
-                blk = ref_tables[b][p // bs]
-                ks.append(content[layer, 0, blk, p % bs])
-                vs.append(content[layer, 1, blk, p % bs])
-        k_new, v_new = torch.stack(ks).to(dev), torch.stack(vs).to(dev)
-        kc, vc = kv.layers[layer]
-        out = step.attention(q.to(dev), k_new, v_new, kc, vc, backend, d**-0.5)
-        ref_k = content[layer, 0]
-        ref_v = content[layer, 1]
-        ref_out, _ = reference_attention(q, ref_k, ref_v, ref_meta, d**-0.5)
-        plain, _ = backend.forward(q.to(dev), ref_k.to(dev), ref_v.to(dev), plain_meta, d**-0.5)
-        results.append((out, ref_out, plain))
-    return step.finish(), results
 
 
 BACKENDS = ["torch", "sdpa"]
@@ -187,33 +49,18 @@ def test_mixed_tables_equal_all_device(case, backend_name, mode, layout):
     d = 16
     qlens, slens = CASES[case]
     for seed in (0, 1):
-        kv, content, tables, ref_tables, swaps_in = build(
-            qlens, slens, bs=bs, hq=hq, hkv=hkv, d=d, seed=seed
-        )
+        case_ = build(qlens, slens, bs=bs, hq=hq, hkv=hkv, d=d, seed=seed)
+        kv = case_.kv
         # seed 0: the host blocks arrive by this step's own swaps; seed 1: by an earlier step's
         if seed == 1:
-            for layer in range(kv.num_layers):
-                kv.copy_blocks(layer, swaps_in)
-            swaps_in = ()
+            case_.land_swaps()
         backend = get_backend(
             backend_name, "cpu", **({"kv_tile": 37} if backend_name == "torch" else {})
         )
-        figs, results = run_step(
-            kv,
-            content,
-            tables,
-            ref_tables,
-            qlens,
-            slens,
-            backend,
-            hq=hq,
-            d=d,
-            fraction=MODES[mode],
-            swaps=tuple(swaps_in),
-        )
+        figs, results = run_step(case_, backend, MODES[mode])
         for out, ref, plain in results:
             assert torch.isfinite(out).all()
-            assert (out.double() - ref).abs().max().item() < 1e-5
+            assert max_err(out, ref) < 1e-5
             if MODES[mode] == 0:  # stream: the same kernel over the same keys, bit for bit
                 assert torch.equal(out, plain)
         if figs.host_blocks:
@@ -221,11 +68,24 @@ def test_mixed_tables_equal_all_device(case, backend_name, mode, layout):
             if MODES[mode] == 0.5 and figs.cpu_blocks == 0:
                 expect = "stream"  # one host block per sequence rounds to none on the CPU
             assert figs.mode == expect
-        per_layer_swap = len(swaps_in) * kv.host_layer_block_bytes
+        per_layer_swap = len(case_.swaps) * kv.host_layer_block_bytes
         staged = figs.host_blocks - figs.cpu_blocks  # distinct here: no block is shared
         assert figs.bytes_moved == kv.num_layers * (
             per_layer_swap + staged * kv.host_layer_block_bytes
         )
+
+
+@pytest.mark.parametrize("method", ["fused", "fused-f32", "tiled"])
+@pytest.mark.parametrize("case", CASES)
+def test_cooperate_by_every_cpu_method(case, method):
+    """The CPU share by each method the rate measurement may pick: equal to the float64
+    reference, with this step's own swaps landing before the CPU reads the host blocks."""
+    qlens, slens = CASES[case]
+    case_ = build(qlens, slens, bs=7, hq=8, hkv=2, d=16, seed=9, p_host=0.8)
+    figs, results = run_step(case_, get_backend("torch", "cpu"), 1.0, cpu_method=method)
+    assert figs.cpu_blocks > 0 and figs.mode == "cooperate"
+    for out, ref, _ in results:
+        assert max_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5], ids=["stream", "cooperate"])
@@ -237,33 +97,15 @@ def test_staging_overflow_streams_in_rounds(case, backend_name, staging, fractio
     goes through the main kernel, the rest in rounds of half a buffer (one block when the
     buffer holds one), all on the device; the CPU takes only the share it was given."""
     qlens, slens = CASES[case]
-    kv, content, tables, ref_tables, swaps_in = build(
-        qlens, slens, bs=7, hq=8, hkv=2, d=16, seed=3, p_host=0.9, staging=staging
-    )
-    for layer in range(kv.num_layers):
-        kv.copy_blocks(layer, swaps_in)
-    backend = get_backend(backend_name, "cpu")
-    figs, results = run_step(
-        kv,
-        content,
-        tables,
-        ref_tables,
-        qlens,
-        slens,
-        backend,
-        hq=8,
-        d=16,
-        fraction=fraction,
-    )
+    case_ = build(qlens, slens, bs=7, hq=8, hkv=2, d=16, seed=3, p_host=0.9, staging=staging)
+    case_.land_swaps()
+    kv = case_.kv
+    figs, results = run_step(case_, get_backend(backend_name, "cpu"), fraction)
     for out, ref, _ in results:
         assert torch.isfinite(out).all()
-        assert (out.double() - ref).abs().max().item() < 1e-5
+        assert max_err(out, ref) < 1e-5
     # what the CPU took is exactly its share, whatever the staging area holds
-    host_per_seq = [
-        sum(1 for b in t[: -(-s // kv.block_size)] if b >= kv.num_blocks)
-        for t, s in zip(tables, slens)
-    ]
-    assert figs.cpu_blocks == sum(round(fraction * n) for n in host_per_seq)
+    assert figs.cpu_blocks == sum(round(fraction * n) for n in case_.host_blocks_per_seq())
     streamed = figs.host_blocks - figs.cpu_blocks
     assert figs.bytes_moved == kv.num_layers * streamed * kv.host_layer_block_bytes
     if streamed > staging:
@@ -281,27 +123,16 @@ def test_mixed_tables_triton_interpreter(case, mode):
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"triton backend unavailable on CPU: {e}")
     qlens, slens = SMALL[case]
-    kv, content, tables, ref_tables, swaps_in = build(
+    case_ = build(
         qlens, slens, bs=4, hq=4, hkv=2, d=16, seed=5, layers=2,
         staging=2 if mode == "rounds" else None, p_host=0.9 if mode == "rounds" else 0.6,
     )  # fmt: skip
-    figs, results = run_step(
-        kv,
-        content,
-        tables,
-        ref_tables,
-        qlens,
-        slens,
-        get_backend("triton", "cpu"),
-        hq=4,
-        d=16,
-        fraction=0.5 if mode == "cooperate" else 0.0,
-        swaps=tuple(swaps_in),
-    )
+    fraction = 0.5 if mode == "cooperate" else 0.0
+    figs, results = run_step(case_, get_backend("triton", "cpu"), fraction)
     assert figs.host_blocks > (2 if mode == "rounds" else 0)
     assert figs.cpu_blocks == 0 or mode == "cooperate"
     for out, ref, _ in results:
-        assert (out.double() - ref).abs().max().item() < 1e-4
+        assert max_err(out, ref) < 1e-4
 
 
 def test_host_block_that_is_not_before_the_queries_is_refused():
@@ -454,25 +285,11 @@ def test_8bit_host_blocks_round_trip_within_the_format_bound(kind):
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 def test_attention_over_8bit_host_blocks_is_close(kind, fraction):
     qlens, slens = CASES["mixed"]
-    kv, content, tables, ref_tables, swaps_in = build(
-        qlens, slens, bs=16, hq=8, hkv=2, d=16, seed=6, p_host=1.0, host_dtype=kind
-    )
-    figs, results = run_step(
-        kv,
-        content,
-        tables,
-        ref_tables,
-        qlens,
-        slens,
-        get_backend("torch", "cpu"),
-        hq=8,
-        d=16,
-        fraction=fraction,
-        swaps=tuple(swaps_in),
-    )
+    case_ = build(qlens, slens, bs=16, hq=8, hkv=2, d=16, seed=6, p_host=1.0, host_dtype=kind)
+    figs, results = run_step(case_, get_backend("torch", "cpu"), fraction)
     assert figs.host_blocks > 0
     tol = 0.1 if kind == "fp8" else 0.03
-    errs = [(out.double() - ref).abs().max().item() for out, ref, _ in results]
+    errs = [max_err(out, ref) for out, ref, _ in results]
     assert 0 < max(errs) < tol, errs
 
 
@@ -500,19 +317,20 @@ def test_the_cpu_part_runs_with_its_own_threads(monkeypatch):
     """A GPU worker under Ray has one torch thread; the CPU share of cooperative attention runs
     with the threads the worker gives it, and the process's setting is restored afterwards."""
     import runtime.spill_step as spill_step
+    from runtime.attention.partial import host_attention
 
     seen = []
 
     def recording(*a, **kw):
         seen.append(torch.get_num_threads())
-        return visible_attention(*a, **kw)
+        return host_attention(*a, **kw)
 
-    monkeypatch.setattr(spill_step, "visible_attention", recording)
+    monkeypatch.setattr(spill_step, "host_attention", recording)
     qlens, slens = CASES["chunk"]
-    kv, content, tables, ref_tables, swaps_in = build(qlens, slens, bs=7, hq=8, hkv=2, d=16)
-    for layer in range(kv.num_layers):
-        kv.copy_blocks(layer, swaps_in)
-    chunks = [SeqChunk(0, (0,) * qlens[0], slens[0] - qlens[0], tuple(tables[0]), False, PARAMS)]
+    case_ = build(qlens, slens, bs=7, hq=8, hkv=2, d=16)
+    case_.land_swaps()
+    kv, table = case_.kv, tuple(case_.tables[0])
+    chunks = [SeqChunk(0, (0,) * qlens[0], slens[0] - qlens[0], table, False, PARAMS)]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

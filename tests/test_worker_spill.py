@@ -130,6 +130,7 @@ def test_tier_sizes_from_flags_and_defaults():
 
 
 def test_measured_rates_feed_the_cost_model():
+    from runtime.attention.partial import CPU_METHODS
     from runtime.attention.registry import get_backend
     from runtime.spill_rates import measure_rates
 
@@ -144,8 +145,14 @@ def test_measured_rates_feed_the_cost_model():
         keys=256,
         queries=16,
         link_bytes=1 << 20,
+        cpu_keys=512,
+        run_tokens=128,
     )
-    assert rates.known
+    assert rates.spill.known
+    # every method was timed on the step's own path, and the step gets one of them
+    assert set(rates.cpu.tried) == set(CPU_METHODS)
+    assert rates.cpu.method in CPU_METHODS
+    assert rates.spill.cpu_bytes_per_s == rates.cpu.tried[rates.cpu.method]
 
 
 def _h100_7b_worker(monkeypatch, **kw):
