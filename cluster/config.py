@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from collectives.factory import COMM_BACKENDS
+from collectives.names import COMM_BACKENDS
 from runtime.worker_config import WorkerConfig
 from scheduler.config import SchedulerConfig
 from scheduler.errors import ConfigError

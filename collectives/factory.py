@@ -15,9 +15,7 @@ import socket
 import torch
 
 from collectives.base import Communicator, SingleRankCommunicator
-
-TORCH_BACKENDS = ("nccl", "hccl", "gloo")  # served by collectives.torch_dist
-COMM_BACKENDS = (*TORCH_BACKENDS, "mpi")  # every name a communicator can be built for
+from collectives.names import COMM_BACKENDS, TORCH_BACKENDS
 
 
 def _check_backend(backend: str) -> None:

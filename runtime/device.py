@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.names import DTYPE_NAMES
 from scheduler.errors import ConfigError
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "npu")
@@ -138,7 +139,7 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:

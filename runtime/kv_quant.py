@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from runtime.names import HOST_DTYPE_NAMES
 from scheduler.errors import ConfigError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
 
-HOST_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "int8")
+HOST_DTYPES = HOST_DTYPE_NAMES
 EIGHT_BIT = ("fp8", "int8")
 
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.attention.registry import available_backends, check_backend_name
-from runtime.device import DTYPES
+from runtime.names import (
+    DTYPE_NAMES,
+    HOST_DTYPE_NAMES,
+    SPILL_MODES,
+    available_backends,
+    check_backend_name,
+)
 from scheduler.errors import ConfigError
 from scheduler.fields import check_fields, option
 
@@ -21,8 +26,8 @@ class WorkerConfig:
     device: str = option("auto", help="auto|cpu|cuda|npu, optionally with an index (cuda:1)")
     dtype: str = option(
         "auto",
-        help="auto (bfloat16 on accelerators, float32 on CPU)|" + "|".join(DTYPES),
-        choices=("auto", *DTYPES),
+        help="auto (bfloat16 on accelerators, float32 on CPU)|" + "|".join(DTYPE_NAMES),
+        choices=("auto", *DTYPE_NAMES),
     )
     attention: str = option(
         "auto", help="attention backend: auto|" + "|".join(available_backends())
@@ -54,13 +59,13 @@ class WorkerConfig:
         "auto",
         help="attention over host-resident KV: auto (a cost model picks per step)|stream "
         "(copy to the device)|cooperate (the CPU attends over part)|off (no host tier)",
-        choices=("auto", "stream", "cooperate", "off"),
+        choices=SPILL_MODES,
     )
     kv_host_dtype: str = option(
         "auto",
         help="host KV storage: auto (the KV dtype)|bfloat16|float16|float32|fp8|int8 (8-bit "
         "with per-block scales)",
-        choices=("auto", "bfloat16", "float16", "float32", "fp8", "int8"),
+        choices=HOST_DTYPE_NAMES,
     )
     gpu_memory_utilization: float = option(
         0.9, help="share of the accelerator's memory the worker may fill", positive=True

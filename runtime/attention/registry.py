@@ -12,36 +12,24 @@ import logging
 import torch
 
 from runtime.attention.base import AttentionBackend
-from scheduler.errors import ConfigError
+from runtime.names import ATTENTION_BACKENDS as _BACKENDS
+from runtime.names import (
+    UnknownBackendError,
+    available_backends,
+    check_backend_name,
+    register_backend,
+)
 
 log = logging.getLogger(__name__)
 
-# name -> "module:Class"
-_BACKENDS: dict[str, str] = {
-    "torch": "runtime.attention.torch_tiled:TorchTiledBackend",
-    "sdpa": "runtime.attention.sdpa:SdpaBackend",
-    "triton": "runtime.attention.triton_backend:TritonBackend",
-}
-
-
-class UnknownBackendError(ConfigError):
-    """An attention backend name that is not registered, or cannot run here."""
-
-
-def register_backend(name: str, target: str) -> None:
-    """Register ``target`` ("module:Class") under ``name``; later registrations win."""
-    _BACKENDS[name] = target
-
-
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def check_backend_name(name: str) -> None:
-    if name != "auto" and name not in _BACKENDS:
-        raise UnknownBackendError(
-            f"unknown attention backend {name!r}; valid: auto, {', '.join(available_backends())}"
-        )
+__all__ = [
+    "UnknownBackendError",
+    "available_backends",
+    "check_backend_name",
+    "get_backend",
+    "register_backend",
+    "resolve_backend_name",
+]
 
 
 def _load(name: str) -> type[AttentionBackend]:
