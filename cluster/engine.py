@@ -163,6 +163,7 @@ class Engine:
             out = RequestOutput(s.seq_id, s.prompt_ids, s.output_ids, s.finish_reason)
             out.metrics = _metrics(s, peak)
             out.metrics["kv"] = kv
+            out.metrics["allreduce_exposed_s"] = kv["allreduce_exposed_s"]
             if logits != "none":
                 import torch
 

@@ -16,11 +16,13 @@ collectives, matched by order).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 
 from collectives.base import Communicator, Handle
+from collectives.wait_clock import WaitClock
 
 # One side stream per CUDA device for launching tile AllReduces (created on first use).
 _COMM_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -68,6 +70,7 @@ def linear_all_reduce(
     comm: Communicator,
     num_tiles: int = 1,
     prologue: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    clock: WaitClock | None = None,
 ) -> torch.Tensor:
     """``sum over ranks of x @ weight.T`` for a row-parallel linear layer.
 
@@ -83,6 +86,8 @@ def linear_all_reduce(
             AllReduce also overlaps tile i+1's prologue: more computation to hide behind, which
             is what makes the overlap pay at large TP, where the row-parallel matmul alone is
             shorter than its AllReduce.
+        clock: where the time the computation waits on the AllReduce goes (the whole plain
+            call; the tiled path's waits on its handles, after the last tile's compute).
 
     Returns:
         ``[T, out]``, identical on every rank.
@@ -97,7 +102,9 @@ def linear_all_reduce(
 
     if num_tiles <= 1 or comm.world_size == 1 or rows == 1:
         y = (prologue(x2) if prologue is not None else x2) @ weight.T
-        comm.all_reduce(y)
+        if comm.world_size > 1:  # a group of one has nothing to wait for
+            with _waiting(clock, y.device):
+                comm.all_reduce(y)
         return y.reshape(*lead, out_features)
 
     # One preallocated output: each tile is a contiguous row slice of it, so the tiles need no
@@ -126,9 +133,14 @@ def linear_all_reduce(
             handles.append(comm.all_reduce(tile, async_op=True))
             _poll(handles)
     # wait() on the compute stream: later work on it is ordered after every tile's collective.
-    for h in handles:
-        h.wait()
+    with _waiting(clock, out.device):
+        for h in handles:
+            h.wait()
     return out.reshape(*lead, out_features)
+
+
+def _waiting(clock: WaitClock | None, device: torch.device):
+    return clock.waiting(device) if clock is not None else contextlib.nullcontext()
 
 
 __all__ = ["linear_all_reduce", "tile_bounds"]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from collectives.base import Communicator, SingleRankCommunicator
+from collectives.wait_clock import WaitClock
 from scheduler.errors import ConfigError
 
 
@@ -22,6 +23,8 @@ class ParallelState:
     allreduce_tiles: int | None = None
     overlap: bool = True
     tile_chooser: Callable[[int, int, int], int] | None = None  # (rows, out, in) -> tiles
+    # the time this rank's steps wait on AllReduce (the worker resets and reads it per step)
+    wait_clock: WaitClock = field(default_factory=WaitClock)
 
     @property
     def rank(self) -> int:

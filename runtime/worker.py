@@ -44,6 +44,7 @@ class StepResult:
     bytes_moved: int = 0  # KV bytes that crossed between tiers (swaps and staging)
     movement_exposed_s: float = 0.0  # time the computation waited for that movement
     spill_mode: str = "none"  # none | stream | cooperate: how host-resident KV was attended
+    allreduce_exposed_s: float = 0.0  # time the step waited on AllReduce (not hidden by compute)
 
 
 class Worker:
@@ -429,6 +430,7 @@ class Worker:
         ``runtime.cuda_graphs`` supports this worker; everything else runs eagerly.
         """
         t0 = time.perf_counter()
+        self.parallel.wait_clock.reset()
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
         chunks = batch.chunks
@@ -462,6 +464,7 @@ class Worker:
                 if logits == "sampled":
                     result.logits[c.seq_id] = all_logits[row].cpu()
         dev.synchronize(self.device)
+        result.allreduce_exposed_s = self.parallel.wait_clock.seconds()
         if figures is not None:
             result.bytes_moved = figures.bytes_moved
             result.movement_exposed_s = figures.exposed_s

@@ -46,7 +46,8 @@ class VocabParallelEmbedding(nn.Module):
         local = torch.where(mine, ids - self.start, torch.zeros_like(ids))
         out = nn.functional.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
         # Exactly one rank contributes each row, so the sum is exact.
-        self.tp.comm.all_reduce(out)
+        with self.tp.wait_clock.waiting(out.device):
+            self.tp.comm.all_reduce(out)
         return out
 
 

@@ -104,4 +104,6 @@ class RowParallelLinear(nn.Module):
         tile-count model."""
         out_f, in_f = self.weight.shape
         tiles = self.tp.tiles_for(x.shape[0], out_f, int(in_f * (1 + prologue_cost)))
-        return linear_all_reduce(x, self.weight, self.tp.comm, num_tiles=tiles, prologue=prologue)
+        return linear_all_reduce(
+            x, self.weight, self.tp.comm, tiles, prologue=prologue, clock=self.tp.wait_clock
+        )
