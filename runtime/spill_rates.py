@@ -40,7 +40,9 @@ class MeasuredRates:
     cpu: CpuAttentionRate
 
 
-def _best(fn, device: torch.device, repeats: int = 3) -> float:
+def best_time(fn, device: torch.device, repeats: int = 3) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call, each
+    synchronised with ``device``."""
     fn()  # warm
     dev.synchronize(device)
     best = float("inf")
@@ -57,7 +59,7 @@ def link_rate(device: torch.device, nbytes: int = 64 << 20) -> float:
     pin = device.type == "cuda"
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return nbytes / _best(lambda: dst.copy_(src, non_blocking=True), device)
+    return nbytes / best_time(lambda: dst.copy_(src, non_blocking=True), device)
 
 
 def host_kv_runs(
@@ -65,14 +67,15 @@ def host_kv_runs(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Host KV of ``keys`` tokens as the host pool hands it to the CPU part: runs of at most
     ``run_tokens`` tokens (one host chunk's rows of one layer), each a contiguous
-    ``[n, Hkv, D]`` view of its own allocation."""
+    ``[n, Hkv, D]`` view of its own allocation. Every run holds a copy of one random run (a
+    GiB of random numbers would cost seconds; the time to read them does not depend on them)."""
     g = torch.Generator().manual_seed(seed)
+    n0 = min(run_tokens, keys)
+    pattern = torch.randn(2, n0, num_kv_heads, head_dim, generator=g).to(dtype)
     ks, vs = [], []
     for start in range(0, keys, run_tokens):
         n = min(run_tokens, keys - start)
-        block = torch.empty(2, n, num_kv_heads, head_dim, dtype=torch.float32)
-        block.uniform_(-2.0, 2.0, generator=g)  # randn's cost, without its minutes at 1 GiB
-        block = block.to(dtype)
+        block = pattern[:, :n].clone()
         ks.append(block[0])
         vs.append(block[1])
     return ks, vs
@@ -90,14 +93,15 @@ def cpu_attention_rate(
     methods: tuple[str, ...] | None = None,
     threads: int | None = None,
     repeats: int = 3,
+    runs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> CpuAttentionRate:
     """Time ``host_attention`` of ``queries`` queries over ``keys`` host tokens in runs of
     ``run_tokens``, with ``threads`` torch threads, by each method; the fastest wins (a tie
     within 5 % goes to the one listed first in ``CPU_METHODS``: the fused kernel on float32
-    rounds least)."""
+    rounds least). ``runs``: the host KV to read, if already made (``host_kv_runs``)."""
     if methods is None:
         methods = CPU_METHODS if fused_available() else ("tiled",)
-    ks, vs = host_kv_runs(keys, run_tokens, num_kv_heads, head_dim, dtype)
+    ks, vs = runs or host_kv_runs(keys, run_tokens, num_kv_heads, head_dim, dtype)
     q = torch.randn(queries, num_heads, head_dim, generator=torch.Generator().manual_seed(1))
     q = q.to(dtype)
     nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
@@ -106,7 +110,7 @@ def cpu_attention_rate(
     tried = {}
     with dev.torch_threads(threads):
         for m in methods:
-            t = _best(lambda m=m: host_attention(q, ks, vs, scale, m), cpu, repeats)
+            t = best_time(lambda m=m: host_attention(q, ks, vs, scale, m), cpu, repeats)
             tried[m] = nbytes / t
     order = [m for m in CPU_METHODS if m in tried]
     top = max(tried.values())
@@ -147,19 +151,22 @@ def measure_rates(
     def device_time(qlen: int) -> float:
         meta = AttentionMetadata.build([qlen], [keys], table, block_size, device)
         q = torch.randn(qlen, num_heads, head_dim, generator=g).to(dtype).to(device)
-        return _best(lambda: backend.forward(q, kd, vd, meta, scale), device)
+        return best_time(lambda: backend.forward(q, kd, vd, meta, scale), device)
 
     host_dtype = host_dtype or dtype
+    ks, vs = host_kv_runs(cpu_keys, run_tokens, num_kv_heads, head_dim, host_dtype)
     cpu = cpu_attention_rate(
-        num_heads, num_kv_heads, head_dim, host_dtype, keys=cpu_keys, run_tokens=run_tokens,
-        threads=cpu_threads,
-    )  # fmt: skip
-    # the prefill shape, by the method the decode shape chose
-    pre_keys = min(cpu_keys, keys)
-    ks, vs = host_kv_runs(pre_keys, run_tokens, num_kv_heads, head_dim, host_dtype)
+        num_heads, num_kv_heads, head_dim, host_dtype, threads=cpu_threads, runs=(ks, vs)
+    )
+    # the prefill shape, by the method the decode shape chose, over the first runs
+    pre_keys, n = 0, 0
+    while n < len(ks) and pre_keys < min(cpu_keys, keys):
+        pre_keys += ks[n].shape[0]
+        n += 1
+    ks, vs = ks[:n], vs[:n]
     q = torch.randn(queries, num_heads, head_dim, generator=g).to(dtype)
     with dev.torch_threads(cpu_threads):
-        t = _best(
+        t = best_time(
             lambda: host_attention(q, ks, vs, scale, cpu.method), torch.device("cpu"), repeats=2
         )
     spill = SpillRates(

@@ -73,11 +73,10 @@ def rates(args, dtype: torch.dtype, run_tokens: int) -> list[dict]:
     scale = args.head_dim**-0.5
     hq = args.kv_heads * args.group
     for n in args.tokens:
-        r = cpu_attention_rate(
-            hq, args.kv_heads, args.head_dim, dtype, keys=n, run_tokens=run_tokens,
-            threads=args.threads,
-        )  # fmt: skip
         ks, vs = host_kv_runs(n, run_tokens, args.kv_heads, args.head_dim, dtype)
+        r = cpu_attention_rate(
+            hq, args.kv_heads, args.head_dim, dtype, threads=args.threads, runs=(ks, vs)
+        )
         nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
         # the peer: SDPA over the same tokens as one contiguous [1, H, N, D] tensor
         k = torch.cat(ks).transpose(0, 1).unsqueeze(0).contiguous()
@@ -206,6 +205,7 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
         "device": device,
         "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine skews every figure
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "methods": list(CPU_METHODS),

@@ -49,47 +49,38 @@ import torch
 from cluster.config import EngineConfig
 from cluster.engine import Engine
 from runtime import device as devmod
+from runtime.spill_rates import best_time as _timed
+from runtime.spill_rates import cpu_attention_rate, link_rate
 from scheduler.request import SamplingParams
 
 # -- measured rates ------------------------------------------------------------------------------
 
 
-def _timed(fn, device: torch.device, reps: int = 3) -> float:
-    fn()  # warm
-    devmod.synchronize(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        devmod.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def measure_rates(device: torch.device, dtype: torch.dtype, head_dim: int, mib: int) -> dict:
-    """Bytes/s and FLOP/s this machine reaches, measured now (never assumed)."""
+def measure_rates(worker, mib: int, cpu_keys: int) -> dict:
+    """Bytes/s and FLOP/s this machine reaches, measured now (never assumed). The host->device
+    link and the CPU part of cooperative attention are measured by ``runtime.spill_rates``, the
+    functions the worker feeds its cost model with: the CPU over ``cpu_keys`` host tokens of the
+    model's shape, laid out as the host pool holds them, with the worker's threads."""
+    device, dtype = worker.device, worker.dtype
+    c = worker.model_config
+    head_dim = c.head_dim
     n = mib * 2**20
     x = torch.empty(n, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     t = _timed(lambda: y.copy_(x), device)
     rates = {"device_bytes_per_s": 2 * n / t}  # read + write
-    if device.type == "cuda":
-        h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        d = torch.empty(n, dtype=torch.uint8, device=device)
-        rates["host_to_device_bytes_per_s"] = n / _timed(
-            lambda: d.copy_(h, non_blocking=True), device
-        )
-    else:
-        rates["host_to_device_bytes_per_s"] = None  # host and device are the same memory
-    # CPU attention: one query per head over a long run of keys, the decode shape
-    heads, length = 8, max(1024, n // (2 * 8 * head_dim * 2 * 4))
-    length = min(length, 1 << 16)
-    q = torch.randn(1, heads, 1, head_dim, dtype=dtype)
-    k = torch.randn(1, heads, length, head_dim, dtype=dtype)
-    v = torch.randn_like(k)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    t = _timed(lambda: sdpa(q, k, v), torch.device("cpu"))
-    rates["cpu_attention_bytes_per_s"] = (k.nbytes + v.nbytes) / t
+    # host and device are the same memory on a CPU "device"
+    rates["host_to_device_bytes_per_s"] = link_rate(device, n) if device.type == "cuda" else None
+    kv = worker.kv
+    run = (kv.host.chunk_blocks if kv is not None and kv.host else 128) * worker.limits.block_size
+    cpu = cpu_attention_rate(
+        c.num_attention_heads, c.num_key_value_heads, head_dim, dtype, keys=cpu_keys,
+        run_tokens=run, threads=worker.cpu_threads,
+    )  # fmt: skip
+    rates["cpu_attention_bytes_per_s"] = cpu.bytes_per_s
+    rates["cpu_attention_method"] = cpu.method
+    rates["cpu_attention_tried_bytes_per_s"] = cpu.tried
+    rates["cpu_attention_threads"] = worker.cpu_threads or torch.get_num_threads()
     m = 4096 if device.type == "cuda" else 512
     a = torch.randn(m, m, dtype=dtype, device=device)
     t = _timed(lambda: a @ a, device)
@@ -98,6 +89,7 @@ def measure_rates(device: torch.device, dtype: torch.dtype, head_dim: int, mib: 
     # the bound uses tilerun's own kernel (measure_attention_rate)
     n, h = (4096, 32) if device.type == "cuda" else (512, 4)
     q = torch.randn(1, h, n, head_dim, dtype=dtype, device=device)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     t = _timed(lambda: sdpa(q, q, q, is_causal=True), device)
     rates["sdpa_attention_flop_per_s"] = 2 * h * n * n * head_dim / t  # QK and PV, half of each
     return rates
@@ -311,6 +303,9 @@ def main() -> int:
     ap.add_argument("--kv-host-dtype", default=None, help="auto|bfloat16|float16|float32|fp8|int8")
     ap.add_argument("--rate-mib", type=int, default=1024, help="buffer size for the rate probes")
     ap.add_argument(
+        "--cpu-rate-tokens", type=int, default=65536, help="host tokens the CPU rate is read over"
+    )
+    ap.add_argument(
         "--attention-rate-tokens",
         type=int,
         default=None,
@@ -355,7 +350,7 @@ def main() -> int:
         pin_s = time.perf_counter() - t1
         gib = worker.kv.host.allocated_bytes / 2**30
         print(f"host tier: {need} blocks ({gib:.1f} GiB pinned) ready in {pin_s:.1f} s", flush=True)
-    rates = measure_rates(worker.device, dtype, c.head_dim, args.rate_mib)
+    rates = measure_rates(worker, args.rate_mib, args.cpu_rate_tokens)
     attn_tokens = args.attention_rate_tokens or (4096 if worker.device.type == "cuda" else 256)
     rates["attention_flop_per_s"] = measure_attention_rate(worker, attn_tokens)
     rates["attention_rate_tokens"] = attn_tokens
