@@ -219,9 +219,9 @@ def main() -> int:
     print(f"\n{'host tokens':>12}{'threads':>9}  " + "".join(f"{m:>11}" for m in CPU_METHODS)
           + f"{'sdpa peer':>11}  chosen  (GB/s)")  # fmt: skip
     for r in rate_rows:
-        cells = "".join(f"{r['gb_per_s'].get(m, float('nan')):>11.1f}" for m in CPU_METHODS)
+        cells = "".join(f"{r['gb_per_s'].get(m, float('nan')):>11.2f}" for m in CPU_METHODS)
         print(f"{r['host_tokens']:>12}{r['threads']:>9}  {cells}"
-              f"{r['sdpa_contiguous_gb_per_s']:>11.1f}  {r['chosen']}")  # fmt: skip
+              f"{r['sdpa_contiguous_gb_per_s']:>11.2f}  {r['chosen']}")  # fmt: skip
     for r in overlap_rows:
         print(f"overlap f={r['cpu_fraction']:.2f}: layer {r['layer_ms']:.2f} ms, overlapped "
               f"{r['if_overlapped_ms']:.2f}, serialised {r['if_serialised_ms']:.2f} "

@@ -84,6 +84,10 @@ def test_key_splits_feed_the_threads_and_divide_the_run():
     assert _splits(1500, 1, 1, 64) == 2
     assert _splits(1501, 1, 1, 64) == 1
     assert _splits(100, 1, 1, 64) == 1
+    # fused-keys: one contiguous range per thread, at least 128 keys each
+    assert _splits(2048, 32, 1, 16, by_keys=True) == 16
+    assert _splits(2048, 8, 4, 64, by_keys=True) == 16
+    assert _splits(1000, 8, 1, 16, by_keys=True) == 5
 
 
 def test_many_runs_merge_in_groups(monkeypatch):
@@ -112,5 +116,5 @@ def test_a_strided_run_and_no_keys_at_all():
 
 def test_an_unknown_method_is_refused():
     q = torch.zeros(1, 2, 16)
-    with pytest.raises(ValueError, match="'fast' is not one of fused, fused-f32, tiled"):
+    with pytest.raises(ValueError, match="'fast' is not one of fused, fused-keys, fused-f32"):
         host_attention(q, [q], [q], 1.0, "fast")

@@ -16,7 +16,7 @@ import torch
 
 from runtime.attention.base import AttentionMetadata
 from runtime.attention.merge import merge_attention_states
-from runtime.attention.partial import visible_attention
+from runtime.attention.partial import CPU_METHODS, visible_attention
 from runtime.attention.registry import get_backend
 from runtime.kv_cache import KVCache
 from runtime.spill_step import SpillInvariantError, SpillStep
@@ -75,7 +75,7 @@ def test_mixed_tables_equal_all_device(case, backend_name, mode, layout):
         )
 
 
-@pytest.mark.parametrize("method", ["fused", "fused-f32", "tiled"])
+@pytest.mark.parametrize("method", CPU_METHODS)
 @pytest.mark.parametrize("case", CASES)
 def test_cooperate_by_every_cpu_method(case, method):
     """The CPU share by each method the rate measurement may pick: equal to the float64

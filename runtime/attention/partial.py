@@ -16,10 +16,12 @@ Two ways to compute it, both float32-accumulating and exact up to the input dtyp
   each key/value head is read once; when a run gives the threads too few (head, query) work
   items, its keys are split into equal sub-ranges on the batch dimension, still a view. The
   runs' partials merge by log-sum-exp in groups. ``method`` says how the stored dtype is
-  handled: ``fused`` runs the kernel on it as stored (bf16 keys, float32 accumulation inside),
-  ``fused-f32`` upcasts each run into a reused float32 buffer first (for CPUs whose reduced
-  precision kernels are slow), ``tiled`` is ``visible_attention``. ``runtime.spill_rates``
-  times them on the worker's CPU and the step uses the fastest.
+  handled and the work is cut: ``fused`` runs the kernel on it as stored (bf16 keys, float32
+  accumulation inside), split by heads; ``fused-keys`` the same, each thread given one
+  contiguous range of keys (all heads); ``fused-f32`` upcasts each run head-major into a
+  reused float32 buffer first (for CPUs whose reduced precision kernels are slow; each head's
+  keys then lie contiguous); ``tiled`` is ``visible_attention``. ``runtime.spill_rates`` times
+  them on the worker's CPU and the step uses the fastest.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import torch
 
 from runtime.attention.torch_tiled import TorchTiledBackend
 
-CPU_METHODS = ("fused", "fused-f32", "tiled")
+CPU_METHODS = ("fused", "fused-keys", "fused-f32", "tiled")
 MIN_SPLIT_KEYS = 512  # the fused kernel's key block: sub-ranges shorter than this waste it
+MIN_RANGE_KEYS = 128  # fused-keys: the shortest contiguous range a thread is given
 GROUP_BYTES = 16 << 20  # partial outputs stacked before each log-sum-exp merge
 
 
@@ -72,7 +75,7 @@ def host_attention(
     scratch: list[torch.Tensor] = []
     if dtype != ks[0].dtype:  # one float32 buffer per K and V, reused run after run
         longest = max(x.shape[0] for x in ks)
-        scratch = [torch.empty(longest, hkv, d, dtype=dtype) for _ in range(2)]
+        scratch = [torch.empty(hkv, longest, d, dtype=dtype) for _ in range(2)]
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     acc: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -82,12 +85,19 @@ def host_attention(
         if keys == 0:
             continue
         if scratch:
-            kx = scratch[0][:keys].copy_(kx)
-            vx = scratch[1][:keys].copy_(vx)
-        s = _splits(keys, hkv, rows, threads) if kx.is_contiguous() and vx.is_contiguous() else 1
-        # [s, Hkv, keys/s, D] strided views of the [keys, Hkv, D] run: no copy
-        kt = kx.view(s, keys // s, hkv, d).permute(0, 2, 1, 3)
-        vt = vx.view(s, keys // s, hkv, d).permute(0, 2, 1, 3)
+            # upcast head-major: the kernel then reads each head's keys contiguously
+            kh = scratch[0][:, :keys].copy_(kx.transpose(0, 1))
+            vh = scratch[1][:, :keys].copy_(vx.transpose(0, 1))
+            s = _splits(keys, hkv, rows, threads)
+            kt = kh.view(hkv, s, keys // s, d).transpose(0, 1)  # [s, Hkv, keys/s, D]
+            vt = vh.view(hkv, s, keys // s, d).transpose(0, 1)
+        else:
+            s = 1
+            if kx.is_contiguous() and vx.is_contiguous():
+                s = _splits(keys, hkv, rows, threads, by_keys=method == "fused-keys")
+            # [s, Hkv, keys/s, D] strided views of the [keys, Hkv, D] run: no copy
+            kt = kx.view(s, keys // s, hkv, d).permute(0, 2, 1, 3)
+            vt = vx.view(s, keys // s, hkv, d).permute(0, 2, 1, 3)
         o, lse = op(qh.expand(s, hkv, rows, d), kt, vt, scale=scale)
         outs.append(o)
         lses.append(lse)
@@ -103,9 +113,18 @@ def host_attention(
     return out, lse
 
 
-def _splits(keys: int, hkv: int, rows: int, threads: int) -> int:
-    """Sub-ranges to split a run's keys into: enough (head, query block) work items for about
-    two per thread, none shorter than ``MIN_SPLIT_KEYS``, dividing ``keys`` evenly."""
+def _splits(keys: int, hkv: int, rows: int, threads: int, by_keys: bool = False) -> int:
+    """Sub-ranges to split a run's keys into, dividing ``keys`` evenly. By default: enough
+    (head, query block) work items for about two per thread, none shorter than
+    ``MIN_SPLIT_KEYS``. ``by_keys``: one contiguous range per thread (none shorter than
+    ``MIN_RANGE_KEYS``). The kernel hands each thread consecutive (range, head) items, so then a
+    thread reads every head of one contiguous stretch of the pool (pages and TLB entries shared
+    by its heads) instead of one head's 256-byte pieces across the whole run, a page apart."""
+    if by_keys:
+        s = max(1, min(threads, keys // MIN_RANGE_KEYS))
+        while keys % s:
+            s -= 1
+        return s
     items = hkv * -(-rows // 32)  # the kernel splits queries into blocks of 32 at small counts
     s = max(1, min(-(-2 * threads // items), keys // MIN_SPLIT_KEYS))
     while keys % s:
