@@ -12,6 +12,7 @@ machine. ``scripts/bench_long_context.py`` reports the same figures beside its b
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from runtime import device as dev
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 from runtime.attention.partial import CPU_METHODS, fused_available, host_attention
 from scheduler.spill_cost import SpillRates, attention_flops
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,11 @@ def cpu_attention_rate(
     tried = {}
     with dev.torch_threads(threads):
         for m in methods:
-            t = best_time(lambda m=m: host_attention(q, ks, vs, scale, m), cpu, repeats)
+            try:
+                t = best_time(lambda m=m: host_attention(q, ks, vs, scale, m), cpu, repeats)
+            except (RuntimeError, NotImplementedError) as e:  # this torch's kernel refuses it
+                log.warning("cpu attention method %s does not run here: %s", m, e)
+                continue
             tried[m] = nbytes / t
     order = [m for m in CPU_METHODS if m in tried]
     top = max(tried.values())

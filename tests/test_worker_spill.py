@@ -199,3 +199,19 @@ def test_forced_device_tier_stages_from_the_free_memory_left(monkeypatch):
 
     monkeypatch.setattr(dev, "free_memory_bytes", lambda d: 10 * 10**9)
     assert w._staging_blocks(1024) == 1
+
+
+def test_a_cpu_method_this_torch_refuses_is_left_out(monkeypatch):
+    """A fused kernel that raises on this torch never becomes the step's method."""
+    import runtime.spill_rates as spill_rates
+
+    real = spill_rates.host_attention
+
+    def refusing(q, k, v, scale, method="fused"):
+        if method.startswith("fused"):
+            raise RuntimeError("no such kernel here")
+        return real(q, k, v, scale, method)
+
+    monkeypatch.setattr(spill_rates, "host_attention", refusing)
+    rate = spill_rates.cpu_attention_rate(4, 2, 16, torch.float32, keys=256, run_tokens=64)
+    assert rate.method == "tiled" and set(rate.tried) == {"tiled"}

@@ -78,6 +78,7 @@ def host_attention(
         scratch = [torch.empty(hkv, longest, d, dtype=dtype) for _ in range(2)]
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
+    q_by_split: dict[int, torch.Tensor] = {}
     acc: tuple[torch.Tensor, torch.Tensor] | None = None
     pending = 0
     for kx, vx in zip(ks, vs):
@@ -98,7 +99,9 @@ def host_attention(
             # [s, Hkv, keys/s, D] strided views of the [keys, Hkv, D] run: no copy
             kt = kx.view(s, keys // s, hkv, d).permute(0, 2, 1, 3)
             vt = vx.view(s, keys // s, hkv, d).permute(0, 2, 1, 3)
-        o, lse = op(qh.expand(s, hkv, rows, d), kt, vt, scale=scale)
+        if s not in q_by_split:  # the queries once per split count, contiguous like any input
+            q_by_split[s] = qh.expand(s, hkv, rows, d).contiguous()
+        o, lse = op(q_by_split[s], kt, vt, scale=scale)
         outs.append(o)
         lses.append(lse)
         pending += o.numel() * 4
