@@ -67,8 +67,20 @@ class Engine:
             self.scheduler = SpillScheduler(limits, self.executor.num_blocks, self.num_host_blocks)
         else:  # no host tier: the plain scheduler, whole lifetimes reserved on the device
             self.scheduler = Scheduler(limits, self.executor.num_blocks)
-        self.steps = StepLoop(self.scheduler, self.executor, config.scheduler.overlap_schedule)
         self._next_id = 0
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Scheduler) -> None:
+        """A scheduler (tests put in one of their own) comes with its step loop."""
+        if getattr(self, "steps", None) is not None and self.steps.in_flight:
+            raise RuntimeError("the scheduler cannot change while steps are in flight")
+        self._scheduler = scheduler
+        overlap = self.config.scheduler.overlap_schedule
+        self.steps = StepLoop(scheduler, self.executor, overlap)
 
     def set_allreduce(self, overlap: bool, tiles: int | None = None) -> None:
         """Tiled or plain AllReduce from the next step on, on every worker (ablations)."""

@@ -55,17 +55,28 @@ class PendingStep:
     the device's step; elsewhere the step has already run when ``launch`` returns.
     """
 
-    def __init__(self, result: StepResult, seq_ids: list[int], tokens, done, t0: float) -> None:
+    def __init__(self, result: StepResult, seq_ids: list[int], tokens, device, t0: float) -> None:
         self._result = result
         self._seq_ids = seq_ids
         self._tokens = tokens  # host int64 tensor (being filled on CUDA), or None: no sampling
-        self._done = done  # callable that waits for the step's device work
+        self._device = device
+        self._event = None  # CUDA: fires when the step's work, token copy included, is done
+        if device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(device))
         self._t0 = t0
         self._ready = False
 
+    def done(self) -> bool:
+        """Whether ``result`` would return without waiting."""
+        return self._ready or self._event is None or self._event.query()
+
     def result(self) -> StepResult:
         if not self._ready:
-            self._done()
+            if self._event is not None:
+                self._event.synchronize()
+            else:
+                dev.synchronize(self._device)
             if self._tokens is not None:
                 self._result.sampled = dict(zip(self._seq_ids, self._tokens.tolist()))
             self._result.seconds = time.perf_counter() - self._t0
@@ -503,9 +514,7 @@ class Worker:
             result.bytes_moved = figures.bytes_moved
             result.movement_exposed_s = figures.exposed_s
             result.spill_mode = figures.mode
-        return PendingStep(
-            result, [c.seq_id for c in sampling], tokens, _completion(self.device), t0
-        )
+        return PendingStep(result, [c.seq_id for c in sampling], tokens, self.device, t0)
 
     def _sample(self, rows: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
         """This step's tokens ``[len(chunks)]`` int64 on the device, from float32 logits
@@ -647,17 +656,8 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the host; on CUDA a pinned copy still under way (``_completion`` waits)."""
+    """``t`` on the host; on CUDA a pinned copy still under way (``PendingStep`` waits)."""
     if t.device.type == "cuda":
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return out.copy_(t, non_blocking=True)
     return t.cpu()
-
-
-def _completion(device: torch.device):
-    """A callable that waits until the device has done everything queued so far."""
-    if device.type == "cuda":
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        return event.synchronize
-    return lambda: dev.synchronize(device)
