@@ -486,7 +486,7 @@ class Worker:
             all_logits = self.decode_graphs.run(chunks, self._fill_pending)  # None: eager
         if all_logits is None:
             hidden, figures = self._forward(chunks, spill)
-            # every rank runs the LM head (it is vocabulary-parallel); rank 0 samples
+            # every rank runs the LM head (it is vocabulary-parallel) and samples
             if logits == "all":
                 all_logits = self.model.compute_logits(hidden)
             elif sample_rows:

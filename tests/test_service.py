@@ -45,10 +45,11 @@ def ok(*args: str, timeout: int = 600):
 
 
 def reference(ids: list[int], max_new_tokens: int) -> list[int]:
-    """`tilerun run` (one-shot, in-process worker) on the same inputs and engine fields."""
+    """`tilerun run` (one-shot, in-process worker) on the same inputs and engine fields, one
+    step at a time (the service overlaps its steps: the default)."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
     out = ok(
-        "run", *flags, "--executor", "local", "--json",
+        "run", *flags, "--executor", "local", "--json", "--no-overlap-schedule",
         "--prompt-token-ids", ",".join(map(str, ids)), "--max-new-tokens", str(max_new_tokens),
     )  # fmt: skip
     return out["token_ids"]
@@ -206,6 +207,21 @@ def test_cancel_running_task(service):
     wait_until(lambda: store.get(tid).state == "cancelled")
     r = tilerun("result", tid, "--home", home)
     assert r.returncode == 2 and "was cancelled" in r.stderr
+
+
+def test_cancel_one_of_two_running_tasks_mid_run(service):
+    """Two tasks share the steps; one is cancelled while its next step is already on the
+    workers (the service overlaps steps): the other's tokens are those of a run alone."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    a = submit(home, LONG[:100], 1500)
+    b = submit(home, [4, 5, 6, 7, 8], 600)
+    wait_until(lambda: store.get(a).generated > 2 and store.get(b).generated > 2)
+    assert "cancel" in ok("cancel", a, "--home", home)
+    wait_until(lambda: store.get(a).state == "cancelled")
+    r = ok("result", b, "--wait", "--home", home, "--json")
+    assert store.get(b).state == "done" and store.get(a).generated < 1500
+    assert r["token_ids"] == reference([4, 5, 6, 7, 8], 600)
 
 
 def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):
