@@ -1,7 +1,7 @@
 """The step loop: schedule -> submit to the workers -> take the result back -> update.
 
-One loop for ``Engine.generate`` and the service's ``ServiceLoop``. With ``overlap`` (the
-default, ``SchedulerConfig.overlap_schedule``) step i+1 is scheduled and sent before step i's
+One loop for ``Engine.generate`` and the service's ``ServiceLoop``. With ``overlap``
+(``SchedulerConfig.overlap_schedule``) step i+1 is scheduled and sent before step i's
 tokens are back, in the manner of SGLang's overlap scheduler and vLLM's async scheduling: the
 driver's CPU work (scheduling, building the batch, the transport hop to the workers, then
 applying step i's tokens, progress, detokenising finished tasks) happens while the devices run.

@@ -28,9 +28,9 @@ class SchedulerConfig:
         minimum=1,
     )
     overlap_schedule: bool = option(
-        True,
+        False,
         help="schedule and send step i+1 while the workers run step i (the same tokens either "
-        "way; off: one step at a time, for ablation and debugging)",
+        "way on CPU; off: one step at a time, until the CUDA-graph path is checked on a GPU)",
     )
 
     def __post_init__(self) -> None:

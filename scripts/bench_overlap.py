@@ -70,12 +70,15 @@ def run_executor(args, executor: str) -> dict:
                 )
                 if tokens.setdefault(on, out.token_ids) != out.token_ids:
                     raise SystemExit(f"[{executor}] overlap={on}: tokens changed between runs")
-        if tokens[False] != tokens[True]:
-            raise SystemExit(f"[{executor}] overlap on and off gave different tokens")
+        same = tokens[False] == tokens[True]
+        if not same:  # reported, not fatal: the timings still say what overlap costs or saves
+            k = next(i for i, (a, b) in enumerate(zip(tokens[False], tokens[True])) if a != b)
+            print(f"[{executor}] WARNING: overlap on and off differ from token {k}", flush=True)
         info = llm.engine.device_infos[0]
     finally:
         llm.shutdown()
-    row = {"executor": executor, "ready_s": ready_s, "device": info, "runs": {}}
+    row = {"executor": executor, "ready_s": ready_s, "device": info, "same_tokens": same}
+    row["runs"] = {}
     for on in (False, True):
         rs = runs[on]
         row["runs"]["on" if on else "off"] = {
@@ -111,7 +114,10 @@ def main() -> int:
     for r in rows:
         for k in ("off", "on"):
             x = r["runs"][k]
-            print(f"{r['executor']:9} {k:8} {x['decode_ms_per_token']:16.3f} {x['ttft_s']:8.3f}")
+            note = "" if r["same_tokens"] else "  (tokens differ on/off)"
+            print(
+                f"{r['executor']:9} {k:8} {x['decode_ms_per_token']:16.3f} {x['ttft_s']:8.3f}{note}"
+            )
     overhead = {}
     if "local" in by and "ray" in by:
         for k in ("off", "on"):

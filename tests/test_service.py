@@ -25,6 +25,7 @@ ENGINE = {
     "dtype": "float32",
     "max_model_len": 2048,
     "prefill_chunk": 4,
+    "overlap_schedule": "true",  # the service's steps overlap; references run one at a time
 }
 LONG = [(i * 7) % 500 + 1 for i in range(1800)]
 
@@ -46,8 +47,8 @@ def ok(*args: str, timeout: int = 600):
 
 def reference(ids: list[int], max_new_tokens: int) -> list[int]:
     """`tilerun run` (one-shot, in-process worker) on the same inputs and engine fields, one
-    step at a time (the service overlaps its steps: the default)."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
+    step at a time (the service overlaps its steps)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items() if k != "overlap_schedule"]
     out = ok(
         "run", *flags, "--executor", "local", "--json", "--no-overlap-schedule",
         "--prompt-token-ids", ",".join(map(str, ids)), "--max-new-tokens", str(max_new_tokens),
