@@ -1,7 +1,8 @@
 """The driver-side engine: the scheduler decides, the executor runs, results come back.
 
-One loop: ``schedule()`` -> ``executor.execute(batch)`` (one RPC per worker per step) ->
-``scheduler.update(sampled)``. Progress is reported through a callback after every step.
+One loop (``cluster.step_loop``): ``schedule()`` -> ``executor.submit(batch)`` (one RPC per
+worker per step) -> ``scheduler.update(sampled)``, with step i+1 sent before step i is back
+unless ``overlap_schedule`` is off. Progress is reported through a callback after every step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from cluster import preflight
 from cluster.config import EngineConfig
 from cluster.kv_metrics import KVMeter
+from cluster.step_loop import StepLoop
 from runtime.loader import resolve_model
 from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams, Sequence
@@ -66,6 +68,19 @@ class Engine:
         else:  # no host tier: the plain scheduler, whole lifetimes reserved on the device
             self.scheduler = Scheduler(limits, self.executor.num_blocks)
         self._next_id = 0
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Scheduler) -> None:
+        """A scheduler (tests put in one of their own) comes with its step loop."""
+        if getattr(self, "steps", None) is not None and self.steps.in_flight:
+            raise RuntimeError("the scheduler cannot change while steps are in flight")
+        self._scheduler = scheduler
+        overlap = self.config.scheduler.overlap_schedule
+        self.steps = StepLoop(scheduler, self.executor, overlap)
 
     def set_allreduce(self, overlap: bool, tiles: int | None = None) -> None:
         """Tiled or plain AllReduce from the next step on, on every worker (ablations)."""
@@ -124,29 +139,32 @@ class Engine:
             scheduler_stats=getattr(self.scheduler, "stats", None),
         )
         try:
-            while self.scheduler.has_work:
-                batch = self.scheduler.schedule()
-                if batch is None:
+            while self.steps.has_work:
+                taken = self.steps.advance(logits)
+                if taken is None:
                     break
-                result = self.executor.execute(batch, logits)
-                meter.add(result)
-                for sid, lg in result.logits.items():
-                    kept.setdefault(sid, []).append(lg)
-                self.scheduler.update(batch, result.sampled)
-                done_prefill += sum(
-                    len(c.token_ids) for c in batch.chunks if c.start_pos < plen[c.seq_id]
-                )
-                if on_progress:
-                    on_progress(
-                        Progress(
-                            batch.step,
-                            min(done_prefill, total_prefill),
-                            total_prefill,
-                            sum(len(s.output_ids) for s in seqs),
-                            time.perf_counter() - t0,
-                            batch.num_tokens,
-                        )
+                for step in taken:
+                    batch, result = step.batch, step.result
+                    meter.add(result)
+                    for sid, lg in result.logits.items():
+                        if sid not in step.discarded:
+                            kept.setdefault(sid, []).append(lg)
+                    done_prefill += sum(
+                        len(c.token_ids)
+                        for c in batch.chunks
+                        if c.seq_id not in step.discarded and c.start_pos < plen[c.seq_id]
                     )
+                    if on_progress:
+                        on_progress(
+                            Progress(
+                                batch.step,
+                                min(done_prefill, total_prefill),
+                                total_prefill,
+                                sum(len(s.output_ids) for s in seqs),
+                                time.perf_counter() - t0,
+                                batch.num_tokens,
+                            )
+                        )
         except BaseException as e:
             # what was generated so far travels with the error (an interrupted run reports it)
             with contextlib.suppress(AttributeError):
@@ -154,6 +172,7 @@ class Engine:
                     RequestOutput(s.seq_id, s.prompt_ids, list(s.output_ids), "interrupted")
                     for s in seqs
                 ]
+            self.steps.abandon()
             self.scheduler.abort_all()
             raise
         peak = max(m["peak_bytes"] for m in self.executor.memory_stats())

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from cluster.config import EngineConfig
 from collectives.factory import default_backend
@@ -90,9 +90,15 @@ class _Executor:
         """Call ``method`` on rank 0 only."""
         raise NotImplementedError
 
+    def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
+        """Send one step to every worker without waiting for it; ``handle.result()`` is its
+        ``StepResult``. Several steps may be in flight: workers run them in submission order,
+        and results are taken in that order."""
+        raise NotImplementedError
+
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
-        # one call per worker per step; rank 0 returns the sampled tokens
-        return self._all("execute", batch, logits)[0]
+        """One step, waited for."""
+        return self.submit(batch, logits).result()
 
     def memory_stats(self) -> list[dict]:
         return self._all("memory_stats")
@@ -104,12 +110,22 @@ class _Executor:
         self._all("reset_peak_memory")
 
 
+class StepHandle(Protocol):
+    """A submitted step (``_Executor.submit``)."""
+
+    def result(self) -> StepResult: ...
+
+
 class LocalExecutor(_Executor):
     """One worker in this process (TP = 1): tests, notebooks, single-device runs without Ray."""
 
     def __init__(self, config: EngineConfig, model: ModelSource, limits: SchedulerConfig) -> None:
         self.worker = Worker(config.worker, model, limits)
         self._bring_up(1, "gloo")
+
+    def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
+        # the step's kernels are queued on the device; its tokens are read back by result()
+        return self.worker.launch(batch, logits)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
@@ -146,6 +162,7 @@ class RayExecutor(_Executor):
         self._ready = False  # bring-up done
         self._steps = 0
         self._slowest_s = 0.0  # the slowest step after the first (which compiles kernels)
+        self._last_done = 0.0  # when the last step came back
         self.cluster = ensure_ray(cc.ray_address)
         device_type = _device_type(config.worker.device)
         bundle, actor_opts = _bundle_for(device_type)
@@ -307,15 +324,19 @@ class RayExecutor(_Executor):
             return BRING_UP_DEADLINE_S
         return max(STEP_FLOOR_S, STEP_DEADLINE_FACTOR * self._slowest_s)
 
-    def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
-        # one RPC per worker per step; rank 0 returns the sampled tokens
-        t0 = time.monotonic()
-        refs = [w.execute.remote(batch, logits) for w in self.workers]
-        result = self._get(refs, deadline_s=self.step_deadline())[0]
+    def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
+        # one RPC per worker per step; an actor runs its calls in the order they were sent
+        return _RaySteps(self, [w.execute.remote(batch, logits) for w in self.workers])
+
+    def _step_done(self, started: float) -> None:
+        """Count a step that has come back; ``started`` is when it was sent."""
+        now = time.monotonic()
+        # a step sent while another ran started on the workers when that one came back
+        began = max(started, self._last_done)
         if self._steps:
-            self._slowest_s = max(self._slowest_s, time.monotonic() - t0)
+            self._slowest_s = max(self._slowest_s, now - began)
         self._steps += 1
-        return result
+        self._last_done = now
 
     def shutdown(self) -> None:
         ray = self._ray
@@ -334,6 +355,33 @@ class RayExecutor(_Executor):
         if getattr(self, "pg", None) is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+class _RaySteps:
+    """One step sent to every rank: its results, taken with the executor's deadline and death
+    reporting (a dead rank is named as soon as its call fails, steps in flight or not)."""
+
+    def __init__(self, executor: RayExecutor, refs: list) -> None:
+        self.executor = executor
+        self.refs = refs
+        self.sent = time.monotonic()
+        self._result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            ex = self.executor
+            results = ex._get(self.refs, deadline_s=ex.step_deadline())
+            ex._step_done(self.sent)
+            first = results[0]
+            for rank, r in enumerate(results[1:], 1):
+                if r.sampled != first.sampled:  # every rank samples; they must agree
+                    ex.broken = True
+                    raise WorkerFailedError(
+                        f"worker {ex._where(rank)} sampled {r.sampled}, rank 0 {first.sampled}: "
+                        "the ranks' logits differ (mixed devices or a broken collective)"
+                    )
+            self._result = first
+        return self._result
 
 
 def _rendezvous_host(ray, pg, first_bundle: int) -> str:

@@ -49,6 +49,14 @@ class WaitClock:
         finally:
             self._host_s += time.perf_counter() - t0
 
+    def take(self) -> WaitClock:
+        """This step's timings, moved to a clock of their own and this one reset: the step is
+        read after it is done, while the next step may already be timing (overlapped loop)."""
+        taken = WaitClock()
+        taken._host_s, taken._events = self._host_s, self._events
+        self._host_s, self._events = 0.0, []
+        return taken
+
     def seconds(self) -> float:
         """Exposed AllReduce seconds since ``reset`` (CUDA: call after the step synchronised)."""
         dev_s = sum(a.elapsed_time(b) for a, b in self._events) / 1e3

@@ -234,15 +234,19 @@ class DecodeGraphs:
         self._copied.record(torch.cuda.current_stream(self.device))
 
     @torch.inference_mode()
-    def run(self, chunks) -> torch.Tensor:
+    def run(self, chunks, fill_pending=None) -> torch.Tensor:
         """Replay the step for these decode chunks; float32 logits ``[len(chunks), vocab]``.
 
-        The result is a view of the graph's output: read it before the next ``run``.
+        ``fill_pending(ids, chunks)``, if given, rewrites the staged input tokens on the device
+        before the replay (the worker's pending tokens, see ``Worker._fill_pending``). The
+        result is a view of the graph's output: read it (in stream order) before the next run.
         """
         bs = self.bucket_for(len(chunks))
         if bs not in self.graphs:
             self.capture(bs)
         self._stage(chunks, bs)
+        if fill_pending is not None and any(c.token_ids[0] < 0 for c in chunks):
+            fill_pending(self.input_ids[: len(chunks)], chunks)
         g = self.graphs[bs]
         g.graph.replay()
         return g.logits[: len(chunks)]
@@ -280,13 +284,13 @@ class DecodeGraphRunner:
         finally:
             self._eager_only = False
 
-    def run(self, chunks) -> torch.Tensor | None:
+    def run(self, chunks, fill_pending=None) -> torch.Tensor | None:
         """This step's float32 logits ``[len(chunks), vocab]`` from a replayed graph (a view:
         read it before the next step), or None when the step must run eagerly."""
         if self.graphs is None or self._eager_only or not self.graphs.fits(chunks):
             return None
         try:
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, fill_pending)
         except Exception as e:  # the eager step redoes it (its KV writes are the same)
             self._drop(e)
             return None

@@ -3,7 +3,8 @@
 A plain object (no Ray): ``cluster/`` wraps it as an actor, tests and the single-process
 executor call it directly. Bring-up is a sequence of named calls the driver makes on every
 worker: ``init_device`` -> ``init_communicator`` -> ``load_model`` -> ``kv_cache_capacity`` ->
-``init_kv_cache`` -> ``warm_up``; then ``execute`` once per engine step.
+``init_kv_cache`` -> ``warm_up``; then ``execute`` once per engine step (or ``launch``, whose
+``PendingStep`` reads the tokens back later: the driver overlaps its own work with the device's).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from runtime.worker_config import WorkerConfig
 from scheduler import spill_cost
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.config import SchedulerConfig
-from scheduler.request import SamplingParams
+from scheduler.request import PENDING_TOKEN, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,55 @@ STAGING_SHARE = 16  # see Worker._staging_blocks
 
 @dataclass
 class StepResult:
-    sampled: dict[int, int]  # seq_id -> token (rank 0 only; empty elsewhere)
+    sampled: dict[int, int]  # seq_id -> token (every rank samples the same: see Worker._sample)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # on request, float32 CPU
     seconds: float = 0.0
     bytes_moved: int = 0  # KV bytes that crossed between tiers (swaps and staging)
     movement_exposed_s: float = 0.0  # time the computation waited for that movement
     spill_mode: str = "none"  # none | stream | cooperate: how host-resident KV was attended
     allreduce_exposed_s: float = 0.0  # time the step waited on AllReduce (not hidden by compute)
+
+
+class PendingStep:
+    """A step launched on the device whose sampled tokens have not been read back yet.
+
+    On CUDA the tokens travel to pinned host memory behind the step's kernels and ``result``
+    waits for them alone, so the caller's CPU work between ``launch`` and ``result`` overlaps
+    the device's step; elsewhere the step has already run when ``launch`` returns.
+    """
+
+    def __init__(
+        self, result: StepResult, seq_ids: list[int], tokens, device, t0: float, clock=None
+    ) -> None:
+        self._result = result
+        self._clock = clock  # collectives.wait_clock.WaitClock of this step, or None
+        self._seq_ids = seq_ids
+        self._tokens = tokens  # host int64 tensor (being filled on CUDA), or None: no sampling
+        self._device = device
+        self._event = None  # CUDA: fires when the step's work, token copy included, is done
+        if device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(device))
+        self._t0 = t0
+        self._ready = False
+
+    def done(self) -> bool:
+        """Whether ``result`` would return without waiting."""
+        return self._ready or self._event is None or self._event.query()
+
+    def result(self) -> StepResult:
+        if not self._ready:
+            if self._event is not None:
+                self._event.synchronize()
+            else:
+                dev.synchronize(self._device)
+            if self._tokens is not None:
+                self._result.sampled = dict(zip(self._seq_ids, self._tokens.tolist()))
+            if self._clock is not None:
+                self._result.allreduce_exposed_s = self._clock.seconds()
+            self._result.seconds = time.perf_counter() - self._t0
+            self._ready = True
+        return self._result
 
 
 class Worker:
@@ -74,6 +117,9 @@ class Worker:
         self.model = None
         self.kv: KVCache | None = None
         self._generators: dict[int, torch.Generator] = {}
+        # seq_id -> (device tensor, row): the token this worker sampled last for the sequence,
+        # which a later step's PENDING_TOKEN stands for (steps run in the order they are sent)
+        self._last_sampled: dict[int, tuple[torch.Tensor, int]] = {}
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
         self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
         # torch threads for the CPU part of cooperative attention (None: the process's setting;
@@ -422,17 +468,24 @@ class Worker:
         return self.decode_graphs.active
 
     # -- one step ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
-        """Run one step. ``logits``: ``none``, ``sampled`` (rows that sample) or ``all`` rows.
+        """Run one step and return its tokens (``launch(...).result()``)."""
+        return self.launch(batch, logits).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, logits: str = "none") -> PendingStep:
+        """Start one step. ``logits``: ``none``, ``sampled`` (rows that sample) or ``all`` rows.
 
         Pure-decode steps (one token per sequence) replay a captured CUDA graph where
-        ``runtime.cuda_graphs`` supports this worker; everything else runs eagerly.
+        ``runtime.cuda_graphs`` supports this worker; everything else runs eagerly. A decode
+        chunk whose token is ``PENDING_TOKEN`` gets the token this worker sampled last for its
+        sequence, copied on the device (the driver sent this step before it had that token).
         """
         t0 = time.perf_counter()
         self.parallel.wait_clock.reset()
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
+            self._last_sampled.pop(sid, None)
         chunks = batch.chunks
         # the row of each chunk's last token: the one that samples
         last = list(itertools.accumulate(len(c.token_ids) for c in chunks))
@@ -443,10 +496,10 @@ class Worker:
             log.info("steps that read host KV blocks or move blocks run eagerly (no CUDA graph)")
         all_logits, figures = None, None
         if spill is None and all(len(c.token_ids) == 1 for c in chunks):
-            all_logits = self.decode_graphs.run(chunks)  # None: run it eagerly
+            all_logits = self.decode_graphs.run(chunks, self._fill_pending)  # None: eager
         if all_logits is None:
             hidden, figures = self._forward(chunks, spill)
-            # every rank runs the LM head (it is vocabulary-parallel); rank 0 samples
+            # every rank runs the LM head (it is vocabulary-parallel) and samples
             if logits == "all":
                 all_logits = self.model.compute_logits(hidden)
             elif sample_rows:
@@ -458,19 +511,59 @@ class Worker:
             cpu = all_logits.cpu()
             for end, c in zip(last, chunks):
                 result.logits[c.seq_id] = cpu[end - len(c.token_ids) : end]
-        if self.rank == 0 and sample_rows:
-            for row, c in zip(sample_rows, [x for x in chunks if x.sample]):
-                result.sampled[c.seq_id] = sample(all_logits[row], c.params, self._generator(c))
-                if logits == "sampled":
+        sampling = [c for c in chunks if c.sample]
+        tokens = None
+        if sample_rows:
+            n = len(sample_rows)  # a slice, not an index list: no copy the host waits for
+            rows = all_logits[:n] if sample_rows == list(range(n)) else all_logits[sample_rows]
+            picked = self._sample(rows, sampling)
+            for i, c in enumerate(sampling):
+                self._last_sampled[c.seq_id] = (picked, i)
+            tokens = _to_host(picked)
+            if self.rank == 0 and logits == "sampled":
+                for row, c in zip(sample_rows, sampling):
                     result.logits[c.seq_id] = all_logits[row].cpu()
-        dev.synchronize(self.device)
-        result.allreduce_exposed_s = self.parallel.wait_clock.seconds()
         if figures is not None:
             result.bytes_moved = figures.bytes_moved
             result.movement_exposed_s = figures.exposed_s
             result.spill_mode = figures.mode
-        result.seconds = time.perf_counter() - t0
-        return result
+        # exposed AllReduce time is read when the step is done (CUDA: its timing events)
+        clock = self.parallel.wait_clock.take()
+        return PendingStep(result, [c.seq_id for c in sampling], tokens, self.device, t0, clock)
+
+    def _sample(self, rows: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
+        """This step's tokens ``[len(chunks)]`` int64 on the device, from float32 logits
+        ``rows``. Every rank samples (each holds the full gathered logits, the same on every
+        rank, and seeds the same generators), so every rank has the tokens the next step may
+        need without a collective. Greedy steps stay on the device (no wait for the step);
+        a step with temperature sampling reads its rows back (``sample`` runs on the CPU, so a
+        seed gives the same tokens on every device)."""
+        if all(c.params.temperature == 0 for c in chunks):
+            return torch.argmax(rows, dim=-1)
+        picked = [sample(rows[i], c.params, self._generator(c)) for i, c in enumerate(chunks)]
+        return torch.tensor(picked, dtype=torch.long, device=rows.device)
+
+    def _fill_pending(self, ids: torch.Tensor, chunks: tuple[SeqChunk, ...]) -> None:
+        """Write into ``ids`` (the step's packed input tokens, on the device) the token this
+        worker sampled last for each decode chunk that carries ``PENDING_TOKEN``: device to
+        device, without waiting for the step that sampled it."""
+        groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+        row = 0
+        for c in chunks:
+            if c.token_ids[0] == PENDING_TOKEN:
+                src = self._last_sampled.get(c.seq_id)
+                if src is None or len(c.token_ids) != 1:
+                    raise RuntimeError(
+                        f"sequence {c.seq_id}: a pending input token at position {c.start_pos}, "
+                        "but this worker has sampled no token for it"
+                    )
+                g = groups.setdefault(id(src[0]), (src[0], [], []))
+                g[1].append(row)
+                g[2].append(src[1])
+            row += len(c.token_ids)
+        for tensor, dst, src in groups.values():
+            idx = _to_device(torch.tensor([dst, src], dtype=torch.long), ids.device)
+            ids.index_copy_(0, idx[0], tensor.index_select(0, idx[1]))
 
     def _forward(self, chunks: tuple[SeqChunk, ...], spill: SpillStep | None):
         """The eager step: hidden states ``[tokens, hidden]`` of every packed token, and the
@@ -492,6 +585,8 @@ class Worker:
         if spill is not None:
             spill.bind(meta)
         input_ids = torch.tensor(ids, dtype=torch.long, device=d)
+        if PENDING_TOKEN in ids:
+            self._fill_pending(input_ids, chunks)
         positions = torch.tensor(pos, dtype=torch.long, device=d)
         hidden = self.model(input_ids, positions, self.kv.layers, meta, self.backend)
         return hidden, (spill.finish() if spill is not None else None)
@@ -566,3 +661,19 @@ class Worker:
             self.kv.close()
         self.kv = None
         self.model = None
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``; on CUDA through pinned memory, so the copy waits in
+    the stream instead of making the host wait for the work before it."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host; on CUDA a pinned copy still under way (``PendingStep`` waits)."""
+    if t.device.type == "cuda":
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.cpu()

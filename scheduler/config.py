@@ -1,4 +1,5 @@
-"""What the scheduler needs from the user: block size, step budget, seats, context limit."""
+"""What the scheduler needs from the user: block size, step budget, seats, context limit, and
+whether steps overlap."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ class SchedulerConfig:
         None,
         help="longest prompt + new tokens of one sequence (default: the model's context limit)",
         minimum=1,
+    )
+    overlap_schedule: bool = option(
+        False,
+        help="schedule and send step i+1 while the workers run step i (the same tokens either "
+        "way on CPU; off: one step at a time, until the CUDA-graph path is checked on a GPU)",
     )
 
     def __post_init__(self) -> None:

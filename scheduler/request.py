@@ -33,6 +33,11 @@ class SamplingParams:
             raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
+# The input token of a decode chunk whose previous step has not come back yet: each worker uses
+# the token it sampled for that sequence in the last step that sampled it.
+PENDING_TOKEN = -1
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     PREFILLING = "prefilling"
@@ -42,7 +47,13 @@ class SeqStatus(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One prompt and its generation. ``num_computed`` tokens already have their KV in cache."""
+    """One prompt and its generation. ``num_computed`` tokens already have their KV in cache.
+
+    With steps in flight (the overlapped loop schedules step i+1 before step i's tokens are
+    back) the scheduler also counts ahead: ``num_scheduled`` positions are covered by steps it
+    has scheduled, done or not, and ``num_pending`` tokens are being sampled by steps not yet
+    back. Without steps in flight both equal what is done (``num_computed``, 0).
+    """
 
     seq_id: int
     prompt_ids: list[int]
@@ -50,6 +61,8 @@ class Sequence:
     eos_token_ids: tuple[int, ...] = ()
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
+    num_scheduled: int = 0
+    num_pending: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
@@ -69,6 +82,29 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def prompt_scheduled(self) -> bool:
+        """Every prompt position is in a scheduled step (the next step, if any, decodes)."""
+        return self.num_scheduled >= len(self.prompt_ids)
+
+    @property
+    def can_decode(self) -> bool:
+        """A decode step may be scheduled: the prompt is scheduled and the tokens known or in
+        flight stay below ``max_new_tokens`` (a length stop is never learned late)."""
+        return (
+            self.status is not SeqStatus.FINISHED
+            and self.prompt_scheduled
+            and len(self.output_ids) + self.num_pending < self.params.max_new_tokens
+        )
+
+    def next_input(self) -> int:
+        """The token at position ``num_scheduled``: known, or ``PENDING_TOKEN`` while a step in
+        flight is still sampling it (the workers fill it in from what they sampled)."""
+        i = self.num_scheduled - len(self.prompt_ids)
+        if i < 0:
+            return self.prompt_ids[self.num_scheduled]
+        return self.output_ids[i] if i < len(self.output_ids) else PENDING_TOKEN
 
     def append_token(self, token: int, now: float) -> None:
         self.output_ids.append(token)

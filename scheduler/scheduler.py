@@ -83,22 +83,23 @@ class Scheduler:
             self.blocks.grow(seq.block_table, lifetime)
             seq.status = SeqStatus.PREFILLING
             self.running.append(seq)
-        # Decoding sequences first (one token each): they are latency-bound.
+        # Decoding sequences first (one token each): they are latency-bound. A sequence whose
+        # previous token is still being sampled by a step in flight decodes a placeholder.
         for seq in self.running:
             if budget == 0:
                 break
-            if not seq.in_prefill:
-                chunks.append(self._chunk(seq, seq.all_ids[-1:], seq.num_tokens - 1, sample=True))
+            if seq.can_decode:
+                chunks.append(self._chunk(seq, [seq.next_input()], seq.num_scheduled, sample=True))
                 budget -= 1
         # Then prompt chunks, oldest first.
         for seq in self.running:
             if budget == 0:
                 break
-            if seq.in_prefill:
-                n = min(budget, len(seq.prompt_ids) - seq.num_computed)
-                ids = seq.prompt_ids[seq.num_computed : seq.num_computed + n]
-                last = seq.num_computed + n == len(seq.prompt_ids)
-                chunks.append(self._chunk(seq, ids, seq.num_computed, sample=last))
+            if not seq.prompt_scheduled:
+                start = seq.num_scheduled
+                n = min(budget, len(seq.prompt_ids) - start)
+                ids = seq.prompt_ids[start : start + n]
+                chunks.append(self._chunk(seq, ids, start, sample=start + n == len(seq.prompt_ids)))
                 budget -= n
         if not chunks:
             if self.waiting and not self.running:
@@ -114,6 +115,9 @@ class Scheduler:
         return ScheduledBatch(self._step, tuple(chunks), finished)
 
     def _chunk(self, seq: Sequence, ids: list[int], start: int, sample: bool) -> SeqChunk:
+        """The step's slice of ``seq``; the sequence counts it as scheduled from now on."""
+        seq.num_scheduled = start + len(ids)
+        seq.num_pending += sample
         return SeqChunk(
             seq_id=seq.seq_id,
             token_ids=tuple(ids),
@@ -124,15 +128,22 @@ class Scheduler:
         )
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
-        """Apply a step's results; returns the sequences that finished in it."""
+        """Apply a step's results, in the order the steps were scheduled; returns the sequences
+        that finished in it. A chunk of a sequence that finished (a stop token learned from the
+        step before, which this step was scheduled without) or was aborted after the step was
+        scheduled is discarded: its blocks were freed then, and the workers ran it before any
+        later step could reuse them."""
         now = time.perf_counter()
         by_id = {s.seq_id: s for s in self.running}
         done: list[Sequence] = []
         for c in batch.chunks:
-            seq = by_id[c.seq_id]
+            seq = by_id.get(c.seq_id)
+            if seq is None:
+                continue
             seq.num_computed = c.seq_len
             if not c.sample:
                 continue
+            seq.num_pending -= 1
             if seq.prefill_done_time is None:
                 seq.prefill_done_time = now
             seq.status = SeqStatus.DECODING
@@ -163,5 +174,6 @@ class Scheduler:
     def abort_all(self) -> None:
         for seq in self.running:
             self.blocks.free(seq.block_table)
+            self._finished_since_last.append(seq.seq_id)  # workers drop their state
         self.running.clear()
         self.waiting.clear()

@@ -152,21 +152,20 @@ class SpillScheduler(Scheduler):
         for seq in order:  # decodes first: they are latency-bound
             if budget == 0:
                 break
-            if seq.in_prefill:
+            if not seq.can_decode:  # in prefill, or its last token is in flight
                 continue
             if dev_budget < 1:
                 self._starved.setdefault(seq.seq_id, self._step)
                 continue
-            n = seq.num_tokens
-            plans.append(_Plan(seq, seq.all_ids[-1:], n - 1, sample=True))
+            plans.append(_Plan(seq, [seq.next_input()], seq.num_scheduled, sample=True))
             dev_budget -= 1
             budget -= 1
         for seq in order:  # then prompt chunks, cut to the token and device budgets
             if budget == 0:
                 break
-            if not seq.in_prefill:
+            if seq.prompt_scheduled:
                 continue
-            start = seq.num_computed
+            start = seq.num_scheduled
             room = (start // bs + dev_budget) * bs - start
             n = min(budget, len(seq.prompt_ids) - start, room)
             if n < 1:

@@ -91,7 +91,7 @@ class _FakeGraphs:
     def fits(self, chunks) -> bool:
         return True
 
-    def run(self, chunks):
+    def run(self, chunks, fill_pending=None):
         self.calls += 1
         if self.fail:
             raise RuntimeError("capture broke")

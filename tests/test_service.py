@@ -25,6 +25,7 @@ ENGINE = {
     "dtype": "float32",
     "max_model_len": 2048,
     "prefill_chunk": 4,
+    "overlap_schedule": "true",  # the service's steps overlap; references run one at a time
 }
 LONG = [(i * 7) % 500 + 1 for i in range(1800)]
 
@@ -45,10 +46,11 @@ def ok(*args: str, timeout: int = 600):
 
 
 def reference(ids: list[int], max_new_tokens: int) -> list[int]:
-    """`tilerun run` (one-shot, in-process worker) on the same inputs and engine fields."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
+    """`tilerun run` (one-shot, in-process worker) on the same inputs and engine fields, one
+    step at a time (the service overlaps its steps)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items() if k != "overlap_schedule"]
     out = ok(
-        "run", *flags, "--executor", "local", "--json",
+        "run", *flags, "--executor", "local", "--json", "--no-overlap-schedule",
         "--prompt-token-ids", ",".join(map(str, ids)), "--max-new-tokens", str(max_new_tokens),
     )  # fmt: skip
     return out["token_ids"]
@@ -206,6 +208,21 @@ def test_cancel_running_task(service):
     wait_until(lambda: store.get(tid).state == "cancelled")
     r = tilerun("result", tid, "--home", home)
     assert r.returncode == 2 and "was cancelled" in r.stderr
+
+
+def test_cancel_one_of_two_running_tasks_mid_run(service):
+    """Two tasks share the steps; one is cancelled while its next step is already on the
+    workers (the service overlaps steps): the other's tokens are those of a run alone."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    a = submit(home, LONG[:100], 1500)
+    b = submit(home, [4, 5, 6, 7, 8], 600)
+    wait_until(lambda: store.get(a).generated > 2 and store.get(b).generated > 2)
+    assert "cancel" in ok("cancel", a, "--home", home)
+    wait_until(lambda: store.get(a).state == "cancelled")
+    r = ok("result", b, "--wait", "--home", home, "--json")
+    assert store.get(b).state == "done" and store.get(a).generated < 1500
+    assert r["token_ids"] == reference([4, 5, 6, 7, 8], 600)
 
 
 def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):

@@ -88,6 +88,8 @@ class ServiceLoop:
         for t in live:
             self.store.requeue(t.task_id, None, refund_attempt=True)
         if self.engine is not None:
+            if not self.thread.is_alive():  # else the loop still owns the steps in flight
+                self.engine.steps.abandon()
             self.engine.shutdown()
             self.engine = None
 
@@ -167,6 +169,7 @@ class ServiceLoop:
         for t in live:
             self._retry_or_fail(t.task_id, t.attempt, reason)
         assert self.engine is not None
+        self.engine.steps.abandon()
         self.engine.scheduler.abort_all()
         self.engine.shutdown()
         self.engine = None
@@ -185,29 +188,37 @@ class ServiceLoop:
         for t in live:
             self.store.finish(t.task_id, "failed", error=reason)
         if self.engine is not None:
+            self.engine.steps.abandon()
             self.engine.scheduler.abort_all()
 
     # -- one turn ----------------------------------------------------------------------------
     def _turn(self) -> None:
         engine = self.engine
         assert engine is not None
-        sched = engine.scheduler
         self._admit(engine)
         now = time.monotonic()
         if now - self._last_cancel_check > 0.2:
             self._last_cancel_check = now
             self._cancel(engine)
-        if not sched.has_work:
+        if not engine.steps.has_work:
             self._flush_progress(force=True)
             self.stopping.wait(IDLE_POLL_S)
             return
-        batch = sched.schedule()
-        if batch is None:
+        # the engine's step loop: with overlap on, the next step is already running on the
+        # workers while this turn writes progress and results
+        taken = engine.steps.advance()
+        if taken is None:
             self.stopping.wait(IDLE_POLL_S)
             return
-        result = engine.executor.execute(batch)
-        self._allreduce_exposed_s += result.allreduce_exposed_s
-        done = sched.update(batch, result.sampled)
+        for step in taken:
+            self._took(engine, step)
+        self._sample_throughput()
+        self._flush_progress()
+
+    def _took(self, engine: Engine, step) -> None:
+        """Account for one step that came back (``cluster.step_loop.StepDone``)."""
+        batch = step.batch
+        self._allreduce_exposed_s += getattr(step.result, "allreduce_exposed_s", 0.0)
         wall = time.time()
         prefill_tokens = sum(
             len(c.token_ids) for c in batch.chunks if c.start_pos < self._prompt_len(c.seq_id)
@@ -219,10 +230,8 @@ class ServiceLoop:
                 t = self._live.get(c.seq_id)
                 if t and t.first_token_wall is None and t.seq.output_ids:
                     t.first_token_wall = wall
-        for seq in done:
+        for seq in step.finished:
             self._finish(engine, seq)
-        self._sample_throughput()
-        self._flush_progress()
 
     def _prompt_len(self, seq_id: int) -> int:
         t = self._live.get(seq_id)
