@@ -30,6 +30,7 @@ from scheduler import spill_cost
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.config import SchedulerConfig
 from scheduler.request import SamplingParams
+from scheduler.table_deltas import TableStore
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Worker:
         self.model = None
         self.kv: KVCache | None = None
         self._generators: dict[int, torch.Generator] = {}
+        self.tables = TableStore()  # block tables of live sequences (batches carry deltas)
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
         self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
         # torch threads for the CPU part of cooperative attention (None: the process's setting;
@@ -423,6 +425,7 @@ class Worker:
         ``runtime.cuda_graphs`` supports this worker; everything else runs eagerly.
         """
         t0 = time.perf_counter()
+        batch = self.tables.expand(batch)  # whole block tables from the step's deltas
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
         chunks = batch.chunks

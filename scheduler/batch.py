@@ -19,6 +19,7 @@ class SeqChunk:
     seq_id: int
     token_ids: tuple[int, ...]
     start_pos: int
+    # the whole table; on the wire to a worker a ``table_deltas.TableDelta`` stands in for it
     block_table: tuple[int, ...]
     sample: bool
     params: SamplingParams

@@ -163,5 +163,6 @@ class Scheduler:
     def abort_all(self) -> None:
         for seq in self.running:
             self.blocks.free(seq.block_table)
+            self._finished_since_last.append(seq.seq_id)  # workers drop its state
         self.running.clear()
         self.waiting.clear()

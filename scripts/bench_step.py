@@ -17,7 +17,7 @@ size (asserted). Also reported: the bytes of one decode step's message to a work
 pickled batch, as the executor sends it), and time to ready per path (a fresh process, as
 ``tilerun run``: from its start until the first prefill step is done, Ray's start included).
 
-    python scripts/bench_step.py --model demo-small --device cpu --tp 1 2 4              # CPU
+    python scripts/bench_step.py --model demo-small --kv-heads 4 --device cpu --tp 1 2 4  # CPU
     python scripts/bench_step.py --model llama2-7b --device cuda --tp 1 \
         --contexts 4096 32768 --new-tokens 128                                        # H100
 
@@ -52,6 +52,31 @@ def load() -> list[float]:
         return []
 
 
+def checkpoint_with_kv_heads(preset: str, kv_heads: int) -> str:
+    """A random-weight checkpoint of ``preset``'s shape with ``kv_heads`` key/value heads (the
+    demo model's 2 cannot be split over TP = 4), written once to a temporary directory."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from runtime.presets import get_preset
+
+    c = get_preset(preset)
+    d = Path(tempfile.mkdtemp(prefix=f"bench-step-{preset}-kv{kv_heads}-"))
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=min(c.max_position_embeddings, 32768),
+        rope_theta=c.rope_theta, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).float().save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
 def engine_fields(args, tp: int, path: str, longest: int) -> dict:
     """The flat engine fields of one path: ``local`` or ``ray[<transport>]``."""
     fields = dict(
@@ -83,15 +108,17 @@ class StepClock:
     def _wrap(self) -> None:
         ex = self.engine.executor
         clock = self
+        if hasattr(ex, "measure_messages"):
+            ex.measure_messages = True
         # rank 0's own step time and the message size, whichever executor method the loop uses
-        for name in ("execute", "submit"):
-            inner = getattr(ex, name, None)
-            if inner is None:
-                continue
+        # execute() is submit().result() where submit exists: wrap only one of them
+        for name in ("submit",) if hasattr(ex, "submit") else ("execute",):
+            inner = getattr(ex, name)
 
             def timed(batch, logits="none", _inner=inner, _name=name):
-                clock.message_bytes.append(clock._message_size(batch, logits))
+                size = clock._message_size(batch, logits)
                 out = _inner(batch, logits)
+                clock.message_bytes.append(size if size is not None else ex.last_message_bytes)
                 if _name == "execute":
                     clock.worker_s.append(out.seconds)
                     return out
@@ -99,10 +126,9 @@ class StepClock:
 
             setattr(ex, name, timed)
 
-    def _message_size(self, batch, logits) -> int:
-        encode = getattr(self.engine.executor, "message_for", None)
-        if encode is not None:  # the executor sends something other than the batch itself
-            return encode(batch, logits, probe=True)
+    def _message_size(self, batch, logits) -> int | None:
+        if hasattr(self.engine.executor, "measure_messages"):
+            return None  # the executor measures what it sends (block-table deltas), see timed()
         return len(pickle.dumps((batch, logits), protocol=pickle.HIGHEST_PROTOCOL))
 
     def on_progress(self, p) -> None:
@@ -199,8 +225,8 @@ def time_to_ready(args, tp: int, path: str, longest: int) -> dict:
 def bench_tp(args, tp: int, context: int) -> list[dict]:
     import torch
 
-    from cluster.engine import Engine
     from cluster.config import EngineConfig
+    from cluster.engine import Engine
 
     longest = context + args.new_tokens
     paths = (["local"] if tp == 1 and not args.no_local else []) + [
@@ -287,6 +313,13 @@ def main() -> int:
         default=["default"],
         help="step_transport settings of the Ray path (default: the engine's default)",
     )
+    ap.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="run a random checkpoint of --model's shape with this many KV heads (TP=4 on the "
+        "demo model, whose 2 KV heads do not split 4 ways)",
+    )
     ap.add_argument("--no-local", action="store_true", help="skip the in-process path")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--ready", type=int, default=1, help="time-to-ready probes per path (0: none)")
@@ -304,6 +337,9 @@ def main() -> int:
     from cluster.ray_cluster import ensure_ray
 
     ensure_ray(num_cpus=max(max(args.tp), os.cpu_count() or 1, 4), dashboard=False)
+    model_name = args.model
+    if args.kv_heads:
+        args.model = checkpoint_with_kv_heads(args.model, args.kv_heads)
     rows, tokens = [], []
     started = load()
     for context in args.contexts:
@@ -360,7 +396,7 @@ def main() -> int:
             "torch": torch.__version__,
             "ray": ray.__version__,
         },
-        "model": args.model,
+        "model": model_name + (f" shape, {args.kv_heads} KV heads" if args.kv_heads else ""),
         "new_tokens": args.new_tokens,
         "batch": args.batch,
         "note": "overhead_ms = Ray path decode step - in-process decode step (TP=1: local "
@@ -371,7 +407,7 @@ def main() -> int:
         "time_to_ready": ready,
     }
     kind = "cpu" if name == "cpu" else name.replace(" ", "-").lower()
-    out = Path(args.out or f"benchmarks/results/step-{args.model}-{kind}.json")
+    out = Path(args.out or f"benchmarks/results/step-{model_name}-{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

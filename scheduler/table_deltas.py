@@ -1,0 +1,97 @@
+"""Block tables sent as deltas: each step carries only what changed in a sequence's table.
+
+A sequence's table grows by one block id every ``block_size`` tokens, yet the whole table used to
+travel to every worker on every step (2,048 ids per sequence at 32K tokens). The executor's
+``TableSender`` remembers the last table it sent for each sequence and replaces a chunk's table
+by a ``TableDelta``: keep the first ``keep`` ids of the last table, then append ``append``. The
+workers' ``TableStore`` holds the same tables and rebuilds the whole one before the step runs.
+
+Any change is expressed so, not only growth: a table rewritten by a tier move, a swap, a
+preemption or a resume keeps its unchanged prefix (often none) and sends the rest. Both sides
+drop a sequence when it appears in a batch's ``finished_seq_ids`` (finished or aborted). The two
+sides stay equal as long as every batch the sender encodes reaches the store, in order; a batch
+with plain tables (the worker's own warm-up) passes the store untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from scheduler.batch import ScheduledBatch
+
+
+@dataclass(frozen=True)
+class TableDelta:
+    """Stands in for ``SeqChunk.block_table`` on the wire: ``last[:keep] + append``."""
+
+    keep: int
+    append: tuple[int, ...]
+
+
+def _common_prefix(old: tuple[int, ...], new: tuple[int, ...]) -> int:
+    n = len(old)
+    if n <= len(new) and new[:n] == old:  # the usual case: unchanged or grown
+        return n
+    k = 0
+    for a, b in zip(old, new):
+        if a != b:
+            break
+        k += 1
+    return k
+
+
+class TableSender:
+    """Driver side: turns each batch's tables into deltas against what was sent before."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, tuple[int, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def encode(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """The batch to send (``batch`` itself is left as it is)."""
+        for sid in batch.finished_seq_ids:
+            self._sent.pop(sid, None)
+        chunks = []
+        for c in batch.chunks:
+            table = tuple(c.block_table)
+            old = self._sent.get(c.seq_id)
+            keep = _common_prefix(old, table) if old is not None else 0
+            self._sent[c.seq_id] = table
+            delta = TableDelta(keep, table[keep:])
+            chunks.append(dataclasses.replace(c, block_table=delta))
+        return dataclasses.replace(batch, chunks=tuple(chunks))
+
+
+class TableStore:
+    """Worker side: the last table of every live sequence; rebuilds whole tables."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, tuple[int, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def expand(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """``batch`` with every ``TableDelta`` replaced by the whole table it stands for."""
+        for sid in batch.finished_seq_ids:
+            self._tables.pop(sid, None)
+        if not any(isinstance(c.block_table, TableDelta) for c in batch.chunks):
+            return batch
+        chunks = []
+        for c in batch.chunks:
+            d = c.block_table
+            if isinstance(d, TableDelta):
+                old = self._tables.get(c.seq_id, ())
+                if d.keep > len(old):
+                    raise RuntimeError(
+                        f"block table delta of sequence {c.seq_id} keeps {d.keep} ids of a table "
+                        f"of {len(old)}: a step was lost between the driver and this worker"
+                    )
+                table = old[: d.keep] + d.append if d.keep < len(old) or d.append else old
+                self._tables[c.seq_id] = table
+                c = dataclasses.replace(c, block_table=table)
+            chunks.append(c)
+        return dataclasses.replace(batch, chunks=tuple(chunks))
