@@ -323,6 +323,7 @@ def main() -> int:
     ap.add_argument("--no-local", action="store_true", help="skip the in-process path")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--ready", type=int, default=1, help="time-to-ready probes per path (0: none)")
+    ap.add_argument("--ready-only", action="store_true", help="only the time-to-ready probes")
     ap.add_argument("--probe-timeout", type=float, default=300.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--ready-probe", default=None, help=argparse.SUPPRESS)
@@ -342,7 +343,7 @@ def main() -> int:
         args.model = checkpoint_with_kv_heads(args.model, args.kv_heads)
     rows, tokens = [], []
     started = load()
-    for context in args.contexts:
+    for context in [] if args.ready_only else args.contexts:
         for tp in args.tp:
             r, t = bench_tp(args, tp, context)
             rows += r
