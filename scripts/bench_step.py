@@ -282,6 +282,11 @@ def bench_tp(args, tp: int, context: int) -> list[dict]:
                 ref = local_ms if local_ms is not None else worker
                 row["overhead_ms"] = round(step - ref, 3)
                 row["overhead_vs"] = "local" if local_ms is not None else "rank 0's own step"
+                # the same step's time outside rank 0's execute (transport, driver, the other
+                # ranks' lag): free of how fast the compute itself ran in this run
+                row["outside_worker_ms"] = round(
+                    statistics.median(x["decode_step_ms"] - x["worker_step_ms"] for x in rs), 3
+                )
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "load_per_run"}), flush=True)
         tokens = {"tp": tp, "context": context, "tokens": want}
@@ -366,12 +371,14 @@ def main() -> int:
                 print(json.dumps(ready[-1]), flush=True)
 
     print(f"\n{'tp':>3} {'context':>8} {'path':<18}{'decode ms/step':>15}{'rank0 ms':>10}"
-          f"{'overhead ms':>13}{'msg bytes':>11}")  # fmt: skip
+          f"{'overhead ms':>13}{'outside ms':>12}{'msg bytes':>11}")  # fmt: skip
     for r in rows:
         over = f"{r['overhead_ms']:>13.3f}" if "overhead_ms" in r else f"{'':>13}"
+        out = f"{r['outside_worker_ms']:>12.3f}" if "outside_worker_ms" in r else f"{'':>12}"
         print(
             f"{r['tp']:>3} {r['context']:>8} {r['path']:<18}{r['decode_step_ms']:>15.3f}"
-            f"{r['worker_step_ms']:>10.3f}{over}{r['message_bytes_per_decode_step'] or 0:>11.0f}"
+            f"{r['worker_step_ms']:>10.3f}{over}{out}"
+            f"{r['message_bytes_per_decode_step'] or 0:>11.0f}"
         )
     for r in ready:
         print(f"time to ready tp={r['tp']} {r['path']}: {r.get('ready_s', r.get('error'))}")
@@ -401,8 +408,9 @@ def main() -> int:
         "new_tokens": args.new_tokens,
         "batch": args.batch,
         "note": "overhead_ms = Ray path decode step - in-process decode step (TP=1: local "
-        "executor; TP>1: rank 0's own time in Worker.execute); medians of the decode steps of a "
-        "run, then the median of runs; paths interleaved",
+        "executor; TP>1: rank 0's own time in Worker.execute); outside_worker_ms = Ray path "
+        "decode step - rank 0's own time in Worker.execute for the same steps; medians of the "
+        "decode steps of a run, then the median of runs; paths interleaved",
         "same_tokens_across_tp": same_across_tp,
         "rows": rows,
         "time_to_ready": ready,
