@@ -22,7 +22,7 @@ class SeqChunk:
     # the whole table; on the wire to a worker a ``table_deltas.TableDelta`` stands in for it
     block_table: tuple[int, ...]
     sample: bool
-    params: SamplingParams
+    params: SamplingParams  # on the wire to a worker: with a sequence's first chunk only
 
     @property
     def seq_len(self) -> int:

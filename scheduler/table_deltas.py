@@ -6,7 +6,8 @@ travel to every worker on every step (2,048 ids per sequence at 32K tokens). The
 by a ``TableDelta``: keep the first ``keep`` ids of the last table, then append ``append``. The
 workers' ``TableStore`` holds the same tables and rebuilds the whole one before the step runs.
 
-Any change is expressed so, not only growth: a table rewritten by a tier move, a swap, a
+A sequence's ``SamplingParams`` never change: they travel with its first chunk only (``None``
+on the wire afterwards). Any table change is expressed as a delta, not only growth: a table rewritten by a tier move, a swap, a
 preemption or a resume keeps its unchanged prefix (often none) and sends the rest. Both sides
 drop a sequence when it appears in a batch's ``finished_seq_ids`` (finished or aborted). The two
 sides stay equal as long as every batch the sender encodes reaches the store, in order; a batch
@@ -19,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from scheduler.batch import ScheduledBatch
+from scheduler.request import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class TableDelta:
 
     keep: int
     append: tuple[int, ...]
+
+    def __reduce__(self):  # pickled as its two values, without the field names
+        return (TableDelta, (self.keep, self.append))
 
 
 def _common_prefix(old: tuple[int, ...], new: tuple[int, ...]) -> int:
@@ -61,7 +66,8 @@ class TableSender:
             keep = _common_prefix(old, table) if old is not None else 0
             self._sent[c.seq_id] = table
             delta = TableDelta(keep, table[keep:])
-            chunks.append(dataclasses.replace(c, block_table=delta))
+            params = c.params if old is None else None  # the store has them from the first
+            chunks.append(dataclasses.replace(c, block_table=delta, params=params))
         return dataclasses.replace(batch, chunks=tuple(chunks))
 
 
@@ -70,6 +76,7 @@ class TableStore:
 
     def __init__(self) -> None:
         self._tables: dict[int, tuple[int, ...]] = {}
+        self._params: dict[int, SamplingParams] = {}
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -78,6 +85,7 @@ class TableStore:
         """``batch`` with every ``TableDelta`` replaced by the whole table it stands for."""
         for sid in batch.finished_seq_ids:
             self._tables.pop(sid, None)
+            self._params.pop(sid, None)
         if not any(isinstance(c.block_table, TableDelta) for c in batch.chunks):
             return batch
         chunks = []
@@ -92,6 +100,17 @@ class TableStore:
                     )
                 table = old[: d.keep] + d.append if d.keep < len(old) or d.append else old
                 self._tables[c.seq_id] = table
-                c = dataclasses.replace(c, block_table=table)
+                params = c.params
+                if params is None:
+                    if c.seq_id not in self._params:
+                        raise RuntimeError(
+                            f"sequence {c.seq_id} came without its sampling parameters, which "
+                            "travel with its first chunk: a step was lost between the driver "
+                            "and this worker"
+                        )
+                    params = self._params[c.seq_id]
+                else:
+                    self._params[c.seq_id] = params
+                c = dataclasses.replace(c, block_table=table, params=params)
             chunks.append(c)
         return dataclasses.replace(batch, chunks=tuple(chunks))

@@ -342,7 +342,9 @@ def main() -> int:
 
     from cluster.ray_cluster import ensure_ray
 
-    ensure_ray(num_cpus=max(max(args.tp), os.cpu_count() or 1, 4), dashboard=False)
+    # every Ray path of a TP size is alive at once (interleaved runs): a logical CPU per worker
+    ray_paths = len(args.transports)
+    ensure_ray(num_cpus=max(max(args.tp) * ray_paths, os.cpu_count() or 1, 4), dashboard=False)
     model_name = args.model
     if args.kv_heads:
         args.model = checkpoint_with_kv_heads(args.model, args.kv_heads)

@@ -33,6 +33,8 @@ class DeltaWorkers(FakeWorkers):
         self.rewritten += any(
             c.block_table.keep < len(self.tables._tables.get(c.seq_id, ())) for c in wire.chunks
         )
+        for c in wire.chunks:  # sampling parameters travel with a sequence's first chunk only
+            assert (c.params is not None) == (c.seq_id not in self.tables._params)
         data = pickle.dumps(wire)
         self.delta_bytes += len(data)
         self.whole_bytes += len(pickle.dumps(batch))
