@@ -275,7 +275,14 @@ class RayExecutor(_Executor):
             if self.step_transport == "compiled":
                 from cluster.compiled_steps import CompiledSteps
 
-                self._compiled = CompiledSteps(self.workers, self.max_in_flight)
+                try:
+                    self._compiled = CompiledSteps(self.workers, self.max_in_flight)
+                except Exception as e:
+                    if cc.step_transport != "auto":
+                        raise
+                    # auto asked for the faster path, not for this one at any price
+                    log.warning("no compiled step graph (%s): steps go as calls", _one_line(e))
+                    self.step_transport = "calls"
             self._ready = True
         except BaseException:
             self.shutdown()

@@ -132,3 +132,22 @@ def test_compiled_stalled_rank_is_named_by_the_health_check(ray_cluster, hf_chec
         assert time.monotonic() - t0 < 30
     finally:
         llm.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_auto_falls_back_to_calls_when_no_graph_compiles(ray_cluster, hf_checkpoint, monkeypatch):
+    import cluster.compiled_steps
+    import cluster.executor
+
+    def broken(self, workers, max_in_flight):
+        raise RuntimeError("no shared-memory channels here")
+
+    path, _ = hf_checkpoint
+    monkeypatch.setattr(cluster.executor, "step_transport", lambda setting, device: "compiled")
+    monkeypatch.setattr(cluster.compiled_steps.CompiledSteps, "__init__", broken)
+    with LLM(executor="ray", **_cfg(path, step_transport="auto")) as llm:
+        assert llm.engine.executor.step_transport == "calls"
+        assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
+    with pytest.raises(RuntimeError, match="no shared-memory channels"):
+        LLM(executor="ray", **_cfg(path, step_transport="compiled"))
