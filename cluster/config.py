@@ -20,6 +20,7 @@ from scheduler.errors import ConfigError
 from scheduler.fields import check_fields, option, user_fields
 
 EXECUTORS = ("ray", "local")
+STEP_TRANSPORTS = ("auto", "compiled", "calls")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class ClusterConfig:
         help="seconds a call to the workers may run before they are health-checked and a rank "
         "that does not answer is named as stalled (default: 4 x the slowest step, at least 5 s)",
         positive=True,
+    )
+
+    step_transport: str = option(
+        "auto",
+        help="how each step reaches the Ray workers: compiled (a Ray Compiled Graph: shared-memory "
+        "channels, no per-call scheduling), calls (one actor call per worker per step), auto "
+        "(compiled on accelerators, calls on CPU devices, where the graph's polling competes for "
+        "the cores)",
+        choices=STEP_TRANSPORTS,
     )
 
     def __post_init__(self) -> None:

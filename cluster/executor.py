@@ -6,11 +6,13 @@ from the local one only in where the Worker object lives.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import pickle
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from cluster.config import EngineConfig
 from collectives.factory import default_backend
@@ -19,6 +21,7 @@ from runtime.worker import StepResult, Worker
 from scheduler.batch import ScheduledBatch
 from scheduler.config import SchedulerConfig
 from scheduler.errors import TilerunError
+from scheduler.table_deltas import TableSender
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,36 @@ SETTLE_S = 5.0
 SHUTDOWN_S = 5.0
 
 
+class StepHandle:
+    """One submitted step (``executor.submit``): ``result()`` waits for its ``StepResult``.
+
+    Steps run and resolve in submission order; asking for a later step's result resolves the
+    earlier ones first (their handles keep their results). ``result()`` raises the step's error
+    (``WorkerDiedError``, ``WorkerStalledError``, ...), and so does every later handle's."""
+
+    def __init__(self, executor: _Executor, ticket: Any = None) -> None:
+        self._executor = executor
+        self.ticket = ticket  # what the transport needs to collect the step
+        self.submitted = time.monotonic()
+        self._done = False
+        self._result: StepResult | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """Whether ``result()`` would return (or raise) without waiting."""
+        return self._done
+
+    def result(self) -> StepResult:
+        if not self._done:
+            self._executor._resolve(self)
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def _set(self, result: StepResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error, self._done = result, error, True
+
+
 def comm_backend(comm: str, device_type: str) -> str:
     """The backend name ``comm`` (``auto``: the usual one for ``device_type``)."""
     return comm if comm != "auto" else default_backend(device_type)
@@ -69,6 +102,14 @@ class _Executor:
     num_host_blocks: int  # host tier (0: none)
     # where rank 0 listens for the group: loopback, or the address Ray uses for its node
     rendezvous_host: str = "127.0.0.1"
+    # steps that may be submitted before the oldest one's result is taken
+    max_in_flight: int = 1
+    # send each sequence's block table as a delta against the last step's (tests turn it off)
+    table_deltas: bool = True
+    # keep the pickled size of each step's message in ``last_message_bytes`` (bench_step)
+    measure_messages: bool = False
+    last_message_bytes: int = 0
+    _sender: TableSender | None = None
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every worker, in rank order; their results."""
@@ -91,14 +132,28 @@ class _Executor:
         raise NotImplementedError
 
     def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
-        """Send one step to every worker without waiting for it; ``handle.result()`` is its
-        ``StepResult``. Several steps may be in flight: workers run them in submission order,
-        and results are taken in that order."""
+        """Send one step to every rank; its handle's ``result()`` is rank 0's ``StepResult``.
+        Batches go in the order the scheduler made them (block tables travel as deltas)."""
         raise NotImplementedError
 
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
-        """One step, waited for."""
+        """One step, waited for: ``submit(batch, logits).result()``."""
         return self.submit(batch, logits).result()
+
+    def _resolve(self, handle: StepHandle) -> None:
+        """Wait until ``handle`` (and every step submitted before it) is resolved."""
+        raise NotImplementedError
+
+    def _message(self, batch: ScheduledBatch, logits: str) -> tuple:
+        """What every rank receives for one step: the batch with block-table deltas."""
+        if self.table_deltas:
+            if self._sender is None:
+                self._sender = TableSender()
+            batch = self._sender.encode(batch)
+        packet = (batch, logits)
+        if self.measure_messages:
+            self.last_message_bytes = len(pickle.dumps(packet, protocol=pickle.HIGHEST_PROTOCOL))
+        return packet
 
     def memory_stats(self) -> list[dict]:
         return self._all("memory_stats")
@@ -110,12 +165,6 @@ class _Executor:
         self._all("reset_peak_memory")
 
 
-class StepHandle(Protocol):
-    """A submitted step (``_Executor.submit``)."""
-
-    def result(self) -> StepResult: ...
-
-
 class LocalExecutor(_Executor):
     """One worker in this process (TP = 1): tests, notebooks, single-device runs without Ray."""
 
@@ -123,12 +172,18 @@ class LocalExecutor(_Executor):
         self.worker = Worker(config.worker, model, limits)
         self._bring_up(1, "gloo")
 
-    def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
-        # the step's kernels are queued on the device; its tokens are read back by result()
-        return self.worker.launch(batch, logits)
-
     def _all(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
+
+    def submit(self, batch: ScheduledBatch, logits: str = "none"):
+        """The step's kernels are queued on the device and its tokens read back by ``result()``
+        (``runtime.worker.PendingStep``, which has ``result()`` and ``done()`` as a handle does):
+        on CUDA the driver's work for the next step overlaps this one; on CPU the step has run
+        when this returns."""
+        return self.worker.launch(*self._message(batch, logits))
+
+    def _resolve(self, handle: StepHandle) -> None:
+        pass  # every handle is resolved when submit returns
 
     def shutdown(self) -> None:
         self.worker.shutdown()
@@ -158,13 +213,18 @@ class RayExecutor(_Executor):
         tp = cc.tp
         self._ray = ray
         self.broken = False
+        self._error: BaseException | None = None  # what broke the group, raised again
         self.step_timeout_s = cc.step_timeout_s
         self._ready = False  # bring-up done
         self._steps = 0
         self._slowest_s = 0.0  # the slowest step after the first (which compiles kernels)
-        self._last_done = 0.0  # when the last step came back
+        self.max_in_flight = 2
+        self._pending: collections.deque[StepHandle] = collections.deque()
+        self._last_done = 0.0  # when the last step's result came back
+        self._compiled = None  # CompiledSteps, when the steps go through a compiled graph
         self.cluster = ensure_ray(cc.ray_address)
         device_type = _device_type(config.worker.device)
+        self.step_transport = step_transport(cc.step_transport, device_type)
         bundle, actor_opts = _bundle_for(device_type)
         bundles = [dict(bundle) for _ in range(tp)]
         # PACK keeps a node's workers together (contiguous ranks per node).
@@ -209,7 +269,18 @@ class RayExecutor(_Executor):
                         config.worker, model, limits, rank, tp, threads, per_node[bundle_index]
                     )
                 )
-            self._bring_up(tp, self.comm)
+            self._bring_up(tp, self.comm)  # plain calls: each is health-checked on its own
+            if self.step_transport == "compiled":
+                from cluster.compiled_steps import CompiledSteps
+
+                try:
+                    self._compiled = CompiledSteps(self.workers, self.max_in_flight)
+                except Exception as e:
+                    if cc.step_transport != "auto":
+                        raise
+                    # auto asked for the faster path, not for this one at any price
+                    log.warning("no compiled step graph (%s): steps go as calls", _one_line(e))
+                    self.step_transport = "calls"
             self._ready = True
         except BaseException:
             self.shutdown()
@@ -277,6 +348,14 @@ class RayExecutor(_Executor):
         if rank is not None:
             self.broken = True
             raise WorkerDiedError(f"worker {self._where(rank)} died")
+        if self._compiled is not None and not silent:
+            # a compiled graph gives a step's results all at once: a rank whose step raised
+            # while the others wait for it in a collective is found by asking
+            failed = self._failed_ranks()
+            if failed:
+                self.broken = True
+                r, why = failed[0]
+                raise WorkerFailedError(f"worker {self._where(r)} failed: {why}")
         if silent:
             self.broken = True
             raise WorkerStalledError(
@@ -286,6 +365,19 @@ class RayExecutor(_Executor):
                 "(raise the deadline with step_timeout_s if steps are this slow)"
             )
         log.warning("a step has run %.1f s; every rank answers, still waiting", waited)
+
+    def _failed_ranks(self) -> list[tuple[int, str]]:
+        ray = self._ray
+        refs = [w.failed_step.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        out = []
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                with contextlib.suppress(Exception):
+                    why = ray.get(ref)
+                    if why:
+                        out.append((rank, why))
+        return out
 
     def _silent_ranks(self) -> list[int]:
         """Ranks whose health check (a call beside the running step) gets no answer in time."""
@@ -325,24 +417,101 @@ class RayExecutor(_Executor):
         return max(STEP_FLOOR_S, STEP_DEADLINE_FACTOR * self._slowest_s)
 
     def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
-        # one RPC per worker per step; an actor runs its calls in the order they were sent
-        return _RaySteps(self, [w.execute.remote(batch, logits) for w in self.workers])
+        if self.broken:
+            raise self._error or WorkerFailedError("the worker group is broken; start a new one")
+        while len(self._pending) >= self.max_in_flight:
+            self._resolve(self._pending[0])
+        packet = self._message(batch, logits)
+        if self._compiled is not None:
+            try:
+                ticket = self._compiled.send(packet)
+            except Exception as e:  # noqa: BLE001 - a full channel: some rank stopped reading
+                self._fail(self._explain_compiled(e))
+                raise self._error from None
+        else:  # one actor call per worker per step; each actor runs its calls in order
+            ticket = [w.step.remote(packet) for w in self.workers]
+        handle = StepHandle(self, ticket)
+        self._pending.append(handle)
+        return handle
 
-    def _step_done(self, started: float) -> None:
-        """Count a step that has come back; ``started`` is when it was sent."""
-        now = time.monotonic()
-        # a step sent while another ran started on the workers when that one came back
-        began = max(started, self._last_done)
-        if self._steps:
-            self._slowest_s = max(self._slowest_s, now - began)
-        self._steps += 1
-        self._last_done = now
+    def _resolve(self, handle: StepHandle) -> None:
+        while not handle.done():
+            if not self._pending:  # broken before this handle was collected
+                handle._set(None, self._error)
+                return
+            h = self._pending[0]
+            start = max(h.submitted, self._last_done)
+            try:
+                if self._compiled is not None:
+                    result = self._wait_compiled(h.ticket)
+                else:
+                    result = self._get(h.ticket, deadline_s=self.step_deadline())[0]
+            except Exception as e:
+                self._fail(e)
+                continue
+            self._pending.popleft()
+            h._set(result)
+            self._last_done = time.monotonic()
+            if self._steps:
+                self._slowest_s = max(self._slowest_s, self._last_done - start)
+            self._steps += 1
+
+    def _fail(self, error: BaseException) -> None:
+        """The group is broken: every pending step fails with ``error``, and so does any later."""
+        self.broken = True
+        self._error = error
+        for h in self._pending:
+            h._set(None, error)
+        self._pending.clear()
+
+    def _wait_compiled(self, ticket) -> StepResult:
+        """Rank 0's result of one compiled-graph step, with the deadline and health check of
+        ``_get``; a dead rank wakes the wait at once (the graph's watcher)."""
+        loops = self._compiled.loops
+        deadline_s = self.step_deadline()
+        start = time.monotonic()
+        while not ticket.event.wait(max(start + deadline_s - time.monotonic(), 0.0)):
+            self._check_health(loops, time.monotonic() - start, deadline_s)
+            start = time.monotonic()
+        if ticket.fatal is not None:
+            raise self._explain_compiled(ticket.fatal)
+        failed = [(r, e) for r, (ok, e) in enumerate(ticket.outcome) if not ok]
+        if failed:
+            rank, first = failed[0]
+            cause = getattr(first, "cause", None)
+            if isinstance(cause, TilerunError):
+                return_error: Exception = cause
+            else:
+                return_error = WorkerFailedError(
+                    f"worker {self._where(rank)} failed: {_one_line(first)}"
+                )
+            raise return_error
+        return ticket.outcome[0][1]
+
+    def _explain_compiled(self, first: BaseException) -> Exception:
+        """The graph's channel broke: name the rank whose actor died, else one that stopped."""
+        ray = self._ray
+        loops = self._compiled.loops
+        ray.wait(loops, num_returns=1, timeout=SETTLE_S)  # a death reaches its loop's ref
+        rank = _dead_rank(ray, loops)
+        if rank is not None:
+            return WorkerDiedError(f"worker {self._where(rank)} died")
+        stalled = self._silent_ranks()
+        if stalled:
+            return WorkerStalledError(f"worker {self._where(stalled[0])} stopped answering")
+        return WorkerFailedError(f"the workers' step graph failed: {_one_line(first)}")
 
     def shutdown(self) -> None:
         ray = self._ray
         from ray.util.placement_group import remove_placement_group
 
         workers = getattr(self, "workers", [])
+        compiled = getattr(self, "_compiled", None)
+        # a step still in flight (an interrupted run) may never end: treated as a broken group
+        if getattr(self, "_pending", None):
+            self.broken = True
+        if compiled is not None and not self.broken:
+            compiled.close(broken=False)  # the loops exit; the actors stay for the calls below
         if workers and not getattr(self, "broken", False):
             # best effort, all ranks at once and bounded: the kill below is what frees the actor
             with contextlib.suppress(Exception):
@@ -351,37 +520,20 @@ class RayExecutor(_Executor):
         for w in workers:
             with contextlib.suppress(Exception):
                 ray.kill(w, no_restart=True)
+        if compiled is not None and self.broken:
+            compiled.close(broken=True)  # the actors are gone: nothing is left to wait for
+        self._compiled = None
         self.workers = []
         if getattr(self, "pg", None) is not None:
             remove_placement_group(self.pg)
             self.pg = None
 
 
-class _RaySteps:
-    """One step sent to every rank: its results, taken with the executor's deadline and death
-    reporting (a dead rank is named as soon as its call fails, steps in flight or not)."""
-
-    def __init__(self, executor: RayExecutor, refs: list) -> None:
-        self.executor = executor
-        self.refs = refs
-        self.sent = time.monotonic()
-        self._result: StepResult | None = None
-
-    def result(self) -> StepResult:
-        if self._result is None:
-            ex = self.executor
-            results = ex._get(self.refs, deadline_s=ex.step_deadline())
-            ex._step_done(self.sent)
-            first = results[0]
-            for rank, r in enumerate(results[1:], 1):
-                if r.sampled != first.sampled:  # every rank samples; they must agree
-                    ex.broken = True
-                    raise WorkerFailedError(
-                        f"worker {ex._where(rank)} sampled {r.sampled}, rank 0 {first.sampled}: "
-                        "the ranks' logits differ (mixed devices or a broken collective)"
-                    )
-            self._result = first
-        return self._result
+def step_transport(setting: str, device_type: str) -> str:
+    """``compiled`` or ``calls`` for the ``step_transport`` setting (``auto``: by device)."""
+    if setting != "auto":
+        return setting
+    return "calls" if device_type == "cpu" else "compiled"
 
 
 def _rendezvous_host(ray, pg, first_bundle: int) -> str:

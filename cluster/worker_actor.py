@@ -8,7 +8,7 @@ import ray
 import torch
 
 from runtime.loader import ModelSource
-from runtime.worker import Worker
+from runtime.worker import StepResult, Worker
 from runtime.worker_config import WorkerConfig
 from scheduler.config import SchedulerConfig
 
@@ -31,6 +31,7 @@ class WorkerActor(Worker):
             # CPU workers share the node's cores: one torch thread pool per worker, no oversubscription
             torch.set_num_threads(threads)
         super().__init__(config, model, limits, rank, world_size)
+        self._failed_step: str | None = None  # the last step's error, for the health check
         if ranks_on_node:
             # accelerator workers keep Ray's one torch thread for their own work; the CPU part of
             # cooperative attention takes this node's cores / its ranks (Worker.init_device)
@@ -39,6 +40,21 @@ class WorkerActor(Worker):
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
         return self.rank
+
+    @ray.method(concurrency_group="health")
+    def failed_step(self) -> str | None:
+        """The error of this rank's last step, if it failed (the health check asks: on a
+        compiled graph the others wait for a rank's result in a collective, not for its error)."""
+        return self._failed_step
+
+    def step(self, packet: tuple) -> StepResult:
+        """One engine step, ``packet = (batch, logits)``: the per-step call of every transport
+        (a plain actor call or a compiled graph's node)."""
+        try:
+            return self.execute(*packet)
+        except BaseException as e:
+            self._failed_step = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+            raise
 
     @ray.method(concurrency_group="health")
     def pid(self) -> int:

@@ -31,6 +31,7 @@ from scheduler import spill_cost
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.config import SchedulerConfig
 from scheduler.request import PENDING_TOKEN, SamplingParams
+from scheduler.table_deltas import TableStore
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Worker:
         # seq_id -> (device tensor, row): the token this worker sampled last for the sequence,
         # which a later step's PENDING_TOKEN stands for (steps run in the order they are sent)
         self._last_sampled: dict[int, tuple[torch.Tensor, int]] = {}
+        self.tables = TableStore()  # block tables of live sequences (batches carry deltas)
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
         self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
         # torch threads for the CPU part of cooperative attention (None: the process's setting;
@@ -483,6 +485,7 @@ class Worker:
         """
         t0 = time.perf_counter()
         self.parallel.wait_clock.reset()
+        batch = self.tables.expand(batch)  # whole block tables from the step's deltas
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
             self._last_sampled.pop(sid, None)

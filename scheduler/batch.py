@@ -19,9 +19,10 @@ class SeqChunk:
     seq_id: int
     token_ids: tuple[int, ...]
     start_pos: int
+    # the whole table; on the wire to a worker a ``table_deltas.TableDelta`` stands in for it
     block_table: tuple[int, ...]
     sample: bool
-    params: SamplingParams
+    params: SamplingParams  # on the wire to a worker: with a sequence's first chunk only
 
     @property
     def seq_len(self) -> int:

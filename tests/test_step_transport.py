@@ -1,0 +1,153 @@
+"""How each step reaches the Ray workers (``step_transport``): a compiled graph and plain calls
+give the in-process tokens at TP = 1 and 2 (gloo, MPI); several steps may be in flight and come
+back in order; a dead rank is named at once and a stopped one by the health check, whichever
+transport carries the steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from cluster.api import LLM
+from cluster.config import EngineConfig
+from cluster.executor import WorkerDiedError, WorkerStalledError, step_transport
+from scheduler.batch import ScheduledBatch, SeqChunk
+from scheduler.errors import ConfigError
+from scheduler.request import SamplingParams
+
+PROMPTS = [list(range(1, 60)), [5, 6, 7]]
+
+
+def _cfg(path, **kw):
+    return dict(model=str(path), device="cpu", dtype="float32", max_model_len=512, **kw)
+
+
+def test_setting_is_checked_and_auto_picks_by_device():
+    assert (
+        EngineConfig.from_dict({"step_transport": "compiled"}).cluster.step_transport == "compiled"
+    )
+    with pytest.raises(ConfigError, match="step_transport"):
+        EngineConfig.from_dict({"step_transport": "graph"})
+    assert step_transport("auto", "cpu") == "calls"
+    assert step_transport("auto", "cuda") == "compiled"
+    assert step_transport("calls", "cuda") == "calls"
+
+
+@pytest.fixture(scope="module")
+def local_tokens(hf_checkpoint):
+    path, _ = hf_checkpoint
+    with LLM(executor="local", **_cfg(path, prefill_chunk=32)) as llm:
+        return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tp,comm,transport",
+    [(1, "gloo", "compiled"), (1, "gloo", "calls"), (2, "gloo", "compiled"),
+     (2, "mpi", "compiled")],
+)  # fmt: skip
+def test_transports_give_the_in_process_tokens(
+    ray_cluster, hf_checkpoint, local_tokens, tp, comm, transport
+):
+    path, _ = hf_checkpoint
+    cfg = _cfg(path, prefill_chunk=32, tp=tp, comm=comm, step_transport=transport)
+    with LLM(executor="ray", **cfg) as llm:
+        assert llm.engine.executor.step_transport == transport
+        got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
+    assert got == local_tokens
+
+
+def _prefill(seq_id: int, prompt: list[int], first_block: int, step: int) -> ScheduledBatch:
+    blocks = tuple(range(first_block, first_block + -(-len(prompt) // 16)))
+    chunk = SeqChunk(seq_id, tuple(prompt), 0, blocks, True, SamplingParams(max_new_tokens=4))
+    return ScheduledBatch(step, (chunk,))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["compiled", "calls"])
+def test_steps_in_flight_come_back_in_order(ray_cluster, hf_checkpoint, transport):
+    """Three steps submitted before any result is taken (two may be in flight; the third
+    submit resolves the oldest): each handle holds its own step's result, asked in any order,
+    equal to the same steps run one at a time in process."""
+    path, _ = hf_checkpoint
+    batches = [
+        _prefill(100 + i, list(range(3 + i, 40 + 5 * i)), 1 + 4 * i, i + 1) for i in range(3)
+    ]
+    with LLM(executor="local", **_cfg(path)) as llm:
+        want = [llm.engine.executor.execute(b, "sampled") for b in batches]
+    with LLM(executor="ray", **_cfg(path, tp=2, step_transport=transport)) as llm:
+        ex = llm.engine.executor
+        assert ex.max_in_flight >= 2
+        handles = [ex.submit(b, "sampled") for b in batches]
+        got = [h.result() for h in reversed(handles)][::-1]
+        assert all(h.done() for h in handles) and handles[0].result() is got[0]
+        assert ex.execute(batches[0], "sampled").sampled == want[0].sampled  # still usable
+    for g, w in zip(got, want):
+        assert g.sampled == w.sampled
+        for sid in w.logits:
+            assert (g.logits[sid] - w.logits[sid]).abs().max() < 1e-4
+
+
+def _pids(llm) -> list[int]:
+    import ray
+
+    return ray.get([w.pid.remote() for w in llm.engine.executor.workers])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_compiled_dead_rank_is_named_at_once(ray_cluster, hf_checkpoint, rank):
+    path, _ = hf_checkpoint
+    llm = LLM(executor="ray", **_cfg(path, tp=2, step_transport="compiled"))
+    try:
+        llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))  # the graph runs
+        os.kill(_pids(llm)[rank], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=rf"worker rank {rank} on cpu .* died"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))
+        assert time.monotonic() - t0 < 15
+    finally:
+        t1 = time.monotonic()
+        llm.shutdown()
+    assert time.monotonic() - t1 < 30, "shutting down a broken group took too long"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_compiled_stalled_rank_is_named_by_the_health_check(ray_cluster, hf_checkpoint):
+    path, _ = hf_checkpoint
+    llm = LLM(executor="ray", **_cfg(path, tp=2, step_transport="compiled"))
+    pids = _pids(llm)
+    try:
+        os.kill(pids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerStalledError, match=r"worker rank 1 on cpu .* stopped answering"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))
+        assert time.monotonic() - t0 < 30
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_auto_falls_back_to_calls_when_no_graph_compiles(ray_cluster, hf_checkpoint, monkeypatch):
+    import cluster.compiled_steps
+    import cluster.executor
+
+    def broken(self, workers, max_in_flight):
+        raise RuntimeError("no shared-memory channels here")
+
+    path, _ = hf_checkpoint
+    monkeypatch.setattr(cluster.executor, "step_transport", lambda setting, device: "compiled")
+    monkeypatch.setattr(cluster.compiled_steps.CompiledSteps, "__init__", broken)
+    with LLM(executor="ray", **_cfg(path, step_transport="auto")) as llm:
+        assert llm.engine.executor.step_transport == "calls"
+        assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
+    with pytest.raises(RuntimeError, match="no shared-memory channels"):
+        LLM(executor="ray", **_cfg(path, step_transport="compiled"))
