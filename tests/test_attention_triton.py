@@ -32,7 +32,7 @@ triton = pytest.importorskip("triton")
 # language helpers are compiled-mode objects that cannot run on the CPU: rerun this file alone.
 NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
 
-from runtime.attention import triton_backend, triton_decode  # noqa: E402
+from runtime.attention import triton_backend, triton_decode, triton_prefill_hopper  # noqa: E402
 from runtime.attention.base import AttentionBackend, AttentionMetadata  # noqa: E402
 from runtime.attention.reference import gather_kv, reference_attention  # noqa: E402
 
@@ -76,23 +76,54 @@ def _fast(values, keep):
     return [pytest.param(v, marks=() if v == keep else pytest.mark.slow) for v in values]
 
 
-def _backend():
-    return triton_backend.TritonBackend()
+# The Hopper TMA kernel runs where the GPU has it (sm_90+) and always in the interpreter.
+HAS_HOPPER = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
+# the interpreter is slow: there the mixes (which hold 1 and 17) stand for the single lengths
+HOPPER_MIXES = PREFILL_MIXES if ON_GPU else [m for m in PREFILL_MIXES if len(m) > 1 or m[0] > 100]
+
+
+def _backend(path="auto"):
+    return triton_backend.TritonBackend(prefill_path=path)
+
+
+def _tables(need, num_blocks, layout, rng, run=8):
+    """Block tables for sequences needing ``need[b]`` blocks out of ``num_blocks``.
+
+    ``shuffled``: every block anywhere; ``runs``: aligned runs of ``run`` consecutive blocks in
+    shuffled order (what the TMA kernel takes without the gather kernel); ``mixed``: sequences
+    alternately contiguous and shuffled (both Hopper kernels in one launch pair).
+    """
+    if layout == "runs":
+        n_runs = num_blocks // run
+        order = list(range(n_runs))
+        rng.shuffle(order)
+        pool = [r * run + j for r in order for j in range(run)]
+    else:
+        pool = list(range(num_blocks))
+        if layout == "shuffled":
+            rng.shuffle(pool)
+    tables, i = [], 0
+    for b, n in enumerate(need):
+        if layout == "runs":
+            i = -(-i // run) * run  # each sequence starts on a run
+        t = pool[i : i + n]
+        if layout == "mixed" and b % 2:
+            rng.shuffle(t)
+        tables.append(t)
+        i += n
+    return tables
 
 
 def _paged(
-    query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0
+    query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0, layout="shuffled"
 ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
-    """Metadata with shuffled block tables (plus unused blocks) and random caches."""
+    """Metadata with block tables laid out as ``layout`` (plus unused blocks), random caches."""
     rng = random.Random(seed)
     need = [(s + block_size - 1) // block_size for s in seq_lens]
     num_blocks = sum(need) + 3
-    perm = list(range(num_blocks))
-    rng.shuffle(perm)
-    tables, i = [], 0
-    for n in need:
-        tables.append(perm[i : i + n])
-        i += n
+    if layout == "runs":
+        num_blocks = 8 * (sum(-(-n // 8) for n in need) + 1)
+    tables = _tables(need, num_blocks, layout, rng)
     meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device=DEVICE)
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     shape = (num_blocks, block_size, hkv, d)
@@ -136,12 +167,16 @@ def _check(out, lse, q, k_cache, v_cache, meta, scale):
     assert err <= 2 * err_pt + atol, f"lse error {err:.3g} vs torch {q.dtype} {err_pt:.3g}"
 
 
-def _run_prefill(query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0):
-    meta, k_cache, v_cache = _paged(query_lens, seq_lens, hkv, d, dtype, block_size, seed)
+def _run_prefill(
+    query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0, path="auto", layout="shuffled"
+):
+    meta, k_cache, v_cache = _paged(
+        query_lens, seq_lens, hkv, d, dtype, block_size, seed, layout=layout
+    )
     g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
     q = torch.randn(sum(query_lens), HQ, d, generator=g, device=DEVICE).to(dtype)
     scale = d**-0.5
-    out, lse = _backend().prefill(q, k_cache, v_cache, meta, scale)
+    out, lse = _backend(path).prefill(q, k_cache, v_cache, meta, scale)
     _check(out, lse, q, k_cache, v_cache, meta, scale)
 
 
@@ -149,6 +184,90 @@ def _run_prefill(query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0):
 @pytest.mark.parametrize("group", _fast([1, 4, 8], keep=4))
 def test_prefill_ragged_gqa(lens, group):
     _run_prefill(lens, lens, HQ // group, HEAD_DIMS[0], torch.bfloat16, seed=len(lens) + group)
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("layout", ["runs", "mixed", "shuffled"])
+@pytest.mark.parametrize("lens", HOPPER_MIXES, ids=lambda x: "-".join(map(str, x)))
+def test_prefill_hopper_layouts(lens, layout):
+    """The TMA kernel on tables it reads whole (runs), partly (mixed) and not at all."""
+    _run_prefill(lens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16, seed=len(lens),
+                 path="hopper", layout=layout)  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("group", [1, 4])
+def test_chunked_prefill_hopper(group):
+    """Chunked prefill through TMA: earlier chunks' keys come from the cache's pages."""
+    qlens = [q for q, _ in CHUNKED]
+    slens = [s for _, s in CHUNKED]
+    _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], torch.bfloat16, seed=11,
+                 path="hopper", layout="mixed")  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("block_size", [8, 64, 256] if ON_GPU else [8, 64])
+def test_prefill_hopper_block_sizes(block_size):
+    """Pages smaller than a key tile (runs checked) and as large or larger (always TMA)."""
+    lens = [17, 113, 130] if not ON_GPU else [17, 113, 130, 1023, 2500]
+    _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.float16, block_size=block_size,
+                 path="hopper", layout="mixed")  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_prefill_hopper_ignores_stale_rows():
+    """NaN in cache rows past each sequence's end (inside the last tile's box) stays out."""
+    lens = [17, 113, 40]
+    meta, k_cache, v_cache = _paged(lens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16, 64,
+                                    layout="runs")  # fmt: skip
+    for b, slen in enumerate(lens):
+        last = meta.block_tables[b, (slen - 1) // 64]
+        k_cache[last, slen % 64 or 64 :] = float("nan")
+        v_cache[last, slen % 64 or 64 :] = float("nan")
+    spare = [i for i in range(k_cache.shape[0]) if i not in meta.block_tables.flatten().tolist()]
+    k_cache[spare] = float("nan")
+    v_cache[spare] = float("nan")
+    q = torch.randn(sum(lens), HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    out, lse = _backend("hopper").prefill(q, k_cache, v_cache, meta, 0.125)
+    _check(out, lse, q, k_cache, v_cache, meta, 0.125)
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_hopper_run_flags():
+    """The device check that routes each sequence to the TMA or the gather kernel."""
+    lens, page, run = [5, 40, 200, 16, 129, 64], 16, 4
+    need = [(s + page - 1) // page for s in lens]
+    tables = [
+        [0],  # one page: a run by itself
+        [4, 5, 6],  # consecutive
+        [8, 9, 10, 11, 20, 21, 22, 23, 12, 13, 14, 15, 40],  # aligned runs out of order
+        [30],
+        [50, 51, 52, 54, 60, 61, 62, 63, 70],  # a gap inside the first run
+        [80, 81, 82, 83],
+    ]
+    assert [len(t) for t in tables] == need
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, page, device=DEVICE)
+    meta.block_tables[5, 2] = 99  # the table is read on the device
+    ok = torch.empty(len(lens), dtype=torch.int32, device=DEVICE)
+    triton_prefill_hopper._runs_kernel[(len(lens),)](
+        ok, meta.seq_lens, meta.block_tables, meta.block_tables.stride(0),
+        PAGE=page, NP=run, BLOCK=8,
+    )  # fmt: skip
+    assert ok.tolist() == [1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_hopper_refuses_what_it_cannot_describe():
+    meta, k_cache, v_cache = _paged([5], [5], HQ // 4, HEAD_DIMS[0], torch.bfloat16, 16)
+    q = torch.randn(5, HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    wide = torch.zeros(k_cache.shape[:-1] + (2 * HEAD_DIMS[0],), dtype=k_cache.dtype,
+                       device=DEVICE)  # fmt: skip
+    strided = wide[..., : HEAD_DIMS[0]]  # rows of 2*D: not [blocks, page, Hkv, D] rows
+    with pytest.raises(ValueError, match="k cache is not"):
+        _backend("hopper").prefill(q, strided, v_cache, meta, 0.1)
+    assert not _backend("auto").use_hopper(q, strided, v_cache)
+    with pytest.raises(ValueError, match="prefill_path"):
+        triton_backend.TritonBackend(prefill_path="tma")
 
 
 @pytest.mark.slow
@@ -169,7 +288,8 @@ def test_prefill_dtypes_head_dims(dtype, d):
 @pytest.mark.parametrize("block_size", _fast([8, 64], keep=8))
 def test_prefill_block_sizes(block_size):
     lens = [17, 113, 130]
-    _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.bfloat16, block_size=block_size)
+    _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.bfloat16, block_size=block_size,
+                 path="ampere")  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -178,7 +298,7 @@ def test_chunked_prefill(dtype, group):
     """Queries are the tail of each sequence; earlier chunks' keys are already in the cache."""
     qlens = [q for q, _ in CHUNKED]
     slens = [s for _, s in CHUNKED]
-    _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], dtype, seed=7)
+    _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], dtype, seed=7, path="ampere")
 
 
 def _run_decode(seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16):

@@ -167,6 +167,7 @@ def _prefill_kernel(
     QStart,
     SeqLens,
     BlockTables,
+    Skip,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -188,6 +189,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_MODE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SKIP_OK: tl.constexpr,
 ):
     h = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
@@ -197,6 +199,9 @@ def _prefill_kernel(
     m0 = tile * BLOCK_M
     if m0 >= q_len:
         return
+    if SKIP_OK:  # noqa: SIM102 (a constexpr test around a load)
+        if tl.load(Skip + b) != 0:  # the Hopper TMA kernel handled this sequence
+            return
     seq_len = tl.load(SeqLens + b)
     ctx = seq_len - q_len  # keys already in the cache before this step's queries
     kvh = h // GROUP
@@ -295,17 +300,42 @@ def prefill_attention(
     check_layout(q, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    launch_prefill(
+        q, k_cache, v_cache, out, lse, query_start_loc, seq_lens, block_tables, max_query_len,
+        scale, config, causal,
+    )  # fmt: skip
+    return out, lse
+
+
+def launch_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    config: PrefillConfig | None,
+    causal: bool,
+    skip_ok: torch.Tensor | None = None,
+) -> None:
+    """Run the kernel into ``out``/``lse``; sequences ``b`` with ``skip_ok[b] != 0`` are left
+    alone (the Hopper TMA kernel wrote them)."""
     T, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
-    out = torch.empty_like(q)
-    lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
     num_seqs = seq_lens.shape[0]
     if T == 0 or num_seqs == 0:
-        return out, lse
+        return
     cfg = config or default_prefill_config(d, q.dtype, q.device)
     grid = (hq, triton.cdiv(max_query_len, cfg.block_m), num_seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, lse, query_start_loc, seq_lens, block_tables,
+        seq_lens if skip_ok is None else skip_ok,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -319,10 +349,10 @@ def prefill_attention(
         BLOCK_N=cfg.block_n,
         DOT_MODE=dot_mode(q.dtype, q.device),
         CAUSAL=causal,
+        SKIP_OK=skip_ok is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out, lse
 
 
 __all__ = [
@@ -330,5 +360,6 @@ __all__ = [
     "check_layout",
     "default_prefill_config",
     "dot_mode",
+    "launch_prefill",
     "prefill_attention",
 ]
