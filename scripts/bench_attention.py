@@ -55,15 +55,17 @@ PREFILL_SWEEP_SHORT = [  # at 1K
     PrefillConfig(64, 64, 4, 3),
     PrefillConfig(64, 32, 4, 4),
 ]
-HOPPER_SWEEP = [  # at 16K, consecutive pages; (block_m, block_n, warps, stages, warp-specialised)
+# at 16K, consecutive pages: (block_m, block_n, warps, stages, warp-specialised, QK pipelined)
+HOPPER_SWEEP = [
     HopperPrefillConfig(128, 128, 8, 3),
     HopperPrefillConfig(128, 128, 8, 2),
     HopperPrefillConfig(128, 64, 4, 3),
-    HopperPrefillConfig(128, 64, 4, 4),
     HopperPrefillConfig(128, 128, 8, 3, True),
-    HopperPrefillConfig(128, 128, 8, 2, True),
     HopperPrefillConfig(128, 128, 4, 3, True),
     HopperPrefillConfig(128, 64, 4, 3, True),
+    HopperPrefillConfig(128, 128, 8, 2, pipeline_qk=True),
+    HopperPrefillConfig(128, 64, 8, 3, pipeline_qk=True),
+    HopperPrefillConfig(128, 64, 4, 3, pipeline_qk=True),
 ]
 # Earlier sweeps: block_n 32 and 128, 4 stages, 4 or 16 programs per SM were no better.
 DECODE_SWEEP = [

@@ -91,7 +91,8 @@ def _tables(need, num_blocks, layout, rng, run=8):
 
     ``shuffled``: every block anywhere; ``runs``: aligned runs of ``run`` consecutive blocks in
     shuffled order (what the TMA kernel takes without the gather kernel); ``mixed``: sequences
-    alternately contiguous and shuffled (both Hopper kernels in one launch pair).
+    alternately contiguous and shuffled (both Hopper kernels in one launch pair);
+    ``contiguous``: each sequence one consecutive run of blocks.
     """
     if layout == "runs":
         n_runs = num_blocks // run
@@ -230,6 +231,56 @@ def test_prefill_hopper_ignores_stale_rows():
     q = torch.randn(sum(lens), HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
     out, lse = _backend("hopper").prefill(q, k_cache, v_cache, meta, 0.125)
     _check(out, lse, q, k_cache, v_cache, meta, 0.125)
+
+
+HOPPER_VARIANTS = {
+    "pipelined-qk": dict(pipeline_qk=True),
+    "warp-specialized": dict(warp_specialize=True),
+    "one-block-row": dict(),  # the bench-only promise of one consecutive run per sequence
+}
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("variant", list(HOPPER_VARIANTS))
+def test_prefill_hopper_variants(variant):
+    """The config switches the bench sweeps (and the contiguous shortcut) give the same answer."""
+    lens, qlens = [17, 300, 113, 1], [17, 40, 113, 1]
+    if ON_GPU:
+        lens, qlens = lens + [2500], qlens + [1500]
+    meta, k_cache, v_cache = _paged(qlens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16,
+                                    layout="contiguous")  # fmt: skip
+    q = torch.randn(sum(qlens), HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    base = triton_prefill_hopper.default_hopper_config(HEAD_DIMS[0], DEVICE)
+    cfg = triton_prefill_hopper.HopperPrefillConfig(**{**base.__dict__,
+                                                       **HOPPER_VARIANTS[variant]})  # fmt: skip
+    out, lse = triton_prefill_hopper.prefill_attention_hopper(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        meta.max_query_len, 0.1, config=cfg, _assume_contiguous=variant == "one-block-row",
+    )  # fmt: skip
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_prefill_hopper_non_causal():
+    """causal=False (a partial over earlier blocks): every query sees all seq_len keys."""
+    qlens, lens = [3, 40, 1], [50, 40, 130]
+    hkv, d = HQ // 4, HEAD_DIMS[0]
+    meta, k_cache, v_cache = _paged(qlens, lens, hkv, d, torch.float16, layout="mixed")
+    q = torch.randn(sum(qlens), HQ, d, device=DEVICE).to(torch.float16)
+    out, lse = triton_prefill_hopper.prefill_attention_hopper(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        meta.max_query_len, 0.1, causal=False,
+    )  # fmt: skip
+    start = 0
+    for b, (qlen, slen) in enumerate(zip(qlens, lens)):
+        k = gather_kv(k_cache, meta.block_tables[b], slen).double().repeat_interleave(4, 1)
+        v = gather_kv(v_cache, meta.block_tables[b], slen).double().repeat_interleave(4, 1)
+        s = torch.einsum("qhd,khd->hqk", q[start : start + qlen].double(), k) * 0.1
+        ref = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
+        assert (out[start : start + qlen].double() - ref).abs().max() < 2e-3
+        ref_lse = torch.logsumexp(s, -1).transpose(0, 1)
+        assert (lse[start : start + qlen].double() - ref_lse).abs().max() < 1e-4
+        start += qlen
 
 
 @pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")

@@ -51,6 +51,9 @@ class HopperPrefillConfig:
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
+    # issue the next tile's QK^T before this tile's softmax (FA-3's intra-warpgroup overlap,
+    # written in the source so the async wgmma runs under the exponentials)
+    pipeline_qk: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -115,6 +118,26 @@ def _runs_kernel(Ok, SeqLens, BlockTables, stride_bt, PAGE: tl.constexpr, NP: tl
 
 
 @triton.jit
+def _first_row(table, PAGE: tl.constexpr, ROWS_FROM_TABLE: tl.constexpr):
+    if ROWS_FROM_TABLE:
+        first_row = 0  # unused
+    else:
+        first_row = tl.load(table) * PAGE
+    return first_row
+
+
+@triton.jit
+def _tile_row(table, start_n, first_row, PAGE: tl.constexpr, ROWS_FROM_TABLE: tl.constexpr):
+    """First cache row of the key tile at ``start_n``; without ROWS_FROM_TABLE (benchmarks only)
+    the caller promised that each sequence's pages form one consecutive run."""
+    if ROWS_FROM_TABLE:
+        row = tl.load(table + start_n // PAGE) * PAGE + start_n % PAGE
+    else:
+        row = first_row + start_n
+    return row
+
+
+@triton.jit
 def _attend_tma(
     acc,
     l_i,
@@ -137,15 +160,11 @@ def _attend_tma(
     ROWS_FROM_TABLE: tl.constexpr,
 ):
     """Online softmax over key tiles ``[lo, hi)`` read by TMA; log2 domain throughout."""
-    if not ROWS_FROM_TABLE:
-        first_row = tl.load(table) * PAGE
+    first_row = _first_row(table, PAGE, ROWS_FROM_TABLE)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         # the tile's first cache row: its tokens are adjacent from there (see the module doc)
-        if ROWS_FROM_TABLE:
-            row = tl.load(table + start_n // PAGE) * PAGE + start_n % PAGE
-        else:  # benchmark only: the caller promised one contiguous run of pages per sequence
-            row = first_row + start_n
+        row = _tile_row(table, start_n, first_row, PAGE, ROWS_FROM_TABLE)
         k = k_desc.load([row, col])
         qk = _mma(q, k.T, None, DOT_MODE)
         if ON_DIAGONAL:
@@ -164,6 +183,50 @@ def _attend_tma(
         acc = _mma(_cast(p, v.dtype, DOT_MODE), v, acc, DOT_MODE)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_tma_pipelined(
+    acc,
+    l_i,
+    m_i,
+    q,
+    table,
+    k_desc,
+    v_desc,
+    col,
+    lo,
+    hi,
+    qk_scale,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+    ROWS_FROM_TABLE: tl.constexpr,
+):
+    """The unmasked tiles ``[lo, hi)`` with QK^T of tile j+1 issued before the softmax of tile j:
+    the scores of the next tile are a loop-carried value, so the tensor cores work on them while
+    the warps compute exponentials."""
+    if hi > lo:
+        first_row = _first_row(table, PAGE, ROWS_FROM_TABLE)
+        row = _tile_row(table, lo, first_row, PAGE, ROWS_FROM_TABLE)
+        qk = _mma(q, k_desc.load([row, col]).T, None, DOT_MODE)
+        for start_n in tl.range(lo + BLOCK_N, hi + BLOCK_N, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            # the next tile's scores (a dummy repeat of this tile's past the end)
+            nxt = tl.minimum(start_n, hi - BLOCK_N)
+            row_next = _tile_row(table, nxt, first_row, PAGE, ROWS_FROM_TABLE)
+            qk_next = _mma(q, k_desc.load([row_next, col]).T, None, DOT_MODE)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            v = v_desc.load([row, col])
+            acc = _mma(_cast(p, v.dtype, DOT_MODE), v, acc, DOT_MODE)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            qk = qk_next
+            row = row_next
     return acc, l_i, m_i
 
 
@@ -195,6 +258,7 @@ def _prefill_tma_kernel(
     CHECK_RUNS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     ROWS_FROM_TABLE: tl.constexpr,
+    PIPELINE_QK: tl.constexpr,
 ):
     h = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
@@ -233,10 +297,16 @@ def _prefill_tma_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     table = BlockTables + b.to(tl.int64) * stride_bt
     col = (h // GROUP) * HEAD_DIM
-    acc, l_i, m_i = _attend_tma(
-        acc, l_i, m_i, q, q_pos, table, k_desc, v_desc, col, 0, full_end, qk_scale, offs_n,
-        PAGE, BLOCK_N, False, WARP_SPECIALIZE, DOT_MODE, ROWS_FROM_TABLE,
-    )  # fmt: skip
+    if PIPELINE_QK:
+        acc, l_i, m_i = _attend_tma_pipelined(
+            acc, l_i, m_i, q, table, k_desc, v_desc, col, 0, full_end, qk_scale,
+            PAGE, BLOCK_N, DOT_MODE, ROWS_FROM_TABLE,
+        )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attend_tma(
+            acc, l_i, m_i, q, q_pos, table, k_desc, v_desc, col, 0, full_end, qk_scale, offs_n,
+            PAGE, BLOCK_N, False, WARP_SPECIALIZE, DOT_MODE, ROWS_FROM_TABLE,
+        )  # fmt: skip
     acc, l_i, m_i = _attend_tma(
         acc, l_i, m_i, q, q_pos, table, k_desc, v_desc, col, full_end, hi, qk_scale, offs_n,
         PAGE, BLOCK_N, True, False, DOT_MODE, ROWS_FROM_TABLE,
@@ -320,6 +390,7 @@ def prefill_attention_hopper(
         CHECK_RUNS=check_runs,
         WARP_SPECIALIZE=cfg.warp_specialize,
         ROWS_FROM_TABLE=not _assume_contiguous,
+        PIPELINE_QK=cfg.pipeline_qk,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
