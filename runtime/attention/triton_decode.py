@@ -330,15 +330,18 @@ def decode_attention(
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if not single:
+        splits_pad = min(128, max(2, triton.next_power_of_2(num_splits)))
         _decode_combine_kernel[(B, hq)](
             out, lse, part_out, part_lse, seq_lens, chunk_buffer, chunk,
             out.stride(0), out.stride(1), lse.stride(0), stride_pb, stride_ph,
             HEAD_DIM=d,
             BLOCK_D=block_d,
-            SPLITS_PAD=min(32, max(2, triton.next_power_of_2(num_splits))),
+            # all splits in one tile up to 128: one round of loads instead of a loop of them
+            # (B=1 with GQA has ~128 splits and only B * Hq combine programs)
+            SPLITS_PAD=splits_pad,
             DOT_MODE=dot_mode(q.dtype, q.device),
             CHUNK_FROM_PTR=from_ptr,
-            num_warps=4,
+            num_warps=4 if splits_pad <= 32 else 8,
         )  # fmt: skip
     return out, lse
 
