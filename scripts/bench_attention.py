@@ -319,8 +319,9 @@ def kv_tbps(B: int, S: int, hkv: int, ms: float) -> float:
     return 2 * B * S * hkv * D * 2 / (ms * 1e-3) / 1e12
 
 
-def sweep_decode(cases, gen, log) -> tuple[DecodeConfig, list[dict]]:
-    rows, score = [], {}
+def sweep_decode(cases, gen, log) -> tuple[dict[bool, DecodeConfig], list[dict]]:
+    """The best config for MHA cases and for GQA cases (key ``hkv < H``), by geometric mean."""
+    rows, score = [], {False: {}, True: {}}
     for B, S, hkv in cases:
         inputs = decode_inputs(B, S, hkv, gen)
         for cfg in DECODE_SWEEP:
@@ -331,19 +332,21 @@ def sweep_decode(cases, gen, log) -> tuple[DecodeConfig, list[dict]]:
                 rows.append(
                     {"B": B, "S": S, "Hkv": hkv, "config": cfg.__dict__, "ms_graph": ms, "tbps": bw}
                 )
-                score[key] = score.get(key, 0.0) + math.log(bw)
+                sc = score[hkv < H]
+                sc[key] = sc.get(key, 0.0) + math.log(bw)
             except Exception as e:
                 rows.append({"B": B, "S": S, "config": cfg.__dict__, "error": repr(e)[:300]})
-                score[key] = float("-inf")
+                score[hkv < H][key] = float("-inf")
             val = rows[-1].get("tbps", rows[-1].get("error"))
             log(f"  sweep decode B={B} S={S} Hkv={hkv} {cfg}: {val}")
         del inputs
         torch.cuda.empty_cache()
-    best = max(score, key=score.get)
-    return DecodeConfig(*best), rows
+    best = {gqa: DecodeConfig(*max(sc, key=sc.get)) for gqa, sc in score.items() if sc}
+    return best, rows
 
 
-def bench_decode(cfg: DecodeConfig, cases, gen, log) -> list[dict]:
+def bench_decode(pick, cases, gen, log) -> list[dict]:
+    """``pick(hkv)``: the decode config for that many KV heads."""
     from torch.nn.attention import SDPBackend
 
     rows = []
@@ -353,7 +356,7 @@ def bench_decode(cfg: DecodeConfig, cases, gen, log) -> list[dict]:
         kt = kc.view(B, S, hkv, D).transpose(1, 2)
         vt = vc.view(B, S, hkv, D).transpose(1, 2)
         qt = q.view(B, H, 1, D)
-        impls = {"triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, cfg)}
+        impls = {"triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, pick(hkv))}
         impls["sdpa flash"] = sdpa_fn(SDPBackend.FLASH_ATTENTION, qt, kt, vt, False, hkv != H)
         for name, fn in impls.items():
             row = {"kind": "decode", "impl": name, "B": B, "S": S, "H": H, "Hkv": hkv, "D": D}
@@ -508,7 +511,9 @@ def main() -> None:
 
     cuda = torch.device("cuda")
     pcfg = pcfg_short = triton_prefill.default_prefill_config(D, DT, cuda)
-    dcfg = triton_decode.default_decode_config(D, DT, cuda)
+    dcfgs = {
+        gqa: triton_decode.default_decode_config(D, DT, cuda, 8 if gqa else H) for gqa in (0, 1)
+    }
     hopper = not args.no_hopper and torch.cuda.get_device_capability() >= (9, 0)
     hcfg = triton_prefill_hopper.default_hopper_config(D, cuda) if hopper else None
     if not args.no_sweep:
@@ -525,15 +530,18 @@ def main() -> None:
                 result["sweeps"]["prefill"] += short_rows
                 save()
             if not args.no_decode:
-                cases = [(1, 8192, H), (1, 131072, H), (16, 8192, H), (1, 131072, 8), (1, 8192, 8)]
-                dcfg, result["sweeps"]["decode"] = sweep_decode(cases, gen, log)
+                cases = [(1, 8192, H), (1, 131072, H), (16, 8192, H)]
+                cases += [(1, 131072, 8), (1, 8192, 8), (16, 131072, 8)]
+                best, result["sweeps"]["decode"] = sweep_decode(cases, gen, log)
+                dcfgs.update(best)
         except Exception as e:  # keep going with the defaults
             log(f"sweep failed: {e!r}")
         torch.cuda.empty_cache()
     pick = lambda S: pcfg if S >= SHORT_BELOW else pcfg_short
     result["prefill_config"] = {"long": pcfg.__dict__, "short": pcfg_short.__dict__}
     result["hopper_config"] = hcfg.__dict__ if hcfg else None
-    result["decode_config"] = dcfg.__dict__
+    dcfg = {"mha": dcfgs[False].__dict__, "gqa": dcfgs[True].__dict__}
+    result["decode_config"] = dcfg
     log(f"prefill config {pcfg} (short: {pcfg_short}); hopper {hcfg}; decode config {dcfg}")
     rows = result["rows"]
     if not args.no_prefill:
@@ -550,8 +558,8 @@ def main() -> None:
         cases = [(int(b), int(s), H) for b in batches for s in seqs]
         # GQA (4 query heads per KV head)
         cases += [(int(b), int(s), 8) for b in batches for s in seqs]
-        rows += bench_decode(dcfg, cases, gen, log)
-    result["notes"] = notes(rows, result["prefill_config"], dcfg.__dict__)
+        rows += bench_decode(lambda hkv: dcfgs[hkv < H], cases, gen, log)
+    result["notes"] = notes(rows, result["prefill_config"], dcfg)
     result["kernel_info"] = kernel_info()
     save()
 

@@ -41,14 +41,26 @@ class DecodeConfig:
     min_chunk: int  # fewest keys one split program handles
 
 
-def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """Chosen by scripts/bench_attention.py's sweep on an H100; small tiles in the interpreter."""
+# GQA (<= 8 KV heads, bf16/fp16, head dim <= 128): the same until the H100 sweep says otherwise
+DECODE_GQA = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=1024)
+
+
+def default_decode_config(
+    head_dim: int, dtype: torch.dtype, device: torch.device, num_kv_heads: int | None = None
+) -> DecodeConfig:
+    """Chosen by scripts/bench_attention.py's sweep on an H100; small tiles in the interpreter.
+
+    ``num_kv_heads`` (bytes per key, with the head dim): GQA caches of 8 or fewer KV heads hold
+    a quarter of MHA's bytes per token, so their split programs see fewer keys each.
+    """
     if device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=2, min_chunk=64)
     if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(
             block_n=32, num_warps=4, num_stages=2, programs_per_sm=8, min_chunk=1024
         )
+    if num_kv_heads is not None and num_kv_heads <= 8:
+        return DECODE_GQA
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=1024)
 
 
@@ -290,7 +302,7 @@ def decode_attention(
     lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
     if B == 0:
         return out, lse
-    cfg = config or default_decode_config(d, q.dtype, q.device)
+    cfg = config or default_decode_config(d, q.dtype, q.device, hkv)
     group = hq // hkv
     block_d = max(16, triton.next_power_of_2(d))
     chunk, num_splits = split_plan(B, hkv, max_seq_len, q.device, cfg, num_splits)
