@@ -179,7 +179,7 @@ def _attend_tma(
         v = v_desc.load([row, col])
         if ON_DIAGONAL:
             # p is 0 there, but 0 * NaN from an uninitialised row would not be
-            v = tl.where((pos < hi)[:, None], v, 0.0)
+            v = tl.where((pos < hi)[:, None], v, tl.zeros_like(v))
         acc = _mma(_cast(p, v.dtype, DOT_MODE), v, acc, DOT_MODE)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
