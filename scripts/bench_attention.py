@@ -45,6 +45,7 @@ COPY_CEILING_TBPS = 3.0  # device-to-device copy, bytes read + written
 # (spills), 64/128/4w/3s (spills): all slower at 16K than 128/128/8w/3s.
 PREFILL_SWEEP_LONG = [  # at 16K
     PrefillConfig(128, 128, 8, 3),
+    PrefillConfig(128, 128, 8, 3, head_major=False),  # the order before the head-major walk
     PrefillConfig(128, 64, 8, 3),
     PrefillConfig(128, 32, 4, 4),
 ]
@@ -58,28 +59,27 @@ PREFILL_SWEEP_SHORT = [  # at 1K
 # at 16K, consecutive pages: (block_m, block_n, warps, stages, warp-specialised, QK pipelined)
 HOPPER_SWEEP = [
     HopperPrefillConfig(128, 128, 8, 3),
+    HopperPrefillConfig(128, 128, 8, 3, head_major=False),  # round 1's order
     HopperPrefillConfig(128, 128, 8, 2),
     HopperPrefillConfig(128, 64, 4, 3),
     HopperPrefillConfig(128, 128, 8, 3, True),
-    HopperPrefillConfig(128, 128, 4, 3, True),
     HopperPrefillConfig(128, 64, 4, 3, True),
     HopperPrefillConfig(128, 128, 8, 2, pipeline_qk=True),
     HopperPrefillConfig(128, 64, 8, 3, pipeline_qk=True),
-    HopperPrefillConfig(128, 64, 4, 3, pipeline_qk=True),
 ]
+HOPPER_SWEEP_SEQS = (16384, 65536)
 # Earlier sweeps: block_n 32 and 128, 4 stages, 4 or 16 programs per SM were no better.
-DECODE_SWEEP = [
+DECODE_SWEEP = [  # (block_n, warps, stages, programs per SM, min chunk, resident per SM)
     DecodeConfig(64, 4, 3, 8, 256),
+    DecodeConfig(64, 4, 3, 8, 256, 2),
+    DecodeConfig(64, 4, 3, 8, 1024),
     DecodeConfig(64, 4, 3, 6, 256),
     DecodeConfig(64, 4, 3, 12, 256),
-    DecodeConfig(64, 4, 3, 8, 1024),
-    DecodeConfig(64, 4, 3, 8, 2048),
-    DecodeConfig(64, 8, 3, 8, 256),
-    # aimed at GQA (8 KV heads: a quarter of the bytes, so fewer keys per split program)
-    DecodeConfig(64, 4, 4, 8, 1024),
-    DecodeConfig(128, 4, 2, 8, 1024),
-    DecodeConfig(128, 8, 3, 4, 2048),
-    DecodeConfig(32, 4, 6, 8, 1024),
+    DecodeConfig(64, 4, 3, 12, 256, 2),
+    DecodeConfig(128, 4, 2, 8, 256, 1),
+    DecodeConfig(64, 8, 3, 8, 256, 2),
+    DecodeConfig(32, 4, 6, 8, 256, 2),
+    DecodeConfig(64, 4, 2, 8, 256, 3),
 ]
 
 _flush = None
@@ -214,31 +214,47 @@ def sweep_prefill(S: int, configs, gen, log) -> tuple[PrefillConfig, list[dict]]
             rows.append({"S": S, "config": cfg.__dict__, "ms": ms, "tflops": prefill_tflops(S, ms)})
         except Exception as e:  # a config may not fit in shared memory
             rows.append({"S": S, "config": cfg.__dict__, "error": repr(e)[:300]})
-        log(f"  sweep prefill S={S} {cfg}: {rows[-1].get('tflops', rows[-1].get('error'))}")
+        val = rows[-1].get("tflops", rows[-1].get("error"))
+        log(f"  sweep prefill S={S} {_cfg_name(cfg)}: {val:.0f}" if isinstance(val, float)
+            else f"  sweep prefill S={S} {_cfg_name(cfg)}: {val}")  # fmt: skip
     best = max((r for r in rows if "tflops" in r), key=lambda r: r["tflops"])
     return PrefillConfig(**best["config"]), rows
 
 
-def sweep_hopper(S: int, gen, log) -> tuple[HopperPrefillConfig | None, list[dict]]:
-    """Hopper configs at ``S`` with consecutive pages; also what the per-tile table read costs."""
-    q, k, v, meta = prefill_inputs(S, gen, table="runs")
-    rows = []
-    for cfg in HOPPER_SWEEP:
-        for contiguous in (False, True) if cfg == HOPPER_SWEEP[0] else (False,):
-            row = {"S": S, "config": cfg.__dict__, "rows_from_first_block": contiguous}
-            try:
-                ms = time_ms(ours_hopper(q, k, v, meta, cfg, contiguous), budget_ms=200)
-                row.update(ms=ms, tflops=prefill_tflops(S, ms))
-            except Exception as e:  # a config may not compile or fit in shared memory
-                row["error"] = repr(e)[:300]
-            rows.append(row)
-            log(f"  sweep hopper S={S} {cfg} contiguous={contiguous}: "
-                f"{row.get('tflops', row.get('error'))}")  # fmt: skip
-    ok = [r for r in rows if "tflops" in r and not r["rows_from_first_block"]]
-    if not ok:
-        return None, rows
-    best = max(ok, key=lambda r: r["tflops"])
-    return HopperPrefillConfig(**best["config"]), rows
+def _cfg_name(cfg) -> str:
+    """``128/128/8w/3s`` plus ``ws`` (warp-specialised), ``pqk`` (pipelined QK), ``hi``
+    (heads innermost, the old program order)."""
+    flags = [f for f, on in (("ws", getattr(cfg, "warp_specialize", False)),
+                             ("pqk", getattr(cfg, "pipeline_qk", False)),
+                             ("hi", not cfg.head_major)) if on]  # fmt: skip
+    return "/".join([f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s", *flags])
+
+
+def sweep_hopper(seqs, gen, log) -> tuple[HopperPrefillConfig | None, list[dict]]:
+    """Hopper configs with consecutive pages at each of ``seqs``; the best by geometric mean.
+    The first config is also timed reading rows from the first block (no table read per tile)."""
+    rows, score = [], {}
+    for S in seqs:
+        q, k, v, meta = prefill_inputs(S, gen, table="runs")
+        for cfg in HOPPER_SWEEP:
+            for contiguous in (False, True) if cfg == HOPPER_SWEEP[0] else (False,):
+                row = {"S": S, "config": cfg.__dict__, "rows_from_first_block": contiguous}
+                try:
+                    ms = time_ms(ours_hopper(q, k, v, meta, cfg, contiguous), budget_ms=150)
+                    row.update(ms=ms, tflops=prefill_tflops(S, ms))
+                    if not contiguous:
+                        score[cfg] = score.get(cfg, 0.0) + math.log(row["tflops"])
+                except Exception as e:  # a config may not compile or fit in shared memory
+                    row["error"] = repr(e)[:300]
+                    score[cfg] = float("-inf")
+                rows.append(row)
+                val = f"{row['tflops']:.0f}" if "tflops" in row else row["error"][:120]
+                tag = " rows-from-first-block" if contiguous else ""
+                log(f"  sweep hopper S={S} {_cfg_name(cfg)}{tag}: {val}")
+        del q, k, v, meta
+        torch.cuda.empty_cache()
+    ok = {c: v for c, v in score.items() if v > float("-inf")}
+    return (max(ok, key=ok.get) if ok else None), rows
 
 
 def check_prefill(cfg: PrefillConfig, gen) -> float:
@@ -255,6 +271,7 @@ def check_prefill(cfg: PrefillConfig, gen) -> float:
 
 
 OURS = "triton (ours, paged)"  # the gather kernel, shuffled table (the row earlier runs had)
+OLD_ORDER = "triton gather, heads innermost"  # the same, in the program order before head-major
 HOPPER_RUNS = "triton hopper (consecutive pages)"
 HOPPER_SHUFFLED = "triton hopper (shuffled pages)"
 
@@ -266,8 +283,12 @@ def bench_prefill(pick, seqs, gen, log, hcfg=None, efficient=True) -> list[dict]
     for S in seqs:
         q, k, v, meta = prefill_inputs(S, gen)
         qt, kt, vt = (x.view(1, S, H, D).transpose(1, 2) for x in (q, k, v))
-        impls = {OURS: ours_prefill(q, k, v, meta, pick(S))}
-        configs = {OURS: pick(S)}
+        old = PrefillConfig(**{**pick(S).__dict__, "head_major": False})
+        impls = {
+            OLD_ORDER: ours_prefill(q, k, v, meta, old),
+            OURS: ours_prefill(q, k, v, meta, pick(S)),
+        }
+        configs = {OLD_ORDER: old, OURS: pick(S)}
         if hcfg is not None:
             impls[HOPPER_RUNS] = ours_hopper(q, k, v, retable(meta, "runs", S), hcfg)
             impls[HOPPER_SHUFFLED] = ours_hopper(q, k, v, meta, hcfg)
@@ -338,7 +359,9 @@ def sweep_decode(cases, gen, log) -> tuple[dict[bool, DecodeConfig], list[dict]]
                 rows.append({"B": B, "S": S, "config": cfg.__dict__, "error": repr(e)[:300]})
                 score[hkv < H][key] = float("-inf")
             val = rows[-1].get("tbps", rows[-1].get("error"))
-            log(f"  sweep decode B={B} S={S} Hkv={hkv} {cfg}: {val}")
+            val = f"{val:.2f}" if isinstance(val, float) else str(val)[:100]
+            name = "/".join(str(x) for x in cfg.__dict__.values())
+            log(f"  sweep decode B={B} S={S} Hkv={hkv} {name}: {val}")
         del inputs
         torch.cuda.empty_cache()
     best = {gqa: DecodeConfig(*max(sc, key=sc.get)) for gqa, sc in score.items() if sc}
@@ -393,7 +416,7 @@ def notes(rows: list[dict], pcfg, dcfg) -> list[str]:
     out = []
     for S in (4096, 16384, 32768, 65536):
         fl, cu = (get("prefill", i, S=S) for i in ("sdpa flash", "sdpa cudnn"))
-        for impl in (OURS, HOPPER_RUNS, HOPPER_SHUFFLED):
+        for impl in (OLD_ORDER, OURS, HOPPER_RUNS, HOPPER_SHUFFLED):
             ours = get("prefill", impl, S=S)
             if ours and fl:
                 out.append(
@@ -519,7 +542,7 @@ def main() -> None:
     if not args.no_sweep:
         try:
             if hopper and not args.no_prefill:
-                best, result["sweeps"]["hopper"] = sweep_hopper(16384, gen, log)
+                best, result["sweeps"]["hopper"] = sweep_hopper(HOPPER_SWEEP_SEQS, gen, log)
                 hcfg = best or hcfg
                 save()
             if not args.no_prefill and not args.no_gather_sweep:
@@ -530,7 +553,7 @@ def main() -> None:
                 result["sweeps"]["prefill"] += short_rows
                 save()
             if not args.no_decode:
-                cases = [(1, 8192, H), (1, 131072, H), (16, 8192, H)]
+                cases = [(1, 4096, H), (1, 8192, H), (1, 131072, H), (16, 8192, H)]
                 cases += [(1, 131072, 8), (1, 8192, 8), (16, 131072, 8)]
                 best, result["sweeps"]["decode"] = sweep_decode(cases, gen, log)
                 dcfgs.update(best)

@@ -32,7 +32,12 @@ triton = pytest.importorskip("triton")
 # language helpers are compiled-mode objects that cannot run on the CPU: rerun this file alone.
 NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
 
-from runtime.attention import triton_backend, triton_decode, triton_prefill_hopper  # noqa: E402
+from runtime.attention import (  # noqa: E402
+    triton_backend,
+    triton_decode,
+    triton_prefill,
+    triton_prefill_hopper,
+)
 from runtime.attention.base import AttentionBackend, AttentionMetadata  # noqa: E402
 from runtime.attention.reference import gather_kv, reference_attention  # noqa: E402
 
@@ -234,6 +239,7 @@ def test_prefill_hopper_ignores_stale_rows():
 
 
 HOPPER_VARIANTS = {
+    "heads-innermost": dict(head_major=False),
     "pipelined-qk": dict(pipeline_qk=True),
     "warp-specialized": dict(warp_specialize=True),
     "one-block-row": dict(),  # the bench-only promise of one consecutive run per sequence
@@ -336,6 +342,21 @@ def test_prefill_dtypes_head_dims(dtype, d):
     _run_prefill(lens, lens, HQ // 4, d, dtype, seed=d)
 
 
+@pytest.mark.parametrize("head_major", [True, False])
+def test_prefill_program_orders(head_major):
+    """Both program orders of the gather kernel (GQA group innermost, or every head per tile)."""
+    lens = [17, 113, 130] if not ON_GPU else [17, 113, 130, 1023, 2500]
+    meta, k_cache, v_cache = _paged(lens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16)
+    q = torch.randn(sum(lens), HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    base = triton_prefill.default_prefill_config(HEAD_DIMS[0], q.dtype, DEVICE)
+    cfg = triton_prefill.PrefillConfig(**{**base.__dict__, "head_major": head_major})
+    out, lse = triton_prefill.prefill_attention(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        meta.max_query_len, 0.1, config=cfg,
+    )  # fmt: skip
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
+
+
 @pytest.mark.parametrize("block_size", _fast([8, 64], keep=8))
 def test_prefill_block_sizes(block_size):
     lens = [17, 113, 130]
@@ -377,6 +398,31 @@ def test_decode(group, dtype):
 def test_decode_forced_splits(num_splits):
     """One split (direct write), a few, and more splits than short sequences have keys for."""
     _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits=num_splits)
+
+
+def test_decode_split_waves(monkeypatch):
+    """With resident_per_sm, the split count fills the last wave of programs (an H100 of 132
+    SMs, 2 programs each: 16 x 8 x 9 programs are 4.4 waves, 16 x 8 x 8 are 3.9)."""
+    monkeypatch.setattr(triton_decode, "_sm_count", lambda *_: 132)
+    cuda = torch.device("cuda")
+    old = triton_decode.DecodeConfig(64, 4, 3, 8, 256)
+    waves = triton_decode.DecodeConfig(64, 4, 3, 8, 256, resident_per_sm=2)
+    assert triton_decode.choose_num_splits(16, 8, 131072, cuda, old) == 9
+    assert triton_decode.choose_num_splits(16, 8, 131072, cuda, waves) == 8
+    # already full waves, or too short for more splits: unchanged
+    assert triton_decode.choose_num_splits(1, 32, 8192, cuda, waves) == 32
+    assert triton_decode.choose_num_splits(1, 8, 300, cuda, waves) == 2
+
+
+def test_decode_wave_fitted_config():
+    cfg = triton_decode.DecodeConfig(32, 4, 1, 3, 64, resident_per_sm=1)
+    meta, k_cache, v_cache = _paged([1] * 3, [700, 113, 1023], HQ // 4, HEAD_DIMS[0],
+                                    torch.bfloat16)  # fmt: skip
+    q = torch.randn(3, HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    out, lse = triton_backend.TritonBackend(decode_config=cfg).decode(
+        q, k_cache, v_cache, meta, 0.1
+    )
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
 
 
 @pytest.mark.slow

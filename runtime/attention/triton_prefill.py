@@ -35,6 +35,7 @@ class PrefillConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    head_major: bool = True  # program order; see _program_tile
 
 
 # The fastest of scripts/bench_attention.py's sweeps on an H100 (bf16, head dim 128, 32 heads, 1K
@@ -88,6 +89,31 @@ def _cast(x, dtype: tl.constexpr, DOT_MODE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _program_tile(HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """``(query head, query tile)`` of this program; grid axis 0 is ``HQ * n_tiles``.
+
+    Within a head (a GQA group), the heaviest tiles come first. HEAD_MAJOR walks one KV head at
+    a time (the heads of its group innermost), so the ~130 programs resident on the GPU are
+    query tiles of one KV head, starting together at key 0: they stream the same K/V, which stays
+    in L2 (one head's K/V at 64K is 32 MB). Heads-innermost puts every head's tile t together;
+    if each program then streams its own K/V from HBM, 128 FLOP per byte of a 128x128 tile caps
+    the kernel near 3 TB/s x 128 = ~390 TFLOP/s on an H100, the plateau both orders were
+    compared against (scripts/bench_attention.py sweeps them).
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.num_programs(0) // HQ
+    if HEAD_MAJOR:
+        g = pid % GROUP
+        rest = pid // GROUP
+        tile = n_tiles - 1 - rest % n_tiles
+        h = (rest // n_tiles) * GROUP + g
+    else:
+        h = pid % HQ
+        tile = n_tiles - 1 - pid // HQ
+    return h, tile
 
 
 @triton.jit
@@ -190,10 +216,11 @@ def _prefill_kernel(
     DOT_MODE: tl.constexpr,
     CAUSAL: tl.constexpr,
     SKIP_OK: tl.constexpr,
+    HQ: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
-    b = tl.program_id(2)
+    h, tile = _program_tile(HQ, GROUP, HEAD_MAJOR)
+    b = tl.program_id(1)
     q_start = tl.load(QStart + b)
     q_len = tl.load(QStart + b + 1) - q_start
     m0 = tile * BLOCK_M
@@ -332,7 +359,7 @@ def launch_prefill(
     if T == 0 or num_seqs == 0:
         return
     cfg = config or default_prefill_config(d, q.dtype, q.device)
-    grid = (hq, triton.cdiv(max_query_len, cfg.block_m), num_seqs)
+    grid = (hq * triton.cdiv(max_query_len, cfg.block_m), num_seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, lse, query_start_loc, seq_lens, block_tables,
         seq_lens if skip_ok is None else skip_ok,
@@ -350,6 +377,8 @@ def launch_prefill(
         DOT_MODE=dot_mode(q.dtype, q.device),
         CAUSAL=causal,
         SKIP_OK=skip_ok is not None,
+        HQ=hq,
+        HEAD_MAJOR=cfg.head_major,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -34,7 +34,14 @@ import triton
 import triton.language as tl
 
 from runtime.attention import triton_prefill
-from runtime.attention.triton_prefill import LOG2E, _cast, _mma, check_layout, dot_mode
+from runtime.attention.triton_prefill import (
+    LOG2E,
+    _cast,
+    _mma,
+    _program_tile,
+    check_layout,
+    dot_mode,
+)
 
 try:  # Triton >= 3.3: host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -54,6 +61,7 @@ class HopperPrefillConfig:
     # issue the next tile's QK^T before this tile's softmax (FA-3's intra-warpgroup overlap,
     # written in the source so the async wgmma runs under the exponentials)
     pipeline_qk: bool = False
+    head_major: bool = True  # program order; see triton_prefill._program_tile
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -259,10 +267,11 @@ def _prefill_tma_kernel(
     WARP_SPECIALIZE: tl.constexpr,
     ROWS_FROM_TABLE: tl.constexpr,
     PIPELINE_QK: tl.constexpr,
+    HQ: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
-    b = tl.program_id(2)
+    h, tile = _program_tile(HQ, GROUP, HEAD_MAJOR)
+    b = tl.program_id(1)
     q_start = tl.load(QStart + b)
     q_len = tl.load(QStart + b + 1) - q_start
     m0 = tile * BLOCK_M
@@ -373,7 +382,7 @@ def prefill_attention_hopper(
             ok, seq_lens, block_tables, block_tables.stride(0),
             PAGE=page, NP=cfg.block_n // page, BLOCK=max(256, cfg.block_n // page),
         )  # fmt: skip
-    grid = (hq, triton.cdiv(max_query_len, cfg.block_m), num_seqs)
+    grid = (hq * triton.cdiv(max_query_len, cfg.block_m), num_seqs)
     _prefill_tma_kernel[grid](
         q, _cache_desc(k_cache, cfg.block_n, d), _cache_desc(v_cache, cfg.block_n, d),
         out, lse, query_start_loc, seq_lens, block_tables, ok,
@@ -391,6 +400,8 @@ def prefill_attention_hopper(
         WARP_SPECIALIZE=cfg.warp_specialize,
         ROWS_FROM_TABLE=not _assume_contiguous,
         PIPELINE_QK=cfg.pipeline_qk,
+        HQ=hq,
+        HEAD_MAJOR=cfg.head_major,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
