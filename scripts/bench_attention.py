@@ -274,6 +274,7 @@ OURS = "triton (ours, paged)"  # the gather kernel, shuffled table (the row earl
 OLD_ORDER = "triton gather, heads innermost"  # the same, in the program order before head-major
 HOPPER_RUNS = "triton hopper (consecutive pages)"
 HOPPER_SHUFFLED = "triton hopper (shuffled pages)"
+HOPPER_OLD_ORDER = "triton hopper, heads innermost"  # consecutive pages, the order of round 1
 
 
 def bench_prefill(pick, seqs, gen, log, hcfg=None, efficient=True) -> list[dict]:
@@ -293,6 +294,10 @@ def bench_prefill(pick, seqs, gen, log, hcfg=None, efficient=True) -> list[dict]
             impls[HOPPER_RUNS] = ours_hopper(q, k, v, retable(meta, "runs", S), hcfg)
             impls[HOPPER_SHUFFLED] = ours_hopper(q, k, v, meta, hcfg)
             configs[HOPPER_RUNS] = configs[HOPPER_SHUFFLED] = hcfg
+            if hcfg.head_major:  # the same kernel in the other program order, side by side
+                h_old = HopperPrefillConfig(**{**hcfg.__dict__, "head_major": False})
+                impls[HOPPER_OLD_ORDER] = ours_hopper(q, k, v, retable(meta, "runs", S), h_old)
+                configs[HOPPER_OLD_ORDER] = h_old
         impls["sdpa flash"] = sdpa_fn(SDPBackend.FLASH_ATTENTION, qt, kt, vt, True)
         if efficient:
             impls["sdpa efficient"] = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, True)
@@ -416,7 +421,7 @@ def notes(rows: list[dict], pcfg, dcfg) -> list[str]:
     out = []
     for S in (4096, 16384, 32768, 65536):
         fl, cu = (get("prefill", i, S=S) for i in ("sdpa flash", "sdpa cudnn"))
-        for impl in (OLD_ORDER, OURS, HOPPER_RUNS, HOPPER_SHUFFLED):
+        for impl in (OLD_ORDER, OURS, HOPPER_OLD_ORDER, HOPPER_RUNS, HOPPER_SHUFFLED):
             ours = get("prefill", impl, S=S)
             if ours and fl:
                 out.append(
