@@ -1,8 +1,9 @@
 """FlashAttention-2 forward over packed variable-length queries and the paged KV cache (Triton).
 
-One launch covers the whole batch: the grid is ``(query head, query tile, sequence)``. Query tiles
-run heaviest first (the last tile of a causal sequence sees the most keys), and consecutive
-programs are the heads sharing one tile, so the heads of a GQA group read the same K/V through L2.
+One launch covers the whole batch: the grid is ``(query head x query tile, sequence)``. By default
+(``head_major``) the programs walk one KV head at a time, its query tiles heaviest first (the last
+tile of a causal sequence sees the most keys) and the heads of its GQA group innermost, so the
+programs resident on the GPU read the same K/V through L2 (``_program_tile``).
 A program whose tile lies past its sequence's query length exits at once, so the grid can be sized
 from ``max_query_len`` (known on the host) without a device-to-host copy.
 
