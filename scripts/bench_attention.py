@@ -4,7 +4,11 @@
 
 Prefill: causal, batch 1, 32 heads, head dim 128, bf16; TFLOP/s counted as 2*2*S^2*H*D/2 (the
 causal half of QK^T and PV) and the peak memory each call allocates beyond its inputs. Ours reads
-K/V through a shuffled block table (block size 16); SDPA reads the same memory as contiguous K/V.
+K/V through a block table (block size 16); SDPA reads the same memory as contiguous K/V. Rows:
+the pointer-gather (Ampere) kernel with a shuffled table; the Hopper TMA kernel with the table a
+fresh sequence gets from the block manager (consecutive blocks) and with a shuffled one (its
+sequences then go to the gather kernel). ``--sweep`` also times Hopper configs (tile shape,
+stages, warp specialisation) at 16K and uses the fastest.
 Decode: one query per sequence, batch 1 and 16, paged blocks; effective bandwidth counts the K and V
 bytes once. Each time is the median of CUDA-event timings after warm-up, with L2 flushed between
 repetitions. ``--sweep`` first times a few kernel configs and uses the fastest for the table.
@@ -27,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 
-from runtime.attention import triton_decode, triton_prefill  # noqa: E402
+from runtime.attention import triton_decode, triton_prefill, triton_prefill_hopper  # noqa: E402
 from runtime.attention.triton_decode import DecodeConfig  # noqa: E402
 from runtime.attention.triton_prefill import PrefillConfig  # noqa: E402
+from runtime.attention.triton_prefill_hopper import HopperPrefillConfig  # noqa: E402
 
 H, D, PAGE = 32, 128, 16
 DT = torch.bfloat16
@@ -40,6 +45,7 @@ COPY_CEILING_TBPS = 3.0  # device-to-device copy, bytes read + written
 # (spills), 64/128/4w/3s (spills): all slower at 16K than 128/128/8w/3s.
 PREFILL_SWEEP_LONG = [  # at 16K
     PrefillConfig(128, 128, 8, 3),
+    PrefillConfig(128, 128, 8, 3, head_major=False),  # the order before the head-major walk
     PrefillConfig(128, 64, 8, 3),
     PrefillConfig(128, 32, 4, 4),
 ]
@@ -50,14 +56,30 @@ PREFILL_SWEEP_SHORT = [  # at 1K
     PrefillConfig(64, 64, 4, 3),
     PrefillConfig(64, 32, 4, 4),
 ]
+# at 16K, consecutive pages: (block_m, block_n, warps, stages, warp-specialised, QK pipelined)
+HOPPER_SWEEP = [
+    HopperPrefillConfig(128, 128, 8, 3),
+    HopperPrefillConfig(128, 128, 8, 3, head_major=False),  # round 1's order
+    HopperPrefillConfig(128, 128, 8, 2),
+    HopperPrefillConfig(128, 64, 4, 3),
+    HopperPrefillConfig(128, 128, 8, 3, True),
+    HopperPrefillConfig(128, 64, 4, 3, True),
+    HopperPrefillConfig(128, 128, 8, 2, pipeline_qk=True),
+    HopperPrefillConfig(128, 64, 8, 3, pipeline_qk=True),
+]
+HOPPER_SWEEP_SEQS = (16384, 65536)
 # Earlier sweeps: block_n 32 and 128, 4 stages, 4 or 16 programs per SM were no better.
-DECODE_SWEEP = [
+DECODE_SWEEP = [  # (block_n, warps, stages, programs per SM, min chunk, resident per SM)
     DecodeConfig(64, 4, 3, 8, 256),
+    DecodeConfig(64, 4, 3, 8, 256, 2),
+    DecodeConfig(64, 4, 3, 8, 1024),
     DecodeConfig(64, 4, 3, 6, 256),
     DecodeConfig(64, 4, 3, 12, 256),
-    DecodeConfig(64, 4, 3, 8, 1024),
-    DecodeConfig(64, 4, 3, 8, 2048),
-    DecodeConfig(64, 8, 3, 8, 256),
+    DecodeConfig(64, 4, 3, 12, 256, 2),
+    DecodeConfig(128, 4, 2, 8, 256, 1),
+    DecodeConfig(64, 8, 3, 8, 256, 2),
+    DecodeConfig(32, 4, 6, 8, 256, 2),
+    DecodeConfig(64, 4, 2, 8, 256, 3),
 ]
 
 _flush = None
@@ -133,17 +155,41 @@ def sdpa_fn(backend, q, k, v, causal, gqa=False):
 # ---------------------------------------------------------------------------------------- prefill
 
 
-def prefill_inputs(S: int, gen: torch.Generator):
+def prefill_inputs(S: int, gen: torch.Generator, table: str = "shuffled"):
+    """Packed q and the caches; ``table`` "shuffled" (blocks anywhere) or "runs" (consecutive)."""
     q = torch.randn(S, H, D, device="cuda", dtype=DT, generator=gen)
     k = torch.randn(S, H, D, device="cuda", dtype=DT, generator=gen)
     v = torch.randn(S, H, D, device="cuda", dtype=DT, generator=gen)
     nblk = S // PAGE
+    if table == "shuffled":
+        bt = shuffled_table(1, nblk, torch.Generator().manual_seed(S))
+    else:
+        bt = torch.arange(nblk, dtype=torch.int32, device="cuda")[None]
     meta = dict(
         query_start_loc=torch.tensor([0, S], dtype=torch.int32, device="cuda"),
         seq_lens=torch.tensor([S], dtype=torch.int32, device="cuda"),
-        block_tables=shuffled_table(1, nblk, torch.Generator().manual_seed(S)),
+        block_tables=bt,
     )
     return q, k, v, meta
+
+
+def retable(meta: dict, table: str, S: int) -> dict:
+    nblk = S // PAGE
+    if table == "shuffled":
+        bt = shuffled_table(1, nblk, torch.Generator().manual_seed(S))
+    else:
+        bt = torch.arange(nblk, dtype=torch.int32, device="cuda")[None]
+    return dict(meta, block_tables=bt)
+
+
+def ours_hopper(q, k, v, meta, cfg: HopperPrefillConfig, contiguous: bool = False):
+    """The Hopper TMA path; ``contiguous``: rows from the first block (no table read per tile)."""
+    S = q.shape[0]
+    kc, vc = k.view(S // PAGE, PAGE, H, D), v.view(S // PAGE, PAGE, H, D)
+    return lambda: triton_prefill_hopper.prefill_attention_hopper(
+        q, kc, vc, meta["query_start_loc"], meta["seq_lens"], meta["block_tables"], S,
+        D**-0.5, config=cfg, _assume_contiguous=contiguous,
+    )  # fmt: skip
 
 
 def ours_prefill(q, k, v, meta, cfg):
@@ -168,9 +214,47 @@ def sweep_prefill(S: int, configs, gen, log) -> tuple[PrefillConfig, list[dict]]
             rows.append({"S": S, "config": cfg.__dict__, "ms": ms, "tflops": prefill_tflops(S, ms)})
         except Exception as e:  # a config may not fit in shared memory
             rows.append({"S": S, "config": cfg.__dict__, "error": repr(e)[:300]})
-        log(f"  sweep prefill S={S} {cfg}: {rows[-1].get('tflops', rows[-1].get('error'))}")
+        val = rows[-1].get("tflops", rows[-1].get("error"))
+        log(f"  sweep prefill S={S} {_cfg_name(cfg)}: {val:.0f}" if isinstance(val, float)
+            else f"  sweep prefill S={S} {_cfg_name(cfg)}: {val}")  # fmt: skip
     best = max((r for r in rows if "tflops" in r), key=lambda r: r["tflops"])
     return PrefillConfig(**best["config"]), rows
+
+
+def _cfg_name(cfg) -> str:
+    """``128/128/8w/3s`` plus ``ws`` (warp-specialised), ``pqk`` (pipelined QK), ``hi``
+    (heads innermost, the old program order)."""
+    flags = [f for f, on in (("ws", getattr(cfg, "warp_specialize", False)),
+                             ("pqk", getattr(cfg, "pipeline_qk", False)),
+                             ("hi", not cfg.head_major)) if on]  # fmt: skip
+    return "/".join([f"{cfg.block_m}/{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s", *flags])
+
+
+def sweep_hopper(seqs, gen, log) -> tuple[HopperPrefillConfig | None, list[dict]]:
+    """Hopper configs with consecutive pages at each of ``seqs``; the best by geometric mean.
+    The first config is also timed reading rows from the first block (no table read per tile)."""
+    rows, score = [], {}
+    for S in seqs:
+        q, k, v, meta = prefill_inputs(S, gen, table="runs")
+        for cfg in HOPPER_SWEEP:
+            for contiguous in (False, True) if cfg == HOPPER_SWEEP[0] else (False,):
+                row = {"S": S, "config": cfg.__dict__, "rows_from_first_block": contiguous}
+                try:
+                    ms = time_ms(ours_hopper(q, k, v, meta, cfg, contiguous), budget_ms=150)
+                    row.update(ms=ms, tflops=prefill_tflops(S, ms))
+                    if not contiguous:
+                        score[cfg] = score.get(cfg, 0.0) + math.log(row["tflops"])
+                except Exception as e:  # a config may not compile or fit in shared memory
+                    row["error"] = repr(e)[:300]
+                    score[cfg] = float("-inf")
+                rows.append(row)
+                val = f"{row['tflops']:.0f}" if "tflops" in row else row["error"][:120]
+                tag = " rows-from-first-block" if contiguous else ""
+                log(f"  sweep hopper S={S} {_cfg_name(cfg)}{tag}: {val}")
+        del q, k, v, meta
+        torch.cuda.empty_cache()
+    ok = {c: v for c, v in score.items() if v > float("-inf")}
+    return (max(ok, key=ok.get) if ok else None), rows
 
 
 def check_prefill(cfg: PrefillConfig, gen) -> float:
@@ -186,23 +270,44 @@ def check_prefill(cfg: PrefillConfig, gen) -> float:
     return (out.float() - ref.transpose(1, 2)[0].float()).abs().max().item()
 
 
-def bench_prefill(pick, seqs, gen, log) -> list[dict]:
+OURS = "triton (ours, paged)"  # the gather kernel, shuffled table (the row earlier runs had)
+OLD_ORDER = "triton gather, heads innermost"  # the same, in the program order before head-major
+HOPPER_RUNS = "triton hopper (consecutive pages)"
+HOPPER_SHUFFLED = "triton hopper (shuffled pages)"
+HOPPER_OLD_ORDER = "triton hopper, heads innermost"  # consecutive pages, the order of round 1
+
+
+def bench_prefill(pick, seqs, gen, log, hcfg=None, efficient=True) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
     rows = []
     for S in seqs:
         q, k, v, meta = prefill_inputs(S, gen)
         qt, kt, vt = (x.view(1, S, H, D).transpose(1, 2) for x in (q, k, v))
-        impls = {"triton (ours, paged)": ours_prefill(q, k, v, meta, pick(S))}
+        old = PrefillConfig(**{**pick(S).__dict__, "head_major": False})
+        impls = {
+            OLD_ORDER: ours_prefill(q, k, v, meta, old),
+            OURS: ours_prefill(q, k, v, meta, pick(S)),
+        }
+        configs = {OLD_ORDER: old, OURS: pick(S)}
+        if hcfg is not None:
+            impls[HOPPER_RUNS] = ours_hopper(q, k, v, retable(meta, "runs", S), hcfg)
+            impls[HOPPER_SHUFFLED] = ours_hopper(q, k, v, meta, hcfg)
+            configs[HOPPER_RUNS] = configs[HOPPER_SHUFFLED] = hcfg
+            if hcfg.head_major:  # the same kernel in the other program order, side by side
+                h_old = HopperPrefillConfig(**{**hcfg.__dict__, "head_major": False})
+                impls[HOPPER_OLD_ORDER] = ours_hopper(q, k, v, retable(meta, "runs", S), h_old)
+                configs[HOPPER_OLD_ORDER] = h_old
         impls["sdpa flash"] = sdpa_fn(SDPBackend.FLASH_ATTENTION, qt, kt, vt, True)
-        impls["sdpa efficient"] = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, True)
+        if efficient:
+            impls["sdpa efficient"] = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, True)
         impls["sdpa cudnn"] = sdpa_fn(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, True)
-        if S <= 4096:  # standard attention materialises S x S scores: 74 GiB at 16K
+        if S <= 4096 and efficient:  # standard attention materialises S x S scores
             impls["sdpa math"] = sdpa_fn(SDPBackend.MATH, qt, kt, vt, True)
         for name, fn in impls.items():
             row = {"kind": "prefill", "impl": name, "B": 1, "S": S, "H": H, "D": D}
-            if name.startswith("triton"):
-                row["config"] = pick(S).__dict__
+            if name in configs:
+                row["config"] = configs[name].__dict__
             try:
                 row["peak_gib"] = peak_gib(fn)
                 row["ms"] = time_ms(fn)
@@ -240,8 +345,9 @@ def kv_tbps(B: int, S: int, hkv: int, ms: float) -> float:
     return 2 * B * S * hkv * D * 2 / (ms * 1e-3) / 1e12
 
 
-def sweep_decode(cases, gen, log) -> tuple[DecodeConfig, list[dict]]:
-    rows, score = [], {}
+def sweep_decode(cases, gen, log) -> tuple[dict[bool, DecodeConfig], list[dict]]:
+    """The best config for MHA cases and for GQA cases (key ``hkv < H``), by geometric mean."""
+    rows, score = [], {False: {}, True: {}}
     for B, S, hkv in cases:
         inputs = decode_inputs(B, S, hkv, gen)
         for cfg in DECODE_SWEEP:
@@ -252,19 +358,23 @@ def sweep_decode(cases, gen, log) -> tuple[DecodeConfig, list[dict]]:
                 rows.append(
                     {"B": B, "S": S, "Hkv": hkv, "config": cfg.__dict__, "ms_graph": ms, "tbps": bw}
                 )
-                score[key] = score.get(key, 0.0) + math.log(bw)
+                sc = score[hkv < H]
+                sc[key] = sc.get(key, 0.0) + math.log(bw)
             except Exception as e:
                 rows.append({"B": B, "S": S, "config": cfg.__dict__, "error": repr(e)[:300]})
-                score[key] = float("-inf")
+                score[hkv < H][key] = float("-inf")
             val = rows[-1].get("tbps", rows[-1].get("error"))
-            log(f"  sweep decode B={B} S={S} Hkv={hkv} {cfg}: {val}")
+            val = f"{val:.2f}" if isinstance(val, float) else str(val)[:100]
+            name = "/".join(str(x) for x in cfg.__dict__.values())
+            log(f"  sweep decode B={B} S={S} Hkv={hkv} {name}: {val}")
         del inputs
         torch.cuda.empty_cache()
-    best = max(score, key=score.get)
-    return DecodeConfig(*best), rows
+    best = {gqa: DecodeConfig(*max(sc, key=sc.get)) for gqa, sc in score.items() if sc}
+    return best, rows
 
 
-def bench_decode(cfg: DecodeConfig, cases, gen, log) -> list[dict]:
+def bench_decode(pick, cases, gen, log) -> list[dict]:
+    """``pick(hkv)``: the decode config for that many KV heads."""
     from torch.nn.attention import SDPBackend
 
     rows = []
@@ -274,7 +384,7 @@ def bench_decode(cfg: DecodeConfig, cases, gen, log) -> list[dict]:
         kt = kc.view(B, S, hkv, D).transpose(1, 2)
         vt = vc.view(B, S, hkv, D).transpose(1, 2)
         qt = q.view(B, H, 1, D)
-        impls = {"triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, cfg)}
+        impls = {"triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, pick(hkv))}
         impls["sdpa flash"] = sdpa_fn(SDPBackend.FLASH_ATTENTION, qt, kt, vt, False, hkv != H)
         for name, fn in impls.items():
             row = {"kind": "decode", "impl": name, "B": B, "S": S, "H": H, "Hkv": hkv, "D": D}
@@ -309,19 +419,20 @@ def notes(rows: list[dict], pcfg, dcfg) -> list[str]:
         return None
 
     out = []
-    for S in (4096, 16384, 65536):
-        ours, fl, cu = (
-            get("prefill", i, S=S) for i in ("triton (ours, paged)", "sdpa flash", "sdpa cudnn")
-        )
-        if ours and fl:
-            out.append(
-                f"prefill S={S}: ours {ours:.0f} TFLOP/s = "
-                f"{ours / MATMUL_CEILING_TFLOPS:.0%} of the {MATMUL_CEILING_TFLOPS:.0f} TFLOP/s "
-                f"matmul ceiling; {ours / fl:.2f}x SDPA flash"
-                + (f", {ours / cu:.2f}x cuDNN" if cu else "")
-            )
+    for S in (4096, 16384, 32768, 65536):
+        fl, cu = (get("prefill", i, S=S) for i in ("sdpa flash", "sdpa cudnn"))
+        for impl in (OLD_ORDER, OURS, HOPPER_OLD_ORDER, HOPPER_RUNS, HOPPER_SHUFFLED):
+            ours = get("prefill", impl, S=S)
+            if ours and fl:
+                out.append(
+                    f"prefill S={S} {impl}: {ours:.0f} TFLOP/s = "
+                    f"{ours / MATMUL_CEILING_TFLOPS:.0%} of the {MATMUL_CEILING_TFLOPS:.0f} "
+                    f"TFLOP/s matmul ceiling; {ours / fl:.2f}x SDPA flash"
+                    + (f", {ours / cu:.2f}x cuDNN" if cu else "")
+                )
     for B, S, hkv in ((1, 8192, H), (1, 131072, H), (1, 262144, H), (16, 8192, H),
-                      (16, 262144, H), (1, 131072, 8), (16, 131072, 8)):  # fmt: skip
+                      (16, 262144, H), (1, 8192, 8), (1, 131072, 8), (16, 8192, 8),
+                      (16, 131072, 8)):  # fmt: skip
         rs = [
             next((r for r in rows if r["kind"] == "decode" and r["impl"] == impl and r["B"] == B
                   and r["S"] == S and r["Hkv"] == hkv and "tbps" in r), None)
@@ -338,9 +449,10 @@ def notes(rows: list[dict], pcfg, dcfg) -> list[str]:
             )
     out.append(
         "prefill is bound by the tensor cores and by how well Triton overlaps them with softmax: "
-        "the kernel is a plain FA-2 loop (pointer loads through the block table pipelined by "
-        "cp.async, wgmma chosen by the compiler) without the FA-3 tricks cuDNN uses (TMA, warp "
-        "specialisation with producer/consumer warpgroups, ping-pong softmax/matmul overlap)."
+        "the gather kernel is a plain FA-2 loop (pointer loads through the block table pipelined "
+        "by cp.async); the Hopper kernel brings each key tile in by one TMA copy (and, when its "
+        "config says so, runs the off-diagonal loop warp-specialised), which needs the tile's "
+        "pages to be consecutive blocks; shuffled pages fall back to the gather kernel."
     )
     out.append(
         "decode is bound by HBM bandwidth: each K/V byte is read once (the query heads of a GQA "
@@ -356,6 +468,7 @@ def kernel_info() -> list[dict]:
     info = []
     for name, fn in (
         ("prefill", triton_prefill._prefill_kernel),
+        ("prefill_hopper", triton_prefill_hopper._prefill_tma_kernel),
         ("decode_split", triton_decode._decode_split_kernel),
     ):
         try:
@@ -391,6 +504,13 @@ def main() -> None:
     ap.add_argument("--prefill-seqs", default="1024,4096,16384,32768,65536")
     ap.add_argument("--decode-seqs", default="8192,131072,262144")
     ap.add_argument("--decode-batches", default="1,16")
+    ap.add_argument("--no-hopper", action="store_true", help="skip the Hopper TMA kernel")
+    ap.add_argument(
+        "--no-gather-sweep", action="store_true", help="default config for the gather kernel"
+    )
+    ap.add_argument("--no-efficient", action="store_true", help="skip SDPA efficient and math")
+    ap.add_argument("--no-decode", action="store_true", help="prefill only")
+    ap.add_argument("--no-prefill", action="store_true", help="decode only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -419,42 +539,61 @@ def main() -> None:
 
     cuda = torch.device("cuda")
     pcfg = pcfg_short = triton_prefill.default_prefill_config(D, DT, cuda)
-    dcfg = triton_decode.default_decode_config(D, DT, cuda)
+    dcfgs = {
+        gqa: triton_decode.default_decode_config(D, DT, cuda, 8 if gqa else H) for gqa in (0, 1)
+    }
+    hopper = not args.no_hopper and torch.cuda.get_device_capability() >= (9, 0)
+    hcfg = triton_prefill_hopper.default_hopper_config(D, cuda) if hopper else None
     if not args.no_sweep:
         try:
-            pcfg, result["sweeps"]["prefill"] = sweep_prefill(16384, PREFILL_SWEEP_LONG, gen, log)
-            pcfg_short, short_rows = sweep_prefill(1024, PREFILL_SWEEP_SHORT, gen, log)
-            result["sweeps"]["prefill"] += short_rows
-            save()
-            cases = [(1, 8192, H), (1, 131072, H), (16, 8192, H), (1, 131072, 8)]
-            dcfg, result["sweeps"]["decode"] = sweep_decode(cases, gen, log)
+            if hopper and not args.no_prefill:
+                best, result["sweeps"]["hopper"] = sweep_hopper(HOPPER_SWEEP_SEQS, gen, log)
+                hcfg = best or hcfg
+                save()
+            if not args.no_prefill and not args.no_gather_sweep:
+                pcfg, result["sweeps"]["prefill"] = sweep_prefill(
+                    16384, PREFILL_SWEEP_LONG, gen, log
+                )
+                pcfg_short, short_rows = sweep_prefill(1024, PREFILL_SWEEP_SHORT, gen, log)
+                result["sweeps"]["prefill"] += short_rows
+                save()
+            if not args.no_decode:
+                cases = [(1, 4096, H), (1, 8192, H), (1, 131072, H), (16, 8192, H)]
+                cases += [(1, 131072, 8), (1, 8192, 8), (16, 131072, 8)]
+                best, result["sweeps"]["decode"] = sweep_decode(cases, gen, log)
+                dcfgs.update(best)
         except Exception as e:  # keep going with the defaults
             log(f"sweep failed: {e!r}")
         torch.cuda.empty_cache()
     pick = lambda S: pcfg if S >= SHORT_BELOW else pcfg_short
     result["prefill_config"] = {"long": pcfg.__dict__, "short": pcfg_short.__dict__}
-    result["decode_config"] = dcfg.__dict__
-    log(f"prefill config {pcfg} (short: {pcfg_short}); decode config {dcfg}")
-    check = check_prefill(pcfg, gen)
-    result["check_max_abs_diff_vs_sdpa_flash_4k"] = check
-    log(f"check: max |ours - sdpa flash| at 4K = {check:.3g}")
-    torch.cuda.empty_cache()
-    save()
-
+    result["hopper_config"] = hcfg.__dict__ if hcfg else None
+    dcfg = {"mha": dcfgs[False].__dict__, "gqa": dcfgs[True].__dict__}
+    result["decode_config"] = dcfg
+    log(f"prefill config {pcfg} (short: {pcfg_short}); hopper {hcfg}; decode config {dcfg}")
     rows = result["rows"]
-    rows += bench_prefill(pick, [int(s) for s in args.prefill_seqs.split(",")], gen, log)
-    save()
-    batches, seqs = args.decode_batches.split(","), args.decode_seqs.split(",")
-    cases = [(int(b), int(s), H) for b in batches for s in seqs]
-    cases += [(1, 131072, 8), (16, 131072, 8)]  # GQA (4 query heads per KV head)
-    rows += bench_decode(dcfg, cases, gen, log)
-    result["notes"] = notes(rows, result["prefill_config"], dcfg.__dict__)
+    if not args.no_prefill:
+        check = check_prefill(pcfg, gen)
+        result["check_max_abs_diff_vs_sdpa_flash_4k"] = check
+        log(f"check: max |ours - sdpa flash| at 4K = {check:.3g}")
+        torch.cuda.empty_cache()
+        save()
+        seqs = [int(s) for s in args.prefill_seqs.split(",")]
+        rows += bench_prefill(pick, seqs, gen, log, hcfg, efficient=not args.no_efficient)
+        save()
+    if not args.no_decode:
+        batches, seqs = args.decode_batches.split(","), args.decode_seqs.split(",")
+        cases = [(int(b), int(s), H) for b in batches for s in seqs]
+        # GQA (4 query heads per KV head)
+        cases += [(int(b), int(s), 8) for b in batches for s in seqs]
+        rows += bench_decode(lambda hkv: dcfgs[hkv < H], cases, gen, log)
+    result["notes"] = notes(rows, result["prefill_config"], dcfg)
     result["kernel_info"] = kernel_info()
     save()
 
     print(f"\n{dev_name}  torch {torch.__version__}  triton {triton.__version__}  -> {out_path}")
     head = ("kind", "impl", "B", "S", "Hkv", "ms", "TFLOP/s|TB/s", "graph ms", "TB/s", "peak GiB")
-    fmt = "{:8}{:22}{:>3}{:>7}{:>4}{:>9}{:>13}{:>9}{:>6}{:>9}"
+    fmt = "{:8}{:30}{:>3}{:>7}{:>4}{:>9}{:>13}{:>9}{:>6}{:>9}"
     print(fmt.format(*head))
     for r in rows:
         val = r.get("tflops", r.get("tbps"))
@@ -463,7 +602,7 @@ def main() -> None:
         gms = f"{r['ms_graph']:.3f}" if "ms_graph" in r else ""
         gbw = f"{r['tbps_graph']:.2f}" if "tbps_graph" in r else ""
         pk = f"{r['peak_gib']:.3f}" if "peak_gib" in r else ""
-        impl = r["impl"].replace(" (ours, paged)", " paged")
+        impl = r["impl"].replace(" (ours, paged)", " paged").replace("consecutive", "consec")
         print(fmt.format(r["kind"], impl, r["B"], r["S"], r.get("Hkv", H), ms, val, gms, gbw, pk))
     for n in result["notes"]:
         print("note:", n)

@@ -32,7 +32,12 @@ triton = pytest.importorskip("triton")
 # language helpers are compiled-mode objects that cannot run on the CPU: rerun this file alone.
 NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
 
-from runtime.attention import triton_backend, triton_decode  # noqa: E402
+from runtime.attention import (  # noqa: E402
+    triton_backend,
+    triton_decode,
+    triton_prefill,
+    triton_prefill_hopper,
+)
 from runtime.attention.base import AttentionBackend, AttentionMetadata  # noqa: E402
 from runtime.attention.reference import gather_kv, reference_attention  # noqa: E402
 
@@ -76,23 +81,55 @@ def _fast(values, keep):
     return [pytest.param(v, marks=() if v == keep else pytest.mark.slow) for v in values]
 
 
-def _backend():
-    return triton_backend.TritonBackend()
+# The Hopper TMA kernel runs where the GPU has it (sm_90+) and always in the interpreter.
+HAS_HOPPER = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
+# the interpreter is slow: there the mixes (which hold 1 and 17) stand for the single lengths
+HOPPER_MIXES = PREFILL_MIXES if ON_GPU else [m for m in PREFILL_MIXES if len(m) > 1 or m[0] > 100]
+
+
+def _backend(path="auto"):
+    return triton_backend.TritonBackend(prefill_path=path)
+
+
+def _tables(need, num_blocks, layout, rng, run=8):
+    """Block tables for sequences needing ``need[b]`` blocks out of ``num_blocks``.
+
+    ``shuffled``: every block anywhere; ``runs``: aligned runs of ``run`` consecutive blocks in
+    shuffled order (what the TMA kernel takes without the gather kernel); ``mixed``: sequences
+    alternately contiguous and shuffled (both Hopper kernels in one launch pair);
+    ``contiguous``: each sequence one consecutive run of blocks.
+    """
+    if layout == "runs":
+        n_runs = num_blocks // run
+        order = list(range(n_runs))
+        rng.shuffle(order)
+        pool = [r * run + j for r in order for j in range(run)]
+    else:
+        pool = list(range(num_blocks))
+        if layout == "shuffled":
+            rng.shuffle(pool)
+    tables, i = [], 0
+    for b, n in enumerate(need):
+        if layout == "runs":
+            i = -(-i // run) * run  # each sequence starts on a run
+        t = pool[i : i + n]
+        if layout == "mixed" and b % 2:
+            rng.shuffle(t)
+        tables.append(t)
+        i += n
+    return tables
 
 
 def _paged(
-    query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0
+    query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0, layout="shuffled"
 ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
-    """Metadata with shuffled block tables (plus unused blocks) and random caches."""
+    """Metadata with block tables laid out as ``layout`` (plus unused blocks), random caches."""
     rng = random.Random(seed)
     need = [(s + block_size - 1) // block_size for s in seq_lens]
     num_blocks = sum(need) + 3
-    perm = list(range(num_blocks))
-    rng.shuffle(perm)
-    tables, i = [], 0
-    for n in need:
-        tables.append(perm[i : i + n])
-        i += n
+    if layout == "runs":
+        num_blocks = 8 * (sum(-(-n // 8) for n in need) + 1)
+    tables = _tables(need, num_blocks, layout, rng)
     meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device=DEVICE)
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     shape = (num_blocks, block_size, hkv, d)
@@ -136,12 +173,16 @@ def _check(out, lse, q, k_cache, v_cache, meta, scale):
     assert err <= 2 * err_pt + atol, f"lse error {err:.3g} vs torch {q.dtype} {err_pt:.3g}"
 
 
-def _run_prefill(query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0):
-    meta, k_cache, v_cache = _paged(query_lens, seq_lens, hkv, d, dtype, block_size, seed)
+def _run_prefill(
+    query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0, path="auto", layout="shuffled"
+):
+    meta, k_cache, v_cache = _paged(
+        query_lens, seq_lens, hkv, d, dtype, block_size, seed, layout=layout
+    )
     g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
     q = torch.randn(sum(query_lens), HQ, d, generator=g, device=DEVICE).to(dtype)
     scale = d**-0.5
-    out, lse = _backend().prefill(q, k_cache, v_cache, meta, scale)
+    out, lse = _backend(path).prefill(q, k_cache, v_cache, meta, scale)
     _check(out, lse, q, k_cache, v_cache, meta, scale)
 
 
@@ -149,6 +190,141 @@ def _run_prefill(query_lens, seq_lens, hkv, d, dtype, block_size=16, seed=0):
 @pytest.mark.parametrize("group", _fast([1, 4, 8], keep=4))
 def test_prefill_ragged_gqa(lens, group):
     _run_prefill(lens, lens, HQ // group, HEAD_DIMS[0], torch.bfloat16, seed=len(lens) + group)
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("layout", ["runs", "mixed", "shuffled"])
+@pytest.mark.parametrize("lens", HOPPER_MIXES, ids=lambda x: "-".join(map(str, x)))
+def test_prefill_hopper_layouts(lens, layout):
+    """The TMA kernel on tables it reads whole (runs), partly (mixed) and not at all."""
+    _run_prefill(lens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16, seed=len(lens),
+                 path="hopper", layout=layout)  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("group", [1, 4])
+def test_chunked_prefill_hopper(group):
+    """Chunked prefill through TMA: earlier chunks' keys come from the cache's pages."""
+    qlens = [q for q, _ in CHUNKED]
+    slens = [s for _, s in CHUNKED]
+    _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], torch.bfloat16, seed=11,
+                 path="hopper", layout="mixed")  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("block_size", [8, 64, 256] if ON_GPU else [8, 64])
+def test_prefill_hopper_block_sizes(block_size):
+    """Pages smaller than a key tile (runs checked) and as large or larger (always TMA)."""
+    lens = [17, 113, 130] if not ON_GPU else [17, 113, 130, 1023, 2500]
+    _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.float16, block_size=block_size,
+                 path="hopper", layout="mixed")  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_prefill_hopper_ignores_stale_rows():
+    """NaN in cache rows past each sequence's end (inside the last tile's box) stays out."""
+    lens = [17, 113, 40]
+    meta, k_cache, v_cache = _paged(lens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16, 64,
+                                    layout="runs")  # fmt: skip
+    for b, slen in enumerate(lens):
+        last = meta.block_tables[b, (slen - 1) // 64]
+        k_cache[last, slen % 64 or 64 :] = float("nan")
+        v_cache[last, slen % 64 or 64 :] = float("nan")
+    spare = [i for i in range(k_cache.shape[0]) if i not in meta.block_tables.flatten().tolist()]
+    k_cache[spare] = float("nan")
+    v_cache[spare] = float("nan")
+    q = torch.randn(sum(lens), HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    out, lse = _backend("hopper").prefill(q, k_cache, v_cache, meta, 0.125)
+    _check(out, lse, q, k_cache, v_cache, meta, 0.125)
+
+
+HOPPER_VARIANTS = {
+    "heads-innermost": dict(head_major=False),
+    "pipelined-qk": dict(pipeline_qk=True),
+    "warp-specialized": dict(warp_specialize=True),
+    "one-block-row": dict(),  # the bench-only promise of one consecutive run per sequence
+}
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("variant", list(HOPPER_VARIANTS))
+def test_prefill_hopper_variants(variant):
+    """The config switches the bench sweeps (and the contiguous shortcut) give the same answer."""
+    lens, qlens = [17, 300, 113, 1], [17, 40, 113, 1]
+    if ON_GPU:
+        lens, qlens = lens + [2500], qlens + [1500]
+    meta, k_cache, v_cache = _paged(qlens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16,
+                                    layout="contiguous")  # fmt: skip
+    q = torch.randn(sum(qlens), HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    base = triton_prefill_hopper.default_hopper_config(HEAD_DIMS[0], DEVICE)
+    cfg = triton_prefill_hopper.HopperPrefillConfig(**{**base.__dict__,
+                                                       **HOPPER_VARIANTS[variant]})  # fmt: skip
+    out, lse = triton_prefill_hopper.prefill_attention_hopper(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        meta.max_query_len, 0.1, config=cfg, _assume_contiguous=variant == "one-block-row",
+    )  # fmt: skip
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_prefill_hopper_non_causal():
+    """causal=False (a partial over earlier blocks): every query sees all seq_len keys."""
+    qlens, lens = [3, 40, 1], [50, 40, 130]
+    hkv, d = HQ // 4, HEAD_DIMS[0]
+    meta, k_cache, v_cache = _paged(qlens, lens, hkv, d, torch.float16, layout="mixed")
+    q = torch.randn(sum(qlens), HQ, d, device=DEVICE).to(torch.float16)
+    out, lse = triton_prefill_hopper.prefill_attention_hopper(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        meta.max_query_len, 0.1, causal=False,
+    )  # fmt: skip
+    start = 0
+    for b, (qlen, slen) in enumerate(zip(qlens, lens)):
+        k = gather_kv(k_cache, meta.block_tables[b], slen).double().repeat_interleave(4, 1)
+        v = gather_kv(v_cache, meta.block_tables[b], slen).double().repeat_interleave(4, 1)
+        s = torch.einsum("qhd,khd->hqk", q[start : start + qlen].double(), k) * 0.1
+        ref = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
+        assert (out[start : start + qlen].double() - ref).abs().max() < 2e-3
+        ref_lse = torch.logsumexp(s, -1).transpose(0, 1)
+        assert (lse[start : start + qlen].double() - ref_lse).abs().max() < 1e-4
+        start += qlen
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_hopper_run_flags():
+    """The device check that routes each sequence to the TMA or the gather kernel."""
+    lens, page, run = [5, 40, 200, 16, 129, 64], 16, 4
+    need = [(s + page - 1) // page for s in lens]
+    tables = [
+        [0],  # one page: a run by itself
+        [4, 5, 6],  # consecutive
+        [8, 9, 10, 11, 20, 21, 22, 23, 12, 13, 14, 15, 40],  # aligned runs out of order
+        [30],
+        [50, 51, 52, 54, 60, 61, 62, 63, 70],  # a gap inside the first run
+        [80, 81, 82, 83],
+    ]
+    assert [len(t) for t in tables] == need
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, page, device=DEVICE)
+    meta.block_tables[5, 2] = 99  # the table is read on the device
+    ok = torch.empty(len(lens), dtype=torch.int32, device=DEVICE)
+    triton_prefill_hopper._runs_kernel[(len(lens),)](
+        ok, meta.seq_lens, meta.block_tables, meta.block_tables.stride(0),
+        PAGE=page, NP=run, BLOCK=8,
+    )  # fmt: skip
+    assert ok.tolist() == [1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_hopper_refuses_what_it_cannot_describe():
+    meta, k_cache, v_cache = _paged([5], [5], HQ // 4, HEAD_DIMS[0], torch.bfloat16, 16)
+    q = torch.randn(5, HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    wide = torch.zeros(k_cache.shape[:-1] + (2 * HEAD_DIMS[0],), dtype=k_cache.dtype,
+                       device=DEVICE)  # fmt: skip
+    strided = wide[..., : HEAD_DIMS[0]]  # rows of 2*D: not [blocks, page, Hkv, D] rows
+    with pytest.raises(ValueError, match="k cache is not"):
+        _backend("hopper").prefill(q, strided, v_cache, meta, 0.1)
+    assert not _backend("auto").use_hopper(q, strided, v_cache)
+    with pytest.raises(ValueError, match="prefill_path"):
+        triton_backend.TritonBackend(prefill_path="tma")
 
 
 @pytest.mark.slow
@@ -166,10 +342,26 @@ def test_prefill_dtypes_head_dims(dtype, d):
     _run_prefill(lens, lens, HQ // 4, d, dtype, seed=d)
 
 
+@pytest.mark.parametrize("head_major", [True, False])
+def test_prefill_program_orders(head_major):
+    """Both program orders of the gather kernel (GQA group innermost, or every head per tile)."""
+    lens = [17, 113, 130] if not ON_GPU else [17, 113, 130, 1023, 2500]
+    meta, k_cache, v_cache = _paged(lens, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16)
+    q = torch.randn(sum(lens), HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    base = triton_prefill.default_prefill_config(HEAD_DIMS[0], q.dtype, DEVICE)
+    cfg = triton_prefill.PrefillConfig(**{**base.__dict__, "head_major": head_major})
+    out, lse = triton_prefill.prefill_attention(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        meta.max_query_len, 0.1, config=cfg,
+    )  # fmt: skip
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
+
+
 @pytest.mark.parametrize("block_size", _fast([8, 64], keep=8))
 def test_prefill_block_sizes(block_size):
     lens = [17, 113, 130]
-    _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.bfloat16, block_size=block_size)
+    _run_prefill(lens, lens, HQ // 2, HEAD_DIMS[0], torch.bfloat16, block_size=block_size,
+                 path="ampere")  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -178,7 +370,7 @@ def test_chunked_prefill(dtype, group):
     """Queries are the tail of each sequence; earlier chunks' keys are already in the cache."""
     qlens = [q for q, _ in CHUNKED]
     slens = [s for _, s in CHUNKED]
-    _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], dtype, seed=7)
+    _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], dtype, seed=7, path="ampere")
 
 
 def _run_decode(seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16):
@@ -206,6 +398,31 @@ def test_decode(group, dtype):
 def test_decode_forced_splits(num_splits):
     """One split (direct write), a few, and more splits than short sequences have keys for."""
     _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits=num_splits)
+
+
+def test_decode_split_waves(monkeypatch):
+    """With resident_per_sm, the split count fills the last wave of programs (an H100 of 132
+    SMs, 2 programs each: 16 x 8 x 9 programs are 4.4 waves, 16 x 8 x 8 are 3.9)."""
+    monkeypatch.setattr(triton_decode, "_sm_count", lambda *_: 132)
+    cuda = torch.device("cuda")
+    old = triton_decode.DecodeConfig(64, 4, 3, 8, 256)
+    waves = triton_decode.DecodeConfig(64, 4, 3, 8, 256, resident_per_sm=2)
+    assert triton_decode.choose_num_splits(16, 8, 131072, cuda, old) == 9
+    assert triton_decode.choose_num_splits(16, 8, 131072, cuda, waves) == 8
+    # already full waves, or too short for more splits: unchanged
+    assert triton_decode.choose_num_splits(1, 32, 8192, cuda, waves) == 32
+    assert triton_decode.choose_num_splits(1, 8, 300, cuda, waves) == 2
+
+
+def test_decode_wave_fitted_config():
+    cfg = triton_decode.DecodeConfig(32, 4, 1, 3, 64, resident_per_sm=1)
+    meta, k_cache, v_cache = _paged([1] * 3, [700, 113, 1023], HQ // 4, HEAD_DIMS[0],
+                                    torch.bfloat16)  # fmt: skip
+    q = torch.randn(3, HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    out, lse = triton_backend.TritonBackend(decode_config=cfg).decode(
+        q, k_cache, v_cache, meta, 0.1
+    )
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
 
 
 @pytest.mark.slow

@@ -3,6 +3,11 @@
 Runs on CUDA GPUs of compute capability 8.0 or newer, and on the CPU when ``TRITON_INTERPRET=1``
 was set before the kernel modules were imported (CI runs the real kernels in Triton's
 interpreter that way, at tiny shapes).
+
+Prefill picks its kernel by capability: on Hopper (9.0+) the TMA kernel of
+``triton_prefill_hopper`` for float16/bfloat16 at head dims 64 and 128, else (Ampere, float32,
+other head dims, caches TMA cannot describe) the pointer-gather kernel of ``triton_prefill``.
+``prefill_path`` forces one ("hopper" also runs in the interpreter, for tests).
 """
 
 from __future__ import annotations
@@ -14,11 +19,19 @@ import torch
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 
 try:  # the kernel modules are reached through their module objects so that tests can reload them
-    from runtime.attention import triton_decode, triton_kv_write, triton_prefill
+    from runtime.attention import (
+        triton_decode,
+        triton_kv_write,
+        triton_prefill,
+        triton_prefill_hopper,
+    )
 
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # triton missing: the registry reports this reason
     _IMPORT_ERROR = f"triton is not importable ({e})"
+
+
+PREFILL_PATHS = ("auto", "hopper", "ampere")
 
 
 class TritonBackend(AttentionBackend):
@@ -31,11 +44,17 @@ class TritonBackend(AttentionBackend):
         self,
         prefill_config: triton_prefill.PrefillConfig | None = None,
         decode_config: triton_decode.DecodeConfig | None = None,
+        hopper_config: triton_prefill_hopper.HopperPrefillConfig | None = None,
+        prefill_path: str = "auto",
     ) -> None:
         if _IMPORT_ERROR is not None:
             raise ImportError(_IMPORT_ERROR)
+        if prefill_path not in PREFILL_PATHS:
+            raise ValueError(f"prefill_path={prefill_path!r}; valid: {', '.join(PREFILL_PATHS)}")
         self.prefill_config = prefill_config
         self.decode_config = decode_config
+        self.hopper_config = hopper_config
+        self.prefill_path = prefill_path
 
     @classmethod
     def supports(cls, device: torch.device) -> str | None:
@@ -73,17 +92,31 @@ class TritonBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        args = (q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables)
+        if self.use_hopper(q, k_cache, v_cache):
+            return triton_prefill_hopper.prefill_attention_hopper(
+                *args,
+                meta.max_query_len,
+                scale,
+                config=self.hopper_config,
+                gather_config=self.prefill_config,
+            )
         return triton_prefill.prefill_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.query_start_loc,
-            meta.seq_lens,
-            meta.block_tables,
-            meta.max_query_len,
-            scale,
-            config=self.prefill_config,
+            *args, meta.max_query_len, scale, config=self.prefill_config
         )
+
+    def use_hopper(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        """Whether prefill runs the TMA kernel: forced, or on sm_90+ where it applies."""
+        if self.prefill_path == "ampere":
+            return False
+        if self.prefill_path == "hopper":
+            return True  # prefill_attention_hopper raises naming why if it cannot
+        if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (9, 0):
+            return False
+        cfg = self.hopper_config or triton_prefill_hopper.default_hopper_config(
+            q.shape[-1], q.device
+        )
+        return triton_prefill_hopper.unsupported_reason(q, k_cache, v_cache, cfg) is None
 
     def decode(
         self,
@@ -122,7 +155,9 @@ class TritonBackend(AttentionBackend):
         """``(keys per split program,)``: what an eager decode of ``num_seqs`` sequences, the
         longest ``max_seq_len`` keys, would use, widened if needed so that the splits fit the
         grid the graph froze for ``capacity`` keys."""
-        cfg = self.decode_config or triton_decode.default_decode_config(head_dim, dtype, device)
+        cfg = self.decode_config or triton_decode.default_decode_config(
+            head_dim, dtype, device, num_kv_heads
+        )
         plan = triton_decode.split_plan
         _, grid = plan(num_seqs, num_kv_heads, capacity, device, cfg)
         chunk, splits = plan(num_seqs, num_kv_heads, max_seq_len, device, cfg)

@@ -21,6 +21,7 @@ keys (a sequence with no keys gets zeros and ``lse = -inf``).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,17 +40,35 @@ class DecodeConfig:
     num_stages: int
     programs_per_sm: int  # target number of split programs per SM (more: smaller tail wave)
     min_chunk: int  # fewest keys one split program handles
+    # split programs one SM holds at once (shared memory: stages x block_n x D x 2 bytes x K,V);
+    # > 0: fewer splits when that fills the last wave of programs better (see choose_num_splits)
+    resident_per_sm: int = 0
 
 
-def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """Chosen by scripts/bench_attention.py's sweep on an H100; small tiles in the interpreter."""
+# bf16/fp16, head dim <= 128: the H100 sweep of 2026-11-25 19:50 (scripts/bench_attention.py)
+# picked min_chunk 256 over 1024: a 4K context at batch 1 then has 16 splits per head, not 4
+DECODE_MHA = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256)
+# GQA (<= 8 KV heads): the same until the sweep says otherwise
+DECODE_GQA = DECODE_MHA
+
+
+def default_decode_config(
+    head_dim: int, dtype: torch.dtype, device: torch.device, num_kv_heads: int | None = None
+) -> DecodeConfig:
+    """Chosen by scripts/bench_attention.py's sweep on an H100; small tiles in the interpreter.
+
+    ``num_kv_heads`` (bytes per key, with the head dim): GQA caches of 8 or fewer KV heads hold
+    a quarter of MHA's bytes per token, so their split programs see fewer keys each.
+    """
     if device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=2, min_chunk=64)
     if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(
             block_n=32, num_warps=4, num_stages=2, programs_per_sm=8, min_chunk=1024
         )
-    return DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=1024)
+    if num_kv_heads is not None and num_kv_heads <= 8:
+        return DECODE_GQA
+    return DECODE_MHA
 
 
 @functools.cache
@@ -64,10 +83,23 @@ def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, cfg: DecodeConfig
 ) -> int:
     """Splits per sequence so that ``num_seqs * num_kv_heads * splits`` fills the GPU."""
-    target = _sm_count(device.type, device.index) * cfg.programs_per_sm
-    want = triton.cdiv(target, max(1, num_seqs * num_kv_heads))
+    sms = _sm_count(device.type, device.index)
+    pairs = max(1, num_seqs * num_kv_heads)
+    want = triton.cdiv(sms * cfg.programs_per_sm, pairs)
     by_len = triton.cdiv(max_seq_len, cfg.min_chunk)
-    return max(1, min(want, by_len, 256))
+    splits = max(1, min(want, by_len, 256))
+    if cfg.resident_per_sm > 0 and splits > 1:
+        # Equal-length programs run in waves of `slots`; a last wave 1/3 full costs as much as
+        # a full one (16 sequences x 8 KV heads x 9 splits = 4.4 waves of 264 on an H100, where
+        # 8 splits make 3.9). Take the fullest waves from half the splits up, then the most.
+        slots = sms * cfg.resident_per_sm
+
+        def fill(n: int) -> float:
+            waves = pairs * n / slots
+            return waves / math.ceil(waves)
+
+        splits = max(range(max(1, splits // 2), splits + 1), key=lambda n: (round(fill(n), 2), n))
+    return splits
 
 
 @triton.jit
@@ -290,7 +322,7 @@ def decode_attention(
     lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
     if B == 0:
         return out, lse
-    cfg = config or default_decode_config(d, q.dtype, q.device)
+    cfg = config or default_decode_config(d, q.dtype, q.device, hkv)
     group = hq // hkv
     block_d = max(16, triton.next_power_of_2(d))
     chunk, num_splits = split_plan(B, hkv, max_seq_len, q.device, cfg, num_splits)
@@ -330,15 +362,18 @@ def decode_attention(
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if not single:
+        splits_pad = min(128, max(2, triton.next_power_of_2(num_splits)))
         _decode_combine_kernel[(B, hq)](
             out, lse, part_out, part_lse, seq_lens, chunk_buffer, chunk,
             out.stride(0), out.stride(1), lse.stride(0), stride_pb, stride_ph,
             HEAD_DIM=d,
             BLOCK_D=block_d,
-            SPLITS_PAD=min(32, max(2, triton.next_power_of_2(num_splits))),
+            # all splits in one tile up to 128: one round of loads instead of a loop of them
+            # (B=1 with GQA has ~128 splits and only B * Hq combine programs)
+            SPLITS_PAD=splits_pad,
             DOT_MODE=dot_mode(q.dtype, q.device),
             CHUNK_FROM_PTR=from_ptr,
-            num_warps=4,
+            num_warps=4 if splits_pad <= 32 else 8,
         )  # fmt: skip
     return out, lse
 

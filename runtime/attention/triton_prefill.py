@@ -1,8 +1,9 @@
 """FlashAttention-2 forward over packed variable-length queries and the paged KV cache (Triton).
 
-One launch covers the whole batch: the grid is ``(query head, query tile, sequence)``. Query tiles
-run heaviest first (the last tile of a causal sequence sees the most keys), and consecutive
-programs are the heads sharing one tile, so the heads of a GQA group read the same K/V through L2.
+One launch covers the whole batch: the grid is ``(query head x query tile, sequence)``. By default
+(``head_major``) the programs walk one KV head at a time, its query tiles heaviest first (the last
+tile of a causal sequence sees the most keys) and the heads of its GQA group innermost, so the
+programs resident on the GPU read the same K/V through L2 (``_program_tile``).
 A program whose tile lies past its sequence's query length exits at once, so the grid can be sized
 from ``max_query_len`` (known on the host) without a device-to-host copy.
 
@@ -35,6 +36,7 @@ class PrefillConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    head_major: bool = True  # program order; see _program_tile
 
 
 # The fastest of scripts/bench_attention.py's sweeps on an H100 (bf16, head dim 128, 32 heads, 1K
@@ -88,6 +90,31 @@ def _cast(x, dtype: tl.constexpr, DOT_MODE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _program_tile(HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """``(query head, query tile)`` of this program; grid axis 0 is ``HQ * n_tiles``.
+
+    Within a head (a GQA group), the heaviest tiles come first. HEAD_MAJOR walks one KV head at
+    a time (the heads of its group innermost), so the ~130 programs resident on the GPU are
+    query tiles of one KV head, starting together at key 0: they stream the same K/V, which stays
+    in L2 (one head's K/V at 64K is 32 MB). Heads-innermost puts every head's tile t together;
+    if each program then streams its own K/V from HBM, 128 FLOP per byte of a 128x128 tile caps
+    the kernel near 3 TB/s x 128 = ~390 TFLOP/s on an H100, the plateau both orders were
+    compared against (scripts/bench_attention.py sweeps them).
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.num_programs(0) // HQ
+    if HEAD_MAJOR:
+        g = pid % GROUP
+        rest = pid // GROUP
+        tile = n_tiles - 1 - rest % n_tiles
+        h = (rest // n_tiles) * GROUP + g
+    else:
+        h = pid % HQ
+        tile = n_tiles - 1 - pid // HQ
+    return h, tile
 
 
 @triton.jit
@@ -167,6 +194,7 @@ def _prefill_kernel(
     QStart,
     SeqLens,
     BlockTables,
+    Skip,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -188,15 +216,20 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_MODE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SKIP_OK: tl.constexpr,
+    HQ: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest tiles first
-    b = tl.program_id(2)
+    h, tile = _program_tile(HQ, GROUP, HEAD_MAJOR)
+    b = tl.program_id(1)
     q_start = tl.load(QStart + b)
     q_len = tl.load(QStart + b + 1) - q_start
     m0 = tile * BLOCK_M
     if m0 >= q_len:
         return
+    if SKIP_OK:  # noqa: SIM102 (a constexpr test around a load)
+        if tl.load(Skip + b) != 0:  # the Hopper TMA kernel handled this sequence
+            return
     seq_len = tl.load(SeqLens + b)
     ctx = seq_len - q_len  # keys already in the cache before this step's queries
     kvh = h // GROUP
@@ -295,17 +328,42 @@ def prefill_attention(
     check_layout(q, k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    launch_prefill(
+        q, k_cache, v_cache, out, lse, query_start_loc, seq_lens, block_tables, max_query_len,
+        scale, config, causal,
+    )  # fmt: skip
+    return out, lse
+
+
+def launch_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    config: PrefillConfig | None,
+    causal: bool,
+    skip_ok: torch.Tensor | None = None,
+) -> None:
+    """Run the kernel into ``out``/``lse``; sequences ``b`` with ``skip_ok[b] != 0`` are left
+    alone (the Hopper TMA kernel wrote them)."""
     T, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
-    out = torch.empty_like(q)
-    lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
     num_seqs = seq_lens.shape[0]
     if T == 0 or num_seqs == 0:
-        return out, lse
+        return
     cfg = config or default_prefill_config(d, q.dtype, q.device)
-    grid = (hq, triton.cdiv(max_query_len, cfg.block_m), num_seqs)
+    grid = (hq * triton.cdiv(max_query_len, cfg.block_m), num_seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, lse, query_start_loc, seq_lens, block_tables,
+        seq_lens if skip_ok is None else skip_ok,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -319,10 +377,12 @@ def prefill_attention(
         BLOCK_N=cfg.block_n,
         DOT_MODE=dot_mode(q.dtype, q.device),
         CAUSAL=causal,
+        SKIP_OK=skip_ok is not None,
+        HQ=hq,
+        HEAD_MAJOR=cfg.head_major,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out, lse
 
 
 __all__ = [
@@ -330,5 +390,6 @@ __all__ = [
     "check_layout",
     "default_prefill_config",
     "dot_mode",
+    "launch_prefill",
     "prefill_attention",
 ]
