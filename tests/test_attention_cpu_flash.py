@@ -45,10 +45,11 @@ def test_flash_cpu_matches_reference_fp32(case, block_size, hq, hkv, layout):
     build = make_case if layout == "shuffled" else consecutive_case
     q, kc, vc, meta = build(*case, hq, hkv, 32, block_size, seed=11)
     backend = CpuFlashBackend()
+    runs = backend.runs(meta, block_size)
     if layout == "consecutive":
-        assert all(f is not None for f in backend._first_blocks(meta, block_size))
+        assert all(r is not None and len(r) == 1 for r in runs)
     elif max(meta.seq_lens_cpu) > 2 * block_size:
-        assert any(f is None for f in backend._first_blocks(meta, block_size))
+        assert any(r is None or len(r) > 1 for r in runs)
     out, lse = backend.forward(q, kc, vc, meta, 32**-0.5)
     ref_out, ref_lse = reference_attention(q, kc, vc, meta, 32**-0.5)
     assert out.dtype == torch.float32 and out.shape == q.shape
@@ -57,25 +58,37 @@ def test_flash_cpu_matches_reference_fp32(case, block_size, hq, hkv, layout):
     assert max_err(lse, ref_lse) < 1e-5
 
 
-def test_flash_cpu_mixed_runs_in_one_batch():
-    # one sequence read in place, one gathered, in the same call; the plan is made once per step
-    q, kc, vc, meta = make_case([113, 1], [1023, 600], 8, 2, 32, 16, seed=12)
-    tables = [list(range(64)), meta.block_tables[1, :38].tolist()]
-    kc2 = torch.cat([kc, torch.randn(64, *kc.shape[1:])])
-    vc2 = torch.cat([vc, torch.randn(64, *vc.shape[1:])])
-    tables[1] = [b + 64 for b in tables[1]]
-    meta = AttentionMetadata.build([113, 1], [1023, 600], tables, 16)
+def test_flash_cpu_few_runs_many_runs_and_chunks_across_runs():
+    # sequence 0: blocks in three runs, its chunk (positions 900..1022) crosses the last boundary;
+    # sequence 1: one run; sequence 2: scattered over more runs than MAX_RUNS (gathered);
+    # sequence 3: decode over two runs
+    bs = 16
+    t0 = list(range(100, 130)) + list(range(10, 30)) + list(range(200, 214))  # 64 blocks
+    t1 = list(range(300, 338))  # 38 blocks
+    t2 = list(range(400, 464, 2))  # 32 blocks, none consecutive
+    t3 = list(range(500, 505)) + list(range(40, 45))  # 10 blocks
+    query_lens, seq_lens = [123, 600, 17, 1], [1023, 600, 500, 160]
+    width = 64
+    tables = [t + [0] * (width - len(t)) for t in (t0, t1, t2, t3)]
+    g = torch.Generator().manual_seed(12)
+    kc = torch.randn(520, bs, 2, 32, generator=g)
+    vc = torch.randn(520, bs, 2, 32, generator=g)
+    q = torch.randn(sum(query_lens), 8, 32, generator=g)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, bs)
     backend = CpuFlashBackend()
-    assert backend._first_blocks(meta, 16) == [0, None]
-    out, lse = backend.forward(q, kc2, vc2, meta, 0.2)
-    ref_out, ref_lse = reference_attention(q, kc2, vc2, meta, 0.2)
+    runs = backend.runs(meta, bs)
+    assert runs[0] == [(0, 480, 1600), (480, 800, 160), (800, 1023, 3200)]
+    assert runs[1] == [(0, 600, 4800)] and runs[2] is None
+    assert runs[3] == [(0, 80, 8000), (80, 160, 640)]
+    out, lse = backend.forward(q, kc, vc, meta, 0.2)
+    ref_out, ref_lse = reference_attention(q, kc, vc, meta, 0.2)
     assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
-    # a new step (new metadata) with other tables is planned afresh, not served from the cache
-    meta2 = AttentionMetadata.build([1, 1], [1023, 600], [tables[1] + [0] * 26, tables[0]], 16)
-    assert backend._first_blocks(meta2, 16) == [None, 0]
+    # the plan is made once per step; a new step (new metadata) is planned afresh
+    assert backend.runs(meta, bs) is runs
+    meta2 = AttentionMetadata.build([1], [600], [t1], bs)
+    assert backend.runs(meta2, bs) == [[(0, 600, 4800)]]
 
 
-@pytest.mark.slow  # bf16 on CPUs is slow
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_flash_cpu_bf16_within_flash_rule(case):
     q, kc, vc, meta = make_case(*CASES[CASE_IDS.index(case)], 8, 2, 64, 16, torch.bfloat16, 1)

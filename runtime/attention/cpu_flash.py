@@ -5,9 +5,10 @@ blocked online softmax, vectorised, split over heads and query blocks on the int
 that returns the log-sum-exp the contract asks for and reads grouped-query K/V heads without
 repeating them. This backend feeds it the paged cache with as few copies as possible:
 
-* a sequence whose blocks are consecutive in the cache (the usual case: the allocator hands out
-  runs) is a plain strided *view* of the cache, ``[seq_len, Hkv, D]``; no key is copied. Other
-  sequences gather their blocks (whole blocks, not single slots) into one contiguous buffer.
+* a run of consecutive blocks in the cache (the allocator hands out runs) is a plain strided
+  *view* of the cache, ``[run_len, Hkv, D]``: no key is copied. A sequence whose blocks form a
+  few runs gets one kernel call per run, merged exactly through ``lse``; one scattered over more
+  than ``MAX_RUNS`` runs gathers its blocks (whole blocks, not single slots) into one buffer.
 * chunked prefill (queries at positions ``p0 .. p0+n-1`` over keys ``0 .. p0+n-1``) is two calls
   merged exactly through ``lse``: the earlier keys ``[0, p0)``, all visible, and the chunk's own
   keys ``[p0, p0+n)``, causal with the kernel's top-left diagonal, which is the right one there
@@ -15,7 +16,8 @@ repeating them. This backend feeds it the paged cache with as few copies as poss
 * decode folds the query heads of one K/V head into the query rows (``[1, Hkv, group, D]``, a
   view), so each K/V byte is read once per step rather than once per query head.
 
-The block-table analysis is made once per step (the metadata object) and shared by all layers.
+The run analysis of the block tables is made once per step (per metadata object) and shared by
+all layers.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ def _flash(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Ten
     return getattr(torch.ops.aten, _OP_NAME)(q, k, v, 0.0, causal, scale=scale)
 
 
+MAX_RUNS = 8  # more runs of consecutive blocks than this: gather the sequence instead
+
+
 class CpuFlashBackend(AttentionBackend):
-    """Per-sequence calls of torch's CPU flash-attention kernel; K/V read in place when the
-    sequence's blocks are consecutive, else gathered block by block."""
+    """Per-sequence calls of torch's CPU flash-attention kernel; K/V read in place, one call per
+    run of consecutive blocks, partial results merged through ``lse``."""
 
     name = "flash_cpu"
 
     def __init__(self) -> None:
         self._plan_meta: AttentionMetadata | None = None
-        self._plan: list[int | None] = []
+        self._plan: list[list[tuple[int, int, int]] | None] = []
 
     @classmethod
     def supports(cls, device: torch.device) -> str | None:
@@ -52,35 +57,71 @@ class CpuFlashBackend(AttentionBackend):
         return None
 
     # -- K/V without copies --------------------------------------------------------------------
-    def _first_blocks(self, meta: AttentionMetadata, block_size: int) -> list[int | None]:
-        """Per sequence: the first block id when its blocks are consecutive, else None.
+    def runs(
+        self, meta: AttentionMetadata, block_size: int
+    ) -> list[list[tuple[int, int, int]] | None]:
+        """Per sequence: its keys as runs ``(first_pos, end_pos, first_slot)`` of consecutive
+        cache slots, or None when there are more than ``MAX_RUNS`` (then it is gathered).
 
         Computed once per metadata object (one step) and reused by every layer."""
         if self._plan_meta is meta:
             return self._plan
-        plan: list[int | None] = []
+        plan: list[list[tuple[int, int, int]] | None] = []
         tables = meta.block_tables
         for b, slen in enumerate(meta.seq_lens_cpu):
             n = -(-slen // block_size)
             row = tables[b, :n]
-            first = int(row[0])
-            # consecutive iff the row equals first, first+1, ...: one comparison, no Python loop
-            ok = n == 1 or bool((row == torch.arange(first, first + n, dtype=row.dtype)).all())
-            plan.append(first if ok else None)
+            # block i starts a run where it does not follow block i-1
+            starts = [0] + (torch.nonzero(row[1:] != row[:-1] + 1).view(-1) + 1).tolist()
+            if len(starts) > MAX_RUNS:
+                plan.append(None)
+                continue
+            ids = row[starts].tolist()
+            ends = starts[1:] + [n]
+            plan.append(
+                [
+                    (s * block_size, min(e * block_size, slen), first * block_size)
+                    for s, e, first in zip(starts, ends, ids)
+                ]
+            )
         self._plan_meta, self._plan = meta, plan
         return plan
 
     @staticmethod
-    def _kv(cache: torch.Tensor, meta: AttentionMetadata, b: int, slen: int, first: int | None):
-        """Sequence ``b``'s keys (or values) in position order, ``[1, Hkv, slen, D]``."""
+    def _in_place(cache: torch.Tensor, lo: int, hi: int, slot: int) -> torch.Tensor:
+        """Keys (or values) at positions ``[lo, hi)`` of a run starting at ``slot``, ``[1, Hkv,
+        hi - lo, D]``: a view of the cache."""
         nb, bs, hkv, d = cache.shape
-        if first is not None:
-            flat = cache.view(nb * bs, hkv, d)[first * bs : first * bs + slen]
-        else:
-            n = -(-slen // bs)
-            blocks = cache.index_select(0, meta.block_tables[b, :n].to(torch.long))
-            flat = blocks.view(n * bs, hkv, d)[:slen]
+        return cache.view(nb * bs, hkv, d)[slot : slot + hi - lo].permute(1, 0, 2).unsqueeze(0)
+
+    @staticmethod
+    def _gathered(cache: torch.Tensor, table: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Keys (or values) at positions ``[lo, hi)`` copied block by block, ``[1, Hkv, hi - lo,
+        D]``."""
+        nb, bs, hkv, d = cache.shape
+        b0, b1 = lo // bs, -(-hi // bs)
+        blocks = cache.index_select(0, table[b0:b1].to(torch.long))
+        flat = blocks.view((b1 - b0) * bs, hkv, d)[lo - b0 * bs : hi - b0 * bs]
         return flat.permute(1, 0, 2).unsqueeze(0)
+
+    def _segments(self, k_cache, v_cache, meta, b: int, lo: int, hi: int, runs):
+        """``(k, v)`` pieces covering positions ``[lo, hi)`` of sequence ``b``, in place where
+        its runs allow (one piece per run it crosses), else one gathered piece. No piece is
+        empty (the kernel divides by the key count)."""
+        if lo >= hi:
+            return []
+        if runs is None:
+            table = meta.block_tables[b]
+            return [
+                (self._gathered(k_cache, table, lo, hi), self._gathered(v_cache, table, lo, hi))
+            ]
+        out = []
+        for r0, r1, slot in runs:
+            a, z = max(lo, r0), min(hi, r1)
+            if a < z:
+                s = slot + a - r0
+                out.append((self._in_place(k_cache, a, z, s), self._in_place(v_cache, a, z, s)))
+        return out
 
     # -- the contract ----------------------------------------------------------------------------
     def prefill(
@@ -93,44 +134,50 @@ class CpuFlashBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, hq, d = q.shape
         _group(hq, k_cache.shape[2])
-        plan = self._first_blocks(meta, k_cache.shape[1])
+        plan = self.runs(meta, k_cache.shape[1])
         out = torch.empty_like(q)
         lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
         start = 0
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            k = self._kv(k_cache, meta, b, slen, plan[b]).to(q.dtype)
-            v = self._kv(v_cache, meta, b, slen, plan[b]).to(q.dtype)
             qs = q[start : start + qlen]
-            if qlen == 1:
-                o, l_ = self._decode_one(qs, k, v, scale)
+            p0 = slen - qlen
+            parts = []
+            if qlen == 1:  # decode: the query sees every key; no causal part
+                for k, v in self._segments(k_cache, v_cache, meta, b, 0, slen, plan[b]):
+                    parts.append(_decode_call(qs, k.to(q.dtype), v.to(q.dtype), scale))
             else:
-                o, l_ = self._chunk(qs, k, v, slen - qlen, scale)
+                # the chunk's own keys: causal, queries and keys start together (top-left)
+                diag = self._segments(k_cache, v_cache, meta, b, p0, slen, plan[b])
+                if len(diag) > 1:  # the chunk crosses runs: copy its keys (small) in one piece
+                    diag = self._segments(k_cache, v_cache, meta, b, p0, slen, None)
+                k, v = diag[0]
+                parts.append(_chunk_call(qs, k.to(q.dtype), v.to(q.dtype), True, scale))
+                # the earlier chunks' keys: all visible to every query
+                for k, v in self._segments(k_cache, v_cache, meta, b, 0, p0, plan[b]):
+                    parts.append(_chunk_call(qs, k.to(q.dtype), v.to(q.dtype), False, scale))
+            o, l_ = parts[0]
+            for o2, l2 in parts[1:]:
+                o, l_ = merge_attention_states(o, l_, o2, l2)
             out[start : start + qlen] = o
             lse[start : start + qlen] = l_
             start += qlen
         return out, lse
 
-    @staticmethod
-    def _chunk(q, k, v, p0: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries ``q [n, Hq, D]`` at positions ``p0 ..``; keys ``[1, Hkv, p0 + n, D]``."""
-        qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D], a view
-        o, l_ = _flash(qh, k[:, :, p0:], v[:, :, p0:], True, scale)
-        o, l_ = o[0].transpose(0, 1), l_[0].transpose(0, 1)  # [n, Hq, D], [n, Hq]
-        if p0:  # the earlier chunks' keys: every query sees all of them
-            o_prev, l_prev = _flash(qh, k[:, :, :p0], v[:, :, :p0], False, scale)
-            o, l_ = merge_attention_states(
-                o_prev[0].transpose(0, 1), l_prev[0].transpose(0, 1), o, l_
-            )
-        return o, l_
 
-    @staticmethod
-    def _decode_one(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query ``q [1, Hq, D]`` over all keys: the group's heads become query rows."""
-        hq, d = q.shape[1:]
-        hkv = k.shape[1]
-        qh = q.view(1, hkv, hq // hkv, d)
-        o, l_ = _flash(qh, k, v, False, scale)
-        return o.reshape(1, hq, d), l_.reshape(1, hq)
+def _chunk_call(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``q [n, Hq, D]`` over keys ``[1, Hkv, N, D]`` -> ``[n, Hq, D]`` (float32 when it
+    is to be merged), ``[n, Hq]``."""
+    o, l_ = _flash(q.transpose(0, 1).unsqueeze(0), k, v, causal, scale)
+    return o[0].transpose(0, 1).float(), l_[0].transpose(0, 1)
+
+
+def _decode_call(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query ``q [1, Hq, D]`` over keys ``[1, Hkv, N, D]``: the query heads of a K/V head
+    become its query rows (a view), so each K/V byte is read once, not once per query head."""
+    hq, d = q.shape[1:]
+    hkv = k.shape[1]
+    o, l_ = _flash(q.reshape(1, hkv, hq // hkv, d), k, v, False, scale)
+    return o.reshape(1, hq, d).float(), l_.reshape(1, hq)
 
 
 def _group(hq: int, hkv: int) -> int:
