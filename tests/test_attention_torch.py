@@ -269,7 +269,7 @@ def test_registry_names_and_unknown_name():
     assert isinstance(get_backend("torch", q_tile=64), TorchTiledBackend)
     assert get_backend("torch", q_tile=64).q_tile == 64
     assert isinstance(get_backend("sdpa"), SdpaBackend)
-    assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend_name("auto", torch.device("cpu")) == "flash_cpu"
     with pytest.raises(UnknownBackendError) as e:
         get_backend("nope")
     for name in ("nope", "torch", "sdpa", "triton"):

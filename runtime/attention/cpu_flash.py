@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from runtime.attention.base import AttentionBackend, AttentionMetadata
-from runtime.attention.merge import merge_attention_states
 
 _OP_NAME = "_scaled_dot_product_flash_attention_for_cpu"
 
@@ -135,8 +134,7 @@ class CpuFlashBackend(AttentionBackend):
         T, hq, d = q.shape
         _group(hq, k_cache.shape[2])
         plan = self.runs(meta, k_cache.shape[1])
-        out = torch.empty_like(q)
-        lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
+        results = []
         start = 0
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             qs = q[start : start + qlen]
@@ -144,31 +142,53 @@ class CpuFlashBackend(AttentionBackend):
             parts = []
             if qlen == 1:  # decode: the query sees every key; no causal part
                 for k, v in self._segments(k_cache, v_cache, meta, b, 0, slen, plan[b]):
-                    parts.append(_decode_call(qs, k.to(q.dtype), v.to(q.dtype), scale))
+                    parts.append(_decode_call(qs, _as(k, q.dtype), _as(v, q.dtype), scale))
             else:
                 # the chunk's own keys: causal, queries and keys start together (top-left)
                 diag = self._segments(k_cache, v_cache, meta, b, p0, slen, plan[b])
                 if len(diag) > 1:  # the chunk crosses runs: copy its keys (small) in one piece
                     diag = self._segments(k_cache, v_cache, meta, b, p0, slen, None)
                 k, v = diag[0]
-                parts.append(_chunk_call(qs, k.to(q.dtype), v.to(q.dtype), True, scale))
+                parts.append(_chunk_call(qs, _as(k, q.dtype), _as(v, q.dtype), True, scale))
                 # the earlier chunks' keys: all visible to every query
                 for k, v in self._segments(k_cache, v_cache, meta, b, 0, p0, plan[b]):
-                    parts.append(_chunk_call(qs, k.to(q.dtype), v.to(q.dtype), False, scale))
-            o, l_ = parts[0]
-            for o2, l2 in parts[1:]:
-                o, l_ = merge_attention_states(o, l_, o2, l2)
+                    parts.append(_chunk_call(qs, _as(k, q.dtype), _as(v, q.dtype), False, scale))
+            results.append(_merge(parts))
+            start += qlen
+        if len(results) == 1:  # one sequence: no copies into a batch output
+            o, l_ = results[0]
+            return _as(o, q.dtype), l_
+        out = torch.empty_like(q)
+        lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
+        start = 0
+        for (o, l_), qlen in zip(results, meta.query_lens_cpu):
             out[start : start + qlen] = o
             lse[start : start + qlen] = l_
             start += qlen
         return out, lse
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of partial ``(out [n, H, D], lse [n, H])`` over disjoint key sets, in float32.
+    Every part saw at least one key (no part is empty, no row of a part is fully masked), so
+    every lse is finite and no guard against empty sides is needed."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([l_ for _, l_ in parts])  # [P, n, H]
+    lse = torch.logsumexp(lses, dim=0)
+    w = torch.exp(lses - lse).unsqueeze(-1)  # [P, n, H, 1]
+    out = (torch.stack([o for o, _ in parts]).float() * w).sum(dim=0)
+    return out, lse
+
+
 def _chunk_call(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries ``q [n, Hq, D]`` over keys ``[1, Hkv, N, D]`` -> ``[n, Hq, D]`` (float32 when it
-    is to be merged), ``[n, Hq]``."""
+    """Queries ``q [n, Hq, D]`` over keys ``[1, Hkv, N, D]`` -> ``[n, Hq, D]``, ``[n, Hq]``."""
     o, l_ = _flash(q.transpose(0, 1).unsqueeze(0), k, v, causal, scale)
-    return o[0].transpose(0, 1).float(), l_[0].transpose(0, 1)
+    return o[0].transpose(0, 1), l_[0].transpose(0, 1)
 
 
 def _decode_call(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +197,7 @@ def _decode_call(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     hq, d = q.shape[1:]
     hkv = k.shape[1]
     o, l_ = _flash(q.reshape(1, hkv, hq // hkv, d), k, v, False, scale)
-    return o.reshape(1, hq, d).float(), l_.reshape(1, hq)
+    return o.reshape(1, hq, d), l_.reshape(1, hq)
 
 
 def _group(hq: int, hkv: int) -> int:
