@@ -4,8 +4,8 @@ CPUs differ (vector width, cores, torch build), so the choice is measured rather
 each candidate runs the model's attention shape on two small cases, a prefill chunk over earlier
 keys and a decode step, with the keys in whole runs of blocks as the allocator lays them out.
 A candidate whose result differs from the float64 reference by more than float rounding is not
-exact and drops out; of the others the one with the least total time (best of a few rounds,
-candidates interleaved so that a busy moment hits all alike) wins. Tens of milliseconds on an idle
+exact and drops out; of the others the one with the least total time wins, each case timed by
+its best of a few rounds, candidates interleaved so that a busy moment hits all alike. Tens of milliseconds on an idle
 machine.
 """
 
@@ -23,7 +23,7 @@ from runtime.attention.reference import reference_attention
 log = logging.getLogger(__name__)
 
 CPU_CANDIDATES = ("flash_cpu", "torch")
-ROUNDS = 3
+ROUNDS = 5
 # (query length, sequence length): a chunk after earlier chunks, and a decode step
 CASES = ((128, 512), (1, 1024))
 
@@ -85,14 +85,17 @@ def choose_cpu_backend(shape: AttentionShape, candidates: dict[str, AttentionBac
         (exact.__setitem__(name, backend) if ok else dropped.append(name))
     if not exact:
         raise RuntimeError(f"no exact attention backend among {list(candidates)} on this CPU")
-    best: dict[str, float] = {name: float("inf") for name in exact}
+    # best time of each (candidate, case): on a busy machine a call is sometimes descheduled
+    # for a time slice (worse for a kernel whose threads wait for each other), and the best of
+    # a few tries is the cost of the work itself
+    best = {(name, i): float("inf") for name in exact for i in range(len(cases))}
     for _ in range(ROUNDS):
         for name, backend in exact.items():  # interleaved: load changes hit every candidate
-            t0 = time.perf_counter()
-            for q, kc, vc, meta in cases:
+            for i, (q, kc, vc, meta) in enumerate(cases):
+                t0 = time.perf_counter()
                 backend.forward(q, kc, vc, meta, scale)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    ms = {name: 1000 * s for name, s in best.items()}
+                best[name, i] = min(best[name, i], time.perf_counter() - t0)
+    ms = {name: 1000 * sum(best[name, i] for i in range(len(cases))) for name in exact}
     name = min(ms, key=ms.get)
     timings = ", ".join(f"{n} {t:.2f} ms" for n, t in sorted(ms.items(), key=lambda x: x[1]))
     reason = f"auto: fastest exact on this CPU: {timings}"
