@@ -91,7 +91,12 @@ class CpuFlashBackend(AttentionBackend):
         """Keys (or values) at positions ``[lo, hi)`` of a run starting at ``slot``, ``[1, Hkv,
         hi - lo, D]``: a view of the cache."""
         nb, bs, hkv, d = cache.shape
-        return cache.view(nb * bs, hkv, d)[slot : slot + hi - lo].permute(1, 0, 2).unsqueeze(0)
+        if not cache.is_contiguous():
+            flat = cache.reshape(nb * bs, hkv, d)[slot : slot + hi - lo]
+            return flat.permute(1, 0, 2).unsqueeze(0)
+        # one strided view straight from the cache (a slot is hkv*d apart, a head d apart)
+        offset = cache.storage_offset() + slot * hkv * d
+        return cache.as_strided((1, hkv, hi - lo, d), (0, d, hkv * d, 1), offset)
 
     @staticmethod
     def _gathered(cache: torch.Tensor, table: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
