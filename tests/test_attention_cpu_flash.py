@@ -134,3 +134,14 @@ def test_flash_cpu_heads_must_group_evenly():
     q, kc, vc, meta = make_case([3], [3], 6, 4, 8, 16)
     with pytest.raises(ValueError, match="multiple"):
         CpuFlashBackend().prefill(q, kc, vc, meta, 1.0)
+
+
+def test_flash_cpu_plan_is_remade_when_a_reused_metadata_changes():
+    # a metadata object reused for the next step (lengths grown, table rewritten) is planned again
+    q, kc, vc, meta = consecutive_case([1], [40], 8, 2, 32, 16, seed=13)
+    backend = CpuFlashBackend()
+    first = backend.runs(meta, 16)
+    meta.seq_lens_cpu = (41,)
+    meta.block_tables = torch.tensor([[5, 9, 2]], dtype=torch.int32)
+    assert backend.runs(meta, 16) != first
+    assert backend.runs(meta, 16) == [[(0, 16, 80), (16, 32, 144), (32, 41, 32)]]

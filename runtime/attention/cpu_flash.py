@@ -44,7 +44,7 @@ class CpuFlashBackend(AttentionBackend):
     name = "flash_cpu"
 
     def __init__(self) -> None:
-        self._plan_meta: AttentionMetadata | None = None
+        self._plan_key: tuple | None = None  # (metadata, its block tables, its lengths)
         self._plan: list[list[tuple[int, int, int]] | None] = []
 
     @classmethod
@@ -63,7 +63,10 @@ class CpuFlashBackend(AttentionBackend):
         cache slots, or None when there are more than ``MAX_RUNS`` (then it is gathered).
 
         Computed once per metadata object (one step) and reused by every layer."""
-        if self._plan_meta is meta:
+        # the same step: the same metadata object with the same tables and lengths (a metadata
+        # object reused across steps gets new lengths, so it is planned again)
+        k = self._plan_key
+        if k and k[0] is meta and k[1] is meta.block_tables and k[2] == meta.seq_lens_cpu:
             return self._plan
         plan: list[list[tuple[int, int, int]] | None] = []
         tables = meta.block_tables
@@ -83,7 +86,7 @@ class CpuFlashBackend(AttentionBackend):
                     for s, e, first in zip(starts, ends, ids)
                 ]
             )
-        self._plan_meta, self._plan = meta, plan
+        self._plan_key, self._plan = (meta, meta.block_tables, meta.seq_lens_cpu), plan
         return plan
 
     @staticmethod
