@@ -93,9 +93,11 @@ class Engine:
     def ready_line(self, seconds: float) -> str:
         """The start-up line the CLI, the API's users and the demo print."""
         info = self.device_infos[0]
+        why = info.get("attention_reason", "asked for")  # how auto chose, e.g. measured times
+        attention = info["attention"] + ("" if why == "asked for" else f" ({why})")
         return (
             f"ready in {seconds:.1f}s: {len(self.device_infos)} worker(s) on {info['device']} "
-            f"({info['name']}), attention={info['attention']}, dtype={info['dtype']}, "
+            f"({info['name']}), attention={attention}, dtype={info['dtype']}, "
             f"KV cache: device {self.executor.num_blocks} blocks, host {self.num_host_blocks} "
             f"blocks (x {self.config.scheduler.block_size} tokens)"
         )

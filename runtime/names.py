@@ -27,6 +27,7 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "torch": "runtime.attention.torch_tiled:TorchTiledBackend",
     "sdpa": "runtime.attention.sdpa:SdpaBackend",
     "triton": "runtime.attention.triton_backend:TritonBackend",
+    "flash_cpu": "runtime.attention.cpu_flash:CpuFlashBackend",
 }
 
 

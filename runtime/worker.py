@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime import device as dev
-from runtime.attention import AttentionMetadata, get_backend, resolve_backend_name
+from runtime.attention import AttentionMetadata, get_backend, resolve_backend
+from runtime.attention.autotune import AttentionShape
 from runtime.cuda_graphs import DecodeGraphRunner, DecodeGraphs, unsupported_reason
 from runtime.kv_cache import KVCache, bytes_per_block
 from runtime.kv_quant import resolve_host_dtype
@@ -140,13 +141,28 @@ class Worker:
         if self.device.type != "cpu" and self.cpu_threads is None:
             cores = os.cpu_count() or 1
             self.cpu_threads = max(1, cores // max(1, self.ranks_on_node))
-        self.backend_name = resolve_backend_name(self.config.attention, self.device)
         opts = {"q_tile": self.config.q_tile, "kv_tile": self.config.kv_tile}
+        c = self.model_config
+        shape = AttentionShape(
+            c.num_attention_heads // self.world_size,
+            max(1, c.num_key_value_heads // self.world_size),
+            c.head_dim,
+            self.dtype,
+            self.limits.block_size,
+        )
+        self.backend_name, self.backend_reason = resolve_backend(
+            self.config.attention, self.device, shape, opts
+        )
         self.backend = get_backend(
             self.backend_name, self.device, **(opts if self.backend_name == "torch" else {})
         )
         if self.rank == 0:
-            log.info("attention backend: %s on %s", self.backend_name, self.device)
+            log.info(
+                "attention backend: %s on %s (%s)",
+                self.backend_name,
+                self.device,
+                self.backend_reason,
+            )
         info = dev.device_info(self.device)
         return {
             "rank": self.rank,
@@ -155,6 +171,7 @@ class Worker:
             "capability": info.capability,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.backend_name,
+            "attention_reason": self.backend_reason,
         }
 
     def open_rendezvous(self, backend: str, host: str | None = None) -> dict:

@@ -1,11 +1,16 @@
 """The KV block pool: fixed-size blocks handed out to sequences and returned when they finish.
 
 Pure bookkeeping: block ids only. The tensors behind the ids live in ``runtime.kv_cache``.
+
+The lowest free id goes out first (a heap), so a sequence that grows by many blocks at once (a
+prefill chunk) gets runs of consecutive ids whenever the pool is not fragmented, whatever order
+earlier sequences returned theirs in: attention backends read such runs in place
+(``runtime.attention.cpu_flash``) instead of gathering them.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 from scheduler.errors import CapacityError, ConfigError
 
@@ -18,7 +23,7 @@ class BlockAllocator:
             raise ConfigError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks))  # a heap (sorted is one)
 
     @property
     def num_free(self) -> int:
@@ -43,8 +48,9 @@ class BlockAllocator:
                 f"only {len(self._free)} free of {self.num_blocks}"
             )
         for _ in range(max(need, 0)):
-            table.append(self._free.popleft())
+            table.append(heapq.heappop(self._free))
 
     def free(self, table: list[int]) -> None:
-        self._free.extend(table)
+        for block in table:
+            heapq.heappush(self._free, block)
         table.clear()

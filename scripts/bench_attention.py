@@ -12,6 +12,13 @@ stages, warp specialisation) at 16K and uses the fastest.
 Decode: one query per sequence, batch 1 and 16, paged blocks; effective bandwidth counts the K and V
 bytes once. Each time is the median of CUDA-event timings after warm-up, with L2 flushed between
 repetitions. ``--sweep`` first times a few kernel configs and uses the fastest for the table.
+
+Portable backend (``--portable-only`` runs just this part, a few minutes): the torch-ops tiled
+backend (the Volta/NPU path) against SDPA's memory-efficient kernel (the xformers-style kernel
+Volta users have) at 4K-32K causal prefill, same shapes; its tiles are swept at 16K first, and
+the float32 path with the old default tiles is timed at 4K and 8K as the "before".
+
+    python scripts/bench_attention.py --portable-only
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 
 from runtime.attention import triton_decode, triton_prefill, triton_prefill_hopper  # noqa: E402
+from runtime.attention.base import AttentionMetadata  # noqa: E402
+from runtime.attention.torch_tiled import TorchTiledBackend  # noqa: E402
 from runtime.attention.triton_decode import DecodeConfig  # noqa: E402
 from runtime.attention.triton_prefill import PrefillConfig  # noqa: E402
 from runtime.attention.triton_prefill_hopper import HopperPrefillConfig  # noqa: E402
@@ -404,6 +413,116 @@ def bench_decode(pick, cases, gen, log) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------- portable backend
+
+# (q_tile, kv_tile): the score tile is 32 heads x q_tile x kv_tile float32 (2 GiB at 4096^2).
+# Unfused, each score costs ~26 bytes of memory traffic (QK write, max, scale-subtract, exp,
+# row sum, PV read) against 512 FLOPs of tensor-core work, so large tiles only amortise launches
+# and the per-tile K/V gather; beyond ~1K x 2K they add above-diagonal waste on diagonal tiles.
+PORTABLE_SWEEP = [(128, 512), (512, 1024), (1024, 1024), (1024, 2048), (2048, 2048),
+                  (2048, 4096), (4096, 4096)]  # fmt: skip
+PORTABLE_SWEEP_S = 16384
+
+
+def portable_fn(q, k, v, meta, tiles, mixed=None):
+    S = q.shape[0]
+    kc, vc = k.view(S // PAGE, PAGE, H, D), v.view(S // PAGE, PAGE, H, D)
+    backend = TorchTiledBackend(*tiles, mixed=mixed)
+    return lambda: backend.prefill(q, kc, vc, meta, D**-0.5)
+
+
+def portable_meta(S: int, table: torch.Tensor) -> AttentionMetadata:
+    return AttentionMetadata.build([S], [S], [table[0].tolist()], PAGE, "cuda")
+
+
+def bench_portable(seqs, log) -> tuple[list[dict], list[dict], tuple[int, int]]:
+    from torch.nn.attention import SDPBackend
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    sweep = []
+    q, k, v, m = prefill_inputs(PORTABLE_SWEEP_S, gen)
+    meta = portable_meta(PORTABLE_SWEEP_S, m["block_tables"])
+    for tiles in PORTABLE_SWEEP:
+        try:
+            ms = time_ms(portable_fn(q, k, v, meta, tiles), budget_ms=300, min_reps=3)
+            sweep.append(
+                {
+                    "S": PORTABLE_SWEEP_S,
+                    "tiles": tiles,
+                    "ms": ms,
+                    "tflops": prefill_tflops(PORTABLE_SWEEP_S, ms),
+                }
+            )
+        except Exception as e:  # a tile may not fit
+            sweep.append({"S": PORTABLE_SWEEP_S, "tiles": tiles, "error": repr(e)[:300]})
+        log(
+            f"  sweep portable S={PORTABLE_SWEEP_S} tiles={tiles}: {sweep[-1].get('tflops', sweep[-1].get('error'))}"
+        )
+        torch.cuda.empty_cache()
+    best = tuple(max((r for r in sweep if "tflops" in r), key=lambda r: r["tflops"])["tiles"])
+    del q, k, v
+    torch.cuda.empty_cache()
+
+    rows = []
+    for S in seqs:
+        q, k, v, m = prefill_inputs(S, gen)
+        meta = portable_meta(S, m["block_tables"])
+        qt, kt, vt = (x.view(1, S, H, D).transpose(1, 2) for x in (q, k, v))
+        impls = {f"torch portable {best[0]}x{best[1]} (paged)": portable_fn(q, k, v, meta, best)}
+        if S <= 8192:  # the path before: float32 tiles of 128 x 512 (no tensor cores for bf16)
+            impls["torch portable before (fp32, 128x512)"] = portable_fn(
+                q, k, v, meta, (128, 512), mixed=False
+            )
+        impls["sdpa efficient"] = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, True)
+        # the reference reads keys in the order the block table gives them, as ours does
+        order = m["block_tables"][0].long()
+        kg, vg = (x.view(S // PAGE, PAGE, H, D)[order].view(1, S, H, D).transpose(1, 2)
+                  for x in (k, v))  # fmt: skip
+        ref = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kg, vg, True)()
+        ref = ref.transpose(1, 2)[0].float()
+        del kg, vg
+        for name, fn in impls.items():
+            row = {"kind": "prefill", "impl": name, "B": 1, "S": S, "H": H, "D": D}
+            try:
+                if name.startswith("torch"):
+                    out = fn()[0]
+                    row["max_abs_diff_vs_sdpa_efficient"] = (out.float() - ref).abs().max().item()
+                    del out
+                row["peak_gib"] = peak_gib(fn)
+                row["ms"] = time_ms(fn, budget_ms=300, min_reps=3)
+                row["tflops"] = prefill_tflops(S, row["ms"])
+            except Exception as e:
+                row["error"] = repr(e)[:300]
+            rows.append(row)
+            log(f"  portable S={S} {name}: {row.get('tflops', row.get('error'))}")
+            torch.cuda.empty_cache()
+        eff = next((r for r in rows if r["S"] == S and r["impl"] == "sdpa efficient"), {})
+        for r in rows:
+            if r["S"] == S and "ms" in r and "ms" in eff:
+                r["speed_vs_sdpa_efficient"] = eff["ms"] / r["ms"]
+        del q, k, v, qt, kt, vt, impls, ref
+        torch.cuda.empty_cache()
+    return rows, sweep, best
+
+
+def main_portable(args, result, out_path, log) -> None:
+    seqs = [int(s) for s in args.portable_seqs.split(",")]
+    rows, sweep, best = bench_portable(seqs, log)
+    result["rows"], result["sweeps"]["portable"], result["portable_tiles"] = rows, sweep, best
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{result['device']}  torch {torch.__version__}  -> {out_path}")
+    fmt = "{:44}{:>7}{:>10}{:>9}{:>12}{:>10}"
+    print(fmt.format("impl", "S", "ms", "TFLOP/s", "vs sdpa eff", "max diff"))
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['impl']:44}{r['S']:>7}  {r.get('error', '')[:60]}")
+            continue
+        diff = r.get("max_abs_diff_vs_sdpa_efficient")
+        print(fmt.format(r["impl"], r["S"], f"{r['ms']:.2f}", f"{r['tflops']:.0f}",
+                         f"{r.get('speed_vs_sdpa_efficient', 0):.2f}x",
+                         f"{diff:.3g}" if diff is not None else ""))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -511,12 +630,19 @@ def main() -> None:
     ap.add_argument("--no-efficient", action="store_true", help="skip SDPA efficient and math")
     ap.add_argument("--no-decode", action="store_true", help="prefill only")
     ap.add_argument("--no-prefill", action="store_true", help="decode only")
+    ap.add_argument(
+        "--portable-only",
+        action="store_true",
+        help="only the portable torch backend against SDPA efficient (a few minutes)",
+    )
+    ap.add_argument("--portable-seqs", default="4096,8192,16384,32768")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     dev_name = torch.cuda.get_device_name()
     slug = "-".join(dev_name.lower().replace("/", " ").split())
-    out_path = Path(args.out or f"benchmarks/results/attention-{slug}.json")
+    default = f"attention-portable-{slug}" if args.portable_only else f"attention-{slug}"
+    out_path = Path(args.out or f"benchmarks/results/{default}.json")
     gen = torch.Generator(device="cuda").manual_seed(0)
     log = lambda s: print(s, flush=True)
 
@@ -536,6 +662,10 @@ def main() -> None:
 
     def save() -> None:  # after every stage, so a run cut short still leaves its numbers
         out_path.write_text(json.dumps(result, indent=1) + "\n")
+
+    if args.portable_only:
+        main_portable(args, result, out_path, log)
+        return
 
     cuda = torch.device("cuda")
     pcfg = pcfg_short = triton_prefill.default_prefill_config(D, DT, cuda)

@@ -269,7 +269,7 @@ def test_registry_names_and_unknown_name():
     assert isinstance(get_backend("torch", q_tile=64), TorchTiledBackend)
     assert get_backend("torch", q_tile=64).q_tile == 64
     assert isinstance(get_backend("sdpa"), SdpaBackend)
-    assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend_name("auto", torch.device("cpu")) == "flash_cpu"
     with pytest.raises(UnknownBackendError) as e:
         get_backend("nope")
     for name in ("nope", "torch", "sdpa", "triton"):
@@ -287,3 +287,22 @@ def test_heads_must_group_evenly():
     q, kc, vc, meta = make_case([3], [3], 6, 4, 8, 16)
     with pytest.raises(ValueError, match="multiple"):
         TorchTiledBackend().prefill(q, kc, vc, meta, 1.0)
+
+
+@pytest.mark.parametrize("tiles", [(128, 512), (37, 23)], ids=lambda t: f"tile{t[0]}x{t[1]}")
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_tiled_mixed_precision_within_flash_rule(case, tiles):
+    """The GPU's mixed path (half matmul operands, float32 scores and statistics, P rounded to
+    bf16 for PV), run here with its float32 matmul fallback: same arithmetic otherwise."""
+    d = 64
+    (q, kc, vc, meta), (ref_out, ref_lse) = case_with_reference(
+        case, 8, 2, d, 16, torch.bfloat16, seed=1
+    )
+    backend = TorchTiledBackend(*tiles, mixed=True)
+    assert backend._is_mixed(q) and not TorchTiledBackend(*tiles)._is_mixed(q)
+    out, lse = backend.prefill(q, kc, vc, meta, d**-0.5)
+    naive = naive_attention(q, kc, vc, meta, d**-0.5)
+    assert out.dtype == torch.bfloat16
+    assert max_err(out, ref_out) <= 2 * max_err(naive, ref_out) + 1e-3
+    # the row sums add P as rounded for the PV matmul: lse is good to bf16's 2^-8, not fp32's
+    assert max_err(lse, ref_lse) < 4e-3

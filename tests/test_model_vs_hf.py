@@ -43,10 +43,15 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-def test_logits_and_greedy_tokens_match_transformers(checkpoint):
+# auto on a CPU measures its candidates at start-up (flash_cpu wins on the benchmark CPU)
+@pytest.mark.parametrize("attention", ["torch", "flash_cpu", "auto"])
+def test_logits_and_greedy_tokens_match_transformers(checkpoint, attention):
     path, hf = checkpoint
     vocab = hf.config.vocab_size
-    engine = _engine(path)
+    engine = _engine(path, attention=attention)
+    if attention == "auto":
+        assert engine.device_infos[0]["attention"] in ("flash_cpu", "torch")
+        assert engine.device_infos[0]["attention_reason"].startswith("auto: fastest exact")
     prompts = [_prompt(n, vocab, seed=n) for n in PROMPT_LENS]
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
     for prompt in prompts:

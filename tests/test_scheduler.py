@@ -93,3 +93,19 @@ def test_capacity_limits_say_which_and_by_how_much():
     with pytest.raises(CapacityError, match="KV cache capacity of 16 tokens by 4 tokens"):
         s.add(Sequence(0, [1] * 10, SamplingParams(max_new_tokens=10)))
     assert not s.has_work
+
+
+def test_allocator_hands_out_lowest_free_ids_so_sequences_get_runs():
+    a = BlockAllocator(num_blocks=16, block_size=4)
+    first, second = [], []
+    a.grow(first, 4 * 5)  # blocks 0..4
+    a.grow(second, 4 * 3)  # blocks 5..7
+    a.free(first)  # returned out of order relative to the tail of the pool
+    t = []
+    a.grow(t, 4 * 8)  # the freed run 0..4, then the next free ids after 7
+    assert t == [0, 1, 2, 3, 4, 8, 9, 10]
+    a.free(second)
+    a.free(t)
+    t = []
+    a.grow(t, 4 * 16)  # everything back: one run from 0
+    assert t == list(range(16)) and a.num_free == 0

@@ -10,6 +10,7 @@ _WHERE = {
     "AttentionMetadata": "runtime.attention.base",
     "available_backends": "runtime.names",
     "get_backend": "runtime.attention.registry",
+    "resolve_backend": "runtime.attention.registry",
     "resolve_backend_name": "runtime.attention.registry",
 }
 __all__ = sorted(_WHERE)

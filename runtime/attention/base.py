@@ -159,8 +159,10 @@ class AttentionBackend(ABC):
     ) -> None:
         """Store this step's keys/values ``[T, Hkv, D]`` into their cache slots."""
         nb, bs, h, d = k_cache.shape
-        k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-        v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+        if key.dtype != k_cache.dtype:
+            key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+        k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, key)
+        v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, value)
 
     @abstractmethod
     def prefill(

@@ -28,6 +28,7 @@ __all__ = [
     "check_backend_name",
     "get_backend",
     "register_backend",
+    "resolve_backend",
     "resolve_backend_name",
 ]
 
@@ -41,24 +42,50 @@ def _load(name: str) -> type[AttentionBackend]:
         raise UnknownBackendError(f"attention backend {name!r} cannot be loaded: {e}") from e
 
 
+def resolve_backend(
+    name: str, device: torch.device, shape=None, options: dict | None = None
+) -> tuple[str, str]:
+    """``(backend name, why)``: ``auto`` made concrete for ``device``, or a forced name checked.
+
+    ``auto`` on CUDA (compute capability 8.0+) is ``triton``. On a CPU, given the attention
+    ``shape`` (``runtime.attention.autotune.AttentionShape``), it is the fastest exact of the
+    CPU candidates measured there; without a shape, ``flash_cpu`` (what measured fastest on the
+    benchmark CPU) where this torch has its kernel. Anything else gets the portable ``torch``.
+    ``options`` are the portable backend's tile options, used when it is measured."""
+    if name != "auto":
+        cls = _load(name)
+        reason = cls.supports(device)
+        if reason is not None:
+            raise UnknownBackendError(
+                f"attention backend {name!r} does not run on {device}: {reason}"
+            )
+        return name, "asked for"
+    if device.type == "cuda" and "triton" in _BACKENDS:
+        cap = torch.cuda.get_device_capability(device)
+        if cap >= (8, 0):
+            try:
+                if _load("triton").supports(device) is None:
+                    return "triton", f"auto: compute capability {cap[0]}.{cap[1]}"
+            except UnknownBackendError as e:
+                log.info("triton attention unavailable (%s); using torch", e)
+    if device.type == "cpu":
+        from runtime.attention import autotune
+
+        runnable = [n for n in autotune.CPU_CANDIDATES if n in _BACKENDS]
+        runnable = [n for n in runnable if _load(n).supports(device) is None]
+        if shape is not None and len(runnable) > 1:
+            opts = {n: (options or {}) if n == "torch" else {} for n in runnable}
+            choice = autotune.choose_cpu_backend(shape, {n: _load(n)(**opts[n]) for n in runnable})
+            return choice.name, choice.reason
+        if runnable:
+            return runnable[0], "auto: the CPU default"
+    # The portable tiled backend: Volta, NPU and anything else torch runs on.
+    return "torch", "auto: the portable backend"
+
+
 def resolve_backend_name(name: str, device: torch.device) -> str:
     """Turn ``auto`` into a concrete backend for ``device``; check a forced one runs there."""
-    if name == "auto":
-        if device.type == "cuda" and "triton" in _BACKENDS:
-            cap = torch.cuda.get_device_capability(device)
-            if cap >= (8, 0):
-                try:
-                    if _load("triton").supports(device) is None:
-                        return "triton"
-                except UnknownBackendError as e:
-                    log.info("triton attention unavailable (%s); using torch", e)
-        # The portable tiled backend: CPU, Volta, NPU and anything else torch runs on.
-        return "torch"
-    cls = _load(name)
-    reason = cls.supports(device)
-    if reason is not None:
-        raise UnknownBackendError(f"attention backend {name!r} does not run on {device}: {reason}")
-    return name
+    return resolve_backend(name, device)[0]
 
 
 def get_backend(name: str, device: torch.device | str = "cpu", **options) -> AttentionBackend:

@@ -8,6 +8,14 @@ key tile) pair is classified from positions alone as fully visible (no mask), fu
 diagonal (never computed) or on the diagonal (a tile-sized mask from two aranges), so no
 ``S x S`` mask ever exists. Grouped-query heads share their key/value head by folding the group
 into the query rows, so K/V are never repeated in memory. Keys are read through the block table.
+
+Precision: float32 inputs run all in float32. Half/bfloat16 inputs on CUDA run *mixed*, as the
+FlashAttention kernels do: both matmuls take the input dtype (tensor cores) and produce float32
+(``bmm(..., out_dtype=float32)``), the scale is applied to the float32 scores, softmax statistics
+and the accumulator stay float32, and ``P`` is rounded to the input dtype only as the second
+matmul's operand (the row sums add that rounded ``P`` too, so ``lse`` is good to the input
+dtype's rounding, 2^-8 relative for bfloat16, rather than float32's). Elsewhere (CPU, NPU, a torch without ``out_dtype``) half inputs are cast to
+float32 tile by tile.
 """
 
 from __future__ import annotations
@@ -34,9 +42,18 @@ class TorchTiledBackend(AttentionBackend):
 
     name = "torch"
 
-    def __init__(self, q_tile: int = 128, kv_tile: int = 512) -> None:
+    def __init__(self, q_tile: int = 128, kv_tile: int = 512, mixed: bool | None = None) -> None:
+        """``mixed``: None picks mixed precision for half inputs on CUDA (see the module doc);
+        True forces it (its matmuls fall back to float32 ones where ``out_dtype`` is missing,
+        which is how the CPU tests exercise its arithmetic); False never uses it."""
         self.q_tile = _check_tile("q_tile", q_tile)
         self.kv_tile = _check_tile("kv_tile", kv_tile)
+        self.mixed = mixed
+
+    def _is_mixed(self, q: torch.Tensor) -> bool:
+        if self.mixed is not None:
+            return self.mixed and q.dtype in _HALF
+        return q.dtype in _HALF and q.device.type == "cuda"
 
     def prefill(
         self,
@@ -82,10 +99,11 @@ class TorchTiledBackend(AttentionBackend):
         n, hq, d = q.shape
         hkv = hq // group
         last_pos = first_pos + n - 1
+        mixed = self._is_mixed(q)
         # fold the query heads of one kv head into the rows: [Hkv, n*group, D], row r is query
         # r // group, so K/V are shared by broadcasting over the batch dim, never repeated
         qh = q.reshape(n, hkv, group, d).transpose(0, 1).reshape(hkv, n * group, d)
-        qh = qh.to(torch.float32) * scale
+        qh = qh if mixed else qh.to(torch.float32) * scale
         row_pos = first_pos + torch.arange(n * group, device=q.device) // group
         rows = n * group
         m = torch.full((hkv, rows), float("-inf"), dtype=torch.float32, device=q.device)
@@ -95,19 +113,42 @@ class TorchTiledBackend(AttentionBackend):
         for j0 in range(0, last_pos + 1, self.kv_tile):
             j1 = min(j0 + self.kv_tile, last_pos + 1)
             idx = slots[j0:j1]
-            k = k_flat.index_select(0, idx).to(torch.float32).transpose(0, 1)  # [Hkv, N, D]
-            v = v_flat.index_select(0, idx).to(torch.float32).transpose(0, 1)
+            kdt = q.dtype if mixed else torch.float32
+            k = k_flat.index_select(0, idx).to(kdt).transpose(0, 1)  # [Hkv, N, D]
+            v = v_flat.index_select(0, idx).to(kdt).transpose(0, 1)
             mask = None
             if j1 - 1 > first_pos:
                 # on the diagonal: only this tile's mask, from positions
                 kpos = torch.arange(j0, j1, device=q.device)
                 mask = kpos[None, :] > row_pos[:, None]  # [rows, N], broadcast over Hkv
-            self._tile_step(qh, k, v, mask, m, l_, acc)
+            if mixed:
+                self._tile_step_mixed(qh, k, v, mask, m, l_, acc, scale)
+            else:
+                self._tile_step(qh, k, v, mask, m, l_, acc)
         out = acc / l_.unsqueeze(-1)
         lse = m + torch.log(l_)
         out = out.view(hkv, n, group, d).transpose(0, 1).reshape(n, hq, d)
         lse = lse.view(hkv, n, group).transpose(0, 1).reshape(n, hq)
         return out, lse
+
+    @staticmethod
+    def _tile_step_mixed(q, k, v, mask, m, l_, acc, scale: float) -> None:
+        """``_tile_step`` for half inputs: ``q`` ``[B, R, D]`` unscaled and ``k``/``v``
+        ``[B, N, D]`` in the input dtype; products accumulate in float32 and the scale is applied
+        to the float32 scores. Per score: one float32 write (QK), a max, one fused
+        scale-and-subtract, one exp written in the input dtype, a row sum and the PV read."""
+        s = _mm_f32(q, k.transpose(-1, -2))
+        if mask is not None:
+            s.masked_fill_(mask, float("-inf"))
+        m_new = torch.maximum(m, s.amax(dim=-1) * scale)
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
+        torch.add(-m_safe.unsqueeze(-1), s, alpha=scale, out=s)  # scale * s - m, in place
+        p = torch.empty(s.shape, dtype=v.dtype, device=s.device)
+        torch.exp(s, out=p)
+        alpha = torch.exp(m - m_safe)
+        l_.mul_(alpha).add_(p.sum(dim=-1, dtype=torch.float32))
+        acc.mul_(alpha.unsqueeze(-1)).add_(_mm_f32(p, v))
+        m.copy_(m_new)
 
     @staticmethod
     def _tile_step(
@@ -198,6 +239,25 @@ class TorchTiledBackend(AttentionBackend):
         out_b[order_t] = out.to(q.dtype)
         lse_b[order_t] = lse
         return out_b, lse_b
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_OUT_DTYPE_WORKS: dict[str, bool] = {}  # device type -> whether bmm(..., out_dtype=) runs there
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of half ``[B, M, K] x [B, K, N]`` operands as float32: tensor-core products with
+    float32 accumulation and output where torch has ``bmm(out_dtype=)`` for the device (CUDA),
+    else a float32 matmul of the upcast operands (same values, slower)."""
+    kind = a.device.type
+    if _OUT_DTYPE_WORKS.get(kind, True):
+        try:
+            out = torch.bmm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_WORKS[kind] = True
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_WORKS[kind] = False
+    return torch.matmul(a.float(), b.float())
 
 
 def _group(hq: int, hkv: int) -> int:

@@ -54,6 +54,9 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+_SIGNS: dict[tuple, torch.Tensor] = {}  # (head_dim, dtype, device) -> (-1.., +1..)
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,5 +64,16 @@ def apply_rotary(
     kernel on CUDA writing contiguous outputs; the same roundings either way)."""
     if fused_ops.fused_enabled(q):
         return fused_ops.rope(q, k, cos, sin)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    # rotate_half(x) * sin == roll(x) * (sign * sin), sign = (-1.., +1..): the same products
+    # (negation is exact) in two ops per tensor fewer than chunk, neg and cat
+    half = q.shape[-1] // 2
+    key = (q.shape[-1], sin.dtype, sin.device)
+    sign = _SIGNS.get(key)
+    if sign is None:
+        sign = _SIGNS[key] = torch.ones(q.shape[-1], dtype=sin.dtype, device=sin.device)
+        sign[:half] = -1
+    cos, sin = cos[:, None, :], (sin * sign)[:, None, :]
+    return (
+        q * cos + torch.roll(q, half, dims=-1) * sin,
+        k * cos + torch.roll(k, half, dims=-1) * sin,
+    )
