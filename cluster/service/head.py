@@ -78,10 +78,13 @@ def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0
     log_path = home / "ray-head.log"
     home.mkdir(parents=True, exist_ok=True)
     ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+    # TILERUN_DASHBOARD=0 (as for the embedded cluster) where the dashboard's packages are absent
+    dashboard = os.environ.get("TILERUN_DASHBOARD", "1") != "0"
     cmd = [
         _ray_exe(), "start", "--head", "--block", "--disable-usage-stats",
         f"--port={gcs}", f"--num-cpus={ncpu}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
         f"--ray-client-server-port={_free_port()}",
         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
         f"--temp-dir={temp}",
@@ -120,7 +123,7 @@ def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0
         "started_by_tilerun": True,
         "pid": proc.pid,
         "temp_dir": str(temp),
-        "dashboard": f"http://127.0.0.1:{dash}",
+        "dashboard": f"http://127.0.0.1:{dash}" if dashboard else "off (TILERUN_DASHBOARD=0)",
         "log": str(log_path),
     }
 
