@@ -28,9 +28,10 @@ class SchedulerConfig:
         minimum=1,
     )
     overlap_schedule: bool = option(
-        False,
-        help="schedule and send step i+1 while the workers run step i (the same tokens either "
-        "way on CPU; off: one step at a time, until the CUDA-graph path is checked on a GPU)",
+        True,
+        help="schedule and send step i+1 while the workers run step i, so the driver's work and "
+        "the hop to the workers hide behind the device (the same tokens either way; off: one "
+        "step at a time)",
     )
 
     def __post_init__(self) -> None:
