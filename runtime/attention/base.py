@@ -121,6 +121,13 @@ class AttentionMetadata:
         )
 
 
+def gqa_group(hq: int, hkv: int) -> int:
+    """Query heads per key/value head; a count that does not divide is refused."""
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    return hq // hkv
+
+
 class AttentionBackend(ABC):
     """A named attention implementation over the paged KV layout described above."""
 

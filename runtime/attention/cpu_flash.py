@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.attention.base import AttentionBackend, AttentionMetadata
+from runtime.attention.base import AttentionBackend, AttentionMetadata, gqa_group
 
 _OP_NAME = "_scaled_dot_product_flash_attention_for_cpu"
 
@@ -140,7 +140,7 @@ class CpuFlashBackend(AttentionBackend):
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, hq, d = q.shape
-        _group(hq, k_cache.shape[2])
+        gqa_group(hq, k_cache.shape[2])
         plan = self.runs(meta, k_cache.shape[1])
         results = []
         start = 0
@@ -206,9 +206,3 @@ def _decode_call(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     hkv = k.shape[1]
     o, l_ = _flash(q.reshape(1, hkv, hq // hkv, d), k, v, False, scale)
     return o.reshape(1, hq, d), l_.reshape(1, hq)
-
-
-def _group(hq: int, hkv: int) -> int:
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    return hq // hkv

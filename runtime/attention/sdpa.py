@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.attention.base import AttentionBackend, AttentionMetadata
+from runtime.attention.base import AttentionBackend, AttentionMetadata, gqa_group
 from runtime.attention.reference import gather_kv
 
 # enable_gqa arrived in torch 2.5; before it, K/V heads are repeated
@@ -31,9 +31,7 @@ class SdpaBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, hq, d = q.shape
         hkv = k_cache.shape[2]
-        if hq % hkv:
-            raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-        group = hq // hkv
+        group = gqa_group(hq, hkv)
         out = torch.empty_like(q)
         lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
         start = 0

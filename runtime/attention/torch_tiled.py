@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.attention.base import AttentionBackend, AttentionMetadata
+from runtime.attention.base import AttentionBackend, AttentionMetadata, gqa_group
 
 
 def _check_tile(name: str, value: int) -> int:
@@ -65,7 +65,7 @@ class TorchTiledBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, hq, d = q.shape
         nb, bs, hkv, _ = k_cache.shape
-        group = _group(hq, hkv)
+        group = gqa_group(hq, hkv)
         k_flat = k_cache.view(nb * bs, hkv, d)
         v_flat = v_cache.view(nb * bs, hkv, d)
         out = torch.empty_like(q)
@@ -195,7 +195,7 @@ class TorchTiledBackend(AttentionBackend):
         """
         B, hq, d = q.shape
         nb, bs, hkv, _ = k_cache.shape
-        group = _group(hq, hkv)
+        group = gqa_group(hq, hkv)
         lens = list(meta.seq_lens_cpu)
         if B == 0:
             return torch.empty_like(q), torch.empty(0, hq, dtype=torch.float32, device=q.device)
@@ -258,9 +258,3 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_WORKS[kind] = False
     return torch.matmul(a.float(), b.float())
-
-
-def _group(hq: int, hkv: int) -> int:
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    return hq // hkv
