@@ -131,9 +131,13 @@ class _Executor:
         """Call ``method`` on rank 0 only."""
         raise NotImplementedError
 
-    def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
+    def submit(self, batch: ScheduledBatch, logits: str = "none", hold: bool = False) -> StepHandle:
         """Send one step to every rank; its handle's ``result()`` is rank 0's ``StepResult``.
-        Batches go in the order the scheduler made them (block tables travel as deltas)."""
+        Batches go in the order the scheduler made them (block tables travel as deltas).
+        ``hold``: the caller will most likely submit the next step before it asks for this
+        one's result, so a transport may return this result with the next step's (the compiled
+        graph does: the workers queue step i+1 before they send step i back); asking first
+        still works, at the cost of one more exchange."""
         raise NotImplementedError
 
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
@@ -175,11 +179,11 @@ class LocalExecutor(_Executor):
     def _all(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
 
-    def submit(self, batch: ScheduledBatch, logits: str = "none"):
+    def submit(self, batch: ScheduledBatch, logits: str = "none", hold: bool = False):
         """The step's kernels are queued on the device and its tokens read back by ``result()``
         (``runtime.worker.PendingStep``, which has ``result()`` and ``done()`` as a handle does):
         on CUDA the driver's work for the next step overlaps this one; on CPU the step has run
-        when this returns."""
+        when this returns. ``hold`` changes nothing here: there is no hop to hide."""
         return self.worker.launch(*self._message(batch, logits))
 
     def _resolve(self, handle: StepHandle) -> None:
@@ -222,6 +226,14 @@ class RayExecutor(_Executor):
         self._pending: collections.deque[StepHandle] = collections.deque()
         self._last_done = 0.0  # when the last step's result came back
         self._compiled = None  # CompiledSteps, when the steps go through a compiled graph
+        # graph executions not collected yet, oldest first; their results, in order, are those
+        # of the pending steps (a held step's result comes with a later execution)
+        self._tickets: collections.deque = collections.deque()
+        # whether a held step pays: on an accelerator ``launch`` only queues the step, so the
+        # device runs step i+1 while step i's result travels; on CPU the step runs inside
+        # ``launch`` and holding its result would only delay it (tests turn it on to check it)
+        self.hold_steps = _device_type(config.worker.device) != "cpu"
+        self.flushes = 0  # executions sent only to bring held steps back
         self.cluster = ensure_ray(cc.ray_address)
         device_type = _device_type(config.worker.device)
         self.step_transport = step_transport(cc.step_transport, device_type)
@@ -416,45 +428,54 @@ class RayExecutor(_Executor):
             return BRING_UP_DEADLINE_S
         return max(STEP_FLOOR_S, STEP_DEADLINE_FACTOR * self._slowest_s)
 
-    def submit(self, batch: ScheduledBatch, logits: str = "none") -> StepHandle:
+    def submit(self, batch: ScheduledBatch, logits: str = "none", hold: bool = False) -> StepHandle:
         if self.broken:
             raise self._error or WorkerFailedError("the worker group is broken; start a new one")
         while len(self._pending) >= self.max_in_flight:
             self._resolve(self._pending[0])
         packet = self._message(batch, logits)
+        ticket = None
         if self._compiled is not None:
-            try:
-                ticket = self._compiled.send(packet)
-            except Exception as e:  # noqa: BLE001 - a full channel: some rank stopped reading
-                self._fail(self._explain_compiled(e))
-                raise self._error from None
+            self._send_compiled(packet + (hold and self.hold_steps,))
         else:  # one actor call per worker per step; each actor runs its calls in order
             ticket = [w.step.remote(packet) for w in self.workers]
         handle = StepHandle(self, ticket)
         self._pending.append(handle)
         return handle
 
+    def _send_compiled(self, packet: tuple) -> None:
+        try:
+            self._tickets.append(self._compiled.send(packet))
+        except Exception as e:  # noqa: BLE001 - a full channel: some rank stopped reading
+            self._fail(self._explain_compiled(e))
+            raise self._error from None
+
     def _resolve(self, handle: StepHandle) -> None:
         while not handle.done():
             if not self._pending:  # broken before this handle was collected
                 handle._set(None, self._error)
                 return
-            h = self._pending[0]
-            start = max(h.submitted, self._last_done)
             try:
                 if self._compiled is not None:
-                    result = self._wait_compiled(h.ticket)
+                    if not self._tickets:  # the workers hold every step sent: flush them
+                        self.flushes += 1
+                        self._send_compiled((None, "none", False))
+                    results = self._wait_compiled(self._tickets.popleft())
                 else:
-                    result = self._get(h.ticket, deadline_s=self.step_deadline())[0]
+                    results = [
+                        self._get(self._pending[0].ticket, deadline_s=self.step_deadline())[0]
+                    ]
             except Exception as e:
                 self._fail(e)
                 continue
-            self._pending.popleft()
-            h._set(result)
-            self._last_done = time.monotonic()
-            if self._steps:
-                self._slowest_s = max(self._slowest_s, self._last_done - start)
-            self._steps += 1
+            for result in results:
+                h = self._pending.popleft()
+                start = max(h.submitted, self._last_done)
+                h._set(result)
+                self._last_done = time.monotonic()
+                if self._steps:
+                    self._slowest_s = max(self._slowest_s, self._last_done - start)
+                self._steps += 1
 
     def _fail(self, error: BaseException) -> None:
         """The group is broken: every pending step fails with ``error``, and so does any later."""
@@ -463,10 +484,12 @@ class RayExecutor(_Executor):
         for h in self._pending:
             h._set(None, error)
         self._pending.clear()
+        self._tickets.clear()
 
-    def _wait_compiled(self, ticket) -> StepResult:
-        """Rank 0's result of one compiled-graph step, with the deadline and health check of
-        ``_get``; a dead rank wakes the wait at once (the graph's watcher)."""
+    def _wait_compiled(self, ticket) -> list[StepResult]:
+        """Rank 0's results of one execution of the graph (the steps it returned, see
+        ``Worker.advance``), with the deadline and health check of ``_get``; a dead rank wakes
+        the wait at once (the graph's watcher)."""
         loops = self._compiled.loops
         deadline_s = self.step_deadline()
         start = time.monotonic()

@@ -44,8 +44,8 @@ class StepDone:
 
 class StepLoop:
     def __init__(self, scheduler, executor, overlap: bool) -> None:
-        """``scheduler``: a ``Scheduler``; ``executor``: anything with ``submit(batch, logits)``
-        returning a handle whose ``result()`` is the step's ``StepResult``."""
+        """``scheduler``: a ``Scheduler``; ``executor``: anything with ``submit(batch, logits,
+        hold)`` returning a handle whose ``result()`` is the step's ``StepResult``."""
         self.scheduler = scheduler
         self.executor = executor
         self.overlap = overlap
@@ -69,7 +69,10 @@ class StepLoop:
         if len(self._flight) <= depth:
             batch = self.scheduler.schedule()
             if batch is not None:
-                self._flight.append((batch, self.executor.submit(batch, logits)))
+                # with overlap the next submit comes before this step is asked for: the
+                # executor may return this step with the next (``_Executor.submit``)
+                handle = self.executor.submit(batch, logits, hold=self.overlap)
+                self._flight.append((batch, handle))
                 sent = True
         if not self._flight:
             return None

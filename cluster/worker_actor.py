@@ -48,10 +48,17 @@ class WorkerActor(Worker):
         return self._failed_step
 
     def step(self, packet: tuple) -> StepResult:
-        """One engine step, ``packet = (batch, logits)``: the per-step call of every transport
-        (a plain actor call or a compiled graph's node)."""
+        """One engine step, ``packet = (batch, logits)``: the per-step call of plain calls."""
+        return self._noting_failure(self.execute, *packet)
+
+    def steps(self, packet: tuple) -> list[StepResult]:
+        """``packet = (batch | None, logits, hold)``: ``Worker.advance``, the compiled graph's
+        node (it launches step i+1 before it returns step i)."""
+        return self._noting_failure(self.advance, *packet)
+
+    def _noting_failure(self, fn, *args):
         try:
-            return self.execute(*packet)
+            return fn(*args)
         except BaseException as e:
             self._failed_step = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
             raise

@@ -4,11 +4,14 @@ A plain object (no Ray): ``cluster/`` wraps it as an actor, tests and the single
 executor call it directly. Bring-up is a sequence of named calls the driver makes on every
 worker: ``init_device`` -> ``init_communicator`` -> ``load_model`` -> ``kv_cache_capacity`` ->
 ``init_kv_cache`` -> ``warm_up``; then ``execute`` once per engine step (or ``launch``, whose
-``PendingStep`` reads the tokens back later: the driver overlaps its own work with the device's).
+``PendingStep`` reads the tokens back later: the driver overlaps its own work with the device's;
+or ``advance``, which launches a step before it returns the one before: a transport hop between
+steps then leaves the device busy).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -131,6 +134,7 @@ class Worker:
         self.cpu_method = "fused"  # runtime.attention.partial.CPU_METHODS; measured at warm-up
         self.ranks_on_node = world_size
         self._said_eager = False
+        self._held: collections.deque[PendingStep] = collections.deque()  # see ``advance``
 
     # -- bring-up ----------------------------------------------------------------------------
     def init_device(self) -> dict:
@@ -490,6 +494,24 @@ class Worker:
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
         """Run one step and return its tokens (``launch(...).result()``)."""
         return self.launch(batch, logits).result()
+
+    def advance(
+        self, batch: ScheduledBatch | None, logits: str = "none", hold: bool = False
+    ) -> list[StepResult]:
+        """Launch ``batch`` (None: nothing), then return the results of the steps launched
+        before it, oldest first, and its own too unless ``hold``.
+
+        With ``hold`` this step's result comes back with the next call, after the next step has
+        been queued behind it: on CUDA the device then runs step i+1 while step i's tokens
+        travel to the driver and the driver sends step i+2, instead of idling for the hop (the
+        compiled step graph sends every step this way; ``advance(None)`` flushes)."""
+        if batch is not None:
+            self._held.append(self.launch(batch, logits))
+        keep = 1 if hold and batch is not None else 0
+        done = []
+        while len(self._held) > keep:
+            done.append(self._held.popleft().result())
+        return done
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, logits: str = "none") -> PendingStep:

@@ -55,7 +55,7 @@ class LazyExecutor:
         self.pending_filled = 0
         self.steps = 0
 
-    def submit(self, batch: ScheduledBatch, logits: str = "none") -> _Handle:
+    def submit(self, batch: ScheduledBatch, logits: str = "none", hold: bool = False) -> _Handle:
         h = _Handle(self, batch)
         self.queue.append(h)
         return h

@@ -46,18 +46,23 @@ def local_tokens(hf_checkpoint):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "tp,comm,transport",
-    [(1, "gloo", "compiled"), (1, "gloo", "calls"), (2, "gloo", "compiled"),
-     (2, "mpi", "compiled")],
+    "tp,comm,transport,held",
+    [(1, "gloo", "compiled", False), (1, "gloo", "calls", False),
+     (2, "gloo", "compiled", False), (2, "gloo", "compiled", True),
+     (2, "mpi", "compiled", False)],
 )  # fmt: skip
 def test_transports_give_the_in_process_tokens(
-    ray_cluster, hf_checkpoint, local_tokens, tp, comm, transport
+    ray_cluster, hf_checkpoint, local_tokens, tp, comm, transport, held
 ):
+    """``held``: the workers return each step with the next (the default on accelerators),
+    with the overlapped loop's late stops and the flush at the end of a run."""
     path, _ = hf_checkpoint
     cfg = _cfg(path, prefill_chunk=32, tp=tp, comm=comm, step_transport=transport)
     with LLM(executor="ray", **cfg) as llm:
         assert llm.engine.executor.step_transport == transport
+        llm.engine.executor.hold_steps = held
         got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
+        assert (getattr(llm.engine.executor, "flushes", 0) > 0) == held
     assert got == local_tokens
 
 
@@ -67,25 +72,51 @@ def _prefill(seq_id: int, prompt: list[int], first_block: int, step: int) -> Sch
     return ScheduledBatch(step, (chunk,))
 
 
+def _three_batches() -> list[ScheduledBatch]:
+    return [_prefill(100 + i, list(range(3 + i, 40 + 5 * i)), 1 + 4 * i, i + 1) for i in range(3)]
+
+
+def test_worker_advance_returns_held_steps_in_order(hf_checkpoint):
+    """``Worker.advance`` with ``hold`` returns each step's result with the next call (a flush,
+    ``advance(None)``, returns the last), without it at once: the same results either way."""
+    path, _ = hf_checkpoint
+    batches = _three_batches()
+    with LLM(executor="local", **_cfg(path)) as llm:
+        want = [llm.engine.executor.execute(b, "sampled") for b in batches]
+    with LLM(executor="local", **_cfg(path)) as llm:
+        w = llm.engine.executor.worker
+        assert w.advance(batches[0], "sampled", True) == []
+        got = w.advance(batches[1], "sampled", True)
+        got += w.advance(batches[2], "sampled", False)  # not held: its own result comes too
+        assert w.advance(None) == []
+    assert [g.sampled for g in got] == [x.sampled for x in want]
+    for g, x in zip(got, want):
+        for sid in x.logits:
+            assert (g.logits[sid] - x.logits[sid]).abs().max() < 1e-4
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["compiled", "calls"])
-def test_steps_in_flight_come_back_in_order(ray_cluster, hf_checkpoint, transport):
+@pytest.mark.parametrize("transport,hold", [("compiled", False), ("compiled", True),
+                                            ("calls", False)])  # fmt: skip
+def test_steps_in_flight_come_back_in_order(ray_cluster, hf_checkpoint, transport, hold):
     """Three steps submitted before any result is taken (two may be in flight; the third
     submit resolves the oldest): each handle holds its own step's result, asked in any order,
-    equal to the same steps run one at a time in process."""
+    equal to the same steps run one at a time in process. With ``hold`` the graph returns each
+    step with the next execution, and a flush brings the last."""
     path, _ = hf_checkpoint
-    batches = [
-        _prefill(100 + i, list(range(3 + i, 40 + 5 * i)), 1 + 4 * i, i + 1) for i in range(3)
-    ]
+    batches = _three_batches()
     with LLM(executor="local", **_cfg(path)) as llm:
         want = [llm.engine.executor.execute(b, "sampled") for b in batches]
     with LLM(executor="ray", **_cfg(path, tp=2, step_transport=transport)) as llm:
         ex = llm.engine.executor
         assert ex.max_in_flight >= 2
-        handles = [ex.submit(b, "sampled") for b in batches]
+        ex.hold_steps = hold  # on by default on accelerators only
+        handles = [ex.submit(b, "sampled", hold=hold) for b in batches]
         got = [h.result() for h in reversed(handles)][::-1]
         assert all(h.done() for h in handles) and handles[0].result() is got[0]
+        # held: each execution brought the step before it back, the last came by a flush
+        assert getattr(ex, "flushes", 0) == (1 if hold else 0)
         assert ex.execute(batches[0], "sampled").sampled == want[0].sampled  # still usable
     for g, w in zip(got, want):
         assert g.sampled == w.sampled
