@@ -115,9 +115,9 @@ class StepClock:
         for name in ("submit",) if hasattr(ex, "submit") else ("execute",):
             inner = getattr(ex, name)
 
-            def timed(batch, logits="none", _inner=inner, _name=name):
+            def timed(batch, logits="none", *args, _inner=inner, _name=name, **kwargs):
                 size = clock._message_size(batch, logits)
-                out = _inner(batch, logits)
+                out = _inner(batch, logits, *args, **kwargs)  # passes hold= through
                 clock.message_bytes.append(size if size is not None else ex.last_message_bytes)
                 if _name == "execute":
                     clock.worker_s.append(out.seconds)
