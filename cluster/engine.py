@@ -8,6 +8,7 @@ unless ``overlap_schedule`` is off. Progress is reported through a callback afte
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class Progress:
 class Engine:
     def __init__(self, config: EngineConfig, executor_options: dict | None = None) -> None:
         """``executor_options`` go to the Ray executor (the service names its workers so)."""
+        # unset defaults that depend on the device (the prefill chunk) are fixed here, once
+        kind = preflight.device_type(config.worker.device)
+        config = dataclasses.replace(config, scheduler=config.scheduler.for_device(kind))
         self.config = config
         # the model is resolved here, once; workers receive the result
         self.model = resolve_model(config.worker.model, seed=config.worker.weights_seed)
@@ -99,7 +103,8 @@ class Engine:
             f"ready in {seconds:.1f}s: {len(self.device_infos)} worker(s) on {info['device']} "
             f"({info['name']}), attention={attention}, dtype={info['dtype']}, "
             f"KV cache: device {self.executor.num_blocks} blocks, host {self.num_host_blocks} "
-            f"blocks (x {self.config.scheduler.block_size} tokens)"
+            f"blocks (x {self.config.scheduler.block_size} tokens), prefill chunk "
+            f"{self.config.scheduler.prefill_chunk} tokens"
         )
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:

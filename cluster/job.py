@@ -6,7 +6,7 @@ prompt_file: long.txt      # or: prompt: "...", or: prompt_token_ids: [1, 2, 3]
 max_new_tokens: 32
 temperature: 0
 device: cpu
-prefill_chunk: 512
+prefill_chunk: 2048       # tokens per step (default: by device)
 ```
 
 Errors name the file, the line and the field.

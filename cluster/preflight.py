@@ -86,7 +86,7 @@ def check_engine(
         dtype,
         tp=c.tp,
         kv_tokens=kv_tokens,
-        prefill_chunk=min(sch.prefill_chunk, max_model_len),
+        prefill_chunk=min(sch.for_device(kind).prefill_chunk, max_model_len),
         block_size=sch.block_size,
     )
     if local and kind == "cpu":

@@ -139,6 +139,7 @@ class Worker:
     # -- bring-up ----------------------------------------------------------------------------
     def init_device(self) -> dict:
         self.device = dev.resolve_device(self.config.device)
+        self.limits = self.limits.for_device(self.device.type)  # the engine's, or by device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = dev.resolve_dtype(self.config.dtype, self.device)
@@ -305,10 +306,13 @@ class Worker:
 
     def _activation_bytes(self) -> int:
         c = self.model_config
-        t = self.limits.prefill_chunk * self.limits.max_num_seqs
+        # a step holds at most prefill_chunk tokens (decode tokens count against the same
+        # budget); logits are computed only for the rows that sample, one per sequence
+        t = self.limits.prefill_chunk
         elem = torch.empty((), dtype=self.dtype).element_size()
         # a few hidden-sized and intermediate-sized tensors of one chunk, plus logits
-        return int(t * elem * (8 * c.hidden_size + 3 * c.intermediate_size) + t * c.vocab_size * 4)
+        hidden = t * elem * (8 * c.hidden_size + 3 * c.intermediate_size)
+        return int(hidden + self.limits.max_num_seqs * c.vocab_size * 4)
 
     def init_kv_cache(self, device_blocks: int, host_blocks: int = 0) -> dict:
         """Allocate both tiers (nothing zero-filled; the host tier is pinned in the background

@@ -24,6 +24,8 @@ class Scheduler:
         is the KV pool the workers hold."""
         if config.max_model_len is None:
             raise ConfigError("max_model_len is unset: resolve it with SchedulerConfig.for_model")
+        if config.prefill_chunk is None:
+            raise ConfigError("prefill_chunk is unset: resolve it with SchedulerConfig.for_device")
         if type(num_blocks) is not int or num_blocks < 1:
             raise ConfigError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         self.config = config

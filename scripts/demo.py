@@ -35,11 +35,13 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--prefill-chunk", type=int, default=1024)
+    ap.add_argument(
+        "--prefill-chunk", type=int, default=None, help="tokens per step (default: by device)"
+    )
     ap.add_argument("--tp", type=int, default=1)
     args = ap.parse_args()
     for flag in ("prompt_tokens", "new_tokens", "prefill_chunk", "tp"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             name = flag.replace("_", "-")
             print(
                 f"demo: error: --{name} must be at least 1, got {getattr(args, flag)}",

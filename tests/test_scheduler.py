@@ -39,7 +39,10 @@ def test_block_allocator_grows_and_frees():
 
 
 def _sched(num_blocks: int = 64, **kw) -> Scheduler:
-    return Scheduler(SchedulerConfig(**{"block_size": 4, "max_model_len": 4096, **kw}), num_blocks)
+    return Scheduler(
+        SchedulerConfig(**{"block_size": 4, "max_model_len": 4096, "prefill_chunk": 512, **kw}),
+        num_blocks,
+    )
 
 
 def test_chunked_prefill_splits_prompt_by_budget_then_decodes():
@@ -109,3 +112,15 @@ def test_allocator_hands_out_lowest_free_ids_so_sequences_get_runs():
     t = []
     a.grow(t, 4 * 16)  # everything back: one run from 0
     assert t == list(range(16)) and a.num_free == 0
+
+
+def test_prefill_chunk_defaults_by_device_and_the_users_value_wins():
+    from scheduler.config import auto_prefill_chunk
+    from scheduler.errors import ConfigError
+
+    unset = SchedulerConfig(max_model_len=4096)
+    assert unset.for_device("cuda").prefill_chunk == auto_prefill_chunk("cuda") == 8192
+    assert unset.for_device("cpu").prefill_chunk == auto_prefill_chunk("cpu") == 2048
+    assert SchedulerConfig(prefill_chunk=300).for_device("cuda").prefill_chunk == 300
+    with pytest.raises(ConfigError, match="prefill_chunk is unset.*for_device"):
+        Scheduler(unset, 8)

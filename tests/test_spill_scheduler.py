@@ -23,12 +23,16 @@ VOCAB = 97
 
 
 def plain_sched(num_blocks: int, **kw) -> Scheduler:
-    return Scheduler(SchedulerConfig(**kw), num_blocks)
+    return Scheduler(SchedulerConfig(**{"prefill_chunk": 512, **kw}), num_blocks)
 
 
 def spill_sched(num_blocks: int, host_blocks: int, sink_blocks=1, recent_blocks=2, **kw):
     return SpillScheduler(
-        SchedulerConfig(**kw), num_blocks, host_blocks, sink_blocks, recent_blocks
+        SchedulerConfig(**{"prefill_chunk": 512, **kw}),
+        num_blocks,
+        host_blocks,
+        sink_blocks,
+        recent_blocks,
     )
 
 

@@ -132,7 +132,7 @@ def alone(work, bs):
     out = {}
     for _, sid, prompt, params in work:
         need = lifetime_blocks([(0, sid, prompt, params)], bs)[0]
-        s = Scheduler(SchedulerConfig(block_size=bs, max_model_len=10**6), need)
+        s = Scheduler(SchedulerConfig(block_size=bs, prefill_chunk=512, max_model_len=10**6), need)
         got, _, _ = drive(s, FakeWorkers(need, 0, bs), [(0, sid, prompt, params)], False)
         out[sid] = got[sid]
     return out
@@ -205,7 +205,7 @@ def test_a_stop_token_learned_late_discards_one_step_and_frees_its_blocks_early(
         # room for two lifetimes at once: the third sequence waits for the first's blocks
         need = lifetime_blocks(work, bs)
         sched = Scheduler(
-            SchedulerConfig(block_size=bs, max_model_len=10**6, max_num_seqs=3),
+            SchedulerConfig(block_size=bs, prefill_chunk=512, max_model_len=10**6, max_num_seqs=3),
             need[0] + need[1],
         )
         got, discarded, _ = drive(sched, FakeWorkers(sum(need), 0, bs), work, overlap)
@@ -220,7 +220,7 @@ def test_length_stops_are_never_late():
     bs = 4
     work = [(0, 0, [5] * 9, SamplingParams(max_new_tokens=7, ignore_eos=True))]
     for overlap in (False, True):
-        sched = Scheduler(SchedulerConfig(block_size=bs, max_model_len=100), 8)
+        sched = Scheduler(SchedulerConfig(block_size=bs, prefill_chunk=512, max_model_len=100), 8)
         got, discarded, ex = drive(sched, FakeWorkers(8, 0, bs), work, overlap)
         assert len(got[0]) == 7 and discarded == 0
         assert ex.steps == 1 + 6  # one prefill step, six decode steps

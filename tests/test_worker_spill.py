@@ -162,7 +162,7 @@ def _h100_7b_worker(monkeypatch, **kw):
     from runtime.device import DeviceInfo
 
     source = resolve_model("llama2-7b")
-    limits = SchedulerConfig(block_size=16).for_model(262_144)
+    limits = SchedulerConfig(block_size=16).for_model(262_144).for_device("cuda")
     w = Worker(WorkerConfig(model="llama2-7b", device="cpu", **kw), source, limits)
     w.device, w.dtype = torch.device("cpu"), torch.bfloat16
     monkeypatch.setattr(dev, "free_memory_bytes", lambda d: 66 * 10**9)

@@ -240,7 +240,12 @@ class Service:
                 "give ids the model's tokenizer makes, or a text prompt"
             )
         fits = Scheduler(
-            SchedulerConfig(block_size=info["block_size"], max_model_len=info["max_model_len"]),
+            SchedulerConfig(
+                block_size=info["block_size"],
+                max_model_len=info["max_model_len"],
+                # only the KV pool decides whether a prompt fits; engines before this key: 512
+                prefill_chunk=info.get("prefill_chunk", 512),
+            ),
             info["num_blocks"],
         )
         fits.check_fits(len(ids), sampling)

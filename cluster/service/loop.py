@@ -144,6 +144,7 @@ class ServiceLoop:
             "max_model_len": e.max_model_len,
             "num_blocks": e.executor.num_blocks,
             "block_size": self.spec.engine.scheduler.block_size,
+            "prefill_chunk": e.config.scheduler.prefill_chunk,  # as resolved for the device
             "vocab_size": e.model_config.vocab_size,
             "checkpoint": str(e.checkpoint) if e.checkpoint else None,
             "devices": e.device_infos,

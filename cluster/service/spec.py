@@ -7,7 +7,7 @@ A cluster file holds the engine fields of job files (``EngineConfig``) plus the 
 model: demo-small      # required: preset or checkpoint directory (relative to this file)
 device: cpu
 tp: 2
-prefill_chunk: 512
+prefill_chunk: 2048    # tokens per step (default: by device, 8192 on GPUs, 2048 on CPUs)
 max_attempts: 3        # runs of a task before it is marked failed (worker deaths)
 num_cpus: 4            # logical CPUs of the Ray head that `tilerun up` starts (not with --address)
 ```
