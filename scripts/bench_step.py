@@ -205,7 +205,9 @@ def ready_probe(fields: dict) -> None:
 
 def time_to_ready(args, tp: int, path: str, longest: int) -> dict:
     fields = engine_fields(args, tp, path, longest)
-    env = dict(os.environ, TILERUN_DASHBOARD="0", PYTHONPATH=str(ROOT))
+    # the caller's PYTHONPATH stays (it may hold ray: the device machines' bundle does)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TILERUN_DASHBOARD="0", PYTHONPATH=path)
     cmd = [sys.executable, __file__, "--ready-probe", json.dumps(fields)]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.probe_timeout)
