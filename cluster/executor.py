@@ -57,6 +57,14 @@ BRING_UP_DEADLINE_S = 120.0
 SETTLE_S = 5.0
 # Seconds a clean shutdown of the workers may take before they are killed.
 SHUTDOWN_S = 5.0
+# Steps the overlapped loop keeps in flight through a compiled graph on an accelerator: the
+# device has that many steps queued while a result travels back and the next step travels out.
+# One hides the hop only where a step's device time exceeds the round trip (the 7B shape); a
+# small model's steps are shorter than the hop, and each step more in flight divides it again
+# (benchmarks/results/step-demo-small-*.json).
+COMPILED_DEPTH = 2
+# The most steps in flight any setting of ``pipeline_depth`` may ask of the compiled graph.
+MAX_DEPTH = 4
 
 
 class StepHandle:
@@ -102,8 +110,8 @@ class _Executor:
     num_host_blocks: int  # host tier (0: none)
     # where rank 0 listens for the group: loopback, or the address Ray uses for its node
     rendezvous_host: str = "127.0.0.1"
-    # steps that may be submitted before the oldest one's result is taken
-    max_in_flight: int = 1
+    # steps the overlapped loop keeps in flight after each turn (``cluster.step_loop``)
+    pipeline_depth: int = 1
     # send each sequence's block table as a delta against the last step's (tests turn it off)
     table_deltas: bool = True
     # keep the pickled size of each step's message in ``last_message_bytes`` (bench_step)
@@ -134,10 +142,10 @@ class _Executor:
     def submit(self, batch: ScheduledBatch, logits: str = "none", hold: bool = False) -> StepHandle:
         """Send one step to every rank; its handle's ``result()`` is rank 0's ``StepResult``.
         Batches go in the order the scheduler made them (block tables travel as deltas).
-        ``hold``: the caller will most likely submit the next step before it asks for this
-        one's result, so a transport may return this result with the next step's (the compiled
-        graph does: the workers queue step i+1 before they send step i back); asking first
-        still works, at the cost of one more exchange."""
+        ``hold``: the caller will most likely submit the next ``pipeline_depth`` steps before
+        it asks for this one's result, so a transport may return this result with a later
+        step's (the compiled graph does: the workers queue steps i+1..i+d before they send step
+        i back); asking first still works, at the cost of one more exchange."""
         raise NotImplementedError
 
     def execute(self, batch: ScheduledBatch, logits: str = "none") -> StepResult:
@@ -222,7 +230,7 @@ class RayExecutor(_Executor):
         self._ready = False  # bring-up done
         self._steps = 0
         self._slowest_s = 0.0  # the slowest step after the first (which compiles kernels)
-        self.max_in_flight = 2
+        self.pipeline_depth = 1  # COMPILED_DEPTH once a compiled graph carries held steps
         self._pending: collections.deque[StepHandle] = collections.deque()
         self._last_done = 0.0  # when the last step's result came back
         self._compiled = None  # CompiledSteps, when the steps go through a compiled graph
@@ -286,13 +294,15 @@ class RayExecutor(_Executor):
                 from cluster.compiled_steps import CompiledSteps
 
                 try:
-                    self._compiled = CompiledSteps(self.workers, self.max_in_flight)
+                    self._compiled = CompiledSteps(self.workers, MAX_DEPTH + 1)
                 except Exception as e:
                     if cc.step_transport != "auto":
                         raise
                     # auto asked for the faster path, not for this one at any price
                     log.warning("no compiled step graph (%s): steps go as calls", _one_line(e))
                     self.step_transport = "calls"
+            if self._compiled is not None and self.hold_steps:
+                self.pipeline_depth = COMPILED_DEPTH
             self._ready = True
         except BaseException:
             self.shutdown()
@@ -428,6 +438,11 @@ class RayExecutor(_Executor):
             return BRING_UP_DEADLINE_S
         return max(STEP_FLOOR_S, STEP_DEADLINE_FACTOR * self._slowest_s)
 
+    @property
+    def max_in_flight(self) -> int:
+        """Steps that may be submitted before the oldest one's result is taken."""
+        return max(2, self.pipeline_depth + 1)
+
     def submit(self, batch: ScheduledBatch, logits: str = "none", hold: bool = False) -> StepHandle:
         if self.broken:
             raise self._error or WorkerFailedError("the worker group is broken; start a new one")
@@ -436,7 +451,9 @@ class RayExecutor(_Executor):
         packet = self._message(batch, logits)
         ticket = None
         if self._compiled is not None:
-            self._send_compiled(packet + (hold and self.hold_steps,))
+            # held: the workers keep the newest ``pipeline_depth`` steps queued behind this one
+            held = self.pipeline_depth if hold and self.hold_steps else 0
+            self._send_compiled(packet + (min(held, MAX_DEPTH),))
         else:  # one actor call per worker per step; each actor runs its calls in order
             ticket = [w.step.remote(packet) for w in self.workers]
         handle = StepHandle(self, ticket)
@@ -459,7 +476,7 @@ class RayExecutor(_Executor):
                 if self._compiled is not None:
                     if not self._tickets:  # the workers hold every step sent: flush them
                         self.flushes += 1
-                        self._send_compiled((None, "none", False))
+                        self._send_compiled((None, "none", 0))
                     results = self._wait_compiled(self._tickets.popleft())
                 else:
                     results = [

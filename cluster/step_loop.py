@@ -1,8 +1,9 @@
 """The step loop: schedule -> submit to the workers -> take the result back -> update.
 
 One loop for ``Engine.generate`` and the service's ``ServiceLoop``. With ``overlap``
-(``SchedulerConfig.overlap_schedule``) step i+1 is scheduled and sent before step i's
-tokens are back, in the manner of SGLang's overlap scheduler and vLLM's async scheduling: the
+(``SchedulerConfig.overlap_schedule``) steps i+1..i+d are scheduled and sent before step i's
+tokens are back (d: the executor's ``pipeline_depth``, 1 in process, 2 through a compiled graph
+on an accelerator, where the transport hop outlasts a small model's step), in the manner of SGLang's overlap scheduler and vLLM's async scheduling: the
 driver's CPU work (scheduling, building the batch, the transport hop to the workers, then
 applying step i's tokens, progress, detokenising finished tasks) happens while the devices run.
 
@@ -11,7 +12,7 @@ What that asks of the layers below:
 * the scheduler counts ahead (``Sequence.num_scheduled``, ``num_pending``): a decode chunk
   whose input token is still being sampled carries ``PENDING_TOKEN``, which each worker fills in
   on the device from what it sampled last for that sequence (``runtime.worker``);
-* stop tokens and cancels are learned one step late: the step already sent for a sequence that
+* stop tokens and cancels are learned up to d steps late: a step already sent for a sequence that
   has finished is run and its token discarded (``Scheduler.update``); its blocks were freed when
   the stop was learned, and workers run steps in the order they are sent, so no later step sees
   them before it. A length stop is never late (the scheduler knows ``max_new_tokens``);
@@ -45,7 +46,8 @@ class StepDone:
 class StepLoop:
     def __init__(self, scheduler, executor, overlap: bool) -> None:
         """``scheduler``: a ``Scheduler``; ``executor``: anything with ``submit(batch, logits,
-        hold)`` returning a handle whose ``result()`` is the step's ``StepResult``."""
+        hold)`` returning a handle whose ``result()`` is the step's ``StepResult``, and
+        ``pipeline_depth``: the steps left in flight after each turn when ``overlap`` is on."""
         self.scheduler = scheduler
         self.executor = executor
         self.overlap = overlap
@@ -56,6 +58,11 @@ class StepLoop:
         return len(self._flight)
 
     @property
+    def depth(self) -> int:
+        """Steps left in flight after a turn (read each turn: a benchmark may change it)."""
+        return getattr(self.executor, "pipeline_depth", 1) if self.overlap else 0
+
+    @property
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self._flight)
 
@@ -64,7 +71,7 @@ class StepLoop:
         step in flight unless the pipeline still has room. Returns the steps taken back (empty
         while the first step of a run is the only one in flight), or None when there was
         nothing to send and nothing in flight (idle)."""
-        depth = 1 if self.overlap else 0  # steps left in flight after a turn
+        depth = self.depth  # steps left in flight after a turn
         sent = False
         if len(self._flight) <= depth:
             batch = self.scheduler.schedule()

@@ -500,18 +500,18 @@ class Worker:
         return self.launch(batch, logits).result()
 
     def advance(
-        self, batch: ScheduledBatch | None, logits: str = "none", hold: bool = False
+        self, batch: ScheduledBatch | None, logits: str = "none", hold: int = 0
     ) -> list[StepResult]:
         """Launch ``batch`` (None: nothing), then return the results of the steps launched
-        before it, oldest first, and its own too unless ``hold``.
+        before it, oldest first, keeping back the newest ``hold`` steps (this one included).
 
-        With ``hold`` this step's result comes back with the next call, after the next step has
-        been queued behind it: on CUDA the device then runs step i+1 while step i's tokens
-        travel to the driver and the driver sends step i+2, instead of idling for the hop (the
-        compiled step graph sends every step this way; ``advance(None)`` flushes)."""
+        With ``hold`` = d a step's result comes back d calls later, after the next d steps have
+        been queued behind it: on CUDA the device then runs those steps while step i's tokens
+        travel to the driver and the driver sends the next one, instead of idling for the hop
+        (the compiled step graph sends every step this way; ``advance(None)`` flushes)."""
         if batch is not None:
             self._held.append(self.launch(batch, logits))
-        keep = 1 if hold and batch is not None else 0
+        keep = int(hold) if batch is not None else 0
         done = []
         while len(self._held) > keep:
             done.append(self._held.popleft().result())

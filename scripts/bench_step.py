@@ -7,7 +7,8 @@ between two consecutive steps as the engine's loop sees them (the scheduler's ow
 same on every path, is inside every figure and cancels in the difference):
 
 * ``local``: the worker in this process (``executor=local``, TP = 1 only);
-* ``ray[<transport>]``: the worker actors, one per rank, with each ``--transports`` setting;
+* ``ray[<transport>]``: the worker actors, one per rank, with each ``--transports`` setting
+  (``compiled:3``: the compiled graph with 3 steps in flight, ``pipeline_depth``);
 * the worker's own time inside ``Worker.execute`` on rank 0 (``StepResult.seconds``), the
   in-process figure for TP > 1, where no in-process path exists.
 
@@ -89,7 +90,7 @@ def engine_fields(args, tp: int, path: str, longest: int) -> dict:
         fields["executor"] = "local"
     else:
         fields["executor"] = "ray"
-        transport = path[len("ray[") : -1]
+        transport = path[len("ray[") : -1].partition(":")[0]
         if transport != "default":
             fields["step_transport"] = transport
     return fields
@@ -240,6 +241,9 @@ def bench_tp(args, tp: int, context: int) -> list[dict]:
         for path in paths:
             t0 = time.perf_counter()
             engines[path] = Engine(EngineConfig.from_dict(engine_fields(args, tp, path, longest)))
+            depth = path[:-1].partition(":")[2]
+            if depth:  # ray[compiled:2]: that many steps in flight instead of the default
+                engines[path].executor.pipeline_depth = int(depth)
             clocks[path] = StepClock(engines[path])
             print(f"tp={tp} {path}: ready in {time.perf_counter() - t0:.1f}s", flush=True)
         vocab = engines[paths[0]].model_config.vocab_size
@@ -272,6 +276,7 @@ def bench_tp(args, tp: int, context: int) -> list[dict]:
                 "tp": tp,
                 "context": context,
                 "path": path,
+                "pipeline_depth": getattr(engines[path].executor, "pipeline_depth", 1),
                 "decode_step_ms": round(step, 3),
                 "decode_step_ms_runs": [round(x["decode_step_ms"], 3) for x in rs],
                 "worker_step_ms": round(worker, 3),
@@ -318,7 +323,8 @@ def main() -> int:
         "--transports",
         nargs="+",
         default=["default"],
-        help="step_transport settings of the Ray path (default: the engine's default)",
+        help="step_transport settings of the Ray path (default: the engine's default); "
+        "<transport>:<d> also sets the executor's pipeline_depth (steps in flight) to d",
     )
     ap.add_argument(
         "--kv-heads",

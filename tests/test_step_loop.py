@@ -48,8 +48,9 @@ class _Handle:
 class LazyExecutor:
     """``submit`` queues a step; a step runs when its result (or a later one's) is asked for."""
 
-    def __init__(self, sched: Scheduler, workers: FakeWorkers) -> None:
+    def __init__(self, sched: Scheduler, workers: FakeWorkers, depth: int = 1) -> None:
         self.sched, self.workers = sched, workers
+        self.pipeline_depth = depth  # steps the overlapped loop leaves in flight
         self.queue: list[_Handle] = []
         self.last: dict[int, int] = {}  # seq_id -> token sampled last (a worker's memory)
         self.pending_filled = 0
@@ -82,15 +83,16 @@ class LazyExecutor:
         return sampled
 
 
-def drive(sched, workers, arrivals, overlap, cancel_at=None, max_turns=20000):
-    """Run ``arrivals`` (turn, seq_id, prompt, params) through a StepLoop; ``cancel_at``:
-    {turn: seq_id} aborted at that turn. Returns (seq_id -> tokens, discarded chunks, ex)."""
-    ex = LazyExecutor(sched, workers)
+def drive(sched, workers, arrivals, overlap, cancel_at=None, max_turns=20000, depth=1):
+    """Run ``arrivals`` (turn, seq_id, prompt, params) through a StepLoop whose executor asks
+    for ``depth`` steps in flight; ``cancel_at``: {turn: seq_id} aborted at that turn. Returns
+    (seq_id -> tokens, discarded chunks, ex)."""
+    ex = LazyExecutor(sched, workers, depth)
     loop = StepLoop(sched, ex, overlap=overlap)
     arrivals = sorted(arrivals, key=lambda a: a[0])
     cancel_at = dict(cancel_at or {})
     seqs: dict[int, Sequence] = {}
-    discarded = 0
+    discarded = most = 0
     turn = 0
     while arrivals or loop.has_work:
         while arrivals and arrivals[0][0] <= turn:
@@ -102,6 +104,7 @@ def drive(sched, workers, arrivals, overlap, cancel_at=None, max_turns=20000):
         turn += 1
         assert turn < max_turns, "no progress"
         taken = loop.advance()
+        most = max(most, loop.in_flight)
         if taken is None:
             continue
         for step in taken:
@@ -109,6 +112,8 @@ def drive(sched, workers, arrivals, overlap, cancel_at=None, max_turns=20000):
             for seq in step.finished:
                 assert seq.status.value == "finished" and seq.num_pending >= 0
     assert loop.in_flight == 0
+    assert most <= (depth if overlap else 0), "more steps in flight than asked for"
+    ex.most_in_flight = most
     return {sid: s.output_ids for sid, s in seqs.items()}, discarded, ex
 
 
@@ -166,15 +171,15 @@ def test_overlap_on_and_off_give_each_sequence_its_tokens_alone(seed, kind):
     seats = rng.randint(1, 4)
     ref = alone(work, bs)
     state = rng.getstate()
-    for overlap in (False, True):
-        rng.setstate(state)  # the same pool sizes both ways
+    for overlap, depth in ((False, 1), (True, 1), (True, 2), (True, 3)):
+        rng.setstate(state)  # the same pool sizes every way
         sched, workers = (
             _plain(work, bs, chunk, seats)
             if kind == "plain"
             else _spill(rng, work, bs, chunk, seats)
         )
-        got, _, ex = drive(sched, workers, work, overlap)
-        assert got == ref, f"overlap={overlap}"
+        got, _, ex = drive(sched, workers, work, overlap, depth=depth)
+        assert got == ref, f"overlap={overlap} depth={depth}"
         if kind == "spill":
             t = sched.tiers
             assert (t.num_free_device, t.num_free_host) == (t.device_blocks, t.host_blocks)
@@ -184,11 +189,14 @@ def test_overlap_on_and_off_give_each_sequence_its_tokens_alone(seed, kind):
         assert not sched.running and not sched.waiting
         if overlap and any(len(v) > 1 for v in ref.values()):
             assert ex.pending_filled > 0, "no step was sent before its previous token was back"
+        if overlap and any(len(v) > depth for v in ref.values()):
+            assert ex.most_in_flight == depth
 
 
-def test_a_stop_token_learned_late_discards_one_step_and_frees_its_blocks_early():
-    """Two sequences; the first stops on a stop token. With overlap one extra step of it was
-    already sent: it runs, its token is dropped, and its blocks go to a waiting sequence."""
+def test_a_stop_token_learned_late_discards_the_steps_in_flight_and_frees_its_blocks_early():
+    """Two sequences; the first stops on a stop token. With overlap, d extra steps of it (the
+    pipeline depth) were already sent: they run, their tokens are dropped, and its blocks go to
+    a waiting sequence."""
     bs = 4
     # find a prompt whose third token is a stop token, so the stop comes mid-batch
     rng = random.Random(7)
@@ -201,14 +209,16 @@ def test_a_stop_token_learned_late_discards_one_step_and_frees_its_blocks_early(
     late = [(0, 2, [9, 9, 9], SamplingParams(max_new_tokens=4, ignore_eos=True))]
     work = [(0, 0, prompt, SamplingParams(max_new_tokens=8))] + long + late
     ref = alone(work, bs)
-    for overlap, extra in ((False, 0), (True, 1)):
+    for overlap, extra in ((False, 0), (True, 1), (True, 2), (True, 3)):
         # room for two lifetimes at once: the third sequence waits for the first's blocks
         need = lifetime_blocks(work, bs)
         sched = Scheduler(
             SchedulerConfig(block_size=bs, prefill_chunk=512, max_model_len=10**6, max_num_seqs=3),
             need[0] + need[1],
         )
-        got, discarded, _ = drive(sched, FakeWorkers(sum(need), 0, bs), work, overlap)
+        got, discarded, _ = drive(
+            sched, FakeWorkers(sum(need), 0, bs), work, overlap, depth=max(extra, 1)
+        )
         assert got == ref and got[0] == probe
         assert discarded == extra
         assert sched.blocks.num_free == sched.blocks.num_blocks
@@ -219,9 +229,9 @@ def test_length_stops_are_never_late():
     discarded, and the steps equal the tokens of a lone sequence."""
     bs = 4
     work = [(0, 0, [5] * 9, SamplingParams(max_new_tokens=7, ignore_eos=True))]
-    for overlap in (False, True):
+    for overlap, depth in ((False, 1), (True, 1), (True, 3)):
         sched = Scheduler(SchedulerConfig(block_size=bs, prefill_chunk=512, max_model_len=100), 8)
-        got, discarded, ex = drive(sched, FakeWorkers(8, 0, bs), work, overlap)
+        got, discarded, ex = drive(sched, FakeWorkers(8, 0, bs), work, overlap, depth=depth)
         assert len(got[0]) == 7 and discarded == 0
         assert ex.steps == 1 + 6  # one prefill step, six decode steps
 
@@ -236,12 +246,12 @@ def test_cancel_with_a_step_in_flight(seed, kind):
     work = workload(rng, bs, 4, stops=False)
     ref = alone(work, bs)
     victim, when = rng.randrange(4), rng.randint(3, 9)
-    for overlap in (False, True):
+    for overlap, depth in ((False, 1), (True, 1), (True, 2)):
         if kind == "plain":
             sched, workers = _plain(work, bs, 8, 4)
         else:
             sched, workers = _spill(random.Random(seed), work, bs, 8, 4)
-        got, _, _ = drive(sched, workers, work, overlap, cancel_at={when: victim})
+        got, _, _ = drive(sched, workers, work, overlap, cancel_at={when: victim}, depth=depth)
         for sid, toks in got.items():
             if sid == victim:
                 assert toks == ref[sid][: len(toks)]

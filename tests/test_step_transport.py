@@ -48,21 +48,23 @@ def local_tokens(hf_checkpoint):
 @pytest.mark.parametrize(
     "tp,comm,transport,held",
     [(1, "gloo", "compiled", False), (1, "gloo", "calls", False),
-     (2, "gloo", "compiled", False), (2, "gloo", "compiled", True),
-     (2, "mpi", "compiled", False)],
+     (2, "gloo", "compiled", False), (2, "gloo", "compiled", 1),
+     (2, "gloo", "compiled", 3), (2, "mpi", "compiled", False)],
 )  # fmt: skip
 def test_transports_give_the_in_process_tokens(
     ray_cluster, hf_checkpoint, local_tokens, tp, comm, transport, held
 ):
-    """``held``: the workers return each step with the next (the default on accelerators),
-    with the overlapped loop's late stops and the flush at the end of a run."""
+    """``held`` = d: the workers return each step d executions later (the default on
+    accelerators), with d steps in flight, the overlapped loop's late stops and the flush at
+    the end of a run."""
     path, _ = hf_checkpoint
     cfg = _cfg(path, prefill_chunk=32, tp=tp, comm=comm, step_transport=transport)
     with LLM(executor="ray", **cfg) as llm:
         assert llm.engine.executor.step_transport == transport
-        llm.engine.executor.hold_steps = held
+        ex = llm.engine.executor
+        ex.hold_steps, ex.pipeline_depth = bool(held), max(1, int(held))
         got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
-        assert (getattr(llm.engine.executor, "flushes", 0) > 0) == held
+        assert (getattr(ex, "flushes", 0) > 0) == bool(held)
     assert got == local_tokens
 
 
@@ -89,6 +91,10 @@ def test_worker_advance_returns_held_steps_in_order(hf_checkpoint):
         got = w.advance(batches[1], "sampled", True)
         got += w.advance(batches[2], "sampled", False)  # not held: its own result comes too
         assert w.advance(None) == []
+        # two held: each result comes two calls later, the flush brings the last two
+        assert w.advance(batches[0], "sampled", 2) == w.advance(batches[1], "sampled", 2) == []
+        late = w.advance(batches[2], "sampled", 2) + w.advance(None)
+    assert [g.sampled for g in late] == [x.sampled for x in want]
     assert [g.sampled for g in got] == [x.sampled for x in want]
     for g, x in zip(got, want):
         for sid in x.logits:
