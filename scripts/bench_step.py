@@ -235,29 +235,40 @@ def bench_tp(args, tp: int, context: int) -> list[dict]:
     paths = (["local"] if tp == 1 and not args.no_local else []) + [
         f"ray[{t}]" for t in args.transports
     ]
+    # paths that differ only in depth (ray[compiled:1], ray[compiled:2]) share one engine, so
+    # one GPU holds them all; each run sets its depth first
+    key = {p: p.partition(":")[0] + ("]" if ":" in p else "") for p in paths}
     engines, clocks = {}, {}
     rows = []
     try:
-        for path in paths:
+        for path in dict.fromkeys(key.values()):
             t0 = time.perf_counter()
             engines[path] = Engine(EngineConfig.from_dict(engine_fields(args, tp, path, longest)))
-            depth = path[:-1].partition(":")[2]
-            if depth:  # ray[compiled:2]: that many steps in flight instead of the default
-                engines[path].executor.pipeline_depth = int(depth)
             clocks[path] = StepClock(engines[path])
             print(f"tp={tp} {path}: ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        vocab = engines[paths[0]].model_config.vocab_size
+        default_depth = {k: getattr(e.executor, "pipeline_depth", 1) for k, e in engines.items()}
+
+        def run(path: str, new: int) -> dict:
+            ex = engines[key[path]].executor
+            depth = path[:-1].partition(":")[2]  # ray[compiled:2]: that many steps in flight
+            if hasattr(ex, "pipeline_depth"):
+                ex.pipeline_depth = int(depth) if depth else default_depth[key[path]]
+            out = run_path(engines[key[path]], clocks[key[path]], prompts, new)
+            out["pipeline_depth"] = getattr(ex, "pipeline_depth", 1)
+            return out
+
+        vocab = engines[key[paths[0]]].model_config.vocab_size
         g = torch.Generator().manual_seed(0)
         prompts = [
             torch.randint(0, vocab, (context,), generator=g).tolist() for _ in range(args.batch)
         ]
         for path in paths:  # warm every path once (first requests compile and fill pools)
-            run_path(engines[path], clocks[path], prompts, min(args.new_tokens, 8))
+            run(path, min(args.new_tokens, 8))
         runs: dict[str, list[dict]] = {p: [] for p in paths}
         for r in range(args.repeats):
             order = paths if r % 2 == 0 else paths[::-1]  # neither path always goes first
             for path in order:
-                runs[path].append(run_path(engines[path], clocks[path], prompts, args.new_tokens))
+                runs[path].append(run(path, args.new_tokens))
         want = runs[paths[0]][0]["tokens"]
         for path in paths:
             for x in runs[path]:
@@ -276,7 +287,7 @@ def bench_tp(args, tp: int, context: int) -> list[dict]:
                 "tp": tp,
                 "context": context,
                 "path": path,
-                "pipeline_depth": getattr(engines[path].executor, "pipeline_depth", 1),
+                "pipeline_depth": rs[0]["pipeline_depth"],
                 "decode_step_ms": round(step, 3),
                 "decode_step_ms_runs": [round(x["decode_step_ms"], 3) for x in rs],
                 "worker_step_ms": round(worker, 3),
