@@ -8,6 +8,11 @@ hands them to the waiting ``Ticket``; a watcher thread wakes every waiter the mo
 loop ends (its actor died, or the graph was torn down). The executor's deadline, health check and
 error naming stay where they are (``cluster.executor``): they only need ``Ticket.wait`` to return
 on time.
+
+Packets and results cross the graph as bytes, pickled here and in ``WorkerActor.steps`` with the
+standard library's C pickler: the graph's own serializer (cloudpickle, object by object) cost
+the driver more than the rest of its per-step work on a small model. Only our own objects
+travel this way, between our own processes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import pickle
 import threading
 from typing import Any
 
@@ -55,7 +61,7 @@ class CompiledSteps:
             threading.Thread(target=target, name=f"tilerun-steps-{name}", daemon=True).start()
 
     def send(self, packet: Any) -> Ticket:
-        ticket = Ticket(self.graph.execute(packet))
+        ticket = Ticket(self.graph.execute(pickle.dumps(packet, pickle.HIGHEST_PROTOCOL)))
         with self._cv:
             self._queue.append(ticket)
             self._cv.notify_all()
@@ -75,7 +81,7 @@ class CompiledSteps:
             try:
                 for ref in ticket.refs:
                     try:
-                        outcome.append((True, ref.get(timeout=-1)))
+                        outcome.append((True, pickle.loads(ref.get(timeout=-1))))
                     except RayTaskError as e:  # the rank's step raised; the graph goes on
                         outcome.append((False, e))
             except BaseException as e:  # noqa: BLE001 - the channel is gone: every ticket fails

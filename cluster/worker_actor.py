@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import ray
 import torch
@@ -51,10 +52,12 @@ class WorkerActor(Worker):
         """One engine step, ``packet = (batch, logits)``: the per-step call of plain calls."""
         return self._noting_failure(self.execute, *packet)
 
-    def steps(self, packet: tuple) -> list[StepResult]:
-        """``packet = (batch | None, logits, hold)``: ``Worker.advance``, the compiled graph's
-        node (it launches step i+1 before it returns step i)."""
-        return self._noting_failure(self.advance, *packet)
+    def steps(self, packet: bytes) -> bytes:
+        """The compiled graph's node: ``Worker.advance(batch | None, logits, hold)`` (it launches
+        step i+1 before it returns step i), packet and results pickled (``cluster.compiled_steps``
+        says why)."""
+        results = self._noting_failure(self.advance, *pickle.loads(packet))
+        return pickle.dumps(results, pickle.HIGHEST_PROTOCOL)
 
     def _noting_failure(self, fn, *args):
         try:
