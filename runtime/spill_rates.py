@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime import device as dev
+from runtime import kv_quant
 from runtime.attention.base import AttentionBackend, AttentionMetadata
 from runtime.attention.partial import CPU_METHODS, fused_available, host_attention
 from scheduler.spill_cost import SpillRates, attention_flops
@@ -97,24 +98,40 @@ def cpu_attention_rate(
     threads: int | None = None,
     repeats: int = 3,
     runs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    quant: str | None = None,
+    block_size: int = 16,
 ) -> CpuAttentionRate:
     """Time ``host_attention`` of ``queries`` queries over ``keys`` host tokens in runs of
     ``run_tokens``, with ``threads`` torch threads, by each method; the fastest wins (a tie
     within 5 % goes to the one listed first in ``CPU_METHODS``: the fused kernel on float32
-    rounds least). ``runs``: the host KV to read, if already made (``host_kv_runs``)."""
+    rounds least). ``runs``: the host KV to read, if already made (``host_kv_runs``).
+    ``quant`` (``fp8``/``int8``): the host pool stores 8-bit blocks, which the step
+    dequantizes to ``dtype`` before it attends: that is timed too, and the rate is in stored
+    bytes (what the cost model counts)."""
     if methods is None:
         methods = CPU_METHODS if fused_available() else ("tiled",)
     ks, vs = runs or host_kv_runs(keys, run_tokens, num_kv_heads, head_dim, dtype)
     q = torch.randn(queries, num_heads, head_dim, generator=torch.Generator().manual_seed(1))
     q = q.to(dtype)
     nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
+    read = lambda: (ks, vs)  # noqa: E731 - what the step reads each time
+    if quant:
+        stored = [[_quantize_run(x, quant, block_size) for x in side] for side in (ks, vs)]
+        nbytes = sum(qx.nbytes + sx.nbytes for side in stored for qx, sx in side)
+
+        def read():
+            return tuple(
+                [kv_quant.dequantize(qx, sx, quant, dtype).flatten(0, 1) for qx, sx in side]
+                for side in stored
+            )
+
     cpu = torch.device("cpu")
     scale = head_dim**-0.5
     tried = {}
     with dev.torch_threads(threads):
         for m in methods:
             try:
-                t = best_time(lambda m=m: host_attention(q, ks, vs, scale, m), cpu, repeats)
+                t = best_time(lambda m=m: host_attention(q, *read(), scale, m), cpu, repeats)
             except (RuntimeError, NotImplementedError) as e:  # this torch's kernel refuses it
                 log.warning("cpu attention method %s does not run here: %s", m, e)
                 continue
@@ -123,6 +140,12 @@ def cpu_attention_rate(
     top = max(tried.values())
     method = next(m for m in order if tried[m] >= 0.95 * top)
     return CpuAttentionRate(method, tried[method], tried)
+
+
+def _quantize_run(x: torch.Tensor, quant: str, block_size: int):
+    """A run ``[n, Hkv, D]`` as the host pool stores it: 8-bit blocks and one scale each."""
+    n = x.shape[0] // block_size * block_size
+    return kv_quant.quantize(x[:n].reshape(-1, block_size, *x.shape[1:]), quant)
 
 
 def measure_rates(
@@ -141,9 +164,11 @@ def measure_rates(
     run_tokens: int = 2048,
     host_dtype: torch.dtype | None = None,
     cpu_threads: int | None = None,
+    quant: str | None = None,
 ) -> MeasuredRates:
     """Rates of this worker's device and CPU for attention over ``keys`` cached keys on the
-    device and ``cpu_keys`` host keys (stored as ``host_dtype``, in runs of ``run_tokens``)."""
+    device and ``cpu_keys`` host keys (stored as ``host_dtype``, in runs of ``run_tokens``;
+    ``quant``: stored as 8-bit blocks, dequantized to ``host_dtype`` by the CPU part)."""
     g = torch.Generator().manual_seed(0)
     nblk = -(-keys // block_size)
     shape = (nblk, block_size, num_kv_heads, head_dim)
@@ -163,8 +188,9 @@ def measure_rates(
     host_dtype = host_dtype or dtype
     ks, vs = host_kv_runs(cpu_keys, run_tokens, num_kv_heads, head_dim, host_dtype)
     cpu = cpu_attention_rate(
-        num_heads, num_kv_heads, head_dim, host_dtype, threads=cpu_threads, runs=(ks, vs)
-    )
+        num_heads, num_kv_heads, head_dim, host_dtype, threads=cpu_threads, runs=(ks, vs),
+        quant=quant, block_size=block_size,
+    )  # fmt: skip
     # the prefill shape, by the method the decode shape chose, over the first runs
     pre_keys, n = 0, 0
     while n < len(ks) and pre_keys < min(cpu_keys, keys):

@@ -425,6 +425,7 @@ class Worker:
             run_tokens=kv.host.chunk_blocks * self.limits.block_size,  # one run per host chunk
             host_dtype=self.dtype if kv.quant else kv.host_storage,
             cpu_threads=self.cpu_threads,  # the CPU rate at the threads it will use
+            quant=kv.quant,  # an 8-bit host tier: the CPU part dequantizes before it attends
         )
         self.spill_rates, self.cpu_method = measured.spill, measured.cpu.method
         if self.rank == 0:

@@ -76,6 +76,7 @@ def measure_rates(worker, mib: int, cpu_keys: int) -> dict:
     cpu = cpu_attention_rate(
         c.num_attention_heads, c.num_key_value_heads, head_dim, dtype, keys=cpu_keys,
         run_tokens=run, threads=worker.cpu_threads,
+        quant=kv.quant if kv is not None else None, block_size=worker.limits.block_size,
     )  # fmt: skip
     rates["cpu_attention_bytes_per_s"] = cpu.bytes_per_s
     rates["cpu_attention_method"] = cpu.method

@@ -215,3 +215,31 @@ def test_a_cpu_method_this_torch_refuses_is_left_out(monkeypatch):
     monkeypatch.setattr(spill_rates, "host_attention", refusing)
     rate = spill_rates.cpu_attention_rate(4, 2, 16, torch.float32, keys=256, run_tokens=64)
     assert rate.method == "tiled" and set(rate.tried) == {"tiled"}
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int8"])
+def test_cpu_rate_of_an_8bit_host_tier_times_the_dequantization_and_counts_stored_bytes(
+    monkeypatch, quant
+):
+    """On an H200 the cost model, fed the bf16 rate for an fp8 host tier, sent decode steps to
+    the CPU at 55x their bound: the CPU part dequantizes every block before it attends. The
+    rate must time that too, per stored byte (what ``StepShape.host_bytes`` counts)."""
+    import runtime.spill_rates as spill_rates
+
+    calls = []
+    real = spill_rates.kv_quant.dequantize
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(spill_rates.kv_quant, "dequantize", counting)
+    monkeypatch.setattr(spill_rates, "best_time", lambda fn, device, repeats=3: (fn(), 1.0)[1])
+    keys, hkv, d, bs = 256, 2, 16, 16
+    rate = spill_rates.cpu_attention_rate(
+        4, hkv, d, torch.bfloat16, keys=keys, run_tokens=64, methods=("tiled",), quant=quant,
+        block_size=bs,
+    )  # fmt: skip
+    stored = 2 * keys * hkv * d + 2 * (keys // bs) * 4  # K and V bytes + a float32 scale a block
+    assert rate.bytes_per_s == stored  # one second per call: the rate is the bytes counted
+    assert len(calls) == 2 * (keys // 64)  # every run of K and V dequantized inside the timing
