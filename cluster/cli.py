@@ -100,6 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         values[k] = v
         where.pop(k, None)  # a flag's error has no file line
     job = build_job(values, where)
+    if job.engine.cluster.executor == "ray":
+        from cluster.ray_cluster import start_ray_early
+
+        # Ray's start (seconds) runs beside the imports and checks below; the executor waits
+        # for it. A failed check is still said at once: the process exits, the reaper
+        # takes down whatever Ray had started by then.
+        start_ray_early(job.engine.cluster.ray_address)
     ids = _checked_prompt(job)
 
     from cluster.api import LLM

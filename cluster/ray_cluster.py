@@ -2,6 +2,8 @@
 
 The embedded local cluster binds its dashboard to 127.0.0.1 and keeps Ray's token
 authentication as Ray sets it up; attaching to an existing cluster takes its address.
+:func:`start_ray_early` begins either in a background thread, beside the driver's own imports
+and checks; :func:`ensure_ray` then waits for that start rather than beginning another.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import ray
@@ -31,7 +35,79 @@ def ensure_ray(
     packages are not installed). The dashboard binds to ``dashboard_host``, else
     ``TILERUN_DASHBOARD_HOST``, else 127.0.0.1: it is reachable from other hosts only when the
     user says so (Ray's token authentication guards it either way).
+
+    Where :func:`start_ray_early` began a start, this waits for that one (whatever the
+    arguments here) and raises its error, if it failed, in this caller's thread.
     """
+    early = _early
+    if early is not None:
+        try:
+            early.result()
+        except BaseException:
+            if early.done():  # it failed (not: interrupted while waiting); the next call retries
+                _forget_early(early)
+            raise
+    return _start(address, num_cpus, dashboard, dashboard_host)
+
+
+def start_ray_early(address: str | None = None) -> None:
+    """Begin ``ensure_ray(address)`` in a background thread and return at once.
+
+    Ray's start takes seconds, mostly spent waiting for its processes; begun before the
+    driver's heavy imports and checks, it runs beside them. The next :func:`ensure_ray` waits
+    for it. Does nothing where Ray is up or a start is under way.
+    """
+    global _early, _early_release
+    with _early_lock:
+        if _early is not None or ray.is_initialized():
+            return
+        _early, _early_release = Future(), threading.Event()
+        threading.Thread(
+            target=_start_in_background,
+            args=(_early, _early_release, address),
+            name="tilerun-ray-start",
+            daemon=True,
+        ).start()
+
+
+_early: Future | None = None  # the start begun by start_ray_early
+_early_release = threading.Event()  # set: the thread of that start may end
+_early_lock = threading.Lock()
+
+
+def _start_in_background(done: Future, release: threading.Event, address: str | None) -> None:
+    # Ray notes that it set no SIGTERM handler outside the main thread: the CLI has its own
+    # (cluster.signals), and a driver killed by SIGTERM takes its cluster along all the same
+    # (the reaper, and Ray's fate sharing below).
+    logging.getLogger("ray._private.worker").addFilter(_no_sigterm_notice)
+    try:
+        done.set_result(_start(address))
+    except BaseException as e:  # ensure_ray raises it again, in its caller's thread
+        done.set_exception(e)
+        return
+    # Ray starts its GCS, raylet and dashboard with PR_SET_PDEATHSIG, which fires when the
+    # *thread* that started them ends, not the process: this one lives until shutdown_ray.
+    release.wait()
+
+
+def _no_sigterm_notice(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _forget_early(early: Future) -> None:
+    global _early
+    with _early_lock:
+        if _early is early:
+            _early = None
+            _early_release.set()
+
+
+def _start(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    dashboard: bool | None = None,
+    dashboard_host: str | None = None,
+) -> dict:
     global _dashboard_url
     if ray.is_initialized():
         return describe()
@@ -56,6 +132,9 @@ def ensure_ray(
     else:
         # Logical CPUs: at least enough for a small TP group of CPU workers on a 2-core box.
         ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+        # the reaper first: a driver that exits while Ray is still starting (a failed check
+        # beside start_ray_early) leaves nothing behind either
+        _start_reaper()
         # "local": a cluster of our own, even where `ray start` left one for plain ray.init()
         # calls to find (that one may belong to someone else, or be gone)
         ctx = ray.init(
@@ -65,7 +144,6 @@ def ensure_ray(
             dashboard_host=dashboard_host,
             **kwargs,
         )
-        _start_reaper()
     _dashboard_url = getattr(ctx, "dashboard_url", None) or None
     return describe()
 
@@ -167,5 +245,10 @@ def describe() -> dict:
 
 
 def shutdown_ray() -> None:
+    early = _early
+    if early is not None:
+        wait([early])  # a start still under way would leave its cluster up after this call
     if ray.is_initialized():
         ray.shutdown()
+    if early is not None:
+        _forget_early(early)
