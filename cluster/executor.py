@@ -57,12 +57,14 @@ BRING_UP_DEADLINE_S = 120.0
 SETTLE_S = 5.0
 # Seconds a clean shutdown of the workers may take before they are killed.
 SHUTDOWN_S = 5.0
-# Steps the overlapped loop keeps in flight through a compiled graph on an accelerator: the
-# device has that many steps queued while a result travels back and the next step travels out.
-# One hides the hop only where a step's device time exceeds the round trip (the 7B shape); a
-# small model's steps are shorter than the hop, and each step more in flight divides it again
-# (benchmarks/results/step-demo-small-*.json).
-COMPILED_DEPTH = 2
+# Steps the overlapped loop keeps in flight through a compiled graph on an accelerator (the
+# device has that many steps queued while a result travels back and the next step travels out).
+# Measured on the H200 (benchmarks/results/step-*-depths*-nvidia-h200.json): the 7B shape's
+# step outlasts the hop at any depth; the demo model gained 0.788 -> 0.709 ms a step from 1 to
+# 4 in one run and lost 0.701 -> 0.922 from 1 to 2 in another, so its limit is per-step CPU
+# work, not the hop. One, until a depth wins every run; each step more is a step more
+# discarded after a stop token.
+COMPILED_DEPTH = 1
 # The most steps in flight any setting of ``pipeline_depth`` may ask of the compiled graph.
 MAX_DEPTH = 4
 

@@ -2,8 +2,7 @@
 
 One loop for ``Engine.generate`` and the service's ``ServiceLoop``. With ``overlap``
 (``SchedulerConfig.overlap_schedule``) steps i+1..i+d are scheduled and sent before step i's
-tokens are back (d: the executor's ``pipeline_depth``, 1 in process, 2 through a compiled graph
-on an accelerator, where the transport hop outlasts a small model's step), in the manner of SGLang's overlap scheduler and vLLM's async scheduling: the
+tokens are back (d: the executor's ``pipeline_depth``, 1 unless a benchmark asks for more), in the manner of SGLang's overlap scheduler and vLLM's async scheduling: the
 driver's CPU work (scheduling, building the batch, the transport hop to the workers, then
 applying step i's tokens, progress, detokenising finished tasks) happens while the devices run.
 

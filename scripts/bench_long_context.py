@@ -175,11 +175,12 @@ def run_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
 
 
 def bounds(row: dict, rates: dict, kv_bytes_per_token: int, lin_params: int, weight_bytes: int,
-           layers: int, q_width: int) -> dict:  # fmt: skip
-    """The figures' bounds from the measured rates (seconds)."""
+           layers: int, q_width: int, host_bytes_per_token: float | None = None) -> dict:  # fmt: skip
+    """The figures' bounds from the measured rates (seconds). ``host_bytes_per_token``: KV
+    bytes a host-resident token is stored in (less than on the device for an 8-bit tier)."""
     bs = row["block_tokens"]
     dev_kv = row["kv_blocks_on_device_at_peak"] * bs * kv_bytes_per_token
-    host_kv = row["kv_blocks_on_host_at_peak"] * bs * kv_bytes_per_token
+    host_kv = row["kv_blocks_on_host_at_peak"] * bs * (host_bytes_per_token or kv_bytes_per_token)
     # the copy counted read + write: the memory system's rate, which attention's reads reach
     dev_bw = rates["device_bytes_per_s"]
     h2d = rates["host_to_device_bytes_per_s"]
@@ -370,8 +371,14 @@ def main() -> int:
                 "context": s,
                 **run_tilerun(engine, prompt, args.new_tokens),
             }
+            host_per_token = (
+                worker.kv.host_layer_block_bytes * c.num_hidden_layers / worker.limits.block_size
+                if worker.kv is not None and worker.kv.host is not None
+                else None
+            )
             row.update(bounds(row, rates, kv_per_token, lin_params, weight_bytes,
-                              c.num_hidden_layers, c.num_attention_heads * c.head_dim))  # fmt: skip
+                              c.num_hidden_layers, c.num_attention_heads * c.head_dim,
+                              host_per_token))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a row that failed is a figure too
             row = {"system": "tilerun", "context": s, "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
