@@ -119,6 +119,8 @@ class _Executor:
     # keep the pickled size of each step's message in ``last_message_bytes`` (bench_step)
     measure_messages: bool = False
     last_message_bytes: int = 0
+    # seconds of each bring-up phase, in order (ray_start, placement_group, init_device, ...)
+    bring_up_s: dict[str, float]
     _sender: TableSender | None = None
 
     def _all(self, method: str, *args: Any) -> list[Any]:
@@ -126,16 +128,23 @@ class _Executor:
         raise NotImplementedError
 
     def _bring_up(self, tp: int, comm: str) -> None:
-        self.device_infos = self._all("init_device")
+        self.device_infos = self._timed("init_device")
         if tp > 1:
             rdv = self._rank0("open_rendezvous", comm, self.rendezvous_host)
-            self._all("init_communicator", comm, rdv)
-        self._all("load_model")
+            self._timed("init_communicator", comm, rdv)
+        self._timed("load_model")
         caps = self._all("kv_cache_capacity")
         self.num_blocks = min(c["device_blocks"] for c in caps)
         self.num_host_blocks = min(c["host_blocks"] for c in caps)
-        self._all("init_kv_cache", self.num_blocks, self.num_host_blocks)
-        self._all("warm_up")
+        self._timed("init_kv_cache", self.num_blocks, self.num_host_blocks)
+        self._timed("warm_up")
+
+    def _timed(self, method: str, *args: Any) -> list[Any]:
+        """``_all``, its seconds kept in ``bring_up_s`` (where time to ready goes)."""
+        t0 = time.perf_counter()
+        out = self._all(method, *args)
+        self.bring_up_s[method] = round(time.perf_counter() - t0, 3)
+        return out
 
     def _rank0(self, method: str, *args: Any) -> Any:
         """Call ``method`` on rank 0 only."""
@@ -183,7 +192,10 @@ class LocalExecutor(_Executor):
     """One worker in this process (TP = 1): tests, notebooks, single-device runs without Ray."""
 
     def __init__(self, config: EngineConfig, model: ModelSource, limits: SchedulerConfig) -> None:
+        self.bring_up_s = {}
+        t0 = time.perf_counter()
         self.worker = Worker(config.worker, model, limits)
+        self.bring_up_s["worker"] = round(time.perf_counter() - t0, 3)
         self._bring_up(1, "gloo")
 
     def _all(self, method: str, *args: Any) -> list[Any]:
@@ -244,13 +256,17 @@ class RayExecutor(_Executor):
         # ``launch`` and holding its result would only delay it (tests turn it on to check it)
         self.hold_steps = _device_type(config.worker.device) != "cpu"
         self.flushes = 0  # executions sent only to bring held steps back
+        self.bring_up_s = {}
+        t0 = time.perf_counter()
         self.cluster = ensure_ray(cc.ray_address)
+        self.bring_up_s["ray_start"] = round(time.perf_counter() - t0, 3)
         device_type = _device_type(config.worker.device)
         self.step_transport = step_transport(cc.step_transport, device_type)
         bundle, actor_opts = _bundle_for(device_type)
         bundles = [dict(bundle) for _ in range(tp)]
         # PACK keeps a node's workers together (contiguous ranks per node).
         self.pg = placement_group(bundles, strategy="PACK")
+        t0 = time.perf_counter()
         try:
             ray.get(self.pg.ready(), timeout=cc.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -262,6 +278,7 @@ class RayExecutor(_Executor):
                 "Fix: lower --tp to what the cluster holds or add nodes"
                 + (", or use --device cpu" if device_type != "cpu" else "")
             ) from None
+        self.bring_up_s["placement_group"] = round(time.perf_counter() - t0, 3)
         self.comm = comm_backend(cc.comm, device_type)
         order = _bundles_by_node(self.pg)
         self.rendezvous_host = _rendezvous_host(ray, self.pg, order[0])
@@ -295,6 +312,7 @@ class RayExecutor(_Executor):
             if self.step_transport == "compiled":
                 from cluster.compiled_steps import CompiledSteps
 
+                t0 = time.perf_counter()
                 try:
                     self._compiled = CompiledSteps(self.workers, MAX_DEPTH + 1)
                 except Exception as e:
@@ -303,6 +321,7 @@ class RayExecutor(_Executor):
                     # auto asked for the faster path, not for this one at any price
                     log.warning("no compiled step graph (%s): steps go as calls", _one_line(e))
                     self.step_transport = "calls"
+                self.bring_up_s["compile_graph"] = round(time.perf_counter() - t0, 3)
             if self._compiled is not None and self.hold_steps:
                 self.pipeline_depth = COMPILED_DEPTH
             self._ready = True

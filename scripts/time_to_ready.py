@@ -1,5 +1,6 @@
 """Time to ready of ``tilerun run``: seconds from the shell's start stamp to Ray ready, engine
-ready and the first step done (the first progress callback), printed as one JSON line.
+ready and the first step done (the first progress callback), with the executor's bring-up
+phases (``bring_up_s``), printed as one JSON line.
 
     START=$(date +%s.%N) python scripts/time_to_ready.py run --model llama2-7b --device cuda \\
         --prompt-token-ids 1,2,3,4 --max-new-tokens 2
@@ -43,6 +44,7 @@ def main() -> int:
 
     def timed_generate(self, prompts, params, on_progress=None, *a, **k):
         _mark("engine_ready_s")
+        marks.setdefault("bring_up_s", dict(getattr(self.executor, "bring_up_s", {})))
 
         def progress(p):
             _mark("first_step_s")

@@ -62,6 +62,11 @@ def test_transports_give_the_in_process_tokens(
     with LLM(executor="ray", **cfg) as llm:
         assert llm.engine.executor.step_transport == transport
         ex = llm.engine.executor
+        # where time to ready went, phase by phase (scripts/time_to_ready.py prints it)
+        phases = ["ray_start", "placement_group", "init_device"]
+        phases += ["init_communicator"] * (tp > 1) + ["load_model", "init_kv_cache", "warm_up"]
+        phases += ["compile_graph"] * (transport == "compiled")
+        assert list(ex.bring_up_s) == phases and all(v >= 0 for v in ex.bring_up_s.values())
         ex.hold_steps, ex.pipeline_depth = bool(held), max(1, int(held))
         got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
         assert (getattr(ex, "flushes", 0) > 0) == bool(held)
