@@ -140,11 +140,17 @@ class _Executor:
         self._timed("warm_up")
 
     def _timed(self, method: str, *args: Any) -> list[Any]:
-        """``_all``, its seconds kept in ``bring_up_s`` (where time to ready goes)."""
+        """``_all`` as one bring-up phase named after ``method``."""
+        with self._phase(method):
+            return self._all(method, *args)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Keep the seconds of the block in ``bring_up_s[name]`` (where time to ready goes);
+        a phase that raises is not kept."""
         t0 = time.perf_counter()
-        out = self._all(method, *args)
-        self.bring_up_s[method] = round(time.perf_counter() - t0, 3)
-        return out
+        yield
+        self.bring_up_s[name] = round(time.perf_counter() - t0, 3)
 
     def _rank0(self, method: str, *args: Any) -> Any:
         """Call ``method`` on rank 0 only."""
@@ -193,9 +199,8 @@ class LocalExecutor(_Executor):
 
     def __init__(self, config: EngineConfig, model: ModelSource, limits: SchedulerConfig) -> None:
         self.bring_up_s = {}
-        t0 = time.perf_counter()
-        self.worker = Worker(config.worker, model, limits)
-        self.bring_up_s["worker"] = round(time.perf_counter() - t0, 3)
+        with self._phase("worker"):
+            self.worker = Worker(config.worker, model, limits)
         self._bring_up(1, "gloo")
 
     def _all(self, method: str, *args: Any) -> list[Any]:
@@ -257,18 +262,17 @@ class RayExecutor(_Executor):
         self.hold_steps = _device_type(config.worker.device) != "cpu"
         self.flushes = 0  # executions sent only to bring held steps back
         self.bring_up_s = {}
-        t0 = time.perf_counter()
-        self.cluster = ensure_ray(cc.ray_address)
-        self.bring_up_s["ray_start"] = round(time.perf_counter() - t0, 3)
+        with self._phase("ray_start"):
+            self.cluster = ensure_ray(cc.ray_address)
         device_type = _device_type(config.worker.device)
         self.step_transport = step_transport(cc.step_transport, device_type)
         bundle, actor_opts = _bundle_for(device_type)
         bundles = [dict(bundle) for _ in range(tp)]
         # PACK keeps a node's workers together (contiguous ranks per node).
         self.pg = placement_group(bundles, strategy="PACK")
-        t0 = time.perf_counter()
         try:
-            ray.get(self.pg.ready(), timeout=cc.placement_timeout_s)
+            with self._phase("placement_group"):
+                ray.get(self.pg.ready(), timeout=cc.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
             have = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
@@ -278,7 +282,6 @@ class RayExecutor(_Executor):
                 "Fix: lower --tp to what the cluster holds or add nodes"
                 + (", or use --device cpu" if device_type != "cpu" else "")
             ) from None
-        self.bring_up_s["placement_group"] = round(time.perf_counter() - t0, 3)
         self.comm = comm_backend(cc.comm, device_type)
         order = _bundles_by_node(self.pg)
         self.rendezvous_host = _rendezvous_host(ray, self.pg, order[0])
@@ -312,16 +315,15 @@ class RayExecutor(_Executor):
             if self.step_transport == "compiled":
                 from cluster.compiled_steps import CompiledSteps
 
-                t0 = time.perf_counter()
-                try:
-                    self._compiled = CompiledSteps(self.workers, MAX_DEPTH + 1)
-                except Exception as e:
-                    if cc.step_transport != "auto":
-                        raise
-                    # auto asked for the faster path, not for this one at any price
-                    log.warning("no compiled step graph (%s): steps go as calls", _one_line(e))
-                    self.step_transport = "calls"
-                self.bring_up_s["compile_graph"] = round(time.perf_counter() - t0, 3)
+                with self._phase("compile_graph"):
+                    try:
+                        self._compiled = CompiledSteps(self.workers, MAX_DEPTH + 1)
+                    except Exception as e:
+                        if cc.step_transport != "auto":
+                            raise
+                        # auto asked for the faster path, not for this one at any price
+                        log.warning("no compiled step graph (%s): steps go as calls", _one_line(e))
+                        self.step_transport = "calls"
             if self._compiled is not None and self.hold_steps:
                 self.pipeline_depth = COMPILED_DEPTH
             self._ready = True

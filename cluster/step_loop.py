@@ -2,9 +2,10 @@
 
 One loop for ``Engine.generate`` and the service's ``ServiceLoop``. With ``overlap``
 (``SchedulerConfig.overlap_schedule``) steps i+1..i+d are scheduled and sent before step i's
-tokens are back (d: the executor's ``pipeline_depth``, 1 unless a benchmark asks for more), in the manner of SGLang's overlap scheduler and vLLM's async scheduling: the
-driver's CPU work (scheduling, building the batch, the transport hop to the workers, then
-applying step i's tokens, progress, detokenising finished tasks) happens while the devices run.
+tokens are back (d: the executor's ``pipeline_depth``, 1 unless a benchmark asks for more), in
+the manner of SGLang's overlap scheduler and vLLM's async scheduling: the driver's CPU work
+(scheduling, building the batch, the transport hop to the workers, then applying step i's
+tokens, progress, detokenising finished tasks) happens while the devices run.
 
 What that asks of the layers below:
 

@@ -114,16 +114,19 @@ def cpu_attention_rate(
     q = torch.randn(queries, num_heads, head_dim, generator=torch.Generator().manual_seed(1))
     q = q.to(dtype)
     nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
-    read = lambda: (ks, vs)  # noqa: E731 - what the step reads each time
+    stored = None
     if quant:
         stored = [[_quantize_run(x, quant, block_size) for x in side] for side in (ks, vs)]
         nbytes = sum(qx.nbytes + sx.nbytes for side in stored for qx, sx in side)
 
-        def read():
-            return tuple(
-                [kv_quant.dequantize(qx, sx, quant, dtype).flatten(0, 1) for qx, sx in side]
-                for side in stored
-            )
+    def read():
+        """The K and V runs the step attends over, dequantized each time as the step does."""
+        if stored is None:
+            return ks, vs
+        return tuple(
+            [kv_quant.dequantize(qx, sx, quant, dtype).flatten(0, 1) for qx, sx in side]
+            for side in stored
+        )
 
     cpu = torch.device("cpu")
     scale = head_dim**-0.5

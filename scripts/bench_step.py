@@ -78,6 +78,13 @@ def checkpoint_with_kv_heads(preset: str, kv_heads: int) -> str:
     return str(d)
 
 
+def split_depth(path: str) -> tuple[str, int | None]:
+    """``ray[compiled:2]`` -> (``ray[compiled]``, 2): the engine's path and the steps in
+    flight asked of it (None: the engine's default)."""
+    base, _, depth = path.rstrip("]").partition(":")
+    return (base + "]" if depth else path), (int(depth) if depth else None)
+
+
 def engine_fields(args, tp: int, path: str, longest: int) -> dict:
     """The flat engine fields of one path: ``local`` or ``ray[<transport>]``."""
     fields = dict(
@@ -90,7 +97,7 @@ def engine_fields(args, tp: int, path: str, longest: int) -> dict:
         fields["executor"] = "local"
     else:
         fields["executor"] = "ray"
-        transport = path[len("ray[") : -1].partition(":")[0]
+        transport = split_depth(path)[0][len("ray[") : -1]
         if transport != "default":
             fields["step_transport"] = transport
     return fields
@@ -237,7 +244,7 @@ def bench_tp(args, tp: int, context: int) -> list[dict]:
     ]
     # paths that differ only in depth (ray[compiled:1], ray[compiled:2]) share one engine, so
     # one GPU holds them all; each run sets its depth first
-    key = {p: p.partition(":")[0] + ("]" if ":" in p else "") for p in paths}
+    key = {p: split_depth(p)[0] for p in paths}
     engines, clocks = {}, {}
     rows = []
     try:
@@ -250,9 +257,9 @@ def bench_tp(args, tp: int, context: int) -> list[dict]:
 
         def run(path: str, new: int) -> dict:
             ex = engines[key[path]].executor
-            depth = path[:-1].partition(":")[2]  # ray[compiled:2]: that many steps in flight
+            depth = split_depth(path)[1]
             if hasattr(ex, "pipeline_depth"):
-                ex.pipeline_depth = int(depth) if depth else default_depth[key[path]]
+                ex.pipeline_depth = depth or default_depth[key[path]]
             out = run_path(engines[key[path]], clocks[key[path]], prompts, new)
             out["pipeline_depth"] = getattr(ex, "pipeline_depth", 1)
             return out
