@@ -56,6 +56,23 @@ def test_auto_on_cpu_measures_the_registered_candidates(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu"), SHAPE)[0] == "torch"
 
 
+def test_auto_on_cpu_is_measured_once_per_process(monkeypatch):
+    """Two engines of one process run the same kernel (bitwise the same logits) even when a
+    second measurement, on a busier moment, would have ranked the candidates the other way."""
+    shape = AttentionShape(4, 4, 16, torch.float32, 16)  # a shape no other test resolves
+    first = resolve_backend("auto", torch.device("cpu"), shape)
+    loser = next(n for n in autotune.CPU_CANDIDATES if n != first[0])
+
+    def rigged(shape, candidates):
+        return autotune.Choice(loser, "auto: rigged", {})
+
+    monkeypatch.setattr(autotune, "choose_cpu_backend", rigged)
+    assert resolve_backend("auto", torch.device("cpu"), shape) == first
+    # another shape is measured anew
+    other = AttentionShape(4, 2, 16, torch.float32, 16)
+    assert resolve_backend("auto", torch.device("cpu"), other) == (loser, "auto: rigged")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_cpu_candidates_pass_the_exactness_check(dtype):
     shape = AttentionShape(8, 2, 32, dtype, 16)

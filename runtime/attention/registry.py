@@ -42,6 +42,13 @@ def _load(name: str) -> type[AttentionBackend]:
         raise UnknownBackendError(f"attention backend {name!r} cannot be loaded: {e}") from e
 
 
+# ``auto`` on a CPU, per (shape, candidates, options), measured once per process: engines built
+# one after another in a process (a test's two settings, a service's restarts of its loop) then
+# run the same kernel and give bitwise the same logits, whatever the machine's load did to a
+# second measurement.
+_CPU_CHOICES: dict[tuple, tuple[str, str]] = {}
+
+
 def resolve_backend(
     name: str, device: torch.device, shape=None, options: dict | None = None
 ) -> tuple[str, str]:
@@ -74,9 +81,13 @@ def resolve_backend(
         runnable = [n for n in autotune.CPU_CANDIDATES if n in _BACKENDS]
         runnable = [n for n in runnable if _load(n).supports(device) is None]
         if shape is not None and len(runnable) > 1:
-            opts = {n: (options or {}) if n == "torch" else {} for n in runnable}
-            choice = autotune.choose_cpu_backend(shape, {n: _load(n)(**opts[n]) for n in runnable})
-            return choice.name, choice.reason
+            key = (shape, tuple(runnable), tuple(sorted((options or {}).items())))
+            if key not in _CPU_CHOICES:
+                opts = {n: (options or {}) if n == "torch" else {} for n in runnable}
+                backends = {n: _load(n)(**opts[n]) for n in runnable}
+                choice = autotune.choose_cpu_backend(shape, backends)
+                _CPU_CHOICES[key] = choice.name, choice.reason
+            return _CPU_CHOICES[key]
         if runnable:
             return runnable[0], "auto: the CPU default"
     # The portable tiled backend: Volta, NPU and anything else torch runs on.
