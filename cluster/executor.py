@@ -152,6 +152,11 @@ class _Executor:
         yield
         self.bring_up_s[name] = round(time.perf_counter() - t0, 3)
 
+    def _ranks_on_this_node(self) -> bool:
+        """Every rank runs on the driver's node (they can share a FIFO with it)."""
+        here = self._ray.get_runtime_context().get_node_id()
+        return all(w["node"] == here for w in self._all("where"))
+
     def _rank0(self, method: str, *args: Any) -> Any:
         """Call ``method`` on rank 0 only."""
         raise NotImplementedError
@@ -317,7 +322,8 @@ class RayExecutor(_Executor):
 
                 with self._phase("compile_graph"):
                     try:
-                        self._compiled = CompiledSteps(self.workers, MAX_DEPTH + 1)
+                        wake = device_type == "cpu" and self._ranks_on_this_node()
+                        self._compiled = CompiledSteps(self.workers, MAX_DEPTH + 1, wake)
                     except Exception as e:
                         if cc.step_transport != "auto":
                             raise
@@ -330,6 +336,11 @@ class RayExecutor(_Executor):
         except BaseException:
             self.shutdown()
             raise
+
+    def _ranks_on_this_node(self) -> bool:
+        """Every rank runs on the driver's node (they can share a FIFO with it)."""
+        here = self._ray.get_runtime_context().get_node_id()
+        return all(w["node"] == here for w in self._all("where"))
 
     def _rank0(self, method: str, *args: Any) -> Any:
         return self._get([getattr(self.workers[0], method).remote(*args)])[0]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import cProfile
 import os
 import pickle
+import time
 
 import ray
 import torch
@@ -33,6 +35,12 @@ class WorkerActor(Worker):
             torch.set_num_threads(threads)
         super().__init__(config, model, limits, rank, world_size)
         self._failed_step: str | None = None  # the last step's error, for the health check
+        # TILERUN_PROFILE_DIR: profile this rank's per-step calls (cProfile) and count the time
+        # spent in them against the time between them, written there at shutdown
+        self._profile_dir = os.environ.get("TILERUN_PROFILE_DIR")
+        self._profile = cProfile.Profile() if self._profile_dir else None
+        self._busy_s, self._calls, self._first_call, self._last_call = 0.0, 0, 0.0, 0.0
+        self._wake: int | None = None  # the driver's FIFO (cluster.compiled_steps)
         if ranks_on_node:
             # accelerator workers keep Ray's one torch thread for their own work; the CPU part of
             # cooperative attention takes this node's cores / its ranks (Worker.init_device)
@@ -50,14 +58,53 @@ class WorkerActor(Worker):
 
     def step(self, packet: tuple) -> StepResult:
         """One engine step, ``packet = (batch, logits)``: the per-step call of plain calls."""
+        if self._profile is not None:
+            return self._profiled(self._noting_failure, self.execute, *packet)
         return self._noting_failure(self.execute, *packet)
 
     def steps(self, packet: bytes) -> bytes:
         """The compiled graph's node: ``Worker.advance(batch | None, logits, hold)`` (it launches
         step i+1 before it returns step i), packet and results pickled (``cluster.compiled_steps``
         says why)."""
-        results = self._noting_failure(self.advance, *pickle.loads(packet))
-        return pickle.dumps(results, pickle.HIGHEST_PROTOCOL)
+        if self._profile is not None:
+            return self._profiled(self._steps, packet)
+        return self._steps(packet)
+
+    def _steps(self, packet: bytes) -> bytes:
+        try:
+            results = self._noting_failure(self.advance, *pickle.loads(packet))
+            return pickle.dumps(results, pickle.HIGHEST_PROTOCOL)
+        finally:
+            if self._wake is not None:  # done (or failed): the driver's collector may read
+                os.write(self._wake, b"\1")
+
+    def open_wake(self, path: str) -> None:
+        """Say on the FIFO at ``path`` when each graph step is done, so that the driver waits
+        for results asleep instead of spinning on the channel (``cluster.compiled_steps``)."""
+        if self._wake is not None:
+            os.close(self._wake)
+        self._wake = os.open(path, os.O_WRONLY)
+
+    def _profiled(self, fn, *args):
+        t0 = time.perf_counter()
+        self._first_call = self._first_call or t0
+        self._profile.enable()
+        try:
+            return fn(*args)
+        finally:
+            self._profile.disable()
+            self._busy_s += time.perf_counter() - t0
+            self._calls += 1
+            self._last_call = time.perf_counter()
+
+    def shutdown(self) -> None:
+        if self._profile is not None and self._calls:
+            base = os.path.join(self._profile_dir, f"worker-{self.rank}-{os.getpid()}")
+            self._profile.dump_stats(base + ".prof")
+            span = self._last_call - self._first_call
+            with open(base + ".txt", "w") as f:
+                f.write(f"calls {self._calls} busy_s {self._busy_s:.4f} span_s {span:.4f}\n")
+        super().shutdown()
 
     def _noting_failure(self, fn, *args):
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -178,11 +179,30 @@ def test_compiled_stalled_rank_is_named_by_the_health_check(ray_cluster, hf_chec
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_cpu_collector_sleeps_while_the_ranks_compute(ray_cluster):
+    """On CPU the driver waits for a step's results asleep (each rank writes a byte to a FIFO
+    when its step is done), not spinning on the graph's channel on a core the ranks compute
+    on: the collector thread's CPU time stays a small part of the run's wall time."""
+    cfg = dict(model="demo-small", device="cpu", dtype="float32", max_model_len=4096)
+    with LLM(executor="ray", step_transport="compiled", prefill_chunk=512, **cfg) as llm:
+        assert llm.engine.executor._compiled._wake_fd is not None
+        collector = next(t for t in threading.enumerate() if t.name == "tilerun-steps-collector")
+        clock = time.pthread_getcpuclockid(collector.ident)
+        cpu0, wall0 = time.clock_gettime(clock), time.monotonic()
+        prompt = [i % 500 + 1 for i in range(3000)]  # six prefill steps of ~0.1 s or more
+        out = llm.generate([prompt], SamplingParams(max_new_tokens=8))[0]
+        cpu, wall = time.clock_gettime(clock) - cpu0, time.monotonic() - wall0
+    assert len(out.token_ids) == 8
+    assert cpu < 0.1 * wall, f"collector used {cpu:.2f} s of CPU in {wall:.2f} s"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_auto_falls_back_to_calls_when_no_graph_compiles(ray_cluster, hf_checkpoint, monkeypatch):
     import cluster.compiled_steps
     import cluster.executor
 
-    def broken(self, workers, max_in_flight):
+    def broken(self, workers, max_in_flight, wake=False):
         raise RuntimeError("no shared-memory channels here")
 
     path, _ = hf_checkpoint
