@@ -55,8 +55,8 @@ class ClusterConfig:
         "auto",
         help="how each step reaches the Ray workers: compiled (a Ray Compiled Graph: shared-memory "
         "channels, no per-call scheduling), calls (one actor call per worker per step), auto "
-        "(compiled on accelerators, calls on CPU devices, where the graph's polling competes for "
-        "the cores)",
+        "(compiled on accelerators and for one CPU worker; calls for several CPU workers and for "
+        "the service on CPU, where the graph's idle ranks spin on the cores)",
         choices=STEP_TRANSPORTS,
     )
 

@@ -235,9 +235,11 @@ class RayExecutor(_Executor):
         limits: SchedulerConfig,
         actor_name_prefix: str | None = None,
         namespace: str | None = None,
+        long_lived: bool = False,
     ) -> None:
         """``actor_name_prefix`` names the workers ``<prefix><rank>`` in ``namespace`` (the
-        service's ``tilerun-worker-0``...), so Ray's dashboard and ``ray.get_actor`` find them."""
+        service's ``tilerun-worker-0``...), so Ray's dashboard and ``ray.get_actor`` find them.
+        ``long_lived``: the engine idles between tasks (the service; ``step_transport``)."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -270,7 +272,7 @@ class RayExecutor(_Executor):
         with self._phase("ray_start"):
             self.cluster = ensure_ray(cc.ray_address)
         device_type = _device_type(config.worker.device)
-        self.step_transport = step_transport(cc.step_transport, device_type)
+        self.step_transport = step_transport(cc.step_transport, device_type, tp, long_lived)
         bundle, actor_opts = _bundle_for(device_type)
         bundles = [dict(bundle) for _ in range(tp)]
         # PACK keeps a node's workers together (contiguous ranks per node).
@@ -508,10 +510,19 @@ class RayExecutor(_Executor):
                 return
             try:
                 if self._compiled is not None:
-                    if not self._tickets:  # the workers hold every step sent: flush them
+                    flush = not self._tickets
+                    if flush:  # the workers hold every step sent: flush them
                         self.flushes += 1
                         self._send_compiled((None, "none", 0))
-                    results = self._wait_compiled(self._tickets.popleft())
+                    # taken off only once collected: an interrupt (Ctrl-C) during the wait
+                    # leaves it for the next caller (the loop's abandon), not lost
+                    results = self._wait_compiled(self._tickets[0])
+                    self._tickets.popleft()
+                    if flush and not results:
+                        raise WorkerFailedError(
+                            "a flush of the workers' held steps brought none back; "
+                            f"{len(self._pending)} step(s) lost"
+                        )
                 else:
                     results = [
                         self._get(self._pending[0].ticket, deadline_s=self.step_deadline())[0]
@@ -603,17 +614,22 @@ class RayExecutor(_Executor):
             self.pg = None
 
 
-def step_transport(setting: str, device_type: str) -> str:
-    """``compiled`` or ``calls`` for the ``step_transport`` setting (``auto``: by device).
+def step_transport(setting: str, device_type: str, tp: int = 1, long_lived: bool = False) -> str:
+    """``compiled`` or ``calls`` for the ``step_transport`` setting (``auto``: as measured).
 
-    CPU devices take calls: each rank's graph loop and the driver's reader poll, and CPU ranks
-    share the host's cores with them. On an idle 2-core CPU one worker's short decode step was
-    faster through the graph (6.37 against 10.41 ms, ``step-demo-small-cpu-tp12.json``), but
-    its 8K-token prefill ran at 1,703-1,915 tokens/s against 2,714-2,993 as calls, and two
-    workers' decode step took 31.8 ms against 27.8 (``step-transport-cpu-prefill.log``)."""
+    Accelerators take the compiled graph. On CPU devices a graph's ranks wait for their next
+    step by spinning (Ray's channel reader), on the cores they compute on; the driver no longer
+    does (``cluster.compiled_steps``). Measured on an idle 2-core CPU with the demo model: one
+    worker's decode step 3.47 ms through the graph against 4.41 as calls (in process 3.34), an
+    8K-token prefill 4,480 against 4,370 tokens/s; two workers' step 18.4 against 15.8 ms
+    (``step-demo-small-cpu-wake.json``). So ``auto`` on CPU is the graph for one worker, calls
+    for several, and calls for a ``long_lived`` engine (the service), whose idle ranks would
+    otherwise each keep a core spinning between tasks."""
     if setting != "auto":
         return setting
-    return "calls" if device_type == "cpu" else "compiled"
+    if device_type != "cpu":
+        return "compiled"
+    return "compiled" if tp == 1 and not long_lived else "calls"
 
 
 def _rendezvous_host(ray, pg, first_bundle: int) -> str:

@@ -32,7 +32,10 @@ def test_setting_is_checked_and_auto_picks_by_device():
     )
     with pytest.raises(ConfigError, match="step_transport"):
         EngineConfig.from_dict({"step_transport": "graph"})
-    assert step_transport("auto", "cpu") == "calls"
+    assert step_transport("auto", "cpu") == "compiled"  # one CPU worker
+    assert step_transport("auto", "cpu", tp=2) == "calls"
+    assert step_transport("auto", "cpu", long_lived=True) == "calls"  # the service
+    assert step_transport("auto", "cuda", tp=4, long_lived=True) == "compiled"
     assert step_transport("auto", "cuda") == "compiled"
     assert step_transport("calls", "cuda") == "calls"
 
@@ -206,7 +209,7 @@ def test_auto_falls_back_to_calls_when_no_graph_compiles(ray_cluster, hf_checkpo
         raise RuntimeError("no shared-memory channels here")
 
     path, _ = hf_checkpoint
-    monkeypatch.setattr(cluster.executor, "step_transport", lambda setting, device: "compiled")
+    monkeypatch.setattr(cluster.executor, "step_transport", lambda *a: "compiled")
     monkeypatch.setattr(cluster.compiled_steps.CompiledSteps, "__init__", broken)
     with LLM(executor="ray", **_cfg(path, step_transport="auto")) as llm:
         assert llm.engine.executor.step_transport == "calls"

@@ -114,7 +114,7 @@ class ServiceLoop:
                 self._fail_live(f"{type(e).__name__}: {e}")
 
     def _build(self) -> None:
-        opts = {"actor_name_prefix": WORKER_PREFIX, "namespace": NAMESPACE}
+        opts = {"actor_name_prefix": WORKER_PREFIX, "namespace": NAMESPACE, "long_lived": True}
         deadline = time.monotonic() + 60
         while True:
             try:
