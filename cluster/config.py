@@ -30,8 +30,8 @@ class ClusterConfig:
     tp: int = option(1, help="tensor-parallel size: one worker per device", minimum=1)
     comm: str = option(
         "auto",
-        help="communication backend: auto (nccl on CUDA, hccl on NPU, gloo on CPU)|"
-        + "|".join(COMM_BACKENDS),
+        help="communication backend: auto (nccl on CUDA, hccl on NPU, on CPU mpi for several ranks "
+        "on one node where mpi4py and mpiexec are installed, else gloo)|" + "|".join(COMM_BACKENDS),
         choices=("auto", *COMM_BACKENDS),
     )
     executor: str = option(
@@ -55,8 +55,8 @@ class ClusterConfig:
         "auto",
         help="how each step reaches the Ray workers: compiled (a Ray Compiled Graph: shared-memory "
         "channels, no per-call scheduling), calls (one actor call per worker per step), auto "
-        "(compiled on accelerators and for one CPU worker; calls for several CPU workers and for "
-        "the service on CPU, where the graph's idle ranks spin on the cores)",
+        "(compiled on accelerators, for one CPU worker and for CPU ranks over MPI; calls for CPU "
+        "ranks over gloo and for the service on CPU, where the graph's idle ranks spin)",
         choices=STEP_TRANSPORTS,
     )
 

@@ -99,9 +99,35 @@ class StepHandle:
         self._result, self._error, self._done = result, error, True
 
 
-def comm_backend(comm: str, device_type: str) -> str:
-    """The backend name ``comm`` (``auto``: the usual one for ``device_type``)."""
-    return comm if comm != "auto" else default_backend(device_type)
+def comm_backend(comm: str, device_type: str, tp: int = 1, one_node: bool = False) -> str:
+    """The backend name ``comm`` (``auto``: the usual one for ``device_type``).
+
+    ``auto`` for several CPU ranks on ``one_node`` is MPI where mpi4py and ``mpiexec`` are
+    installed and the ranks do not outnumber the cores (MPI's shared-memory transport waits by
+    polling): on a 2-core host an allreduce of 256 floats took 4.7 us through MPICH against
+    1.9 ms through gloo's TCP loopback, and the demo model's TP=2 decode step 3.7 against
+    18-22 ms (``tp2-comm-cpu.log``). Elsewhere gloo."""
+    if comm != "auto":
+        return comm
+    several = device_type == "cpu" and tp > 1 and one_node and tp <= (os.cpu_count() or 1)
+    if several and mpi_available():
+        return "mpi"
+    return default_backend(device_type)
+
+
+def mpi_available() -> bool:
+    """mpi4py importable and an ``mpiexec`` to start ranks with (``cluster.mpi_env``)."""
+    import importlib.util
+
+    from cluster.mpi_env import find_mpiexec
+
+    if importlib.util.find_spec("mpi4py") is None:
+        return False
+    try:
+        find_mpiexec()
+    except RuntimeError:
+        return False
+    return True
 
 
 class _Executor:
@@ -272,7 +298,6 @@ class RayExecutor(_Executor):
         with self._phase("ray_start"):
             self.cluster = ensure_ray(cc.ray_address)
         device_type = _device_type(config.worker.device)
-        self.step_transport = step_transport(cc.step_transport, device_type, tp, long_lived)
         bundle, actor_opts = _bundle_for(device_type)
         bundles = [dict(bundle) for _ in range(tp)]
         # PACK keeps a node's workers together (contiguous ranks per node).
@@ -289,9 +314,13 @@ class RayExecutor(_Executor):
                 "Fix: lower --tp to what the cluster holds or add nodes"
                 + (", or use --device cpu" if device_type != "cpu" else "")
             ) from None
-        self.comm = comm_backend(cc.comm, device_type)
         order = _bundles_by_node(self.pg)
         self.rendezvous_host = _rendezvous_host(ray, self.pg, order[0])
+        one_node = self.rendezvous_host == "127.0.0.1"  # every rank on one node
+        self.comm = comm_backend(cc.comm, device_type, tp, one_node)
+        self.step_transport = step_transport(
+            cc.step_transport, device_type, tp, long_lived, self.comm
+        )
         runtime_env = None
         if self.comm == "mpi" and tp > 1:
             from cluster.mpi_env import mpi_bind_env, mpi_runtime_env
@@ -614,22 +643,26 @@ class RayExecutor(_Executor):
             self.pg = None
 
 
-def step_transport(setting: str, device_type: str, tp: int = 1, long_lived: bool = False) -> str:
+def step_transport(
+    setting: str, device_type: str, tp: int = 1, long_lived: bool = False, comm: str = "gloo"
+) -> str:
     """``compiled`` or ``calls`` for the ``step_transport`` setting (``auto``: as measured).
 
     Accelerators take the compiled graph. On CPU devices a graph's ranks wait for their next
     step by spinning (Ray's channel reader), on the cores they compute on; the driver no longer
     does (``cluster.compiled_steps``). Measured on an idle 2-core CPU with the demo model: one
     worker's decode step 3.47 ms through the graph against 4.41 as calls (in process 3.34), an
-    8K-token prefill 4,480 against 4,370 tokens/s; two workers' step 18.4 against 15.8 ms
-    (``step-demo-small-cpu-wake.json``). So ``auto`` on CPU is the graph for one worker, calls
-    for several, and calls for a ``long_lived`` engine (the service), whose idle ranks would
-    otherwise each keep a core spinning between tasks."""
+    8K-token prefill 4,480 against 4,370 tokens/s (``step-demo-small-cpu-wake.json``); two
+    workers over MPI 3.72 against 5.35 ms (their MPI waits poll anyway), over gloo 18.5 against
+    15.8 in one run and 18.5 against 22.2 in another (``tp2-comm-cpu.log``). So ``auto`` on CPU
+    is the graph for one worker and for MPI groups, calls for gloo groups, and calls for a
+    ``long_lived`` engine (the service), whose idle ranks would otherwise each keep a core
+    spinning between tasks."""
     if setting != "auto":
         return setting
     if device_type != "cpu":
         return "compiled"
-    return "compiled" if tp == 1 and not long_lived else "calls"
+    return "compiled" if (tp == 1 or comm == "mpi") and not long_lived else "calls"
 
 
 def _rendezvous_host(ray, pg, first_bundle: int) -> str:

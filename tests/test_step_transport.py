@@ -14,7 +14,13 @@ import pytest
 
 from cluster.api import LLM
 from cluster.config import EngineConfig
-from cluster.executor import WorkerDiedError, WorkerStalledError, step_transport
+from cluster.executor import (
+    WorkerDiedError,
+    WorkerStalledError,
+    comm_backend,
+    mpi_available,
+    step_transport,
+)
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.errors import ConfigError
 from scheduler.request import SamplingParams
@@ -33,7 +39,9 @@ def test_setting_is_checked_and_auto_picks_by_device():
     with pytest.raises(ConfigError, match="step_transport"):
         EngineConfig.from_dict({"step_transport": "graph"})
     assert step_transport("auto", "cpu") == "compiled"  # one CPU worker
-    assert step_transport("auto", "cpu", tp=2) == "calls"
+    assert step_transport("auto", "cpu", tp=2) == "calls"  # over gloo
+    assert step_transport("auto", "cpu", tp=2, comm="mpi") == "compiled"
+    assert step_transport("auto", "cpu", tp=2, long_lived=True, comm="mpi") == "calls"
     assert step_transport("auto", "cpu", long_lived=True) == "calls"  # the service
     assert step_transport("auto", "cuda", tp=4, long_lived=True) == "compiled"
     assert step_transport("auto", "cuda") == "compiled"
@@ -74,6 +82,35 @@ def test_transports_give_the_in_process_tokens(
         ex.hold_steps, ex.pipeline_depth = bool(held), max(1, int(held))
         got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
         assert (getattr(ex, "flushes", 0) > 0) == bool(held)
+    assert got == local_tokens
+
+
+def test_auto_comm_on_cpu_is_mpi_for_several_ranks_on_one_node(monkeypatch):
+    import cluster.executor
+
+    assert mpi_available()  # the test environment installs mpi4py and the mpich wheel
+    cores = os.cpu_count() or 1
+    assert comm_backend("auto", "cpu", tp=2, one_node=True) == ("mpi" if cores >= 2 else "gloo")
+    assert comm_backend("auto", "cpu", tp=2, one_node=False) == "gloo"  # across nodes
+    assert comm_backend("auto", "cpu", tp=cores + 1, one_node=True) == "gloo"  # oversubscribed
+    assert comm_backend("auto", "cpu", tp=1, one_node=True) == "gloo"
+    assert comm_backend("gloo", "cpu", tp=2, one_node=True) == "gloo"  # asked for
+    assert comm_backend("auto", "cuda", tp=2, one_node=True) == "nccl"
+    monkeypatch.setattr(cluster.executor, "mpi_available", lambda: False)
+    assert comm_backend("auto", "cpu", tp=2, one_node=True) == "gloo"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_auto_on_two_cpu_ranks_runs_mpi_through_the_graph(ray_cluster, hf_checkpoint, local_tokens):
+    """TP=2 with every setting on auto: MPI between the ranks and the compiled graph to them
+    (2 cores here), the in-process tokens."""
+    path, _ = hf_checkpoint
+    with LLM(executor="ray", **_cfg(path, prefill_chunk=32, tp=2)) as llm:
+        ex = llm.engine.executor
+        mpi = (os.cpu_count() or 1) >= 2  # never more MPI ranks than cores
+        assert (ex.comm, ex.step_transport) == (("mpi", "compiled") if mpi else ("gloo", "calls"))
+        got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
     assert got == local_tokens
 
 
