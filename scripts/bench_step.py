@@ -97,6 +97,7 @@ def engine_fields(args, tp: int, path: str, longest: int) -> dict:
         fields["executor"] = "local"
     else:
         fields["executor"] = "ray"
+        fields["comm"] = args.comm
         transport = split_depth(path)[0][len("ray[") : -1]
         if transport != "default":
             fields["step_transport"] = transport
@@ -336,6 +337,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--comm", default="auto", help="the Ray paths' communicator (default: auto)")
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument(
         "--transports",
