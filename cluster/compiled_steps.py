@@ -35,6 +35,9 @@ import tempfile
 import threading
 from typing import Any
 
+# Seconds the graph's first, empty execution may take (bring-up: the loops start reading).
+FIRST_EXECUTION_S = 60.0
+
 
 class Ticket:
     """One execution of the graph: one outcome per rank, once the collector has them."""
@@ -82,6 +85,19 @@ class CompiledSteps:
         self._closed = False
         for target, name in ((self._collect, "collector"), (self._watch, "watcher")):
             threading.Thread(target=target, name=f"tilerun-steps-{name}", daemon=True).start()
+        # One empty execution now, while every rank is alive: the driver registers as the
+        # reader of the result channels on its first read, and Ray's teardown of a graph whose
+        # reader never registered, after a rank died, aborts the whole driver process
+        # (a failed CHECK in experimental_mutable_object_provider.cc, seen in CI).
+        first = self.send((None, "none", 0))
+        error = None
+        if not first.event.wait(FIRST_EXECUTION_S):
+            error = f"took over {FIRST_EXECUTION_S:.0f} s"
+        elif first.fatal is not None or not all(ok for ok, _ in first.outcome or []):
+            error = f"failed: {first.fatal or first.outcome}"
+        if error:
+            self.close(broken=True)
+            raise RuntimeError(f"the step graph's first (empty) execution {error}")
 
     def send(self, packet: Any) -> Ticket:
         ticket = Ticket(self.graph.execute(pickle.dumps(packet, pickle.HIGHEST_PROTOCOL)))
