@@ -151,7 +151,7 @@ class CompiledSteps:
         while got < self._ranks:
             try:
                 got += len(os.read(self._wake_fd, self._ranks - got))
-            except OSError:  # closed under us: close() is tearing down
+            except OSError:  # the FIFO is gone (the process is going down): stop waiting
                 return
 
     def _watch(self) -> None:

@@ -178,11 +178,6 @@ class _Executor:
         yield
         self.bring_up_s[name] = round(time.perf_counter() - t0, 3)
 
-    def _ranks_on_this_node(self) -> bool:
-        """Every rank runs on the driver's node (they can share a FIFO with it)."""
-        here = self._ray.get_runtime_context().get_node_id()
-        return all(w["node"] == here for w in self._all("where"))
-
     def _rank0(self, method: str, *args: Any) -> Any:
         """Call ``method`` on rank 0 only."""
         raise NotImplementedError
