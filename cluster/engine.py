@@ -152,7 +152,7 @@ class Engine:
                     break
                 for step in taken:
                     batch, result = step.batch, step.result
-                    meter.add(result)
+                    meter.add(result, batch)
                     for sid, lg in result.logits.items():
                         if sid not in step.discarded:
                             kept.setdefault(sid, []).append(lg)

@@ -6,7 +6,9 @@ staging copies), ``movement_exposed_s`` (seconds the step waited on movement), `
 (how host-resident blocks were attended: ``stream``, ``cooperate``, or ``none`` when the step
 read no host block), ``allreduce_exposed_s`` (seconds rank 0's step waited on AllReduce, not
 hidden behind compute; ``collectives.wait_clock``). The scheduler adds how many blocks it
-spilled, fetched, and how often it preempted.
+spilled, fetched, and how often it preempted. ``by_kind`` splits the steps by kind (prefill:
+any chunk of more than one token; decode) and mode, with their seconds, exposed movement and
+the CPU's share of the host blocks: where a long task's time went.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class KVMeter:
     exposed_move_s: float = 0.0
     allreduce_exposed_s: float = 0.0
     modes: Counter = field(default_factory=Counter)
+    by_kind: dict = field(default_factory=dict)  # "prefill/stream" -> totals of those steps
     scheduler_stats: object = None  # the scheduler's SpillStats (totals since start-up), if any
     _stats_at_start: dict = field(default_factory=dict)
 
@@ -32,13 +35,26 @@ class KVMeter:
         if self.scheduler_stats is not None:
             self._stats_at_start = dict(vars(self.scheduler_stats))
 
-    def add(self, result) -> None:
-        """Count one step's ``StepResult``."""
+    def add(self, result, batch=None) -> None:
+        """Count one step's ``StepResult`` (of ``batch``, the ``ScheduledBatch``, if given)."""
         self.steps += 1
         self.bytes_moved += result.bytes_moved
         self.exposed_move_s += result.movement_exposed_s
         self.allreduce_exposed_s += result.allreduce_exposed_s
         self.modes[result.spill_mode] += 1
+        if batch is not None:
+            prefill = any(len(c.token_ids) > 1 for c in batch.chunks)
+            key = f"{'prefill' if prefill else 'decode'}/{result.spill_mode}"
+            k = self.by_kind.setdefault(
+                key, {"steps": 0, "seconds": 0.0, "exposed_s": 0.0, "bytes_moved": 0,
+                      "host_blocks": 0, "cpu_blocks": 0},
+            )  # fmt: skip
+            k["steps"] += 1
+            k["seconds"] += result.seconds
+            k["exposed_s"] += result.movement_exposed_s
+            k["bytes_moved"] += result.bytes_moved
+            k["host_blocks"] += getattr(result, "host_blocks", 0)
+            k["cpu_blocks"] += getattr(result, "cpu_blocks", 0)
 
     def as_dict(self) -> dict:
         d = {
@@ -51,6 +67,7 @@ class KVMeter:
             "exposed_move_s": self.exposed_move_s,
             "allreduce_exposed_s": self.allreduce_exposed_s,
             "modes": dict(self.modes),
+            "by_kind": {k: dict(v) for k, v in self.by_kind.items()},
         }
         if self.scheduler_stats is not None:  # this call's share of the totals
             for k, v in vars(self.scheduler_stats).items():

@@ -145,6 +145,13 @@ def cpu_attention_rate(
     return CpuAttentionRate(method, tried[method], tried)
 
 
+def causal_flops(queries: int, keys: int, num_heads: int, head_dim: int) -> float:
+    """FLOPs of causal attention for the last ``queries`` positions of a ``keys``-long sequence:
+    query ``i`` of them sees ``keys - queries + 1 + i`` keys."""
+    visible = queries * (keys - queries) + queries * (queries + 1) / 2
+    return 4.0 * visible * num_heads * head_dim
+
+
 def _quantize_run(x: torch.Tensor, quant: str, block_size: int):
     """A run ``[n, Hkv, D]`` as the host pool stores it: 8-bit blocks and one scale each."""
     n = x.shape[0] // block_size * block_size
@@ -162,6 +169,7 @@ def measure_rates(
     *,
     keys: int = 8192,
     queries: int = 256,
+    prefill_queries: int = 4096,
     link_bytes: int = 64 << 20,
     cpu_keys: int = 32768,
     run_tokens: int = 2048,
@@ -171,8 +179,16 @@ def measure_rates(
 ) -> MeasuredRates:
     """Rates of this worker's device and CPU for attention over ``keys`` cached keys on the
     device and ``cpu_keys`` host keys (stored as ``host_dtype``, in runs of ``run_tokens``;
-    ``quant``: stored as 8-bit blocks, dequantized to ``host_dtype`` by the CPU part)."""
+    ``quant``: stored as 8-bit blocks, dequantized to ``host_dtype`` by the CPU part).
+
+    The device's FLOP rate is taken at a prefill chunk's shape, ``prefill_queries`` queries at
+    the end of a sequence twice as long (at least ``keys``): with a few hundred queries the
+    kernel fills a fraction of the device, and the model, told the device is that slow, gave
+    the CPU a share of long prefill chunks it then waited for (measured on an H200: 8B shape
+    at 512K, prefill 2.2x its attention time). The CPU's FLOP rate stays at ``queries``: its
+    kernel is compute-bound at any query count."""
     g = torch.Generator().manual_seed(0)
+    keys = max(keys, 2 * prefill_queries)
     nblk = -(-keys // block_size)
     shape = (nblk, block_size, num_kv_heads, head_dim)
     kc = torch.randn(shape, generator=g).to(dtype)
@@ -207,7 +223,8 @@ def measure_rates(
         )
     spill = SpillRates(
         link_bytes_per_s=link_rate(device, link_bytes),
-        device_flops=attention_flops(queries, keys, num_heads, head_dim) / device_time(queries),
+        device_flops=causal_flops(prefill_queries, keys, num_heads, head_dim)
+        / device_time(prefill_queries),
         device_bytes_per_s=kv_bytes / device_time(1),
         cpu_flops=attention_flops(queries, pre_keys, num_heads, head_dim) / t,
         cpu_bytes_per_s=cpu.bytes_per_s,

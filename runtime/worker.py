@@ -50,6 +50,8 @@ class StepResult:
     bytes_moved: int = 0  # KV bytes that crossed between tiers (swaps and staging)
     movement_exposed_s: float = 0.0  # time the computation waited for that movement
     spill_mode: str = "none"  # none | stream | cooperate: how host-resident KV was attended
+    host_blocks: int = 0  # host-resident blocks the step read, per layer
+    cpu_blocks: int = 0  # of which the CPU attended (cooperate)
     allreduce_exposed_s: float = 0.0  # time the step waited on AllReduce (not hidden by compute)
 
 
@@ -423,6 +425,8 @@ class Worker:
             c.head_dim,
             self.limits.block_size,
             run_tokens=kv.host.chunk_blocks * self.limits.block_size,  # one run per host chunk
+            # the device's FLOP rate at a prefill chunk's shape (up to 4K queries)
+            prefill_queries=min(4096, self.limits.prefill_chunk or 4096),
             host_dtype=self.dtype if kv.quant else kv.host_storage,
             cpu_threads=self.cpu_threads,  # the CPU rate at the threads it will use
             quant=kv.quant,  # an 8-bit host tier: the CPU part dequantizes before it attends
@@ -574,6 +578,7 @@ class Worker:
             result.bytes_moved = figures.bytes_moved
             result.movement_exposed_s = figures.exposed_s
             result.spill_mode = figures.mode
+            result.host_blocks, result.cpu_blocks = figures.host_blocks, figures.cpu_blocks
         # exposed AllReduce time is read when the step is done (CUDA: its timing events)
         clock = self.parallel.wait_clock.take()
         return PendingStep(result, [c.seq_id for c in sampling], tokens, self.device, t0, clock)

@@ -165,6 +165,8 @@ def run_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
         "kv_bytes_moved_per_step": kv.get("bytes_moved_per_step", 0.0),
         "exposed_move_s": kv.get("exposed_move_s", 0.0),
         "modes": kv.get("modes", {}),
+        # prefill and decode steps by mode: seconds, exposed movement, the CPU's blocks
+        "by_kind": kv.get("by_kind", {}),
         "blocks_spilled": kv.get("blocks_spilled", 0),
         "blocks_fetched": kv.get("blocks_fetched", 0),
         "kv_blocks_on_device_at_peak": split["device"],
@@ -356,6 +358,10 @@ def main() -> int:
     attn_tokens = args.attention_rate_tokens or (4096 if worker.device.type == "cuda" else 256)
     rates["attention_flop_per_s"] = measure_attention_rate(worker, attn_tokens)
     rates["attention_rate_tokens"] = attn_tokens
+    # what the engine's cost model was fed at warm-up (runtime.spill_rates), beside the above
+    spill = getattr(worker, "spill_rates", None)
+    if spill is not None:
+        rates["cost_model"] = {**vars(spill), "cpu_method": getattr(worker, "cpu_method", None)}
     print(json.dumps({"rates": rates}), flush=True)
 
     g = torch.Generator().manual_seed(0)

@@ -98,6 +98,13 @@ def test_spilled_run_equals_all_on_device(ckpt, reference, mode):
         if mode == "stream":
             assert "cooperate" not in attended, first["modes"]
         assert first["bytes_moved_per_step"] == first["bytes_moved"] / first["steps"]
+        # by kind and mode: every step counted once, the CPU's blocks only where it cooperated
+        kinds = first["by_kind"]
+        assert sum(k["steps"] for k in kinds.values()) == first["steps"]
+        assert {key.split("/")[0] for key in kinds} == {"prefill", "decode"}
+        for key, k in kinds.items():
+            assert k["seconds"] > 0 and (k["cpu_blocks"] > 0) == key.endswith("cooperate"), kinds
+            assert (k["host_blocks"] > 0) == (not key.endswith("none")), kinds
 
 
 @pytest.mark.slow

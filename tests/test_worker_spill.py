@@ -144,6 +144,7 @@ def test_measured_rates_feed_the_cost_model():
         4,
         keys=256,
         queries=16,
+        prefill_queries=64,
         link_bytes=1 << 20,
         cpu_keys=512,
         run_tokens=128,
@@ -153,6 +154,30 @@ def test_measured_rates_feed_the_cost_model():
     assert set(rates.cpu.tried) == set(CPU_METHODS)
     assert rates.cpu.method in CPU_METHODS
     assert rates.spill.cpu_bytes_per_s == rates.cpu.tried[rates.cpu.method]
+
+
+def test_device_flop_rate_is_taken_at_a_prefill_chunks_shape(monkeypatch):
+    """The cost model weighs long prefill chunks with the device's FLOP rate: measured with a
+    few hundred queries (a fraction of a GPU busy) it was 2-4x low, and the model handed the
+    CPU a share of 8K-query chunks it then waited for (H200, 8B shape at 512K)."""
+    from runtime.attention.registry import get_backend
+    from runtime.spill_rates import measure_rates
+
+    backend = get_backend("torch", "cpu")
+    seen = []
+    forward = backend.forward
+
+    def recording(q, k, v, meta, scale):
+        seen.append((q.shape[0], int(meta.seq_lens_cpu[0])))
+        return forward(q, k, v, meta, scale)
+
+    monkeypatch.setattr(backend, "forward", recording)
+    measure_rates(
+        backend, torch.device("cpu"), torch.float32, 4, 2, 16, 4, keys=64, queries=16,
+        prefill_queries=96, link_bytes=1 << 20, cpu_keys=512, run_tokens=128,
+    )  # fmt: skip
+    # decode (one query) and the prefill chunk: 96 queries at the end of 2 x 96 keys
+    assert set(seen) == {(1, 192), (96, 192)}
 
 
 def _h100_7b_worker(monkeypatch, **kw):
