@@ -7,12 +7,13 @@ staging copies), ``movement_exposed_s`` (seconds the step waited on movement), `
 read no host block), ``allreduce_exposed_s`` (seconds rank 0's step waited on AllReduce, not
 hidden behind compute; ``collectives.wait_clock``). The scheduler adds how many blocks it
 spilled, fetched, and how often it preempted. ``by_kind`` splits the steps by kind (prefill:
-any chunk of more than one token; decode) and mode, with their seconds, exposed movement and
-the CPU's share of the host blocks: where a long task's time went.
+any chunk of more than one token; decode) and mode, with their wall seconds, exposed movement
+and the CPU's share of the host blocks: where a long task's time went.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,13 +31,20 @@ class KVMeter:
     by_kind: dict = field(default_factory=dict)  # "prefill/stream" -> totals of those steps
     scheduler_stats: object = None  # the scheduler's SpillStats (totals since start-up), if any
     _stats_at_start: dict = field(default_factory=dict)
+    _last: float = field(default_factory=time.perf_counter)  # when the last step was counted
 
     def __post_init__(self) -> None:
         if self.scheduler_stats is not None:
             self._stats_at_start = dict(vars(self.scheduler_stats))
 
     def add(self, result, batch=None) -> None:
-        """Count one step's ``StepResult`` (of ``batch``, the ``ScheduledBatch``, if given)."""
+        """Count one step's ``StepResult`` (of ``batch``, the ``ScheduledBatch``, if given).
+
+        A step's ``seconds`` in ``by_kind`` is the wall time since the previous step was
+        counted: with steps overlapped, the time from one's launch to its result also holds the
+        end of the one before, and those would not add up to the call's time."""
+        now = time.perf_counter()
+        wall, self._last = now - self._last, now
         self.steps += 1
         self.bytes_moved += result.bytes_moved
         self.exposed_move_s += result.movement_exposed_s
@@ -50,7 +58,7 @@ class KVMeter:
                       "host_blocks": 0, "cpu_blocks": 0},
             )  # fmt: skip
             k["steps"] += 1
-            k["seconds"] += result.seconds
+            k["seconds"] += wall
             k["exposed_s"] += result.movement_exposed_s
             k["bytes_moved"] += result.bytes_moved
             k["host_blocks"] += getattr(result, "host_blocks", 0)
