@@ -8,8 +8,10 @@ On a CUDA worker the chunks are pinned (page-locked), which is what lets host->d
 at link speed on a copy stream. Pinning is slow (about 1 GiB/s), and a pool sized from free host
 memory may be ~100 GiB that a short task never touches, so the pool grows as it fills: a
 background thread keeps ``ahead`` chunks pinned beyond the highest chunk used so far (the first
-ones from start-up on); a chunk needed before the thread reached it is pinned on the spot.
-Start-up waits for none of it; ``pin_all`` asks for everything (benchmarks, then
+ones once the worker sees the device tier filling, ``pin_ahead``); a chunk needed before the
+thread reached it is pinned on the spot. Start-up waits for none of it and pins nothing: pinning
+contends with the CUDA calls of start-up (a 7B worker on an H200 was ready 2-3 s later with
+8 GiB pinning beside its warm-up); ``pin_all`` asks for everything (benchmarks, then
 ``wait_allocated``). Elsewhere the chunks are plain ``torch.empty`` memory (the OS hands pages out
 when they are first written).
 
@@ -61,7 +63,7 @@ class HostPool:
         self._lock = threading.Lock()
         self._cv = threading.Condition()
         self._ahead = ahead
-        self._want = min(ahead, self.num_chunks)  # chunks the background thread should hold
+        self._want = 0  # chunks the background thread should hold (pin_ahead, chunk, pin_*)
         self._done = 0  # chunks the background thread has walked past
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -113,6 +115,11 @@ class HostPool:
             with self._cv:
                 self._want = max(self._want, n)
                 self._cv.notify_all()
+
+    def pin_ahead(self) -> None:
+        """Ask the background thread for the first ``ahead`` chunks: the worker calls this once
+        the device tier is filling, before the first block spills."""
+        self._grow_to(self._ahead)
 
     def pin_all(self) -> None:
         """Ask the background thread for every chunk (not only those ahead of use)."""

@@ -123,13 +123,14 @@ class Worker:
         self.device: torch.device | None = None
         self.model = None
         self.kv: KVCache | None = None
+        self._host_pinning = False  # the host tier pins ahead of use (see _spill_step)
         self._generators: dict[int, torch.Generator] = {}
         # seq_id -> (device tensor, row): the token this worker sampled last for the sequence,
         # which a later step's PENDING_TOKEN stands for (steps run in the order they are sent)
         self._last_sampled: dict[int, tuple[torch.Tensor, int]] = {}
         self.tables = TableStore()  # block tables of live sequences (batches carry deltas)
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
-        self.spill_rates: spill_cost.SpillRates | None = None  # measured at warm-up
+        self.spill_rates: spill_cost.SpillRates | None = None  # at the first host-tier step
         # torch threads for the CPU part of cooperative attention (None: the process's setting;
         # an accelerator worker takes the node's cores shared by its ranks, see init_device)
         self.cpu_threads: int | None = None
@@ -340,6 +341,7 @@ class Worker:
             staging_blocks=staging,
         )
         self.decode_graphs = self._make_decode_graphs()
+        self._host_pinning = False  # see _spill_step
         return {
             "rank": self.rank,
             "num_blocks": device_blocks,
@@ -394,21 +396,29 @@ class Worker:
             while lengths[-1] * 2 < max_model_len:
                 lengths.append(lengths[-1] * 2)
             lengths.append(max_model_len - 1)
-        with self.decode_graphs.eager():  # the ladder compiles the eager decode kernels
-            self.execute(ScheduledBatch(0, (prefill,)))
-            for length in lengths:
-                blocks = (0,) * (length // bs + 1)
-                chunk = SeqChunk(-1, (0,), length, blocks, False, params)
-                self.execute(ScheduledBatch(0, (chunk,)))
-        self.decode_graphs.warm_up()
-        self._measure_spill_rates()
+        self._host_pinning = True  # warm-up's long decode tables hold nothing: no pinning
+        try:
+            with self.decode_graphs.eager():  # the ladder compiles the eager decode kernels
+                self.execute(ScheduledBatch(0, (prefill,)))
+                for length in lengths:
+                    blocks = (0,) * (length // bs + 1)
+                    chunk = SeqChunk(-1, (0,), length, blocks, False, params)
+                    self.execute(ScheduledBatch(0, (chunk,)))
+            self.decode_graphs.warm_up()
+        finally:
+            self._host_pinning = False
+        # the spill cost model's rates are measured at the first step that reads host blocks
+        # (ensure_spill_rates), not here: ~1.2 s of start-up on an H200 that a task which
+        # never spills does not need
 
-    def _measure_spill_rates(self) -> None:
-        """Feed the spill cost model where it decides (a host tier, an accelerator, ``auto``
-        or ``cooperate``); on a CPU device both tiers are the same memory and it never runs."""
+    def ensure_spill_rates(self) -> None:
+        """Measure the rates the spill cost model weighs, once, where it decides (a host tier,
+        an accelerator, ``auto`` or ``cooperate``); on a CPU device both tiers are the same
+        memory and it never runs."""
         mode = self._spill_option("spill", "auto")
         if (
-            not self.kv.host_blocks
+            self.spill_rates is not None
+            or not self.kv.host_blocks
             or self.device.type == "cpu"
             or mode not in ("auto", "cooperate")
         ):
@@ -649,11 +659,18 @@ class Worker:
         if self.kv is None or (not swaps and not self.kv.host_blocks):
             return None
         bs = self.limits.block_size
+        # the host tier pins chunks ahead of use from here on: once the step's sequences hold a
+        # quarter of the device tier (a long task is filling it) or blocks move
+        held = sum(c.seq_len for c in batch.chunks) if not self._host_pinning else 0
+        if self.kv.host is not None and (swaps or 4 * held >= self.kv.num_blocks * bs):
+            self.kv.host.pin_ahead()  # a no-op once the thread holds that many
+            self._host_pinning = True
         n_host = host_blocks_of(batch.chunks, self.kv.num_blocks, bs)
         if not n_host and not swaps:
             return None
         fraction, min_blocks = 0.0, 0
         if n_host:
+            self.ensure_spill_rates()
             forced = self._spill_option("spill", "auto")
             if self.kv.device.type == "cpu" and forced == "auto":
                 forced = "stream"  # the "host" is the same memory: nothing to gain from a split

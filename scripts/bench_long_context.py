@@ -358,7 +358,9 @@ def main() -> int:
     attn_tokens = args.attention_rate_tokens or (4096 if worker.device.type == "cuda" else 256)
     rates["attention_flop_per_s"] = measure_attention_rate(worker, attn_tokens)
     rates["attention_rate_tokens"] = attn_tokens
-    # what the engine's cost model was fed at warm-up (runtime.spill_rates), beside the above
+    # what the engine's cost model is fed (runtime.spill_rates; measured here rather than at
+    # the first step that reads host blocks, outside the timings), beside the above
+    worker.ensure_spill_rates()
     spill = getattr(worker, "spill_rates", None)
     if spill is not None:
         rates["cost_model"] = {**vars(spill), "cpu_method": getattr(worker, "cpu_method", None)}

@@ -294,13 +294,17 @@ def test_attention_over_8bit_host_blocks_is_close(kind, fraction):
 
 
 def test_host_pool_grows_as_it_fills():
-    """Chunks are allocated ``ahead`` of the highest one used, in the background; ``pin_all``
+    """Nothing is allocated at start; ``pin_ahead`` asks for the first ``ahead`` chunks, then
+    chunks are allocated ``ahead`` of the highest one used, in the background; ``pin_all``
     asks for the rest; nothing is allocated that nobody asked for."""
     from runtime.host_pool import HostPool
 
     pool = HostPool(10, 1, (2, 1, 4), torch.float32, pin=False, chunk_bytes=64, ahead=2)
     try:
         assert pool.chunk_blocks == 1 and pool.num_chunks == 10
+        assert pool.wait_allocated(60)
+        assert all(c is None for c in pool._chunks)
+        pool.pin_ahead()
         assert pool.wait_allocated(60)
         assert [c is not None for c in pool._chunks] == [True] * 2 + [False] * 8
         pool.chunk(4)  # in use: 4 itself (now, in the foreground if need be) and 2 more ahead

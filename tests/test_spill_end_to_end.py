@@ -215,3 +215,24 @@ def test_seeded_random_placements_never_change_tokens(ckpt, reference):
             order = rng.sample(range(len(prompts)), len(prompts))
             outs = _gen(llm, [prompts[i] for i in order], logits="none")
             assert [o.token_ids for o in outs] == [ref[i].token_ids for i in order], seed
+
+
+def test_host_tier_pins_only_once_a_task_fills_the_device_tier(ckpt, monkeypatch):
+    """Pinning the host tier contends with start-up's CUDA calls (a 7B worker on an H200 was
+    ready 2-3 s later with it), and a short task never needs it: the pool's background thread
+    is asked for chunks ahead of use only once a step's sequences hold a quarter of the device
+    tier, or blocks move; a short prompt asks for nothing."""
+    from runtime.host_pool import HostPool
+
+    asked = []
+    real = HostPool.pin_ahead
+    monkeypatch.setattr(HostPool, "pin_ahead", lambda self: (asked.append(1), real(self)))
+    path, hf = ckpt
+    with _llm(path, **SPILL, spill="stream") as llm:  # device tier: 8 blocks of 16 tokens
+        worker = llm.engine.executor.worker
+        _gen(llm, [_prompt(20, hf.config.vocab_size, seed=1)], new=4, logits="none")
+        assert not asked and not worker._host_pinning
+        _gen(llm, [_prompt(40, hf.config.vocab_size, seed=2)], new=2, logits="none")
+        assert asked and worker._host_pinning  # 40 of 128 device tokens: a quarter
+        # the spill cost model's rates: measured where it decides, never on a CPU device
+        assert worker.spill_rates is None
