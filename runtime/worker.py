@@ -693,7 +693,7 @@ class Worker:
         hq = c.num_attention_heads // self.world_size
         per_key = kv.device_layer_block_bytes / bs
         dev_flops = dev_bytes = host_flops = 0.0
-        n_host = n_seqs = 0
+        n_host = n_seqs = host_queries = 0
         for ch in batch.chunks:
             used = ch.block_table[: -(-ch.seq_len // bs)]
             h = sum(1 for b in used if b >= kv.num_blocks)
@@ -703,6 +703,7 @@ class Worker:
             dev_flops += spill_cost.attention_flops(qlen, ch.seq_len - h * bs, hq, c.head_dim)
             dev_bytes += (ch.seq_len - h * bs) * per_key
             host_flops += spill_cost.attention_flops(qlen, h * bs, hq, c.head_dim)
+            host_queries += qlen if h else 0
         return spill_cost.StepShape(
             device_flops=dev_flops,
             device_bytes=dev_bytes,
@@ -711,6 +712,9 @@ class Worker:
             host_bytes_on_device=n_host * kv.device_layer_block_bytes,
             host_blocks=n_host,
             host_seqs=n_seqs,
+            # a cooperating sequence's queries go out in the model's dtype; out (float32) and
+            # lse come back
+            cpu_io_bytes=host_queries * hq * (c.head_dim * (self.kv.dtype.itemsize + 4) + 4),
         )
 
     def _generator(self, c) -> torch.Generator | None:

@@ -8,10 +8,13 @@ fraction ``f`` of the host blocks' work given to the CPU:
 * the device attends over its own blocks and the streamed ones: ``max(flops / device_flops,
   bytes / device_bandwidth)``;
 * the CPU attends over its ``f`` at the same time: ``max(flops / cpu_flops, bytes / cpu_bw)``
-  plus a fixed cost for moving the queries out and the partial result back.
+  plus moving the queries out and the float32 partial result back over the link (whatever
+  ``f``: 192 MB a layer for an 8K-token chunk of 32 heads, which is why prefill chunks stream)
+  and a fixed cost per layer.
 
-A layer takes the longest of the three; ``f`` is picked from a grid of sixteenths. ``f == 0`` is
-the ``stream`` mode, anything else ``cooperate``. Both are exact, so the model only ever costs
+A layer takes the longest of the three; ``f`` is picked from a grid of sixteenths, and under
+``auto`` kept only where it beats ``f == 0`` by ``MIN_GAIN``. ``f == 0`` is the ``stream`` mode,
+anything else ``cooperate``. Both are exact, so the model only ever costs
 speed, never correctness. Forcing ``cooperate`` lets the CPU take its modelled share, and at
 least one block per sequence where that does not slow the layer (model-wise); a prefill chunk,
 whose FLOPs the CPU cannot keep up with, then still streams everything.
@@ -23,6 +26,11 @@ from dataclasses import dataclass
 
 MODES = ("auto", "stream", "cooperate", "off")
 GRID = 16
+# ``auto`` lets the CPU help only where the model says it saves at least this share of the
+# layer. Decode over host KV saves 40-50 % (link and CPU read in parallel); a prefill chunk's
+# FLOPs leave the CPU a share worth a fraction of a percent, less than the model's error: on
+# an H200 (8B shape at 512K) such a chunk's CPU part ran 120 ms a layer past the device's.
+MIN_GAIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class StepShape:
     host_bytes_on_device: float  # the same blocks once staged (the device kernel reads these)
     host_blocks: int = 0  # host block reads (per layer), all sequences
     host_seqs: int = 0  # sequences with at least one host block
+    cpu_io_bytes: float = 0.0  # queries to the host and the partial (out, lse) back, per layer
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,13 @@ def layer_seconds(shape: StepShape, rates: SpillRates, f: float) -> float:
     )
     cpu = 0.0
     if f > 0:
-        cpu = rates.cpu_overhead_s + max(
-            f * shape.host_flops / rates.cpu_flops, f * shape.host_bytes / rates.cpu_bytes_per_s
+        cpu = (
+            rates.cpu_overhead_s
+            + shape.cpu_io_bytes / rates.link_bytes_per_s
+            + max(
+                f * shape.host_flops / rates.cpu_flops,
+                f * shape.host_bytes / rates.cpu_bytes_per_s,
+            )
         )
     return max(link, dev, cpu)
 
@@ -105,6 +119,9 @@ def choose(shape: StepShape, rates: SpillRates | None, forced: str = "auto") -> 
     best = min(range(GRID + 1), key=lambda i: (layer_seconds(shape, rates, i / GRID), i))
     f = best / GRID
     t = layer_seconds(shape, rates, f)
+    streamed = layer_seconds(shape, rates, 0.0)
+    if f > 0 and forced == "auto" and t > (1 - MIN_GAIN) * streamed:
+        f, t = 0.0, streamed  # within the model's error: stream
     if f == 0 and forced == "cooperate" and shape.host_blocks and shape.host_seqs:
         one = layer_seconds(shape, rates, shape.host_seqs / shape.host_blocks)
         if one <= t:  # one block per sequence costs nothing the layer waits for

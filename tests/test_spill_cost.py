@@ -39,6 +39,8 @@ def decode_shape(device_keys: int, host_keys: int, heads=32, kv_heads=32, d=128,
 def prefill_shape(queries: int, device_keys: int, host_keys: int, heads=32, kv_heads=32, d=128):
     per_key = 2 * kv_heads * d * 2
     return StepShape(
+        # bf16 queries out, float32 out and lse back (runtime.worker._step_shape)
+        cpu_io_bytes=queries * heads * (d * (2 + 4) + 4),
         device_flops=attention_flops(queries, device_keys, heads, d),
         device_bytes=device_keys * per_key,
         host_flops=attention_flops(queries, host_keys, heads, d),
@@ -63,6 +65,20 @@ def test_prefill_chunks_stream_because_the_cpu_cannot_keep_up_with_the_flops():
     # a 4096-query chunk over 128K host keys: the CPU's 2 TFLOP/s is 200x too slow
     c = choose(prefill_shape(4096, 8192, 131_072), H100)
     assert c.mode == "stream" and c.cpu_fraction == 0.0
+
+
+def test_a_chunk_with_few_host_blocks_streams_them():
+    # the first spilled chunk of the 8B shape at 512K on an H200 (rates the worker measured
+    # there): 445 host blocks beside 361K device keys. The CPU's sixteenth saved 0.1 % on
+    # paper; in the run its part ran ~120 ms a layer past the device's (3.8 s exposed)
+    h200 = SpillRates(52.9e9, 379.4e12, 269e9, 0.89e12, 36.2e9)
+    shape = prefill_shape(8192, 361_520, 445 * 16, kv_heads=8)
+    assert choose(shape, h200).mode == "stream"
+    # forced, the CPU still takes its modelled share
+    assert choose(shape, h200, "cooperate").mode == "cooperate"
+    # decode's queries and partials are a few KB: the split still pays there
+    d = decode_shape(361_520, 162_784, kv_heads=8)
+    assert choose(d, h200).mode == "cooperate"
 
 
 def test_forced_modes_and_unknown_rates():
