@@ -53,16 +53,17 @@ class KVMeter:
         if batch is not None:
             prefill = any(len(c.token_ids) > 1 for c in batch.chunks)
             key = f"{'prefill' if prefill else 'decode'}/{result.spill_mode}"
-            k = self.by_kind.setdefault(
-                key, {"steps": 0, "seconds": 0.0, "exposed_s": 0.0, "bytes_moved": 0,
-                      "host_blocks": 0, "cpu_blocks": 0},
-            )  # fmt: skip
+            k = self.by_kind.get(key)
+            if k is None:
+                k = self.by_kind[key] = dict.fromkeys(
+                    ("steps", "seconds", "exposed_s", "bytes_moved", "host_blocks", "cpu_blocks"), 0
+                )
             k["steps"] += 1
             k["seconds"] += wall
             k["exposed_s"] += result.movement_exposed_s
             k["bytes_moved"] += result.bytes_moved
-            k["host_blocks"] += getattr(result, "host_blocks", 0)
-            k["cpu_blocks"] += getattr(result, "cpu_blocks", 0)
+            k["host_blocks"] += result.host_blocks
+            k["cpu_blocks"] += result.cpu_blocks
 
     def as_dict(self) -> dict:
         d = {

@@ -134,7 +134,7 @@ class Worker:
         # torch threads for the CPU part of cooperative attention (None: the process's setting;
         # an accelerator worker takes the node's cores shared by its ranks, see init_device)
         self.cpu_threads: int | None = None
-        self.cpu_method = "fused"  # runtime.attention.partial.CPU_METHODS; measured at warm-up
+        self.cpu_method = "fused"  # runtime.attention.partial.CPU_METHODS; see ensure_spill_rates
         self.ranks_on_node = world_size
         self._said_eager = False
         self._held: collections.deque[PendingStep] = collections.deque()  # see ``advance``
@@ -396,17 +396,13 @@ class Worker:
             while lengths[-1] * 2 < max_model_len:
                 lengths.append(lengths[-1] * 2)
             lengths.append(max_model_len - 1)
-        self._host_pinning = True  # warm-up's long decode tables hold nothing: no pinning
-        try:
-            with self.decode_graphs.eager():  # the ladder compiles the eager decode kernels
-                self.execute(ScheduledBatch(0, (prefill,)))
-                for length in lengths:
-                    blocks = (0,) * (length // bs + 1)
-                    chunk = SeqChunk(-1, (0,), length, blocks, False, params)
-                    self.execute(ScheduledBatch(0, (chunk,)))
-            self.decode_graphs.warm_up()
-        finally:
-            self._host_pinning = False
+        with self.decode_graphs.eager():  # the ladder compiles the eager decode kernels
+            self.execute(ScheduledBatch(0, (prefill,)))
+            for length in lengths:
+                blocks = (0,) * (length // bs + 1)
+                chunk = SeqChunk(-1, (0,), length, blocks, False, params)
+                self.execute(ScheduledBatch(0, (chunk,)))
+        self.decode_graphs.warm_up()
         # the spill cost model's rates are measured at the first step that reads host blocks
         # (ensure_spill_rates), not here: ~1.2 s of start-up on an H200 that a task which
         # never spills does not need
@@ -660,10 +656,15 @@ class Worker:
             return None
         bs = self.limits.block_size
         # the host tier pins chunks ahead of use from here on: once the step's sequences hold a
-        # quarter of the device tier (a long task is filling it) or blocks move
-        held = sum(c.seq_len for c in batch.chunks) if not self._host_pinning else 0
-        if self.kv.host is not None and (swaps or 4 * held >= self.kv.num_blocks * bs):
-            self.kv.host.pin_ahead()  # a no-op once the thread holds that many
+        # quarter of the device tier (a long task is filling it) or blocks move; warm-up's
+        # sequences (id -1, long decode tables over block 0) hold nothing
+        held = 0 if self._host_pinning else sum(c.seq_len for c in batch.chunks if c.seq_id >= 0)
+        if (
+            not self._host_pinning
+            and self.kv.host is not None
+            and (swaps or 4 * held >= self.kv.num_blocks * bs)
+        ):
+            self.kv.host.pin_ahead()
             self._host_pinning = True
         n_host = host_blocks_of(batch.chunks, self.kv.num_blocks, bs)
         if not n_host and not swaps:

@@ -361,9 +361,8 @@ def main() -> int:
     # what the engine's cost model is fed (runtime.spill_rates; measured here rather than at
     # the first step that reads host blocks, outside the timings), beside the above
     worker.ensure_spill_rates()
-    spill = getattr(worker, "spill_rates", None)
-    if spill is not None:
-        rates["cost_model"] = {**vars(spill), "cpu_method": getattr(worker, "cpu_method", None)}
+    if worker.spill_rates is not None:
+        rates["cost_model"] = {**vars(worker.spill_rates), "cpu_method": worker.cpu_method}
     print(json.dumps({"rates": rates}), flush=True)
 
     g = torch.Generator().manual_seed(0)
