@@ -75,6 +75,13 @@ HOPPER_SWEEP = [
     HopperPrefillConfig(128, 64, 4, 3, True),
     HopperPrefillConfig(128, 128, 8, 2, pipeline_qk=True),
     HopperPrefillConfig(128, 64, 8, 3, pipeline_qk=True),
+    # warp-specialised off-diagonal loop: a producer warp issues the TMA loads while the
+    # consumer warp groups (num_warps) compute; Triton moves registers from one to the other
+    HopperPrefillConfig(128, 128, 8, 2, True),
+    HopperPrefillConfig(128, 128, 4, 3, True),
+    HopperPrefillConfig(128, 128, 4, 2, True),
+    HopperPrefillConfig(64, 128, 4, 3, True),
+    HopperPrefillConfig(128, 64, 8, 3, True),
 ]
 HOPPER_SWEEP_SEQS = (16384, 65536)
 # Earlier sweeps: block_n 32 and 128, 4 stages, 4 or 16 programs per SM were no better.
@@ -89,6 +96,10 @@ DECODE_SWEEP = [  # (block_n, warps, stages, programs per SM, min chunk, residen
     DecodeConfig(64, 8, 3, 8, 256, 2),
     DecodeConfig(32, 4, 6, 8, 256, 2),
     DecodeConfig(64, 4, 2, 8, 256, 3),
+    # GQA: a program's 4 query heads share each key tile, so tiles of more keys carry more
+    # bytes per instruction
+    DecodeConfig(128, 4, 3, 8, 256, 2),
+    DecodeConfig(128, 8, 3, 8, 512, 2),
 ]
 
 _flush = None
