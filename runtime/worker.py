@@ -620,6 +620,12 @@ class Worker:
                 g[2].append(src[1])
             row += len(c.token_ids)
         for tensor, dst, src in groups.values():
+            d0, s0, k = dst[0], src[0], len(dst)
+            if dst == list(range(d0, d0 + k)) and src == list(range(s0, s0 + k)):
+                # the usual decode step (the same sequences in the same order as the step that
+                # sampled): one slice copy, no index tensors sent to the device
+                ids[d0 : d0 + k].copy_(tensor[s0 : s0 + k])
+                continue
             idx = _to_device(torch.tensor([dst, src], dtype=torch.long), ids.device)
             ids.index_copy_(0, idx[0], tensor.index_select(0, idx[1]))
 

@@ -71,6 +71,12 @@ def default_decode_config(
     return DECODE_MHA
 
 
+def _cdiv(a: int, b: int) -> int:
+    # host arithmetic on every decode step (graph replays included): triton.cdiv is a
+    # ConstexprFunction whose call costs ~2.6 us, ten of them a step
+    return -(-a // b)
+
+
 @functools.cache
 def _sm_count(device_type: str, index: int | None) -> int:
     if device_type == "cuda":
@@ -85,8 +91,8 @@ def choose_num_splits(
     """Splits per sequence so that ``num_seqs * num_kv_heads * splits`` fills the GPU."""
     sms = _sm_count(device.type, device.index)
     pairs = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(sms * cfg.programs_per_sm, pairs)
-    by_len = triton.cdiv(max_seq_len, cfg.min_chunk)
+    want = _cdiv(sms * cfg.programs_per_sm, pairs)
+    by_len = _cdiv(max_seq_len, cfg.min_chunk)
     splits = max(1, min(want, by_len, 256))
     if cfg.resident_per_sm > 0 and splits > 1:
         # Equal-length programs run in waves of `slots`; a last wave 1/3 full costs as much as
@@ -285,8 +291,8 @@ def split_plan(
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, device, cfg)
     n = max(max_seq_len, 1)
-    chunk = triton.cdiv(triton.cdiv(n, num_splits), cfg.block_n) * cfg.block_n
-    return chunk, triton.cdiv(n, chunk)
+    chunk = _cdiv(_cdiv(n, num_splits), cfg.block_n) * cfg.block_n
+    return chunk, _cdiv(n, chunk)
 
 
 def decode_attention(
