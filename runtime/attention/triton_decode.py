@@ -98,17 +98,22 @@ def choose_num_splits(
     by_len = _cdiv(max_seq_len, cfg.min_chunk)
     splits = max(1, min(want, by_len, 256))
     if cfg.resident_per_sm > 0 and splits > 1:
-        # Equal-length programs run in waves of `slots`; a last wave 1/3 full costs as much as
-        # a full one (16 sequences x 8 KV heads x 9 splits = 4.4 waves of 264 on an H100, where
-        # 8 splits make 3.9). Take the fullest waves from half the splits up, then the most.
-        slots = sms * cfg.resident_per_sm
-
-        def fill(n: int) -> float:
-            waves = pairs * n / slots
-            return waves / math.ceil(waves)
-
-        splits = max(range(max(1, splits // 2), splits + 1), key=lambda n: (round(fill(n), 2), n))
+        splits = _fullest_waves(splits, pairs, sms * cfg.resident_per_sm)
     return splits
+
+
+@functools.lru_cache(maxsize=4096)
+def _fullest_waves(splits: int, pairs: int, slots: int) -> int:
+    """Equal-length programs run in waves of ``slots``; a last wave 1/3 full costs as much as a
+    full one (16 sequences x 8 KV heads x 9 splits = 4.4 waves of 264 on an H100, where 8 splits
+    make 3.9). The fullest waves from half the splits up, then the most splits. Cached: every
+    decode step asks, graph replays included, and the answer changes only with ``splits``."""
+
+    def fill(n: int) -> float:
+        waves = pairs * n / slots
+        return waves / math.ceil(waves)
+
+    return max(range(max(1, splits // 2), splits + 1), key=lambda n: (round(fill(n), 2), n))
 
 
 @triton.jit
