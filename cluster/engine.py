@@ -17,6 +17,7 @@ from cluster import preflight
 from cluster.config import EngineConfig
 from cluster.kv_metrics import KVMeter
 from cluster.step_loop import StepLoop
+from runtime.gc_freeze import freeze_startup_objects
 from runtime.loader import resolve_model
 from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams, Sequence
@@ -72,6 +73,7 @@ class Engine:
         else:  # no host tier: the plain scheduler, whole lifetimes reserved on the device
             self.scheduler = Scheduler(limits, self.executor.num_blocks)
         self._next_id = 0
+        freeze_startup_objects()  # the driver's too (runtime/gc_freeze.py)
 
     @property
     def scheduler(self) -> Scheduler:

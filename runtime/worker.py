@@ -24,6 +24,7 @@ from runtime import device as dev
 from runtime.attention import AttentionMetadata, get_backend, resolve_backend
 from runtime.attention.autotune import AttentionShape
 from runtime.cuda_graphs import DecodeGraphRunner, DecodeGraphs, unsupported_reason
+from runtime.gc_freeze import freeze_startup_objects
 from runtime.kv_cache import KVCache, bytes_per_block
 from runtime.kv_quant import resolve_host_dtype
 from runtime.loader import ModelSource, build_model
@@ -403,6 +404,7 @@ class Worker:
                 chunk = SeqChunk(-1, (0,), length, blocks, False, params)
                 self.execute(ScheduledBatch(0, (chunk,)))
         self.decode_graphs.warm_up()
+        freeze_startup_objects()  # the collector's full passes skip what start-up built
         # the spill cost model's rates are measured at the first step that reads host blocks
         # (ensure_spill_rates), not here: ~1.2 s of start-up on an H200 that a task which
         # never spills does not need
