@@ -257,8 +257,14 @@ class Worker:
         ``kv_host_tokens`` if set (0: none), else available host memory less a headroom, shared
         by the ranks of a node; automatic sizing gives a CPU device no host tier (both tiers
         would be the same memory) and ``spill: off`` none at all.
+
+        Automatic sizes stop at what the scheduler can ever use: ``max_num_seqs`` sequences of
+        ``max_model_len`` tokens (it reserves lifetimes and keeps one block free; there is no
+        prefix cache to fill the rest). The demo model on an H200 otherwise took 7.3M device
+        and 7.3M host blocks for one 131K-token task that needs 8,197, and 21 s to be ready.
         """
         bs = self.limits.block_size
+        usable = self.limits.max_num_seqs * -(-self.max_model_len // bs) + 1
         host_blocks = self._host_blocks()
         if self.config.kv_cache_tokens is not None:
             device_blocks = -(-self.config.kv_cache_tokens // bs)
@@ -271,6 +277,9 @@ class Worker:
                 else:
                     device_blocks -= -(-2 * host_blocks // layers)
                 device_blocks = max(device_blocks, 1)
+            device_blocks = min(device_blocks, usable)
+        if self._spill_option("kv_host_tokens", None) is None:
+            host_blocks = min(host_blocks, max(usable - device_blocks, 0))
         return {"device_blocks": device_blocks, "host_blocks": host_blocks}
 
     def _device_blocks_from_memory(self) -> int:

@@ -121,7 +121,7 @@ def test_tier_sizes_from_flags_and_defaults():
     }
     assert capacity(kv_cache_tokens=64)["host_blocks"] == 0  # a CPU device: no automatic tier
     assert capacity(kv_cache_tokens=64, kv_host_tokens=0)["host_blocks"] == 0
-    auto = capacity()  # sized from memory, not from max_model_len x max_num_seqs
+    auto = capacity()  # sized from memory (below what 8 seats of the context could use)
     assert auto["device_blocks"] > 1 and auto["host_blocks"] == 0
     with pytest.raises(ConfigError, match="spill=off leaves no host tier but kv_host_tokens=8"):
         WorkerConfig(spill="off", kv_host_tokens=8)
@@ -180,14 +180,15 @@ def test_device_flop_rate_is_taken_at_a_prefill_chunks_shape(monkeypatch):
     assert set(seen) == {(1, 192), (96, 192)}
 
 
-def _h100_7b_worker(monkeypatch, **kw):
+def _h100_7b_worker(monkeypatch, max_model_len=262_144, max_num_seqs=8, **kw):
     """A Worker of the 7B shape (bf16, block 16, 32 layers) whose memory queries answer like an
     80 GB H100 with the weights loaded (66 GB free); the sizing arithmetic is the real one."""
     from runtime import device as dev
     from runtime.device import DeviceInfo
 
     source = resolve_model("llama2-7b")
-    limits = SchedulerConfig(block_size=16).for_model(262_144).for_device("cuda")
+    limits = SchedulerConfig(block_size=16, max_num_seqs=max_num_seqs)
+    limits = limits.for_model(max_model_len).for_device("cuda")
     w = Worker(WorkerConfig(model="llama2-7b", device="cpu", **kw), source, limits)
     w.device, w.dtype = torch.device("cpu"), torch.bfloat16
     monkeypatch.setattr(dev, "free_memory_bytes", lambda d: 66 * 10**9)
@@ -210,6 +211,31 @@ def test_staging_holds_the_host_part_of_a_256k_context_of_the_7b_shape(monkeypat
     per = w.kv_bytes_per_block()
     used = d * per + 2 * staging * per / 32 + w._activation_bytes()
     assert used <= 66 * 10**9 - 0.1 * 80 * 10**9
+
+
+def test_automatic_tiers_stop_at_what_the_seats_can_use(monkeypatch):
+    from runtime import device as dev
+
+    # a host with 200 GB available: the automatic host tier would take ~390K blocks of the 7B
+    monkeypatch.setattr(dev, "host_memory_bytes", lambda: (200 * 10**9, 256 * 10**9))
+
+    def capacity(**kw):
+        w = _h100_7b_worker(monkeypatch, **kw)
+        w.device = torch.device("cuda")  # an accelerator: the host tier is sized automatically
+        return w.kv_cache_capacity()
+
+    # one 4K-token task at a time: 256 blocks (+1 kept free), not the ~6K the device would hold
+    assert capacity(max_model_len=4096, max_num_seqs=1) == {"device_blocks": 257, "host_blocks": 0}
+    # one 256K-token task: the device tier from memory, the host tier up to what the task needs
+    cap = capacity(max_num_seqs=1)
+    assert 5_000 < cap["device_blocks"] < 7_000
+    assert cap["device_blocks"] + cap["host_blocks"] == 262_144 // 16 + 1
+    # eight seats of 256K: the host tier is then bound by host memory, not by the seats
+    assert capacity()["host_blocks"] > cap["host_blocks"]
+    # sizes the user gives are kept
+    forced = capacity(max_model_len=4096, max_num_seqs=1, kv_cache_tokens=64 * 1024,
+                      kv_host_tokens=1024)  # fmt: skip
+    assert forced == {"device_blocks": 4096, "host_blocks": 64}
 
 
 def test_forced_device_tier_stages_from_the_free_memory_left(monkeypatch):
