@@ -17,7 +17,7 @@ from cluster import preflight
 from cluster.config import EngineConfig
 from cluster.kv_metrics import KVMeter
 from cluster.step_loop import StepLoop
-from runtime.gc_freeze import freeze_startup_objects
+from runtime.gc_freeze import freeze_startup_objects, unfreeze_startup_objects
 from runtime.loader import resolve_model
 from scheduler.errors import CapacityError
 from scheduler.request import SamplingParams, Sequence
@@ -200,6 +200,7 @@ class Engine:
         return outs
 
     def shutdown(self) -> None:
+        unfreeze_startup_objects()
         self.executor.shutdown()
 
 

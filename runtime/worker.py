@@ -24,7 +24,7 @@ from runtime import device as dev
 from runtime.attention import AttentionMetadata, get_backend, resolve_backend
 from runtime.attention.autotune import AttentionShape
 from runtime.cuda_graphs import DecodeGraphRunner, DecodeGraphs, unsupported_reason
-from runtime.gc_freeze import freeze_startup_objects
+from runtime.gc_freeze import freeze_startup_objects, unfreeze_startup_objects
 from runtime.kv_cache import KVCache, bytes_per_block
 from runtime.kv_quant import resolve_host_dtype
 from runtime.loader import ModelSource, build_model
@@ -746,6 +746,7 @@ class Worker:
         return g
 
     def shutdown(self) -> None:
+        unfreeze_startup_objects()
         self.decode_graphs.close()
         self.parallel.comm.close()
         if self.kv is not None:
