@@ -32,5 +32,8 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         if dtype != torch.float32:  # a no-op cast still costs a dispatch, per norm and step
             x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
+        # in place where a fresh tensor is at hand: the same operations, fewer buffers
+        x = x * x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        if dtype == torch.float32:
+            return x.mul_(self.weight)  # weight * x, bit for bit (a product commutes)
+        return self.weight * x.to(dtype)
