@@ -259,9 +259,15 @@ def test_engine_killed_up_again_finds_every_task_and_finishes(service):
     home, cfg, _ = service
     store = TaskStore(home / "tasks.db")
     engine_pid = ok("status", "--home", home, "--json")["engine"]["pid"]
-    inputs = [(LONG, 3), ([1, 2, 3], 3), ([4, 5], 3)]
+    # the first task decodes for a few seconds: `tilerun submit` is a new process, and on a
+    # loaded 2-core machine it returned after a 1.4 s task had finished (seen in CI)
+    inputs = [(LONG, 600), ([1, 2, 3], 3), ([4, 5], 3)]
     ids = [submit(home, *inputs[0])]
-    wait_until(lambda: store.get(ids[0]).state == "running", every=0.01)
+    state = wait_until(
+        lambda: (t := store.get(ids[0])).state in ("running", "done", "failed") and t.state,
+        every=0.01,
+    )
+    assert state == "running", f"the task was {state} before the engine could be killed"
     os.kill(engine_pid, signal.SIGKILL)
     assert store.get(ids[0]).state == "running"  # it died mid-task
     ids += [submit(home, p, n) for p, n in inputs[1:]]  # queued while no engine runs
