@@ -675,14 +675,11 @@ class Worker:
         # the host tier pins chunks ahead of use from here on: once the step's sequences hold a
         # quarter of the device tier (a long task is filling it) or blocks move; warm-up's
         # sequences (id -1, long decode tables over block 0) hold nothing
-        held = 0 if self._host_pinning else sum(c.seq_len for c in batch.chunks if c.seq_id >= 0)
-        if (
-            not self._host_pinning
-            and self.kv.host is not None
-            and (swaps or 4 * held >= self.kv.num_blocks * bs)
-        ):
-            self.kv.host.pin_ahead()
-            self._host_pinning = True
+        if not self._host_pinning and self.kv.host is not None:
+            held = sum(c.seq_len for c in batch.chunks if c.seq_id >= 0)
+            if swaps or 4 * held >= self.kv.num_blocks * bs:
+                self.kv.host.pin_ahead()
+                self._host_pinning = True
         n_host = host_blocks_of(batch.chunks, self.kv.num_blocks, bs)
         if not n_host and not swaps:
             return None
