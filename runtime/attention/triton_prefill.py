@@ -19,6 +19,7 @@ be scattered; GQA reads the KV head ``h // group`` without materialising repeate
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,14 @@ class PrefillConfig:
 # The fastest of scripts/bench_attention.py's sweeps on an H100 (bf16, head dim 128, 32 heads, 1K
 # to 64K tokens). At 1K every config measured the same (~50 us: launch-bound).
 PREFILL_D128 = PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+# sm_90+: the Hopper TMA kernel's tiles (triton_prefill_hopper.HOPPER_D128), on purpose. With the
+# same tiles both kernels sum in the same order, so a step gives the same bits whichever kernel a
+# sequence's pages select (consecutive pages: TMA; any others, and spilled rounds: this one). On
+# an H200 (attention-tiles-merge-nvidia-h200-2026-12-04.log in benchmarks/results) these tiles
+# took the TMA kernel from 438 / 452 to 501 / 495 TFLOP/s at 16K / 64K, and this kernel from
+# 393 / 413 to 350 / 356 on shuffled pages. A fresh sequence's pages are consecutive (the block
+# manager's in-order free list), so TMA is the usual path.
+PREFILL_D128_SM90 = PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=4)
 
 
 def default_prefill_config(
@@ -55,7 +64,14 @@ def default_prefill_config(
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if _capability(device.index) >= (9, 0):
+        return PREFILL_D128_SM90
     return PREFILL_D128
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def dot_mode(dtype: torch.dtype, device: torch.device) -> int:

@@ -70,14 +70,14 @@ class HopperPrefillConfig:
                 raise ValueError(f"HopperPrefillConfig.{name}={v}: use a power of two >= 16")
 
 
-# The gather kernel's tiles (triton_prefill's long config), on purpose: with the same tiles both
-# kernels sum in the same order, so a step gives the same bits whichever kernel its pages select
-# (spill on/off, any block placement; tests/test_gpu_spill.py checks it). The H200 sweep of
-# 2026-12-04 (benchmarks/results/attention-hopper-ws-nvidia-h200.json) measured 128 x 64 tiles
-# on one warp group 6-10 % faster (484 / 497 against 439 / 462 TFLOP/s at 16K / 64K), which
-# breaks that; warp-specialised loops gained nothing (8 warps) or did not compile (4 warps,
-# Triton 3.6).
-HOPPER_D128 = HopperPrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+# 128 x 64 tiles on one warp group, 4 stages: on an H200 (2026-12-04; bench_attention's
+# HOPPER_SWEEP, then attention-tiles-merge-nvidia-h200-2026-12-04.log in benchmarks/results) 501 /
+# 495 TFLOP/s at 16K / 64K against 438 / 452 for 128 x 128 on two warp groups. The gather kernel
+# takes the same tiles on sm_90 (triton_prefill.PREFILL_D128_SM90): both kernels then sum in the
+# same order, so a step gives the same bits whichever kernel its pages select
+# (tests/test_gpu_spill.py checks it). Warp-specialised loops gained nothing (8 warps) or did not
+# compile (4 warps, Triton 3.6).
+HOPPER_D128 = HopperPrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=4)
 HOPPER_D64 = HopperPrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 
