@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -57,6 +58,7 @@ PREFILL_SWEEP_LONG = [  # at 16K
     PrefillConfig(128, 128, 8, 3, head_major=False),  # the order before the head-major walk
     PrefillConfig(128, 64, 8, 3),
     PrefillConfig(128, 32, 4, 4),
+    PrefillConfig(128, 64, 4, 4),  # the Hopper kernel's tiles: the default on sm_90
 ]
 SHORT_BELOW = 4096  # sequences shorter than this use the best config of the 1K sweep
 PREFILL_SWEEP_SHORT = [  # at 1K
@@ -82,6 +84,7 @@ HOPPER_SWEEP = [
     HopperPrefillConfig(128, 128, 4, 2, True),
     HopperPrefillConfig(64, 128, 4, 3, True),
     HopperPrefillConfig(128, 64, 8, 3, True),
+    HopperPrefillConfig(128, 64, 4, 4),  # the default since 2026-12-04 (H200)
 ]
 HOPPER_SWEEP_SEQS = (16384, 65536)
 # Earlier sweeps: block_n 32 and 128, 4 stages, 4 or 16 programs per SM were no better.
@@ -100,6 +103,8 @@ DECODE_SWEEP = [  # (block_n, warps, stages, programs per SM, min chunk, residen
     # bytes per instruction
     DecodeConfig(128, 4, 3, 8, 256, 2),
     DecodeConfig(128, 8, 3, 8, 512, 2),
+    # ~2 waves of split programs (the GQA default since the split-count sweep of 2026-12-04)
+    DecodeConfig(64, 4, 3, 4, 256, 2),
 ]
 
 _flush = None
@@ -393,6 +398,46 @@ def sweep_decode(cases, gen, log) -> tuple[dict[bool, DecodeConfig], list[dict]]
     return best, rows
 
 
+SPLIT_CASES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 8192), (16, 32768)]
+SPLIT_COUNTS = {1: (8, 16, 24, 32, 48, 64, 96, 128), 4: (4, 8, 12, 16, 24, 32),
+                16: (1, 2, 3, 4, 6, 8, 12)}  # fmt: skip
+
+
+def sweep_decode_splits(gen, log, hkv: int = 8) -> list[dict]:
+    """The default decode config at forced split counts (``num_splits``), graph-replayed, beside
+    SDPA flash and the count the default plan picks: how many split programs a case wants."""
+    from torch.nn.attention import SDPBackend
+
+    rows = []
+    for B, S in SPLIT_CASES:
+        q, kc, vc, seq_lens, table = decode_inputs(B, S, hkv, gen)
+        kt = kc.view(B, S, hkv, D).transpose(1, 2)
+        vt = vc.view(B, S, hkv, D).transpose(1, 2)
+        sdpa = sdpa_fn(SDPBackend.FLASH_ATTENTION, q.view(B, H, 1, D), kt, vt, False, hkv != H)
+        cfg = triton_decode.default_decode_config(D, DT, q.device, hkv)
+        row = {"B": B, "S": S, "Hkv": hkv, "config": cfg.__dict__,
+               "default_splits": triton_decode.split_plan(B, hkv, S, q.device, cfg)[1],
+               "sdpa_flash_ms_graph": time_ms(graphed(sdpa), budget_ms=200, max_reps=300),
+               "by_splits": []}  # fmt: skip
+        for n in SPLIT_COUNTS.get(B, (1, 2, 4, 8)):
+            real = triton_decode.split_plan(B, hkv, S, q.device, cfg, n)[1]
+            fn = functools.partial(
+                triton_decode.decode_attention,
+                q, kc, vc, seq_lens, table, S, D**-0.5, config=cfg, num_splits=n,
+            )  # fmt: skip
+            ms = time_ms(graphed(fn), budget_ms=100, max_reps=200)
+            row["by_splits"].append({"asked": n, "splits": real, "ms_graph": ms})
+        best = min(row["by_splits"], key=lambda r: r["ms_graph"])
+        log(f"  splits B={B} S={S} Hkv={hkv}: sdpa flash {row['sdpa_flash_ms_graph'] * 1e3:.1f} "
+            f"us; default {row['default_splits']} splits; best {best['splits']} splits "
+            f"{best['ms_graph'] * 1e3:.1f} us; " + " ".join(
+                f"{r['splits']}:{r['ms_graph'] * 1e3:.1f}" for r in row["by_splits"]))  # fmt: skip
+        rows.append(row)
+        del q, kc, vc, kt, vt, sdpa
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_decode(pick, cases, gen, log) -> list[dict]:
     """``pick(hkv)``: the decode config for that many KV heads."""
     from torch.nn.attention import SDPBackend
@@ -647,12 +692,18 @@ def main() -> None:
         help="only the portable torch backend against SDPA efficient (a few minutes)",
     )
     ap.add_argument("--portable-seqs", default="4096,8192,16384,32768")
+    ap.add_argument(
+        "--splits-only",
+        action="store_true",
+        help="only the GQA decode config at forced split counts against SDPA flash (~1 minute)",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     dev_name = torch.cuda.get_device_name()
     slug = "-".join(dev_name.lower().replace("/", " ").split())
     default = f"attention-portable-{slug}" if args.portable_only else f"attention-{slug}"
+    default = f"attention-splits-{slug}" if args.splits_only else default
     out_path = Path(args.out or f"benchmarks/results/{default}.json")
     gen = torch.Generator(device="cuda").manual_seed(0)
     log = lambda s: print(s, flush=True)
@@ -677,6 +728,10 @@ def main() -> None:
     if args.portable_only:
         main_portable(args, result, out_path, log)
         return
+    if args.splits_only:
+        result["sweeps"]["decode_splits"] = sweep_decode_splits(gen, log)
+        save()
+        return
 
     cuda = torch.device("cuda")
     pcfg = pcfg_short = triton_prefill.default_prefill_config(D, DT, cuda)
@@ -700,7 +755,8 @@ def main() -> None:
                 save()
             if not args.no_decode:
                 cases = [(1, 4096, H), (1, 8192, H), (1, 131072, H), (16, 8192, H)]
-                cases += [(1, 131072, 8), (1, 8192, 8), (16, 131072, 8)]
+                cases += [(1, 131072, 8), (1, 8192, 8), (1, 32768, 8), (16, 8192, 8)]
+                cases += [(16, 131072, 8)]
                 best, result["sweeps"]["decode"] = sweep_decode(cases, gen, log)
                 dcfgs.update(best)
         except Exception as e:  # keep going with the defaults

@@ -413,6 +413,12 @@ def test_decode_split_waves(monkeypatch):
     # already full waves, or too short for more splits: unchanged
     assert triton_decode.choose_num_splits(1, 32, 8192, cuda, waves) == 32
     assert triton_decode.choose_num_splits(1, 8, 300, cuda, waves) == 2
+    # the GQA default: ~2 waves of split programs (the H200 sweep's best at batch 1, 4 and 16)
+    gqa = triton_decode.DECODE_GQA
+    plan = {(b, s): triton_decode.split_plan(b, 8, s, cuda, gqa)[1]
+            for b, s in [(1, 32768), (1, 131072), (4, 32768), (16, 8192), (16, 32768)]}  # fmt: skip
+    assert plan == {(1, 32768): 64, (1, 131072): 64, (4, 32768): 16, (16, 8192): 4,
+                    (16, 32768): 4}  # fmt: skip
 
 
 def test_decode_wave_fitted_config():
