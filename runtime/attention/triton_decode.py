@@ -48,7 +48,7 @@ class DecodeConfig:
 # bf16/fp16, head dim <= 128: the H100 sweep of 2026-11-25 19:50 (scripts/bench_attention.py)
 # picked min_chunk 256 over 1024: a 4K context at batch 1 then has 16 splits per head, not 4
 DECODE_MHA = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256)
-# GQA (<= 8 KV heads): the H200 sweep of 2026-12-04 (attention-decode-nvidia-h200.json) picked
+# GQA (<= 8 KV heads): the H200 sweep of 2026-12-04 (attention-decode-sweep-nvidia-h200.json) picked
 # fuller last waves (two resident programs per SM): 16 x 128K keys at 4.40 TB/s against 3.71.
 # A sweep over split counts the same day (bench_attention.py --splits-only: batch 1, 4 and 16)
 # found ~2 waves of split programs best everywhere (512 programs on 132 SMs; batch 1 at 32K:
