@@ -399,7 +399,7 @@ def sweep_decode(cases, gen, log) -> tuple[dict[bool, DecodeConfig], list[dict]]
 
 
 SPLIT_CASES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 8192), (16, 32768)]
-SPLIT_COUNTS = {1: (8, 16, 24, 32, 48, 64, 96, 128), 4: (4, 8, 12, 16, 24, 32),
+SPLIT_COUNTS = {1: (8, 16, 24, 32, 48, 64, 96, 128), 4: (2, 3, 4, 6, 8, 9, 12, 16, 24, 32),
                 16: (1, 2, 3, 4, 6, 8, 12)}  # fmt: skip
 
 
@@ -695,7 +695,10 @@ def main() -> None:
     ap.add_argument(
         "--splits-only",
         action="store_true",
-        help="only the GQA decode config at forced split counts against SDPA flash (~1 minute)",
+        help="only the decode config at forced split counts against SDPA flash (~1 minute)",
+    )
+    ap.add_argument(
+        "--splits-kv-heads", default="8", help="KV head counts for --splits-only (8: GQA, 32: MHA)"
     )
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -729,7 +732,11 @@ def main() -> None:
         main_portable(args, result, out_path, log)
         return
     if args.splits_only:
-        result["sweeps"]["decode_splits"] = sweep_decode_splits(gen, log)
+        result["sweeps"]["decode_splits"] = [
+            row
+            for hkv in args.splits_kv_heads.split(",")
+            for row in sweep_decode_splits(gen, log, int(hkv))
+        ]
         save()
         return
 

@@ -419,6 +419,11 @@ def test_decode_split_waves(monkeypatch):
             for b, s in [(1, 32768), (1, 131072), (4, 32768), (16, 8192), (16, 32768)]}  # fmt: skip
     assert plan == {(1, 32768): 64, (1, 131072): 64, (4, 32768): 16, (16, 8192): 4,
                     (16, 32768): 4}  # fmt: skip
+    # MHA (32 KV heads) with the same config: the sweep's best counts (within 0.5 %)
+    mha = triton_decode.default_decode_config(128, torch.bfloat16, cuda, 32)
+    plan = {(b, s): triton_decode.split_plan(b, 32, s, cuda, mha)[1]
+            for b, s in [(1, 8192), (1, 32768), (4, 32768), (16, 8192)]}  # fmt: skip
+    assert plan == {(1, 8192): 16, (1, 32768): 16, (4, 32768): 4, (16, 8192): 2}
 
 
 def test_decode_wave_fitted_config():

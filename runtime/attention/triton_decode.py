@@ -45,20 +45,22 @@ class DecodeConfig:
     resident_per_sm: int = 0
 
 
-# bf16/fp16, head dim <= 128: the H100 sweep of 2026-11-25 19:50 (scripts/bench_attention.py)
-# picked min_chunk 256 over 1024: a 4K context at batch 1 then has 16 splits per head, not 4
-DECODE_MHA = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256)
-# GQA (<= 8 KV heads): the H200 sweep of 2026-12-04 (attention-decode-sweep-nvidia-h200.json) picked
-# fuller last waves (two resident programs per SM): 16 x 128K keys at 4.40 TB/s against 3.71.
-# A sweep over split counts the same day (bench_attention.py --splits-only: batch 1, 4 and 16)
-# found ~2 waves of split programs best everywhere (512 programs on 132 SMs; batch 1 at 32K:
-# 52.6 us with 64 splits against 60.5 with 86), hence 4 programs per SM, not 8. Merging the
-# splits inside the split kernel (the last program of each group, found by an atomic count)
-# instead of in a second kernel was slower for GQA (28.1 against 23.3 us at batch 1, 8K): one
-# program then merges a group's four heads in turn, where the combine kernel runs one per head.
+# bf16/fp16, head dim <= 128. The H100 sweep of 2026-11-25 19:50 (scripts/bench_attention.py)
+# picked min_chunk 256 over 1024 (a 4K context at batch 1 then has 16 splits per head, not 4);
+# the H200 sweep of 2026-12-04 (attention-decode-sweep-nvidia-h200.json) picked fuller last waves
+# for GQA (two resident programs per SM: 16 x 128K keys at 4.40 TB/s against 3.71). Sweeps over
+# forced split counts the same day (bench_attention.py --splits-only, batch 1, 4 and 16 at 8K to
+# 128K, 8 and 32 KV heads: attention-splits{,-mha}-nvidia-h200.json) found about two waves of
+# split programs (~512 on 132 SMs) best in every case, hence 4 programs per SM, not 8, for MHA
+# as for GQA (batch 1 at 32K with 8 KV heads: 52.3 us with 64 splits against 60.2 with 86;
+# batch 4 at 32K with 32: 501 us with 4 against 592 with 9). Merging the splits inside the split
+# kernel (the last program of each group, found by an atomic count) instead of in a second
+# kernel was slower for GQA (28.1 against 23.3 us at batch 1, 8K): one program then merges a
+# group's four heads in turn, where the combine kernel runs one per head.
 DECODE_GQA = DecodeConfig(
     block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, min_chunk=256, resident_per_sm=2
 )
+DECODE_MHA = DECODE_GQA  # the same since the split-count sweeps; kept apart for bench sweeps
 
 
 def default_decode_config(
