@@ -426,6 +426,19 @@ def test_decode_split_waves(monkeypatch):
     assert plan == {(1, 8192): 16, (1, 32768): 16, (4, 32768): 4, (16, 8192): 2}
 
 
+def test_sm90_gather_kernel_takes_the_tma_kernels_tiles(monkeypatch):
+    """On sm_90 both prefill kernels default to the same tiles, so they sum in the same order and
+    a step gives the same bits whichever kernel a sequence's pages select (the GPU tests check
+    the bits; this pins the defaults together)."""
+    monkeypatch.setattr(triton_prefill, "_capability", lambda index: (9, 0))
+    cuda = torch.device("cuda")
+    for d in (64, 128):
+        g = triton_prefill.default_prefill_config(d, torch.bfloat16, cuda)
+        h = triton_prefill_hopper.default_hopper_config(d, cuda)
+        tiles = ("block_m", "block_n", "num_warps", "num_stages", "head_major")
+        assert [getattr(g, t) for t in tiles] == [getattr(h, t) for t in tiles], d
+
+
 def test_decode_wave_fitted_config():
     cfg = triton_decode.DecodeConfig(32, 4, 1, 3, 64, resident_per_sm=1)
     meta, k_cache, v_cache = _paged([1] * 3, [700, 113, 1023], HQ // 4, HEAD_DIMS[0],
