@@ -435,18 +435,23 @@ SPLIT_COUNTS = {1: (8, 16, 24, 32, 48, 64, 96, 128), 4: (2, 3, 4, 6, 8, 9, 12, 1
                 16: (1, 2, 3, 4, 6, 8, 12)}  # fmt: skip
 
 
+def sdpa_decode_fn(q, kc, vc, B: int, S: int, hkv: int):
+    """SDPA flash over the same memory as contiguous ``[B, S, Hkv, D]`` K/V (the peer's rows)."""
+    from torch.nn.attention import SDPBackend
+
+    kt = kc.view(B, S, hkv, D).transpose(1, 2)
+    vt = vc.view(B, S, hkv, D).transpose(1, 2)
+    return sdpa_fn(SDPBackend.FLASH_ATTENTION, q.view(B, H, 1, D), kt, vt, False, hkv != H)
+
+
 def sweep_decode_splits(gen, log, hkv: int = 8) -> list[dict]:
     """The default decode config at forced split counts (``num_splits``), graph-replayed, beside
     SDPA flash and the count the default plan picks: how many split programs a case wants."""
-    from torch.nn.attention import SDPBackend
-
     rows = []
     for B, S in SPLIT_CASES:
         q, kc, vc, seq_lens, table = decode_inputs(B, S, hkv, gen)
-        kt = kc.view(B, S, hkv, D).transpose(1, 2)
-        vt = vc.view(B, S, hkv, D).transpose(1, 2)
-        sdpa = sdpa_fn(SDPBackend.FLASH_ATTENTION, q.view(B, H, 1, D), kt, vt, False, hkv != H)
-        cfg = triton_decode.default_decode_config(D, DT, q.device, hkv)
+        sdpa = sdpa_decode_fn(q, kc, vc, B, S, hkv)
+        cfg = triton_decode.default_decode_config(D, DT, q.device)
         row = {"B": B, "S": S, "Hkv": hkv, "config": cfg.__dict__,
                "default_splits": triton_decode.split_plan(B, hkv, S, q.device, cfg)[1],
                "sdpa_flash_ms_graph": time_ms(graphed(sdpa), budget_ms=200, max_reps=300),
@@ -465,24 +470,18 @@ def sweep_decode_splits(gen, log, hkv: int = 8) -> list[dict]:
             f"{best['ms_graph'] * 1e3:.1f} us; " + " ".join(
                 f"{r['splits']}:{r['ms_graph'] * 1e3:.1f}" for r in row["by_splits"]))  # fmt: skip
         rows.append(row)
-        del q, kc, vc, kt, vt, sdpa
+        del q, kc, vc, sdpa
         torch.cuda.empty_cache()
     return rows
 
 
 def bench_decode(pick, cases, gen, log) -> list[dict]:
     """``pick(hkv)``: the decode config for that many KV heads."""
-    from torch.nn.attention import SDPBackend
-
     rows = []
     for B, S, hkv in cases:
         q, kc, vc, seq_lens, table = decode_inputs(B, S, hkv, gen)
-        # the same memory as contiguous [B, S, Hkv, D] K/V for SDPA
-        kt = kc.view(B, S, hkv, D).transpose(1, 2)
-        vt = vc.view(B, S, hkv, D).transpose(1, 2)
-        qt = q.view(B, H, 1, D)
         impls = {"triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, pick(hkv))}
-        impls["sdpa flash"] = sdpa_fn(SDPBackend.FLASH_ATTENTION, qt, kt, vt, False, hkv != H)
+        impls["sdpa flash"] = sdpa_decode_fn(q, kc, vc, B, S, hkv)
         for name, fn in impls.items():
             row = {"kind": "decode", "impl": name, "B": B, "S": S, "H": H, "Hkv": hkv, "D": D}
             try:
@@ -496,7 +495,7 @@ def bench_decode(pick, cases, gen, log) -> list[dict]:
             rows.append(row)
             val = (row.get("tbps"), row.get("tbps_graph")) if "tbps" in row else row.get("error")
             log(f"  decode B={B} S={S} Hkv={hkv} {name}: {val}")
-        del q, kc, vc, kt, vt, qt, impls, fn  # fn's closure holds the caches too
+        del q, kc, vc, impls, fn  # fn's closure holds the caches too
         torch.cuda.empty_cache()
     return rows
 
@@ -774,9 +773,7 @@ def main() -> None:
 
     cuda = torch.device("cuda")
     pcfg = pcfg_short = triton_prefill.default_prefill_config(D, DT, cuda)
-    dcfgs = {
-        gqa: triton_decode.default_decode_config(D, DT, cuda, 8 if gqa else H) for gqa in (0, 1)
-    }
+    dcfgs = dict.fromkeys((False, True), triton_decode.default_decode_config(D, DT, cuda))
     hopper = not args.no_hopper and torch.cuda.get_device_capability() >= (9, 0)
     hcfg = triton_prefill_hopper.default_hopper_config(D, cuda) if hopper else None
     if not args.no_sweep:

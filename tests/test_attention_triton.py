@@ -414,13 +414,13 @@ def test_decode_split_waves(monkeypatch):
     assert triton_decode.choose_num_splits(1, 32, 8192, cuda, waves) == 32
     assert triton_decode.choose_num_splits(1, 8, 300, cuda, waves) == 2
     # the GQA default: ~2 waves of split programs (the H200 sweep's best at batch 1, 4 and 16)
-    gqa = triton_decode.DECODE_GQA
+    gqa = triton_decode.DECODE_D128
     plan = {(b, s): triton_decode.split_plan(b, 8, s, cuda, gqa)[1]
             for b, s in [(1, 32768), (1, 131072), (4, 32768), (16, 8192), (16, 32768)]}  # fmt: skip
     assert plan == {(1, 32768): 64, (1, 131072): 64, (4, 32768): 16, (16, 8192): 4,
                     (16, 32768): 4}  # fmt: skip
     # MHA (32 KV heads) with the same config: the sweep's best counts (within 0.5 %)
-    mha = triton_decode.default_decode_config(128, torch.bfloat16, cuda, 32)
+    mha = triton_decode.default_decode_config(128, torch.bfloat16, cuda)
     plan = {(b, s): triton_decode.split_plan(b, 32, s, cuda, mha)[1]
             for b, s in [(1, 8192), (1, 32768), (4, 32768), (16, 8192)]}  # fmt: skip
     assert plan == {(1, 8192): 16, (1, 32768): 16, (4, 32768): 4, (16, 8192): 2}

@@ -155,9 +155,7 @@ class TritonBackend(AttentionBackend):
         """``(keys per split program,)``: what an eager decode of ``num_seqs`` sequences, the
         longest ``max_seq_len`` keys, would use, widened if needed so that the splits fit the
         grid the graph froze for ``capacity`` keys."""
-        cfg = self.decode_config or triton_decode.default_decode_config(
-            head_dim, dtype, device, num_kv_heads
-        )
+        cfg = self.decode_config or triton_decode.default_decode_config(head_dim, dtype, device)
         plan = triton_decode.split_plan
         _, grid = plan(num_seqs, num_kv_heads, capacity, device, cfg)
         chunk, splits = plan(num_seqs, num_kv_heads, max_seq_len, device, cfg)

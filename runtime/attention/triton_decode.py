@@ -57,29 +57,21 @@ class DecodeConfig:
 # kernel (the last program of each group, found by an atomic count) instead of in a second
 # kernel was slower for GQA (28.1 against 23.3 us at batch 1, 8K): one program then merges a
 # group's four heads in turn, where the combine kernel runs one per head.
-DECODE_GQA = DecodeConfig(
+DECODE_D128 = DecodeConfig(
     block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, min_chunk=256, resident_per_sm=2
 )
-DECODE_MHA = DECODE_GQA  # the same since the split-count sweeps; kept apart for bench sweeps
 
 
-def default_decode_config(
-    head_dim: int, dtype: torch.dtype, device: torch.device, num_kv_heads: int | None = None
-) -> DecodeConfig:
-    """Chosen by scripts/bench_attention.py's sweep on an H100; small tiles in the interpreter.
-
-    ``num_kv_heads`` (bytes per key, with the head dim): GQA caches of 8 or fewer KV heads hold
-    a quarter of MHA's bytes per token, so their split programs see fewer keys each.
-    """
+def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """Chosen by scripts/bench_attention.py's sweeps (above), the same for MHA and GQA caches;
+    small tiles in the interpreter."""
     if device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=2, min_chunk=64)
     if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(
             block_n=32, num_warps=4, num_stages=2, programs_per_sm=8, min_chunk=1024
         )
-    if num_kv_heads is not None and num_kv_heads <= 8:
-        return DECODE_GQA
-    return DECODE_MHA
+    return DECODE_D128
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -344,7 +336,7 @@ def decode_attention(
     lse = torch.empty(B, hq, dtype=torch.float32, device=q.device)
     if B == 0:
         return out, lse
-    cfg = config or default_decode_config(d, q.dtype, q.device, hkv)
+    cfg = config or default_decode_config(d, q.dtype, q.device)
     group = hq // hkv
     block_d = max(16, triton.next_power_of_2(d))
     chunk, num_splits = split_plan(B, hkv, max_seq_len, q.device, cfg, num_splits)
