@@ -49,6 +49,11 @@ class Ticket:
         self.outcome: list[tuple[bool, Any]] | None = None
         self.fatal: BaseException | None = None  # the channel broke (a death or a teardown)
 
+    def wait(self, timeout: float) -> bool:
+        """Until the collector has this execution's outcome (or the channel broke); False after
+        ``timeout`` seconds without it."""
+        return self.event.wait(timeout)
+
 
 class CompiledSteps:
     """``send(packet) -> Ticket``; ``loops``: each rank's graph loop (ends when its actor dies).

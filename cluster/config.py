@@ -20,7 +20,7 @@ from scheduler.errors import ConfigError
 from scheduler.fields import check_fields, option, user_fields
 
 EXECUTORS = ("ray", "local")
-STEP_TRANSPORTS = ("auto", "compiled", "calls")
+STEP_TRANSPORTS = ("auto", "pipe", "compiled", "calls")
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,12 @@ class ClusterConfig:
 
     step_transport: str = option(
         "auto",
-        help="how each step reaches the Ray workers: compiled (a Ray Compiled Graph: shared-memory "
-        "channels, no per-call scheduling), calls (one actor call per worker per step), auto "
-        "(compiled on accelerators, for one CPU worker and for CPU ranks over MPI; calls for CPU "
-        "ranks over gloo and for the service on CPU, where the graph's idle ranks spin)",
+        help="how each step reaches the Ray workers: pipe (FIFOs between the driver and workers "
+        "on its node), compiled (a Ray Compiled Graph: shared-memory channels, no per-call "
+        "scheduling), calls (one actor call per worker per step), auto (pipe where every worker "
+        "is on the driver's node; else compiled on accelerators, for one CPU worker and for CPU "
+        "ranks over MPI, calls for CPU ranks over gloo and for the service on CPU, where the "
+        "graph's idle ranks spin)",
         choices=STEP_TRANSPORTS,
     )
 

@@ -15,12 +15,13 @@ import time
 from typing import Any
 
 from cluster.config import EngineConfig
+from cluster.pipe_steps import RankError
 from collectives.factory import default_backend
 from runtime.loader import ModelSource
 from runtime.worker import StepResult, Worker
 from scheduler.batch import ScheduledBatch
 from scheduler.config import SchedulerConfig
-from scheduler.errors import TilerunError
+from scheduler.errors import ConfigError, TilerunError
 from scheduler.table_deltas import TableSender
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ SHUTDOWN_S = 5.0
 # work, not the hop. One, until a depth wins every run; each step more is a step more
 # discarded after a stop token.
 COMPILED_DEPTH = 1
+# The same through the pipes, which reply to a held step before they launch it (the driver's work
+# on step i's tokens overlaps the launch of step i+d): at depth 1 the worker would wait for the
+# step just before, and the device would idle while the next one is launched. Two keep one step
+# on the device through each launch. Measured on the H200 with the demo model: see README.
+PIPE_DEPTH = 2
 # The most steps in flight any setting of ``pipeline_depth`` may ask of the compiled graph.
 MAX_DEPTH = 4
 
@@ -277,12 +283,14 @@ class RayExecutor(_Executor):
         self._ready = False  # bring-up done
         self._steps = 0
         self._slowest_s = 0.0  # the slowest step after the first (which compiles kernels)
-        self.pipeline_depth = 1  # COMPILED_DEPTH once a compiled graph carries held steps
+        self.pipeline_depth = 1  # COMPILED_DEPTH once a graph or pipes carry held steps
         self._pending: collections.deque[StepHandle] = collections.deque()
         self._last_done = 0.0  # when the last step's result came back
-        self._compiled = None  # CompiledSteps, when the steps go through a compiled graph
-        # graph executions not collected yet, oldest first; their results, in order, are those
-        # of the pending steps (a held step's result comes with a later execution)
+        # what carries each step to all ranks at once: PipeSteps (ranks on the driver's node),
+        # CompiledSteps (a compiled graph), or None (one actor call per rank per step)
+        self._channel = None
+        # steps sent through the channel and not collected yet, oldest first; their results, in
+        # order, are those of the pending steps (a held step's result comes with a later one)
         self._tickets: collections.deque = collections.deque()
         # whether a held step pays: on an accelerator ``launch`` only queues the step, so the
         # device runs step i+1 while step i's result travels; on CPU the step runs inside
@@ -313,9 +321,16 @@ class RayExecutor(_Executor):
         self.rendezvous_host = _rendezvous_host(ray, self.pg, order[0])
         one_node = self.rendezvous_host == "127.0.0.1"  # every rank on one node
         self.comm = comm_backend(cc.comm, device_type, tp, one_node)
+        here = _on_driver_node(ray, self.pg)
         self.step_transport = step_transport(
-            cc.step_transport, device_type, tp, long_lived, self.comm
+            cc.step_transport, device_type, tp, long_lived, self.comm, here
         )
+        if self.step_transport == "pipe" and not here:
+            remove_placement_group(self.pg)
+            raise ConfigError(
+                "step_transport=pipe needs every worker on the driver's node, and this group "
+                "has workers on other nodes. Fix: step_transport=auto (or compiled)"
+            )
         runtime_env = None
         if self.comm == "mpi" and tp > 1:
             from cluster.mpi_env import mpi_bind_env, mpi_runtime_env
@@ -343,21 +358,34 @@ class RayExecutor(_Executor):
                     )
                 )
             self._bring_up(tp, self.comm)  # plain calls: each is health-checked on its own
+            if self.step_transport == "pipe":
+                from cluster.pipe_steps import PipeSteps
+
+                with self._phase("open_pipes"):
+                    try:
+                        self._channel = PipeSteps(self.workers)
+                    except Exception as e:
+                        if cc.step_transport != "auto":
+                            raise
+                        # auto asked for the faster path, not for this one at any price
+                        log.warning("no step pipes (%s): steps go as calls", _one_line(e))
+                        self.step_transport = "calls"
             if self.step_transport == "compiled":
                 from cluster.compiled_steps import CompiledSteps
 
                 with self._phase("compile_graph"):
                     try:
                         wake = device_type == "cpu" and self._ranks_on_this_node()
-                        self._compiled = CompiledSteps(self.workers, MAX_DEPTH + 1, wake)
+                        self._channel = CompiledSteps(self.workers, MAX_DEPTH + 1, wake)
                     except Exception as e:
                         if cc.step_transport != "auto":
                             raise
-                        # auto asked for the faster path, not for this one at any price
                         log.warning("no compiled step graph (%s): steps go as calls", _one_line(e))
                         self.step_transport = "calls"
-            if self._compiled is not None and self.hold_steps:
-                self.pipeline_depth = COMPILED_DEPTH
+            if self._channel is not None and self.hold_steps:
+                self.pipeline_depth = (
+                    PIPE_DEPTH if self.step_transport == "pipe" else COMPILED_DEPTH
+                )
             self._ready = True
         except BaseException:
             self.shutdown()
@@ -430,7 +458,7 @@ class RayExecutor(_Executor):
         if rank is not None:
             self.broken = True
             raise WorkerDiedError(f"worker {self._where(rank)} died")
-        if self._compiled is not None and not silent:
+        if self._channel is not None and not silent:
             # a compiled graph gives a step's results all at once: a rank whose step raised
             # while the others wait for it in a collective is found by asking
             failed = self._failed_ranks()
@@ -510,21 +538,21 @@ class RayExecutor(_Executor):
             self._resolve(self._pending[0])
         packet = self._message(batch, logits)
         ticket = None
-        if self._compiled is not None:
+        if self._channel is not None:
             # held: the workers keep the newest ``pipeline_depth`` steps queued behind this one
             held = self.pipeline_depth if hold and self.hold_steps else 0
-            self._send_compiled(packet + (min(held, MAX_DEPTH),))
+            self._send_step(packet + (min(held, MAX_DEPTH),))
         else:  # one actor call per worker per step; each actor runs its calls in order
             ticket = [w.step.remote(packet) for w in self.workers]
         handle = StepHandle(self, ticket)
         self._pending.append(handle)
         return handle
 
-    def _send_compiled(self, packet: tuple) -> None:
+    def _send_step(self, packet: tuple) -> None:
         try:
-            self._tickets.append(self._compiled.send(packet))
+            self._tickets.append(self._channel.send(packet))
         except Exception as e:  # noqa: BLE001 - a full channel: some rank stopped reading
-            self._fail(self._explain_compiled(e))
+            self._fail(self._explain_channel(e))
             raise self._error from None
 
     def _resolve(self, handle: StepHandle) -> None:
@@ -533,14 +561,14 @@ class RayExecutor(_Executor):
                 handle._set(None, self._error)
                 return
             try:
-                if self._compiled is not None:
+                if self._channel is not None:
                     flush = not self._tickets
                     if flush:  # the workers hold every step sent: flush them
                         self.flushes += 1
-                        self._send_compiled((None, "none", 0))
+                        self._send_step((None, "none", 0))
                     # taken off only once collected: an interrupt (Ctrl-C) during the wait
                     # leaves it for the next caller (the loop's abandon), not lost
-                    results = self._wait_compiled(self._tickets[0])
+                    results = self._wait_step(self._tickets[0])
                     self._tickets.popleft()
                     if flush and not results:
                         raise WorkerFailedError(
@@ -572,18 +600,18 @@ class RayExecutor(_Executor):
         self._pending.clear()
         self._tickets.clear()
 
-    def _wait_compiled(self, ticket) -> list[StepResult]:
+    def _wait_step(self, ticket) -> list[StepResult]:
         """Rank 0's results of one execution of the graph (the steps it returned, see
         ``Worker.advance``), with the deadline and health check of ``_get``; a dead rank wakes
         the wait at once (the graph's watcher)."""
-        loops = self._compiled.loops
+        loops = self._channel.loops
         deadline_s = self.step_deadline()
         start = time.monotonic()
-        while not ticket.event.wait(max(start + deadline_s - time.monotonic(), 0.0)):
+        while not ticket.wait(max(start + deadline_s - time.monotonic(), 0.0)):
             self._check_health(loops, time.monotonic() - start, deadline_s)
             start = time.monotonic()
         if ticket.fatal is not None:
-            raise self._explain_compiled(ticket.fatal)
+            raise self._explain_channel(ticket.fatal)
         failed = [(r, e) for r, (ok, e) in enumerate(ticket.outcome) if not ok]
         if failed:
             rank, first = failed[0]
@@ -597,10 +625,10 @@ class RayExecutor(_Executor):
             raise return_error
         return ticket.outcome[0][1]
 
-    def _explain_compiled(self, first: BaseException) -> Exception:
+    def _explain_channel(self, first: BaseException) -> Exception:
         """The graph's channel broke: name the rank whose actor died, else one that stopped."""
         ray = self._ray
-        loops = self._compiled.loops
+        loops = self._channel.loops
         ray.wait(loops, num_returns=1, timeout=SETTLE_S)  # a death reaches its loop's ref
         rank = _dead_rank(ray, loops)
         if rank is not None:
@@ -615,7 +643,7 @@ class RayExecutor(_Executor):
         from ray.util.placement_group import remove_placement_group
 
         workers = getattr(self, "workers", [])
-        compiled = getattr(self, "_compiled", None)
+        compiled = getattr(self, "_channel", None)
         # a step still in flight (an interrupted run) may never end: treated as a broken group
         if getattr(self, "_pending", None):
             self.broken = True
@@ -631,7 +659,7 @@ class RayExecutor(_Executor):
                 ray.kill(w, no_restart=True)
         if compiled is not None and self.broken:
             compiled.close(broken=True)  # the actors are gone: nothing is left to wait for
-        self._compiled = None
+        self._channel = None
         self.workers = []
         if getattr(self, "pg", None) is not None:
             remove_placement_group(self.pg)
@@ -639,25 +667,45 @@ class RayExecutor(_Executor):
 
 
 def step_transport(
-    setting: str, device_type: str, tp: int = 1, long_lived: bool = False, comm: str = "gloo"
+    setting: str,
+    device_type: str,
+    tp: int = 1,
+    long_lived: bool = False,
+    comm: str = "gloo",
+    on_driver_node: bool = False,
 ) -> str:
-    """``compiled`` or ``calls`` for the ``step_transport`` setting (``auto``: as measured).
+    """``pipe``, ``compiled`` or ``calls`` for the ``step_transport`` setting (``auto``: as
+    measured).
 
-    Accelerators take the compiled graph. On CPU devices a graph's ranks wait for their next
-    step by spinning (Ray's channel reader), on the cores they compute on; the driver no longer
-    does (``cluster.compiled_steps``). Measured on an idle 2-core CPU with the demo model: one
-    worker's decode step 3.47 ms through the graph against 4.41 as calls (in process 3.34), an
-    8K-token prefill 4,480 against 4,370 tokens/s (``step-demo-small-cpu-wake.json``); two
-    workers over MPI 3.72 against 5.35 ms (their MPI waits poll anyway), over gloo 18.5 against
-    15.8 in one run and 18.5 against 22.2 in another (``tp2-comm-cpu.log``). So ``auto`` on CPU
-    is the graph for one worker and for MPI groups, calls for gloo groups, and calls for a
+    Where every rank runs on the driver's node, ``auto`` takes the pipes
+    (``cluster.pipe_steps``): a round trip costs 22 us against 93 us through a compiled graph
+    on the idle 2-core CPU (``step-hop-cpu.log``), and idle ranks sleep instead of spinning.
+    Elsewhere accelerators take the compiled graph. On CPU devices a graph's ranks wait for
+    their next step by spinning (Ray's channel reader), on the cores they compute on. Measured
+    on an idle 2-core CPU with the demo model: one worker's decode step 3.47 ms through the
+    graph against 4.41 as calls (in process 3.34), an 8K-token prefill 4,480 against 4,370
+    tokens/s (``step-demo-small-cpu-wake.json``); two workers over MPI 3.72 against 5.35 ms
+    (their MPI waits poll anyway), over gloo 18.5 against 15.8 in one run and 18.5 against
+    22.2 in another (``tp2-comm-cpu.log``). So off the driver's node ``auto`` on CPU is the
+    graph for one worker and for MPI groups, calls for gloo groups, and calls for a
     ``long_lived`` engine (the service), whose idle ranks would otherwise each keep a core
     spinning between tasks."""
     if setting != "auto":
         return setting
+    if on_driver_node:
+        return "pipe"
     if device_type != "cpu":
         return "compiled"
     return "compiled" if (tp == 1 or comm == "mpi") and not long_lived else "calls"
+
+
+def _on_driver_node(ray, pg) -> bool:
+    """Every bundle of ``pg`` is on the node this driver runs on (its ranks can share FIFOs)."""
+    from ray.util import placement_group_table
+
+    here = ray.get_runtime_context().get_node_id()
+    where = placement_group_table(pg).get("bundles_to_node_id", {})
+    return len(where) == len(pg.bundle_specs) and all(n == here for n in where.values())
 
 
 def _rendezvous_host(ray, pg, first_bundle: int) -> str:
@@ -688,6 +736,8 @@ def _failed(ray, ref) -> bool:
 def _one_line(e: BaseException) -> str:
     """The last line of an error's own message (Ray wraps the remote traceback around it)."""
     cause = getattr(e, "cause", None) or e
+    if isinstance(cause, RankError):  # a rank's error, already in these words
+        return str(cause)
     text = str(cause).strip().splitlines()
     last = text[-1] if text else ""
     return f"{type(cause).__name__}: {last}" if last else type(cause).__name__

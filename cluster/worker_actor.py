@@ -10,6 +10,7 @@ import time
 import ray
 import torch
 
+from cluster.pipe_steps import PIPE_BYTES, error_body, read_packet, write_reply
 from runtime.loader import ModelSource
 from runtime.worker import StepResult, Worker
 from runtime.worker_config import WorkerConfig
@@ -18,7 +19,7 @@ from scheduler.config import SchedulerConfig
 
 # The health check runs on its own thread, so a rank busy in a step (or blocked in a collective
 # waiting for a stalled peer) still answers it; a stopped or hung process does not.
-@ray.remote(max_restarts=0, concurrency_groups={"health": 1})
+@ray.remote(max_restarts=0, concurrency_groups={"health": 1, "steps": 1})
 class WorkerActor(Worker):
     def __init__(
         self,
@@ -41,6 +42,7 @@ class WorkerActor(Worker):
         self._profile = cProfile.Profile() if self._profile_dir else None
         self._busy_s, self._calls, self._first_call, self._last_call = 0.0, 0, 0.0, 0.0
         self._wake: int | None = None  # the driver's FIFO (cluster.compiled_steps)
+        self._late_error: Exception | None = None  # a held launch's, for the next reply (pipes)
         if ranks_on_node:
             # accelerator workers keep Ray's one torch thread for their own work; the CPU part of
             # cooperative attention takes this node's cores / its ranks (Worker.init_device)
@@ -77,6 +79,58 @@ class WorkerActor(Worker):
         finally:
             if self._wake is not None:  # done (or failed): the driver's collector may read
                 os.write(self._wake, b"\1")
+
+    @ray.method(concurrency_group="steps")
+    def serve_pipe(self, steps_path: str, results_path: str) -> None:
+        """The pipe transport's loop (``cluster.pipe_steps``): each packet read from the FIFO at
+        ``steps_path`` is one step (``_pipe_step``), replied to on ``results_path`` (rank 0's
+        results; the other ranks' are not read, so they send none). Returns when the driver
+        closes its end; a step that raises is replied to with its error and the loop goes on.
+        It runs on a thread of its own, as a compiled graph's loop does, so that the driver's
+        other calls (memory statistics, shutdown) still reach the actor."""
+        out = os.open(results_path, os.O_WRONLY)  # the driver holds the other end already
+        try:
+            with open(steps_path, "rb", buffering=PIPE_BYTES) as reader:
+                while (packet := read_packet(reader)) is not None:
+                    try:
+                        if self._profile is not None:
+                            self._profiled(self._pipe_step, packet, out)
+                        else:
+                            self._pipe_step(packet, out)
+                    except BrokenPipeError:  # the driver closed first: nobody waits for it
+                        return
+        finally:
+            os.close(out)
+
+    def _pipe_step(self, packet: bytes, out: int) -> None:
+        """One packet from the pipes, ``(batch | None, logits, hold)``, replied to on ``out``.
+
+        A held step (``hold`` >= 1) is replied to before it is launched: the reply carries the
+        older steps' results (``take_held(hold - 1)``: the same ones ``advance`` would return),
+        so the driver's work on them (applying the tokens, scheduling and sending the next
+        step) overlaps this step's launch instead of waiting for it. A launch that then fails
+        is said in the next reply (the driver's flush at the end of a run asks for one)."""
+        held = False
+        try:
+            if self._late_error is not None:
+                error, self._late_error = self._late_error, None
+                raise error
+            batch, logits, hold = pickle.loads(packet)
+            held = batch is not None and hold > 0
+            if held:
+                results = self._noting_failure(self.take_held, hold - 1)
+            else:
+                results = self._noting_failure(self.advance, batch, logits, hold)
+            body = pickle.dumps(results, pickle.HIGHEST_PROTOCOL) if self.rank == 0 else b""
+        except Exception as e:  # noqa: BLE001 - the driver names it and the rank
+            write_reply(out, False, error_body(e))
+            return
+        write_reply(out, True, body)
+        if held:
+            try:
+                self._noting_failure(self.hold_step, batch, logits)
+            except Exception as e:  # noqa: BLE001 - said with the next packet's reply
+                self._late_error = e
 
     def open_wake(self, path: str) -> None:
         """Say on the FIFO at ``path`` when each graph step is done, so that the driver waits

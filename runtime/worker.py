@@ -530,10 +530,19 @@ class Worker:
         With ``hold`` = d a step's result comes back d calls later, after the next d steps have
         been queued behind it: on CUDA the device then runs those steps while step i's tokens
         travel to the driver and the driver sends the next one, instead of idling for the hop
-        (the compiled step graph sends every step this way; ``advance(None)`` flushes)."""
+        (the compiled step graph sends every step this way; ``advance(None)`` flushes). The
+        pipes split the call: ``take_held(hold - 1)``, reply, then ``hold_step(batch)``."""
         if batch is not None:
-            self._held.append(self.launch(batch, logits))
-        keep = int(hold) if batch is not None else 0
+            self.hold_step(batch, logits)
+        return self.take_held(int(hold) if batch is not None else 0)
+
+    def hold_step(self, batch: ScheduledBatch, logits: str = "none") -> None:
+        """Launch ``batch`` and keep it for a later ``take_held``."""
+        self._held.append(self.launch(batch, logits))
+
+    def take_held(self, keep: int = 0) -> list[StepResult]:
+        """The results of the held steps but the newest ``keep``, oldest first (each waited
+        for)."""
         done = []
         while len(self._held) > keep:
             done.append(self._held.popleft().result())

@@ -1,7 +1,7 @@
-"""How each step reaches the Ray workers (``step_transport``): a compiled graph and plain calls
-give the in-process tokens at TP = 1 and 2 (gloo, MPI); several steps may be in flight and come
-back in order; a dead rank is named at once and a stopped one by the health check, whichever
-transport carries the steps."""
+"""How each step reaches the Ray workers (``step_transport``): pipes, a compiled graph and plain
+calls give the in-process tokens at TP = 1 and 2 (gloo, MPI); several steps may be in flight and
+come back in order; a dead rank is named at once, a stopped one by the health check and a failed
+step with its rank, whichever transport carries the steps."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cluster.api import LLM
 from cluster.config import EngineConfig
 from cluster.executor import (
     WorkerDiedError,
+    WorkerFailedError,
     WorkerStalledError,
     comm_backend,
     mpi_available,
@@ -38,6 +39,11 @@ def test_setting_is_checked_and_auto_picks_by_device():
     )
     with pytest.raises(ConfigError, match="step_transport"):
         EngineConfig.from_dict({"step_transport": "graph"})
+    # every rank on the driver's node: the pipes, whatever the device, group or engine
+    for args in [("cpu",), ("cpu", 2), ("cpu", 2, True, "mpi"), ("cuda", 4, True)]:
+        assert step_transport("auto", *args, on_driver_node=True) == "pipe"
+    assert step_transport("compiled", "cpu", on_driver_node=True) == "compiled"  # asked for
+    # a rank elsewhere
     assert step_transport("auto", "cpu") == "compiled"  # one CPU worker
     assert step_transport("auto", "cpu", tp=2) == "calls"  # over gloo
     assert step_transport("auto", "cpu", tp=2, comm="mpi") == "compiled"
@@ -59,9 +65,10 @@ def local_tokens(hf_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "tp,comm,transport,held",
-    [(1, "gloo", "compiled", False), (1, "gloo", "calls", False),
+    [(1, "gloo", "pipe", False), (1, "gloo", "compiled", False), (1, "gloo", "calls", False),
+     (2, "gloo", "pipe", False), (2, "gloo", "pipe", 1), (2, "gloo", "pipe", 3),
      (2, "gloo", "compiled", False), (2, "gloo", "compiled", 1),
-     (2, "gloo", "compiled", 3), (2, "mpi", "compiled", False)],
+     (2, "gloo", "compiled", 3), (2, "mpi", "compiled", False), (2, "mpi", "pipe", False)],
 )  # fmt: skip
 def test_transports_give_the_in_process_tokens(
     ray_cluster, hf_checkpoint, local_tokens, tp, comm, transport, held
@@ -77,7 +84,7 @@ def test_transports_give_the_in_process_tokens(
         # where time to ready went, phase by phase (scripts/time_to_ready.py prints it)
         phases = ["ray_start", "placement_group", "init_device"]
         phases += ["init_communicator"] * (tp > 1) + ["load_model", "init_kv_cache", "warm_up"]
-        phases += ["compile_graph"] * (transport == "compiled")
+        phases += {"compiled": ["compile_graph"], "pipe": ["open_pipes"]}.get(transport, [])
         assert list(ex.bring_up_s) == phases and all(v >= 0 for v in ex.bring_up_s.values())
         ex.hold_steps, ex.pipeline_depth = bool(held), max(1, int(held))
         got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
@@ -103,13 +110,13 @@ def test_auto_comm_on_cpu_is_mpi_for_several_ranks_on_one_node(monkeypatch):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_auto_on_two_cpu_ranks_runs_mpi_through_the_graph(ray_cluster, hf_checkpoint, local_tokens):
-    """TP=2 with every setting on auto: MPI between the ranks and the compiled graph to them
-    (2 cores here), the in-process tokens."""
+    """TP=2 with every setting on auto: MPI between the ranks and pipes to them (2 cores here,
+    every rank on the driver's node), the in-process tokens."""
     path, _ = hf_checkpoint
     with LLM(executor="ray", **_cfg(path, prefill_chunk=32, tp=2)) as llm:
         ex = llm.engine.executor
         mpi = (os.cpu_count() or 1) >= 2  # never more MPI ranks than cores
-        assert (ex.comm, ex.step_transport) == (("mpi", "compiled") if mpi else ("gloo", "calls"))
+        assert (ex.comm, ex.step_transport) == ("mpi" if mpi else "gloo", "pipe")
         got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
     assert got == local_tokens
 
@@ -149,8 +156,8 @@ def test_worker_advance_returns_held_steps_in_order(hf_checkpoint):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("transport,hold", [("compiled", False), ("compiled", True),
-                                            ("calls", False)])  # fmt: skip
+@pytest.mark.parametrize("transport,hold", [("pipe", False), ("pipe", True), ("compiled", False),
+                                            ("compiled", True), ("calls", False)])  # fmt: skip
 def test_steps_in_flight_come_back_in_order(ray_cluster, hf_checkpoint, transport, hold):
     """Three steps submitted before any result is taken (two may be in flight; the third
     submit resolves the oldest): each handle holds its own step's result, asked in any order,
@@ -184,10 +191,11 @@ def _pids(llm) -> list[int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [0, 1])
-def test_compiled_dead_rank_is_named_at_once(ray_cluster, hf_checkpoint, rank):
+@pytest.mark.parametrize("transport,rank", [("compiled", 0), ("compiled", 1), ("pipe", 0),
+                                            ("pipe", 1)])  # fmt: skip
+def test_dead_rank_is_named_at_once(ray_cluster, hf_checkpoint, transport, rank):
     path, _ = hf_checkpoint
-    llm = LLM(executor="ray", **_cfg(path, tp=2, step_transport="compiled"))
+    llm = LLM(executor="ray", **_cfg(path, tp=2, step_transport=transport))
     try:
         llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))  # the graph runs
         os.kill(_pids(llm)[rank], signal.SIGKILL)
@@ -203,9 +211,10 @@ def test_compiled_dead_rank_is_named_at_once(ray_cluster, hf_checkpoint, rank):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_compiled_stalled_rank_is_named_by_the_health_check(ray_cluster, hf_checkpoint):
+@pytest.mark.parametrize("transport", ["compiled", "pipe"])
+def test_stalled_rank_is_named_by_the_health_check(ray_cluster, hf_checkpoint, transport):
     path, _ = hf_checkpoint
-    llm = LLM(executor="ray", **_cfg(path, tp=2, step_transport="compiled"))
+    llm = LLM(executor="ray", **_cfg(path, tp=2, step_transport=transport))
     pids = _pids(llm)
     try:
         os.kill(pids[1], signal.SIGSTOP)
@@ -219,13 +228,52 @@ def test_compiled_stalled_rank_is_named_by_the_health_check(ray_cluster, hf_chec
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.parametrize("transport,hold", [("compiled", False), ("compiled", True),
+                                            ("pipe", False), ("pipe", True)])  # fmt: skip
+def test_a_failed_step_is_named_with_its_rank(ray_cluster, hf_checkpoint, transport, hold):
+    """A step that raises on the ranks (here: block numbers past the cache) is reported with the
+    rank and the error's own words, and breaks the group for later steps. Held, the pipes have
+    replied before the launch fails: the error comes with the next reply (the flush)."""
+    path, _ = hf_checkpoint
+    with LLM(executor="ray", **_cfg(path, tp=2, step_transport=transport)) as llm:
+        ex = llm.engine.executor
+        ex.hold_steps = hold
+        bad = _prefill(7, list(range(1, 40)), 10**7, 1)
+        with pytest.raises(WorkerFailedError, match=r"worker rank 0 on cpu .* failed: \w+Error"):
+            ex.submit(bad, "sampled", hold=hold).result()
+        assert ex.broken
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_idle_pipe_ranks_sleep(ray_cluster, hf_checkpoint):
+    """Between steps a rank on the pipes waits in ``read``, asleep: an idle engine (the
+    service's, between tasks) keeps no core busy, where a graph's ranks spin."""
+    path, _ = hf_checkpoint
+    with LLM(executor="ray", **_cfg(path, tp=2, step_transport="pipe")) as llm:
+        llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+        pids = _pids(llm)
+        before = [_cpu_seconds(p) for p in pids]
+        time.sleep(2.0)
+        used = [_cpu_seconds(p) - b for p, b in zip(pids, before)]
+    assert max(used) < 0.2, f"idle ranks used {used} s of CPU in 2 s"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_cpu_collector_sleeps_while_the_ranks_compute(ray_cluster):
     """On CPU the driver waits for a step's results asleep (each rank writes a byte to a FIFO
     when its step is done), not spinning on the graph's channel on a core the ranks compute
     on: the collector thread's CPU time stays a small part of the run's wall time."""
     cfg = dict(model="demo-small", device="cpu", dtype="float32", max_model_len=4096)
     with LLM(executor="ray", step_transport="compiled", prefill_chunk=512, **cfg) as llm:
-        assert llm.engine.executor._compiled._wake_fd is not None
+        assert llm.engine.executor._channel._wake_fd is not None
         collector = next(t for t in threading.enumerate() if t.name == "tilerun-steps-collector")
         clock = time.pthread_getcpuclockid(collector.ident)
         cpu0, wall0 = time.clock_gettime(clock), time.monotonic()
@@ -253,3 +301,26 @@ def test_auto_falls_back_to_calls_when_no_graph_compiles(ray_cluster, hf_checkpo
         assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
     with pytest.raises(RuntimeError, match="no shared-memory channels"):
         LLM(executor="ray", **_cfg(path, step_transport="compiled"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pipes_need_the_driver_node_and_auto_falls_back(ray_cluster, hf_checkpoint, monkeypatch):
+    """``pipe`` asked for where a rank is on another node: one line naming the setting and the
+    fix. ``auto`` whose pipes fail to open takes plain calls, and says so."""
+    import cluster.executor
+    import cluster.pipe_steps
+
+    path, _ = hf_checkpoint
+    with monkeypatch.context() as m:
+        m.setattr(cluster.executor, "_on_driver_node", lambda ray, pg: False)
+        with pytest.raises(ConfigError, match=r"step_transport=pipe .* Fix: step_transport=auto"):
+            LLM(executor="ray", **_cfg(path, step_transport="pipe"))
+
+    def broken(self, workers):
+        raise OSError("no FIFOs here")
+
+    monkeypatch.setattr(cluster.pipe_steps.PipeSteps, "__init__", broken)
+    with LLM(executor="ray", **_cfg(path, step_transport="auto")) as llm:
+        assert llm.engine.executor.step_transport == "calls"
+        assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
