@@ -55,10 +55,9 @@ class ClusterConfig:
         "auto",
         help="how each step reaches the Ray workers: pipe (FIFOs between the driver and workers "
         "on its node), compiled (a Ray Compiled Graph: shared-memory channels, no per-call "
-        "scheduling), calls (one actor call per worker per step), auto (pipe where every worker "
-        "is on the driver's node; else compiled on accelerators, for one CPU worker and for CPU "
-        "ranks over MPI, calls for CPU ranks over gloo and for the service on CPU, where the "
-        "graph's idle ranks spin)",
+        "scheduling), calls (one actor call per worker per step), auto (compiled for one CPU "
+        "worker and for CPU ranks over MPI; otherwise pipe where every worker is on the driver's "
+        "node, else compiled on accelerators and calls on CPU, where a graph's idle ranks spin)",
         choices=STEP_TRANSPORTS,
     )
 

@@ -677,26 +677,31 @@ def step_transport(
     """``pipe``, ``compiled`` or ``calls`` for the ``step_transport`` setting (``auto``: as
     measured).
 
-    Where every rank runs on the driver's node, ``auto`` takes the pipes
-    (``cluster.pipe_steps``): a round trip costs 22 us against 93 us through a compiled graph
-    on the idle 2-core CPU (``step-hop-cpu.log``), and idle ranks sleep instead of spinning.
-    Elsewhere accelerators take the compiled graph. On CPU devices a graph's ranks wait for
-    their next step by spinning (Ray's channel reader), on the cores they compute on. Measured
-    on an idle 2-core CPU with the demo model: one worker's decode step 3.47 ms through the
-    graph against 4.41 as calls (in process 3.34), an 8K-token prefill 4,480 against 4,370
-    tokens/s (``step-demo-small-cpu-wake.json``); two workers over MPI 3.72 against 5.35 ms
-    (their MPI waits poll anyway), over gloo 18.5 against 15.8 in one run and 18.5 against
-    22.2 in another (``tp2-comm-cpu.log``). So off the driver's node ``auto`` on CPU is the
-    graph for one worker and for MPI groups, calls for gloo groups, and calls for a
-    ``long_lived`` engine (the service), whose idle ranks would otherwise each keep a core
-    spinning between tasks."""
+    Accelerator ranks on the driver's node take the pipes (``cluster.pipe_steps``): a round
+    trip of 29-32 us against 115 us through a compiled graph on the H200, and the demo model's
+    decode step through one worker 0.215 ms against 0.256 in process with the pipes' early reply
+    (``step-transports-nvidia-h200-2026-12-04.log``). Elsewhere accelerators take the graph.
+
+    On CPU devices a graph's ranks wait for their next step by spinning (Ray's channel reader)
+    on the cores they compute on, where the pipes' ranks sleep. Measured on an idle 2-core CPU
+    with the demo model: one worker's decode step 3.51 / 5.05 ms through the graph against 3.99 /
+    5.72 through the pipes in two runs (``step-demo-small-cpu-pipe{,-2}.json``; rank 0's own
+    step ~0.4 ms slower and the time outside it 0.31-0.59 against 0.23-0.35 ms: cause not
+    found), 4.41 as calls; an 8K-token prefill
+    through ``tilerun run`` 4,148 / 4,081 tokens/s through the pipes, 4,090 / 3,153 as calls,
+    3,834 / 3,000 through the graph (``step-transport-cpu-pipe-prefill.log``); two workers over
+    gloo 22.9 ms through the pipes against 24.5 as calls (``step-demo-small-cpu-tp2-gloo.json``),
+    over MPI 3.72 through the graph against 5.35 as calls (their MPI waits poll anyway). So on
+    CPU ``auto`` is the graph for one worker and for MPI groups, and the pipes (ranks on the
+    driver's node) or calls (elsewhere) for gloo groups and for a ``long_lived`` engine (the
+    service), whose idle ranks would otherwise each keep a core spinning between tasks."""
     if setting != "auto":
         return setting
-    if on_driver_node:
-        return "pipe"
     if device_type != "cpu":
+        return "pipe" if on_driver_node else "compiled"
+    if (tp == 1 or comm == "mpi") and not long_lived:
         return "compiled"
-    return "compiled" if (tp == 1 or comm == "mpi") and not long_lived else "calls"
+    return "pipe" if on_driver_node else "calls"
 
 
 def _on_driver_node(ray, pg) -> bool:

@@ -271,14 +271,26 @@ def _outcome(ok: bool, body: bytes) -> tuple[bool, Any]:
 # --- the rank's side (``WorkerActor.serve_pipe``) ---
 
 
-def read_packet(reader) -> bytes | None:
-    """The next packet from a buffered binary reader; None where the driver closed the pipe."""
-    head = reader.read(PACKET.size)
-    if len(head) < PACKET.size:
-        return None
-    (n,) = PACKET.unpack(head)
-    body = reader.read(n)
-    return body if len(body) == n else None
+class PacketReader:
+    """The rank's end of its step FIFO: ``next()`` is the next packet (waiting for it asleep in
+    ``read``), None once the driver closed the pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+
+    def next(self) -> bytes | None:
+        while True:
+            if len(self._buf) >= PACKET.size:
+                (n,) = PACKET.unpack_from(self._buf)
+                if len(self._buf) >= PACKET.size + n:
+                    body = bytes(self._buf[PACKET.size : PACKET.size + n])
+                    del self._buf[: PACKET.size + n]
+                    return body
+            data = os.read(self._fd, PIPE_BYTES)
+            if not data:
+                return None
+            self._buf += data
 
 
 def write_reply(fd: int, ok: bool, body: bytes) -> None:

@@ -10,7 +10,7 @@ import time
 import ray
 import torch
 
-from cluster.pipe_steps import PIPE_BYTES, error_body, read_packet, write_reply
+from cluster.pipe_steps import PacketReader, error_body, write_reply
 from runtime.loader import ModelSource
 from runtime.worker import StepResult, Worker
 from runtime.worker_config import WorkerConfig
@@ -90,8 +90,10 @@ class WorkerActor(Worker):
         other calls (memory statistics, shutdown) still reach the actor."""
         out = os.open(results_path, os.O_WRONLY)  # the driver holds the other end already
         try:
-            with open(steps_path, "rb", buffering=PIPE_BYTES) as reader:
-                while (packet := read_packet(reader)) is not None:
+            steps = os.open(steps_path, os.O_RDONLY)
+            try:
+                reader = PacketReader(steps)
+                while (packet := reader.next()) is not None:
                     try:
                         if self._profile is not None:
                             self._profiled(self._pipe_step, packet, out)
@@ -99,6 +101,8 @@ class WorkerActor(Worker):
                             self._pipe_step(packet, out)
                     except BrokenPipeError:  # the driver closed first: nobody waits for it
                         return
+            finally:
+                os.close(steps)
         finally:
             os.close(out)
 

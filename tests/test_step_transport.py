@@ -39,10 +39,19 @@ def test_setting_is_checked_and_auto_picks_by_device():
     )
     with pytest.raises(ConfigError, match="step_transport"):
         EngineConfig.from_dict({"step_transport": "graph"})
-    # every rank on the driver's node: the pipes, whatever the device, group or engine
-    for args in [("cpu",), ("cpu", 2), ("cpu", 2, True, "mpi"), ("cuda", 4, True)]:
+    # every rank on the driver's node: the pipes on accelerators, for gloo groups and the service
+    for args in [
+        ("cuda",),
+        ("cuda", 4, True),
+        ("cpu", 2),
+        ("cpu", 1, True),
+        ("cpu", 2, True, "mpi"),
+    ]:
         assert step_transport("auto", *args, on_driver_node=True) == "pipe"
-    assert step_transport("compiled", "cpu", on_driver_node=True) == "compiled"  # asked for
+    # one CPU worker, CPU ranks over MPI: the graph (measured faster there)
+    assert step_transport("auto", "cpu", on_driver_node=True) == "compiled"
+    assert step_transport("auto", "cpu", 2, comm="mpi", on_driver_node=True) == "compiled"
+    assert step_transport("compiled", "cuda", on_driver_node=True) == "compiled"  # asked for
     # a rank elsewhere
     assert step_transport("auto", "cpu") == "compiled"  # one CPU worker
     assert step_transport("auto", "cpu", tp=2) == "calls"  # over gloo
@@ -110,13 +119,13 @@ def test_auto_comm_on_cpu_is_mpi_for_several_ranks_on_one_node(monkeypatch):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_auto_on_two_cpu_ranks_runs_mpi_through_the_graph(ray_cluster, hf_checkpoint, local_tokens):
-    """TP=2 with every setting on auto: MPI between the ranks and pipes to them (2 cores here,
-    every rank on the driver's node), the in-process tokens."""
+    """TP=2 with every setting on auto: MPI between the ranks and the compiled graph to them (2
+    cores here), gloo and the pipes where one core only; the in-process tokens."""
     path, _ = hf_checkpoint
     with LLM(executor="ray", **_cfg(path, prefill_chunk=32, tp=2)) as llm:
         ex = llm.engine.executor
         mpi = (os.cpu_count() or 1) >= 2  # never more MPI ranks than cores
-        assert (ex.comm, ex.step_transport) == ("mpi" if mpi else "gloo", "pipe")
+        assert (ex.comm, ex.step_transport) == (("mpi", "compiled") if mpi else ("gloo", "pipe"))
         got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))]
     assert got == local_tokens
 
@@ -320,6 +329,7 @@ def test_pipes_need_the_driver_node_and_auto_falls_back(ray_cluster, hf_checkpoi
     def broken(self, workers):
         raise OSError("no FIFOs here")
 
+    monkeypatch.setattr(cluster.executor, "step_transport", lambda *a: "pipe")
     monkeypatch.setattr(cluster.pipe_steps.PipeSteps, "__init__", broken)
     with LLM(executor="ray", **_cfg(path, step_transport="auto")) as llm:
         assert llm.engine.executor.step_transport == "calls"
