@@ -643,12 +643,12 @@ class RayExecutor(_Executor):
         from ray.util.placement_group import remove_placement_group
 
         workers = getattr(self, "workers", [])
-        compiled = getattr(self, "_channel", None)
+        channel = getattr(self, "_channel", None)
         # a step still in flight (an interrupted run) may never end: treated as a broken group
         if getattr(self, "_pending", None):
             self.broken = True
-        if compiled is not None and not self.broken:
-            compiled.close(broken=False)  # the loops exit; the actors stay for the calls below
+        if channel is not None and not self.broken:
+            channel.close(broken=False)  # the loops exit; the actors stay for the calls below
         if workers and not getattr(self, "broken", False):
             # best effort, all ranks at once and bounded: the kill below is what frees the actor
             with contextlib.suppress(Exception):
@@ -657,8 +657,8 @@ class RayExecutor(_Executor):
         for w in workers:
             with contextlib.suppress(Exception):
                 ray.kill(w, no_restart=True)
-        if compiled is not None and self.broken:
-            compiled.close(broken=True)  # the actors are gone: nothing is left to wait for
+        if channel is not None and self.broken:
+            channel.close(broken=True)  # the actors are gone: nothing is left to wait for
         self._channel = None
         self.workers = []
         if getattr(self, "pg", None) is not None:
@@ -687,11 +687,11 @@ def step_transport(
     with the demo model: one worker's decode step 3.51 / 5.05 ms through the graph against 3.99 /
     5.72 through the pipes in two runs (``step-demo-small-cpu-pipe{,-2}.json``; rank 0's own
     step ~0.4 ms slower and the time outside it 0.31-0.59 against 0.23-0.35 ms: cause not
-    found), 4.41 as calls; an 8K-token prefill
-    through ``tilerun run`` 4,148 / 4,081 tokens/s through the pipes, 4,090 / 3,153 as calls,
-    3,834 / 3,000 through the graph (``step-transport-cpu-pipe-prefill.log``); two workers over
-    gloo 22.9 ms through the pipes against 24.5 as calls (``step-demo-small-cpu-tp2-gloo.json``),
-    over MPI 3.72 through the graph against 5.35 as calls (their MPI waits poll anyway). So on
+    found), 4.41 as calls; an 8K-token prefill through ``tilerun run`` 4,148 / 4,081 tokens/s
+    through the pipes, 4,090 / 3,153 as calls, 3,834 / 3,000 through the graph
+    (``step-transport-cpu-pipe-prefill.log``); two workers over gloo 22.9 ms through the pipes
+    against 24.5 as calls (``step-demo-small-cpu-tp2-gloo.json``), over MPI 3.72 through the
+    graph against 5.35 as calls (their MPI waits poll anyway). So on
     CPU ``auto`` is the graph for one worker and for MPI groups, and the pipes (ranks on the
     driver's node) or calls (elsewhere) for gloo groups and for a ``long_lived`` engine (the
     service), whose idle ranks would otherwise each keep a core spinning between tasks."""

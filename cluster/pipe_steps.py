@@ -212,11 +212,16 @@ class PipeSteps:
         """Read what the ranks in ``ready`` have written; settle the tickets it completes."""
         ended = None
         for fd in ready:
+            if fd not in self._readers:  # closed meanwhile (a shutdown from another thread)
+                continue
             rank = self._readers.index(fd)
             try:
                 data = os.read(fd, PIPE_BYTES)
             except BlockingIOError:
                 continue
+            except OSError as e:
+                self._fail(e)
+                return
             if not data:  # the rank's loop ended: its process died, or it was told to stop
                 ended = rank
                 continue
