@@ -106,8 +106,16 @@ class Engine:
             f"({info['name']}), attention={attention}, dtype={info['dtype']}, "
             f"KV cache: device {self.executor.num_blocks} blocks, host {self.num_host_blocks} "
             f"blocks (x {self.config.scheduler.block_size} tokens), prefill chunk "
-            f"{self.config.scheduler.prefill_chunk} tokens"
+            f"{self.config.scheduler.prefill_chunk} tokens{self._steps_via()}"
         )
+
+    def _steps_via(self) -> str:
+        """How each step reaches the Ray workers (``step_transport``, as ``auto`` chose it)."""
+        transport = getattr(self.executor, "step_transport", None)
+        if transport is None:  # the worker runs in this process
+            return ""
+        depth = getattr(self.executor, "pipeline_depth", 1)
+        return f", steps via {transport}" + (f" ({depth} in flight)" if depth > 1 else "")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         vocab = self.model_config.vocab_size

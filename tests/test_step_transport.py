@@ -89,6 +89,7 @@ def test_transports_give_the_in_process_tokens(
     cfg = _cfg(path, prefill_chunk=32, tp=tp, comm=comm, step_transport=transport)
     with LLM(executor="ray", **cfg) as llm:
         assert llm.engine.executor.step_transport == transport
+        assert f"steps via {transport}" in llm.ready_line  # what auto chose is said at start
         ex = llm.engine.executor
         # where time to ready went, phase by phase (scripts/time_to_ready.py prints it)
         phases = ["ray_start", "placement_group", "init_device"]
