@@ -76,6 +76,8 @@ def one_run(ids: list[int], args) -> tuple[float, float]:
     ]  # fmt: skip
     if args.prefill_chunk:  # the same engine fields as the service's
         cmd += ["--prefill-chunk", str(args.prefill_chunk)]
+    if args.step_transport:
+        cmd += ["--step-transport", args.step_transport]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     first = None
@@ -139,6 +141,9 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--kill-context", type=int, help="prompt tokens of the kill test")
+    ap.add_argument(
+        "--step-transport", default=None, help="the engine's step_transport (default: auto)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     one_shot_counts = args.counts if args.one_shot_counts is None else args.one_shot_counts
@@ -148,6 +153,8 @@ def main() -> None:
               "max_model_len": max(args.context, args.kill_context or 0) + args.max_new_tokens}  # fmt: skip
     if args.prefill_chunk:
         fields["prefill_chunk"] = args.prefill_chunk
+    if args.step_transport:
+        fields["step_transport"] = args.step_transport
     t0 = time.perf_counter()
     svc = Service.up(home=home, **fields)
     up_s = time.perf_counter() - t0
@@ -177,6 +184,7 @@ def main() -> None:
         "model": args.model,
         "context": args.context,
         "max_new_tokens": args.max_new_tokens,
+        "step_transport": info.get("step_transport", args.step_transport or "auto"),
         "service_up_s": up_s,
         "rows": rows,
         "worker_kill": kill,

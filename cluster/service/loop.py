@@ -148,6 +148,8 @@ class ServiceLoop:
             "vocab_size": e.model_config.vocab_size,
             "checkpoint": str(e.checkpoint) if e.checkpoint else None,
             "devices": e.device_infos,
+            # how each step reaches the workers, as step_transport=auto chose it
+            "step_transport": getattr(e.executor, "step_transport", None),
             "started_at": self.started_at,
         }
 
