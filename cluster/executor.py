@@ -375,7 +375,7 @@ class RayExecutor(_Executor):
 
                 with self._phase("compile_graph"):
                     try:
-                        wake = device_type == "cpu" and self._ranks_on_this_node()
+                        wake = device_type == "cpu" and here  # ranks share the driver's FIFO
                         self._channel = CompiledSteps(self.workers, MAX_DEPTH + 1, wake)
                     except Exception as e:
                         if cc.step_transport != "auto":
@@ -390,11 +390,6 @@ class RayExecutor(_Executor):
         except BaseException:
             self.shutdown()
             raise
-
-    def _ranks_on_this_node(self) -> bool:
-        """Every rank runs on the driver's node (they can share a FIFO with it)."""
-        here = self._ray.get_runtime_context().get_node_id()
-        return all(w["node"] == here for w in self._all("where"))
 
     def _rank0(self, method: str, *args: Any) -> Any:
         return self._get([getattr(self.workers[0], method).remote(*args)])[0]

@@ -99,6 +99,7 @@ class PipeSteps:
         self._dir = tempfile.mkdtemp(prefix="tilerun-pipe-")  # mode 0700
         self._readers: list[int] = []  # the ranks' results, ours to read
         self._writers: list[int] = []  # the ranks' steps, ours to write
+        self._rank_of: dict[int, int] = {}  # reader fd -> rank
         self._bufs = [bytearray() for _ in workers]
         self._replies: list[collections.deque] = [collections.deque() for _ in workers]
         self._tickets: collections.deque[PipeTicket] = collections.deque()
@@ -115,6 +116,7 @@ class PipeSteps:
                 os.mkfifo(results, 0o600)
                 # open before the loop starts: the rank's open for writing then does not wait
                 self._readers.append(os.open(results, os.O_RDONLY | os.O_NONBLOCK))
+                self._rank_of[self._readers[-1]] = rank
                 _grow(self._readers[-1])
                 paths.append((steps, results))
             self.loops = [w.serve_pipe.remote(s, r) for w, (s, r) in zip(workers, paths)]
@@ -156,9 +158,9 @@ class PipeSteps:
     def send(self, packet: Any) -> PipeTicket:
         """Write one step to every rank, in rank order. Raises where a rank's pipe is gone (its
         loop ended): the caller names the rank."""
-        ticket = PipeTicket(self)
         if self._fatal is not None:
             raise RuntimeError(f"the step pipes broke: {self._fatal}")
+        ticket = PipeTicket(self)
         body = pickle.dumps(packet, pickle.HIGHEST_PROTOCOL)
         frame = PACKET.pack(len(body)) + body
         self._tickets.append(ticket)  # before writing: replies read meanwhile are matched to it
@@ -212,9 +214,9 @@ class PipeSteps:
         """Read what the ranks in ``ready`` have written; settle the tickets it completes."""
         ended = None
         for fd in ready:
-            if fd not in self._readers:  # closed meanwhile (a shutdown from another thread)
+            rank = self._rank_of.get(fd)
+            if rank is None:  # closed meanwhile (a shutdown from another thread)
                 continue
-            rank = self._readers.index(fd)
             try:
                 data = os.read(fd, PIPE_BYTES)
             except BlockingIOError:
@@ -256,7 +258,7 @@ class PipeSteps:
         for fd in self._writers + self._readers:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._writers, self._readers = [], []
+        self._writers, self._readers, self._rank_of = [], [], {}
         self._fail(RuntimeError("the step pipes were closed"))
         shutil.rmtree(self._dir, ignore_errors=True)
 
