@@ -1,6 +1,7 @@
-"""Time to ready of ``tilerun run``: seconds from the shell's start stamp to Ray ready, engine
-ready and the first step done (the first progress callback), with the executor's bring-up
-phases (``bring_up_s``), printed as one JSON line.
+"""Time to ready of ``tilerun run``: seconds from the shell's start stamp to the driver's checks
+(its imports done), the executor's wait for Ray, Ray ready, engine ready and the first step done
+(the first progress callback), with the executor's bring-up phases (``bring_up_s``), printed as
+one JSON line.
 
     START=$(date +%s.%N) python scripts/time_to_ready.py run --model llama2-7b --device cuda \\
         --prompt-token-ids 1,2,3,4 --max-new-tokens 2
@@ -31,6 +32,7 @@ def main() -> int:
     ensure_ray = rc.ensure_ray
 
     def timed_ensure_ray(*a, **k):
+        _mark("ray_wait_begin_s")
         out = ensure_ray(*a, **k)
         _mark("ray_ready_s")
         return out
@@ -39,6 +41,17 @@ def main() -> int:
 
     import cluster.cli as cli
     import cluster.engine as eng
+    import cluster.preflight as pre
+
+    check_engine = pre.check_engine
+
+    def timed_check_engine(*a, **k):
+        _mark("checks_begin_s")  # the driver's imports are done
+        out = check_engine(*a, **k)
+        _mark("checks_done_s")
+        return out
+
+    pre.check_engine = timed_check_engine
 
     generate = eng.Engine.generate
 
