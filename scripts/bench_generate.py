@@ -175,7 +175,12 @@ def main() -> int:
     ap.add_argument("--attention", nargs="+", default=["auto"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="tokens per prefill step (default: the engine's for the device, as users get it)",
+    )
     ap.add_argument("--q-tile", type=int, default=128, help="portable backend's query tile")
     ap.add_argument("--kv-tile", type=int, default=512, help="portable backend's key/value tile")
     ap.add_argument(
@@ -207,6 +212,7 @@ def main() -> int:
             cuda_graphs=not args.no_cuda_graphs, executor="local", kv_host_tokens=0,
         ))  # fmt: skip
         engine = Engine(cfg)
+        chunk = engine.config.scheduler.prefill_chunk  # the device's default where not given
         info = engine.device_infos[0]
         print(f"attention={info['attention']} ({info.get('attention_reason')})", flush=True)
         d = engine.executor.worker.device
@@ -282,6 +288,7 @@ def main() -> int:
         "model": args.model,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "prefill_chunk": chunk,
         "attention_reason": info.get("attention_reason"),
         "load_avg_start": load_start,
         "load_avg_end": os.getloadavg() if load_start else None,
