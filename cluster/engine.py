@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cluster import preflight
+from cluster import bytecode, preflight
 from cluster.config import EngineConfig
 from cluster.kv_metrics import KVMeter
 from cluster.step_loop import StepLoop
@@ -59,6 +59,7 @@ class Engine:
         self.max_model_len = limits.max_model_len
         # everything checkable without a cluster or weights fails here, before Ray starts
         preflight.check_engine(config, self.model_config, self.max_model_len)
+        bytecode.warn_once()  # a start that recompiles torch and Ray is said, once, with its fix
         if config.cluster.executor == "local":
             from cluster.executor import LocalExecutor
 
