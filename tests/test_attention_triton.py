@@ -395,6 +395,13 @@ def test_decode(group, dtype):
     _run_decode(DECODE_LENS, HQ // group, HEAD_DIMS[0], dtype, seed=group)
 
 
+@pytest.mark.parametrize("block_size", [8, 12, 64])
+def test_decode_block_sizes(block_size):
+    """Pages that tile the key tile (one table read per page: 8, and 64 on a GPU, whose tile is
+    64 keys) and pages that do not (one read per key: 12, and 64 in the interpreter)."""
+    _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, block_size=block_size)
+
+
 @pytest.mark.parametrize("num_splits", _fast([1, 3, 64], keep=3))
 def test_decode_forced_splits(num_splits):
     """One split (direct write), a few, and more splits than short sequences have keys for."""

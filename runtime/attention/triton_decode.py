@@ -154,6 +154,7 @@ def _decode_split_kernel(
     SINGLE: tl.constexpr,
     DOT_MODE: tl.constexpr,
     CHUNK_FROM_PTR: tl.constexpr,
+    PAGED_TABLE: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -186,7 +187,14 @@ def _decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         pos = start_n + offs_n
         n_mask = pos < hi
-        blk = tl.load(table + pos // PAGE, mask=n_mask, other=0).to(tl.int64)
+        if PAGED_TABLE:
+            # one table entry per page, spread over its rows: 4 loads a 64-key tile, not 64
+            # (graph-replayed on an H200: +0.2 to +3.7 % of K/V bandwidth, batch 1 at 8K most)
+            pg = start_n // PAGE + tl.arange(0, BLOCK_N // PAGE)
+            pblk = tl.load(table + pg, mask=pg * PAGE < hi, other=0).to(tl.int64)
+            blk = tl.reshape(tl.broadcast_to(pblk[:, None], [BLOCK_N // PAGE, PAGE]), [BLOCK_N])
+        else:  # pages that do not tile BLOCK_N: an entry per key
+            blk = tl.load(table + pos // PAGE, mask=n_mask, other=0).to(tl.int64)
         row = pos % PAGE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k_ptrs = k_base + (blk * stride_kb + row * stride_kt)[:, None] + offs_d[None, :]
@@ -372,6 +380,8 @@ def decode_attention(
         SINGLE=single,
         DOT_MODE=dot_mode(q.dtype, q.device),
         CHUNK_FROM_PTR=from_ptr,
+        # whole power-of-two pages per tile (tiles start at multiples of BLOCK_N: chunk is one)
+        PAGED_TABLE=cfg.block_n % page == 0 and page & (page - 1) == 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
