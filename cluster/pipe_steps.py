@@ -100,6 +100,7 @@ class PipeSteps:
         self._readers: list[int] = []  # the ranks' results, ours to read
         self._writers: list[int] = []  # the ranks' steps, ours to write
         self._rank_of: dict[int, int] = {}  # reader fd -> rank
+        self._steps_paths: list[str] = []  # each rank's step FIFO, in rank order
         self._bufs = [bytearray() for _ in workers]
         self._replies: list[collections.deque] = [collections.deque() for _ in workers]
         self._tickets: collections.deque[PipeTicket] = collections.deque()
@@ -119,6 +120,7 @@ class PipeSteps:
                 self._rank_of[self._readers[-1]] = rank
                 _grow(self._readers[-1])
                 paths.append((steps, results))
+                self._steps_paths.append(steps)
             self.loops = [w.serve_pipe.remote(s, r) for w, (s, r) in zip(workers, paths)]
             for (steps, _), loop in zip(paths, self.loops):
                 self._writers.append(self._open_writer(steps, loop))
@@ -255,12 +257,31 @@ class PipeSteps:
         if self._closed:
             return
         self._closed = True
+        self._release_waiting(self._steps_paths[len(self._writers) :])
         for fd in self._writers + self._readers:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._writers, self._readers, self._rank_of = [], [], {}
         self._fail(RuntimeError("the step pipes were closed"))
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    @staticmethod
+    def _release_waiting(steps_paths: list[str], patience_s: float = 0.5) -> None:
+        """A rank whose step FIFO we never opened (bring-up failed first) waits in ``open``
+        for a writer, its actor's step thread with it: open each such FIFO ourselves and close
+        it at once, so that the rank reads end-of-file and its loop returns. ENXIO means the
+        rank is not in ``open`` yet: tried again for ``patience_s``; a rank that gets there
+        after the directory is gone finds no FIFO and its loop ends with that error."""
+        deadline = time.monotonic() + patience_s
+        for path in steps_paths:
+            while True:
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                    break
+                except OSError as e:
+                    if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
 
 
 def _grow(fd: int) -> None:

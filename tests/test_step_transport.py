@@ -335,3 +335,40 @@ def test_pipes_need_the_driver_node_and_auto_falls_back(ray_cluster, hf_checkpoi
     with LLM(executor="ray", **_cfg(path, step_transport="auto")) as llm:
         assert llm.engine.executor.step_transport == "calls"
         assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pipes_that_fail_to_open_leave_no_rank_waiting(ray_cluster, hf_checkpoint, monkeypatch):
+    """Bring-up of the pipes fails after rank 0's FIFO is open and before rank 1's: ``auto``
+    takes plain calls, and both ranks' pipe loops end (rank 1's was waiting in ``open`` for a
+    writer that never came; ``PipeSteps.close`` lets it go)."""
+    import ray
+
+    import cluster.executor
+    import cluster.pipe_steps
+
+    opened, loops = [], []
+    open_writer = cluster.pipe_steps.PipeSteps._open_writer
+    close = cluster.pipe_steps.PipeSteps.close
+
+    def second_fails(self, path, loop):
+        if opened:
+            raise OSError("rank 1's FIFO cannot be opened")
+        opened.append(path)
+        return open_writer(self, path, loop)
+
+    def keeping_loops(self, broken):
+        loops.extend(self.loops)
+        close(self, broken)
+
+    path, _ = hf_checkpoint
+    monkeypatch.setattr(cluster.executor, "step_transport", lambda *a: "pipe")
+    monkeypatch.setattr(cluster.pipe_steps.PipeSteps, "_open_writer", second_fails)
+    monkeypatch.setattr(cluster.pipe_steps.PipeSteps, "close", keeping_loops)
+    with LLM(executor="ray", **_cfg(path, tp=2, step_transport="auto")) as llm:
+        assert llm.engine.executor.step_transport == "calls"
+        assert len(loops) == 2
+        done, waiting = ray.wait(loops, num_returns=2, timeout=15)
+        assert not waiting, "a rank's pipe loop is still waiting in open()"
+        assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
