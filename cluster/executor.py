@@ -454,8 +454,8 @@ class RayExecutor(_Executor):
             self.broken = True
             raise WorkerDiedError(f"worker {self._where(rank)} died")
         if self._channel is not None and not silent:
-            # a compiled graph gives a step's results all at once: a rank whose step raised
-            # while the others wait for it in a collective is found by asking
+            # a channel (graph or pipes) gives a step's results all at once: a rank whose step
+            # raised while the others wait for it in a collective is found by asking
             failed = self._failed_ranks()
             if failed:
                 self.broken = True
@@ -596,9 +596,9 @@ class RayExecutor(_Executor):
         self._tickets.clear()
 
     def _wait_step(self, ticket) -> list[StepResult]:
-        """Rank 0's results of one execution of the graph (the steps it returned, see
+        """Rank 0's results of one step sent through the channel (the steps it returned, see
         ``Worker.advance``), with the deadline and health check of ``_get``; a dead rank wakes
-        the wait at once (the graph's watcher)."""
+        the wait at once (the graph's watcher; the pipes' end of file)."""
         loops = self._channel.loops
         deadline_s = self.step_deadline()
         start = time.monotonic()
@@ -621,7 +621,8 @@ class RayExecutor(_Executor):
         return ticket.outcome[0][1]
 
     def _explain_channel(self, first: BaseException) -> Exception:
-        """The graph's channel broke: name the rank whose actor died, else one that stopped."""
+        """The channel (graph or pipes) broke: name the rank whose actor died, else one that
+        stopped."""
         ray = self._ray
         loops = self._channel.loops
         ray.wait(loops, num_returns=1, timeout=SETTLE_S)  # a death reaches its loop's ref
