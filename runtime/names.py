@@ -28,6 +28,7 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "sdpa": "runtime.attention.sdpa:SdpaBackend",
     "triton": "runtime.attention.triton_backend:TritonBackend",
     "flash_cpu": "runtime.attention.cpu_flash:CpuFlashBackend",
+    "efficient_cuda": "runtime.attention.cuda_efficient:CudaEfficientBackend",
 }
 
 

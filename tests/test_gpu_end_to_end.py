@@ -1,5 +1,5 @@
-"""On a CUDA GPU: greedy tokens with the Triton, portable and SDPA backends equal transformers'
-on the same checkpoint (skips without CUDA)."""
+"""On a CUDA GPU: greedy tokens with the Triton, portable, SDPA and efficient_cuda backends equal
+transformers' on the same checkpoint (skips without CUDA)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
     return d, hf.cuda()
 
 
-@pytest.mark.parametrize("attention", ["triton", "torch", "sdpa"])
+@pytest.mark.parametrize("attention", ["triton", "torch", "sdpa", "efficient_cuda"])
 @pytest.mark.parametrize("prompt_len", [1, 17, 113, 1500])
 def test_backends_match_transformers_on_gpu(checkpoint, attention, prompt_len):
     path, hf = checkpoint
