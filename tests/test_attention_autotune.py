@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runtime.attention import autotune
-from runtime.attention.autotune import AttentionShape, choose_cpu_backend
+from runtime.attention.autotune import AttentionShape, choose_backend
 from runtime.attention.cpu_flash import CpuFlashBackend
 from runtime.attention.registry import resolve_backend
 from runtime.attention.torch_tiled import TorchTiledBackend
@@ -33,14 +33,14 @@ class Wrong(CpuFlashBackend):
 
 
 def test_fastest_exact_candidate_wins_and_inexact_one_drops_out():
-    choice = choose_cpu_backend(SHAPE, {"slow": Slow(), "flash": CpuFlashBackend()})
+    choice = choose_backend(SHAPE, {"slow": Slow(), "flash": CpuFlashBackend()})
     assert choice.name == "flash" and choice.ms["slow"] > choice.ms["flash"]
     assert "flash" in choice.reason and "slow" in choice.reason
-    choice = choose_cpu_backend(SHAPE, {"wrong": Wrong(), "slow": Slow()})
+    choice = choose_backend(SHAPE, {"wrong": Wrong(), "slow": Slow()})
     assert choice.name == "slow" and "wrong" not in choice.ms
     assert "not exact: wrong" in choice.reason
     with pytest.raises(RuntimeError, match="no exact"):
-        choose_cpu_backend(SHAPE, {"wrong": Wrong()})
+        choose_backend(SHAPE, {"wrong": Wrong()})
 
 
 def test_auto_on_cpu_measures_the_registered_candidates(monkeypatch):
@@ -63,10 +63,10 @@ def test_auto_on_cpu_is_measured_once_per_process(monkeypatch):
     first = resolve_backend("auto", torch.device("cpu"), shape)
     loser = next(n for n in autotune.CPU_CANDIDATES if n != first[0])
 
-    def rigged(shape, candidates):
+    def rigged(shape, candidates, device):
         return autotune.Choice(loser, "auto: rigged", {})
 
-    monkeypatch.setattr(autotune, "choose_cpu_backend", rigged)
+    monkeypatch.setattr(autotune, "choose_backend", rigged)
     assert resolve_backend("auto", torch.device("cpu"), shape) == first
     # another shape is measured anew
     other = AttentionShape(4, 2, 16, torch.float32, 16)
@@ -76,7 +76,5 @@ def test_auto_on_cpu_is_measured_once_per_process(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_cpu_candidates_pass_the_exactness_check(dtype):
     shape = AttentionShape(8, 2, 32, dtype, 16)
-    choice = choose_cpu_backend(
-        shape, {"flash_cpu": CpuFlashBackend(), "torch": TorchTiledBackend()}
-    )
+    choice = choose_backend(shape, {"flash_cpu": CpuFlashBackend(), "torch": TorchTiledBackend()})
     assert set(choice.ms) == {"flash_cpu", "torch"}

@@ -1,6 +1,8 @@
-"""``auto`` on a CPU: the fastest exact backend, decided by measuring the candidates at start-up.
+"""``auto`` on a CPU, or on a GPU the Triton kernels do not serve: the fastest exact backend,
+decided by measuring the candidates at start-up.
 
-CPUs differ (vector width, cores, torch build), so the choice is measured rather than assumed:
+CPUs differ (vector width, cores, torch build), and so do the GPUs before compute capability 8.0
+(Volta, Turing), so the choice is measured rather than assumed:
 each candidate runs the model's attention shape on two small cases, a prefill chunk over earlier
 keys and a decode step, with the keys in whole runs of blocks as the allocator lays them out.
 A candidate whose result differs from the float64 reference by more than float rounding is not
@@ -23,6 +25,8 @@ from runtime.attention.reference import reference_attention
 log = logging.getLogger(__name__)
 
 CPU_CANDIDATES = ("flash_cpu", "torch")
+# a CUDA GPU without the Triton kernels (compute capability below 8.0, or no Triton)
+CUDA_CANDIDATES = ("efficient_cuda", "torch")
 ROUNDS = 5
 # (query length, sequence length): a chunk after earlier chunks, and a decode step
 CASES = ((128, 512), (1, 1024))
@@ -47,7 +51,12 @@ class Choice:
     ms: dict[str, float]  # candidate -> measured milliseconds (inexact ones absent)
 
 
-def _inputs(shape: AttentionShape, qlen: int, slen: int, gen: torch.Generator):
+def candidates_for(device: torch.device) -> tuple[str, ...]:
+    """The backends ``auto`` measures on ``device``'s kind, in order of preference."""
+    return CUDA_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES
+
+
+def _inputs(shape: AttentionShape, qlen: int, slen: int, gen: torch.Generator, device):
     bs = shape.block_size
     n = -(-slen // bs)
     kc = torch.randn(n + 2, bs, shape.num_kv_heads, shape.head_dim, generator=gen)
@@ -56,16 +65,24 @@ def _inputs(shape: AttentionShape, qlen: int, slen: int, gen: torch.Generator):
     # two runs of consecutive blocks, as a pool that has been used for a while hands them out
     half = n // 2
     table = list(range(2 + half, 2 + n)) + list(range(2, 2 + half))
-    meta = AttentionMetadata.build([qlen], [slen], [table], bs)
     dt = shape.dtype
-    return q.to(dt), kc.to(dt), vc.to(dt), meta
+    meta = AttentionMetadata.build([qlen], [slen], [table], bs, device=device)
+    return q.to(device, dt), kc.to(device, dt), vc.to(device, dt), meta
 
 
-def choose_cpu_backend(shape: AttentionShape, candidates: dict[str, AttentionBackend]) -> Choice:
-    """Measure ``candidates`` (name -> instance) on ``shape``; the fastest exact one wins."""
+def choose_backend(
+    shape: AttentionShape,
+    candidates: dict[str, AttentionBackend],
+    device: torch.device | str = "cpu",
+) -> Choice:
+    """Measure ``candidates`` (name -> instance) on ``shape`` on ``device``; the fastest exact
+    one wins."""
+    device = torch.device(device)
+    where = "this CPU" if device.type == "cpu" else f"this {device.type} device"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     scale = shape.head_dim**-0.5
-    cases = [_inputs(shape, qlen, slen, gen) for qlen, slen in CASES]
+    cases = [_inputs(shape, qlen, slen, gen, device) for qlen, slen in CASES]
     tol = 1e-4 if shape.dtype == torch.float32 else 3e-2
     exact: dict[str, AttentionBackend] = {}
     dropped: list[str] = []
@@ -84,7 +101,7 @@ def choose_cpu_backend(shape: AttentionShape, candidates: dict[str, AttentionBac
             ok = ok and err < tol
         (exact.__setitem__(name, backend) if ok else dropped.append(name))
     if not exact:
-        raise RuntimeError(f"no exact attention backend among {list(candidates)} on this CPU")
+        raise RuntimeError(f"no exact attention backend among {list(candidates)} on {where}")
     # best time of each (candidate, case): on a busy machine a call is sometimes descheduled
     # for a time slice (worse for a kernel whose threads wait for each other), and the best of
     # a few tries is the cost of the work itself
@@ -92,12 +109,14 @@ def choose_cpu_backend(shape: AttentionShape, candidates: dict[str, AttentionBac
     for _ in range(ROUNDS):
         for name, backend in exact.items():  # interleaved: load changes hit every candidate
             for i, (q, kc, vc, meta) in enumerate(cases):
+                sync()
                 t0 = time.perf_counter()
                 backend.forward(q, kc, vc, meta, scale)
+                sync()
                 best[name, i] = min(best[name, i], time.perf_counter() - t0)
     ms = {name: 1000 * sum(best[name, i] for i in range(len(cases))) for name in exact}
     name = min(ms, key=ms.get)
     timings = ", ".join(f"{n} {t:.2f} ms" for n, t in sorted(ms.items(), key=lambda x: x[1]))
-    reason = f"auto: fastest exact on this CPU: {timings}"
+    reason = f"auto: fastest exact on {where}: {timings}"
     reason += f"; not exact: {', '.join(dropped)}" if dropped else ""
     return Choice(name, reason, ms)

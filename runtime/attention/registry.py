@@ -42,11 +42,11 @@ def _load(name: str) -> type[AttentionBackend]:
         raise UnknownBackendError(f"attention backend {name!r} cannot be loaded: {e}") from e
 
 
-# ``auto`` on a CPU, per (shape, candidates, options), measured once per process: engines built
-# one after another in a process (a test's two settings, a service's restarts of its loop) then
-# run the same kernel and give bitwise the same logits, whatever the machine's load did to a
-# second measurement.
-_CPU_CHOICES: dict[tuple, tuple[str, str]] = {}
+# ``auto`` measured (on a CPU, or a GPU without the Triton kernels), per (device kind, shape,
+# candidates, options), once per process: engines built one after another in a process (a
+# test's two settings, a service's restarts of its loop) then run the same kernel and give
+# bitwise the same logits, whatever the machine's load did to a second measurement.
+_CHOICES: dict[tuple, tuple[str, str]] = {}
 
 
 def resolve_backend(
@@ -54,11 +54,13 @@ def resolve_backend(
 ) -> tuple[str, str]:
     """``(backend name, why)``: ``auto`` made concrete for ``device``, or a forced name checked.
 
-    ``auto`` on CUDA (compute capability 8.0+) is ``triton``. On a CPU, given the attention
-    ``shape`` (``runtime.attention.autotune.AttentionShape``), it is the fastest exact of the
-    CPU candidates measured there; without a shape, ``flash_cpu`` (what measured fastest on the
-    benchmark CPU) where this torch has its kernel. Anything else gets the portable ``torch``.
-    ``options`` are the portable backend's tile options, used when it is measured."""
+    ``auto`` on CUDA with compute capability 8.0+ is ``triton``. On a CPU, and on a CUDA GPU
+    before 8.0 (or without Triton), given the attention ``shape``
+    (``runtime.attention.autotune.AttentionShape``), it is the fastest exact of the candidates
+    for that kind of device, measured there (``flash_cpu`` or ``torch`` on a CPU,
+    ``efficient_cuda`` or ``torch`` on such a GPU); without a shape, the first candidate that
+    runs. Anything else gets the portable ``torch``. ``options`` are the portable backend's tile
+    options, used when it is measured."""
     if name != "auto":
         cls = _load(name)
         reason = cls.supports(device)
@@ -74,23 +76,23 @@ def resolve_backend(
                 if _load("triton").supports(device) is None:
                     return "triton", f"auto: compute capability {cap[0]}.{cap[1]}"
             except UnknownBackendError as e:
-                log.info("triton attention unavailable (%s); using torch", e)
-    if device.type == "cpu":
+                log.info("triton attention unavailable (%s); measuring the others", e)
+    if device.type in ("cpu", "cuda"):
         from runtime.attention import autotune
 
-        runnable = [n for n in autotune.CPU_CANDIDATES if n in _BACKENDS]
+        runnable = [n for n in autotune.candidates_for(device) if n in _BACKENDS]
         runnable = [n for n in runnable if _load(n).supports(device) is None]
         if shape is not None and len(runnable) > 1:
-            key = (shape, tuple(runnable), tuple(sorted((options or {}).items())))
-            if key not in _CPU_CHOICES:
+            key = (device.type, shape, tuple(runnable), tuple(sorted((options or {}).items())))
+            if key not in _CHOICES:
                 opts = {n: (options or {}) if n == "torch" else {} for n in runnable}
                 backends = {n: _load(n)(**opts[n]) for n in runnable}
-                choice = autotune.choose_cpu_backend(shape, backends)
-                _CPU_CHOICES[key] = choice.name, choice.reason
-            return _CPU_CHOICES[key]
+                choice = autotune.choose_backend(shape, backends, device)
+                _CHOICES[key] = choice.name, choice.reason
+            return _CHOICES[key]
         if runnable:
-            return runnable[0], "auto: the CPU default"
-    # The portable tiled backend: Volta, NPU and anything else torch runs on.
+            return runnable[0], f"auto: the {device.type.upper()} default"
+    # The portable tiled backend: NPUs and anything else torch runs on.
     return "torch", "auto: the portable backend"
 
 
