@@ -16,9 +16,14 @@ repetitions. ``--sweep`` first times a few kernel configs and uses the fastest f
 Portable backend (``--portable-only`` runs just this part, a few minutes): the torch-ops tiled
 backend (the Volta/NPU path) against SDPA's memory-efficient kernel (the xformers-style kernel
 Volta users have) at 4K-32K causal prefill, same shapes; its tiles are swept at 16K first, and
-the float32 path with the old default tiles is timed at 4K and 8K as the "before".
+the float32 path with the old default tiles is timed at 4K and 8K as the "before". Beside it
+the ``efficient_cuda`` backend (torch's memory-efficient kernel fed from the paged cache, what
+``auto`` measures on GPUs the Triton kernels do not serve) with shuffled pages (gathered) and
+consecutive ones (read in place); at 16K also with 8 KV heads, where SDPA's efficient kernel
+needs K/V repeated to 32 heads; and decode (8 and 32 KV heads, batch 1 and 16, eager: neither
+is captured in a graph) against SDPA efficient over contiguous K/V.
 
-    python scripts/bench_attention.py --portable-only
+    python scripts/bench_attention.py --portable-only [--portable-tiles 2048,4096]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import triton  # noqa: E402
 
 from runtime.attention import triton_decode, triton_prefill, triton_prefill_hopper  # noqa: E402
 from runtime.attention.base import AttentionMetadata  # noqa: E402
+from runtime.attention.cuda_efficient import CudaEfficientBackend  # noqa: E402
 from runtime.attention.torch_tiled import TorchTiledBackend  # noqa: E402
 from runtime.attention.triton_decode import DecodeConfig  # noqa: E402
 from runtime.attention.triton_prefill import PrefillConfig  # noqa: E402
@@ -522,31 +528,42 @@ def portable_meta(S: int, table: torch.Tensor) -> AttentionMetadata:
     return AttentionMetadata.build([S], [S], [table[0].tolist()], PAGE, "cuda")
 
 
-def bench_portable(seqs, log) -> tuple[list[dict], list[dict], tuple[int, int]]:
+def efficient_fn(q, k, v, meta, hkv: int = H):
+    S = q.shape[0]
+    kc, vc = k.view(S // PAGE, PAGE, hkv, D), v.view(S // PAGE, PAGE, hkv, D)
+    backend = CudaEfficientBackend()
+    return lambda: backend.forward(q, kc, vc, meta, D**-0.5)
+
+
+def bench_portable(
+    seqs, log, tiles: tuple[int, int] | None = None
+) -> tuple[list[dict], list[dict], tuple[int, int]]:
     from torch.nn.attention import SDPBackend
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     sweep = []
     q, k, v, m = prefill_inputs(PORTABLE_SWEEP_S, gen)
     meta = portable_meta(PORTABLE_SWEEP_S, m["block_tables"])
-    for tiles in PORTABLE_SWEEP:
+    for cand in [] if tiles else PORTABLE_SWEEP:
         try:
-            ms = time_ms(portable_fn(q, k, v, meta, tiles), budget_ms=300, min_reps=3)
+            ms = time_ms(portable_fn(q, k, v, meta, cand), budget_ms=300, min_reps=3)
             sweep.append(
                 {
                     "S": PORTABLE_SWEEP_S,
-                    "tiles": tiles,
+                    "tiles": cand,
                     "ms": ms,
                     "tflops": prefill_tflops(PORTABLE_SWEEP_S, ms),
                 }
             )
         except Exception as e:  # a tile may not fit
-            sweep.append({"S": PORTABLE_SWEEP_S, "tiles": tiles, "error": repr(e)[:300]})
+            sweep.append({"S": PORTABLE_SWEEP_S, "tiles": cand, "error": repr(e)[:300]})
         log(
-            f"  sweep portable S={PORTABLE_SWEEP_S} tiles={tiles}: {sweep[-1].get('tflops', sweep[-1].get('error'))}"
+            f"  sweep portable S={PORTABLE_SWEEP_S} tiles={cand}: {sweep[-1].get('tflops', sweep[-1].get('error'))}"
         )
         torch.cuda.empty_cache()
-    best = tuple(max((r for r in sweep if "tflops" in r), key=lambda r: r["tflops"])["tiles"])
+    best = tiles or tuple(
+        max((r for r in sweep if "tflops" in r), key=lambda r: r["tflops"])["tiles"]
+    )
     del q, k, v
     torch.cuda.empty_cache()
 
@@ -560,6 +577,9 @@ def bench_portable(seqs, log) -> tuple[list[dict], list[dict], tuple[int, int]]:
             impls["torch portable before (fp32, 128x512)"] = portable_fn(
                 q, k, v, meta, (128, 512), mixed=False
             )
+        impls["efficient_cuda (paged, shuffled: gathered)"] = efficient_fn(q, k, v, meta)
+        runs = AttentionMetadata.build([S], [S], [list(range(S // PAGE))], PAGE, "cuda")
+        impls["efficient_cuda (paged, consecutive: in place)"] = efficient_fn(q, k, v, runs)
         impls["sdpa efficient"] = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, True)
         # the reference reads keys in the order the block table gives them, as ours does
         order = m["block_tables"][0].long()
@@ -567,13 +587,17 @@ def bench_portable(seqs, log) -> tuple[list[dict], list[dict], tuple[int, int]]:
                   for x in (k, v))  # fmt: skip
         ref = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kg, vg, True)()
         ref = ref.transpose(1, 2)[0].float()
+        # consecutive pages read the keys in their stored order
+        ref_runs = sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, True)()
+        ref_runs = ref_runs.transpose(1, 2)[0].float()
         del kg, vg
         for name, fn in impls.items():
             row = {"kind": "prefill", "impl": name, "B": 1, "S": S, "H": H, "D": D}
             try:
-                if name.startswith("torch"):
+                if not name.startswith("sdpa"):
                     out = fn()[0]
-                    row["max_abs_diff_vs_sdpa_efficient"] = (out.float() - ref).abs().max().item()
+                    r = ref_runs if "consecutive" in name else ref
+                    row["max_abs_diff_vs_sdpa_efficient"] = (out.float() - r).abs().max().item()
                     del out
                 row["peak_gib"] = peak_gib(fn)
                 row["ms"] = time_ms(fn, budget_ms=300, min_reps=3)
@@ -587,26 +611,124 @@ def bench_portable(seqs, log) -> tuple[list[dict], list[dict], tuple[int, int]]:
         for r in rows:
             if r["S"] == S and "ms" in r and "ms" in eff:
                 r["speed_vs_sdpa_efficient"] = eff["ms"] / r["ms"]
-        del q, k, v, qt, kt, vt, impls, ref
+        del q, k, v, qt, kt, vt, impls, ref, ref_runs
         torch.cuda.empty_cache()
+    rows += bench_efficient_gqa(16384, 8, gen, log)
+    rows += bench_efficient_decode(gen, log)
     return rows, sweep, best
+
+
+def _timed_row(row: dict, fn, flops: float | None = None, kv_bytes: float | None = None) -> dict:
+    try:
+        row["ms"] = time_ms(fn, budget_ms=300, min_reps=3, max_reps=200)
+        if flops:
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        if kv_bytes:
+            row["tbps"] = kv_bytes / (row["ms"] * 1e-3) / 1e12
+    except Exception as e:
+        row["error"] = repr(e)[:300]
+    return row
+
+
+def bench_efficient_gqa(S: int, hkv: int, gen, log) -> list[dict]:
+    """Prefill with ``hkv`` K/V heads: ours reads each K/V head once for its query heads (stride-0
+    batch); SDPA's efficient kernel takes K/V repeated to the query heads (the copy timed too)."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.randn(S, H, D, device="cuda", dtype=DT, generator=gen)
+    k = torch.randn(S, hkv, D, device="cuda", dtype=DT, generator=gen)
+    v = torch.randn(S, hkv, D, device="cuda", dtype=DT, generator=gen)
+    runs = AttentionMetadata.build([S], [S], [list(range(S // PAGE))], PAGE, "cuda")
+    qt, kt, vt = (
+        q.view(1, S, H, D).transpose(1, 2),
+        k[None].transpose(1, 2),
+        v[None].transpose(1, 2),
+    )
+    rep = H // hkv
+
+    def sdpa_repeated():
+        kr, vr = kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1)
+        return sdpa_fn(SDPBackend.EFFICIENT_ATTENTION, qt, kr, vr, True)()
+
+    kr, vr = kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1)
+    impls = {
+        "efficient_cuda (paged, consecutive: in place)": efficient_fn(q, k, v, runs, hkv),
+        "sdpa efficient (K/V repeated beforehand)": sdpa_fn(
+            SDPBackend.EFFICIENT_ATTENTION, qt, kr, vr, True
+        ),
+        "sdpa efficient (K/V repeated to 32 heads, copy included)": sdpa_repeated,
+    }
+    ref = sdpa_repeated().transpose(1, 2)[0].float()
+    rows = []
+    for name, fn in impls.items():
+        row = {"kind": "prefill", "impl": name, "B": 1, "S": S, "H": H, "Hkv": hkv, "D": D}
+        if name.startswith("efficient"):
+            row["max_abs_diff_vs_sdpa_efficient"] = (fn()[0].float() - ref).abs().max().item()
+        rows.append(_timed_row(row, fn, flops=2 * 2 * S * S * H * D / 2))
+        log(f"  portable GQA S={S} Hkv={hkv} {name}: {row.get('tflops', row.get('error'))}")
+    if "ms" in rows[0] and "ms" in rows[1]:  # against the kernel alone, the copy left out
+        rows[0]["speed_vs_sdpa_efficient"] = rows[1]["ms"] / rows[0]["ms"]
+    return rows
+
+
+def bench_efficient_decode(gen, log) -> list[dict]:
+    """Decode, one query per sequence over consecutive pages (as the allocator hands out), eager,
+    against SDPA efficient over the same memory as contiguous K/V (GQA repeated for it)."""
+    from torch.nn.attention import SDPBackend
+
+    rows = []
+    for hkv in (8, 32):
+        for B, S in ((1, 8192), (1, 32768), (1, 131072), (16, 8192), (16, 32768)):
+            q, kc, vc, _, _ = decode_inputs(B, S, hkv, gen)
+            nblk = S // PAGE
+            tables = [list(range(b * nblk, (b + 1) * nblk)) for b in range(B)]
+            meta = AttentionMetadata.build([1] * B, [S] * B, tables, PAGE, "cuda")
+            kt = kc.view(B, S, hkv, D).transpose(1, 2)
+            vt = vc.view(B, S, hkv, D).transpose(1, 2)
+            if hkv != H:
+                kt, vt = kt.repeat_interleave(H // hkv, 1), vt.repeat_interleave(H // hkv, 1)
+            impls = {
+                "efficient_cuda (paged, consecutive)": functools.partial(
+                    CudaEfficientBackend().forward, q, kc, vc, meta, D**-0.5
+                ),
+                "sdpa efficient (contiguous, K/V repeated beforehand)": sdpa_fn(
+                    SDPBackend.EFFICIENT_ATTENTION, q.view(B, H, 1, D), kt, vt, False
+                ),
+            }
+            pair = []
+            for name, fn in impls.items():
+                row = {"kind": "decode", "impl": name, "B": B, "S": S, "H": H, "Hkv": hkv, "D": D}
+                pair.append(_timed_row(row, fn, kv_bytes=2 * B * S * hkv * D * 2))
+                log(
+                    f"  portable decode B={B} S={S} Hkv={hkv} {name}: {row.get('tbps', row.get('error'))}"
+                )
+            if "ms" in pair[0] and "ms" in pair[1]:
+                pair[0]["speed_vs_sdpa_efficient"] = pair[1]["ms"] / pair[0]["ms"]
+            rows += pair
+            del q, kc, vc, kt, vt, impls
+            torch.cuda.empty_cache()
+    return rows
 
 
 def main_portable(args, result, out_path, log) -> None:
     seqs = [int(s) for s in args.portable_seqs.split(",")]
-    rows, sweep, best = bench_portable(seqs, log)
+    tiles = tuple(int(t) for t in args.portable_tiles.split(",")) if args.portable_tiles else None
+    rows, sweep, best = bench_portable(seqs, log, tiles)
     result["rows"], result["sweeps"]["portable"], result["portable_tiles"] = rows, sweep, best
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{result['device']}  torch {torch.__version__}  -> {out_path}")
-    fmt = "{:44}{:>7}{:>10}{:>9}{:>12}{:>10}"
-    print(fmt.format("impl", "S", "ms", "TFLOP/s", "vs sdpa eff", "max diff"))
+    fmt = "{:58}{:>3}{:>7}{:>4}{:>9}{:>10}{:>12}{:>10}"
+    print(fmt.format("impl", "B", "S", "Hkv", "ms", "rate", "vs sdpa eff", "max diff"))
     for r in rows:
+        head = (r["impl"][:58], r["B"], r["S"], r.get("Hkv", r["H"]))
         if "ms" not in r:
-            print(f"{r['impl']:44}{r['S']:>7}  {r.get('error', '')[:60]}")
+            print(fmt.format(*head, "", "", "", "") + f"  {r.get('error', '')[:60]}")
             continue
         diff = r.get("max_abs_diff_vs_sdpa_efficient")
-        print(fmt.format(r["impl"], r["S"], f"{r['ms']:.2f}", f"{r['tflops']:.0f}",
-                         f"{r.get('speed_vs_sdpa_efficient', 0):.2f}x",
+        rate = f"{r['tflops']:.0f} TF/s" if "tflops" in r else f"{r['tbps']:.2f} TB/s"
+        speed = r.get("speed_vs_sdpa_efficient")
+        print(fmt.format(*head, f"{r['ms']:.3f}", rate,
+                         f"{speed:.2f}x" if speed else "",
                          f"{diff:.3g}" if diff is not None else ""))  # fmt: skip
 
 
@@ -723,6 +845,9 @@ def main() -> None:
         help="only the portable torch backend against SDPA efficient (a few minutes)",
     )
     ap.add_argument("--portable-seqs", default="4096,8192,16384,32768")
+    ap.add_argument(
+        "--portable-tiles", default=None, help="q_tile,kv_tile for the portable backend (no sweep)"
+    )
     ap.add_argument(
         "--splits-only",
         action="store_true",
