@@ -122,3 +122,23 @@ def test_efficient_cuda_registry_and_auto():
         choice = autotune.choose_backend(shape, backends, dev)
         assert set(choice.ms) == {"efficient_cuda", "torch"}, choice.reason
         assert choice.reason.startswith("auto: fastest exact on this cuda device")
+
+
+@pytest.mark.parametrize("seq", [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 2], [0]])
+def test_decode_plan_merges_pieces_exactly(seq):
+    # runs everywhere: the merge of a decode plan's pieces (equal counts per sequence: reshapes;
+    # unequal: padded) against a direct log-sum-exp merge of each sequence's pieces
+    pieces, num_seqs, group, hkv, d = len(seq), max(seq) + 1, 2, 3, 4
+    plan = cuda_efficient._DecodePlan(
+        seq, list(range(pieces)), [1] * pieces, num_seqs, group, "cpu"
+    )
+    g = torch.Generator().manual_seed(3)
+    o = torch.randn(pieces, group, hkv, d, generator=g)
+    lse = torch.randn(pieces, hkv, group, generator=g) * 20
+    out, total = plan.merge(o, lse, num_seqs)
+    for b in range(num_seqs):
+        idx = [i for i, x in enumerate(seq) if x == b]
+        ref_lse = torch.logsumexp(lse[idx].double(), 0)
+        w = torch.exp(lse[idx].double() - ref_lse).transpose(1, 2).unsqueeze(-1)
+        assert max_err(out[b], (o[idx].double() * w).sum(0)) < 1e-5
+        assert max_err(total[b], ref_lse) < 1e-5

@@ -173,9 +173,16 @@ class _DecodePlan:
         self.seq = packed[3 * e + 2 : 4 * e + 2].long()
         self._slot = packed[4 * e + 2 :].long()
         self._width = max(per_seq)
+        self._uniform = min(per_seq) == self._width
 
     def merge(self, o: torch.Tensor, lse: torch.Tensor, num_seqs: int):
         """Pieces ``o [P, group, Hkv, D]``, ``lse [P, Hkv, group]`` -> per sequence, float32."""
+        if self._uniform:  # every sequence has the same number of pieces: plain reshapes
+            lse = lse.view(num_seqs, self._width, *lse.shape[1:])
+            total = torch.logsumexp(lse, dim=1)
+            w = torch.exp(lse - total.unsqueeze(1)).transpose(2, 3).unsqueeze(-1)
+            o = o.view(num_seqs, self._width, *o.shape[1:])
+            return (o.float() * w).sum(dim=1), total
         pad = lse.new_full((num_seqs, self._width, *lse.shape[1:]), float("-inf"))
         pad[self.seq, self._slot] = lse
         total = torch.logsumexp(pad, dim=1)  # [B, Hkv, group]
