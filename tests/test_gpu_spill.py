@@ -3,7 +3,8 @@
 The same random mixed placements as ``test_kv_spill`` (``tests.spill_setup``), with pinned host
 blocks, swaps and staging on the copy stream, double-buffered per layer, and the CPU part of
 ``cooperate`` overlapping the device kernel: stream equals the same backend over an all-device
-cache bit for bit; cooperate (by every CPU method) and rounds are within twice the plain
+cache bit for bit (``efficient_cuda``, whose calls follow runs of blocks, within twice its
+error); cooperate (by every CPU method) and rounds are within twice the plain
 kernel's bf16 error of the float64 reference; 8-bit host blocks within their bound.
 """
 
@@ -31,7 +32,7 @@ SHAPE = dict(bs=16, hq=32, hkv=8, d=128, device="cuda", dtype=torch.bfloat16)
     [(0.0, "fused"), (0.5, "fused"), (0.5, "fused-f32"), (0.5, "tiled")],
     ids=["stream", "cooperate", "cooperate-f32", "cooperate-tiled"],
 )
-@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backend_name", ["triton", "torch", "efficient_cuda"])
 @pytest.mark.parametrize("case", CASES)
 def test_mixed_tables_on_gpu(case, backend_name, fraction, method):
     qlens, slens = CASES[case]
@@ -39,18 +40,21 @@ def test_mixed_tables_on_gpu(case, backend_name, fraction, method):
     backend = get_backend(backend_name, "cuda")
     figs, results = run_step(spill, backend, fraction, cpu_method=method)
     assert figs.host_blocks > 0 and figs.bytes_moved > 0 and figs.exposed_s >= 0
+    # efficient_cuda splits its calls at runs of consecutive blocks, and the staged blocks form
+    # other runs than the all-device placement: the same sums in another order, not the same bits
+    bitwise = backend_name != "efficient_cuda"
     for out, _, plain in results:
         assert torch.isfinite(out).all()
-        if fraction == 0:
+        if fraction == 0 and bitwise:
             assert torch.equal(out, plain)
-    if fraction > 0:
+    if fraction > 0 or not bitwise:
         # the merge rounds once more than the plain kernel: within twice its bf16 error
         for err, bound in within_twice_plain(results):
             assert err <= bound
 
 
 @pytest.mark.parametrize("staging", [1, 16, 64])
-@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backend_name", ["triton", "torch", "efficient_cuda"])
 @pytest.mark.parametrize("case", CASES)
 def test_rounds_on_gpu(case, backend_name, staging):
     """A staging buffer far smaller than the step's host blocks: the rest streams in rounds on
