@@ -143,11 +143,30 @@ DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """``None``/``auto``: bfloat16 on accelerators, float32 on CPU."""
+    """The model's dtype on ``device`` (see :func:`dtype_for`)."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return dtype_for(name, device.type, cap)
+
+
+def dtype_for(
+    name: str | None, device_type: str, capability: tuple[int, int] | None = None
+) -> torch.dtype:
+    """``None``/``auto``: float32 on CPU; float16 on CUDA GPUs before compute capability 8.0
+    (Volta, Turing: no bfloat16 in their tensor cores, nor in torch's fused attention kernels
+    there); bfloat16 on other accelerators. ``bfloat16`` asked for on such a GPU is refused with
+    the fix, rather than run emulated."""
+    old_gpu = device_type == "cuda" and capability is not None and capability < (8, 0)
     if name in (None, "auto"):
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        if device_type == "cpu":
+            return torch.float32
+        return torch.float16 if old_gpu else torch.bfloat16
     if name not in DTYPES:
         raise ConfigError(f"dtype={name!r} is not valid; choose one of auto, {', '.join(DTYPES)}")
+    if name == "bfloat16" and old_gpu:
+        raise ConfigError(
+            f"dtype=bfloat16 needs a GPU of compute capability 8.0 or newer (this one is "
+            f"{capability[0]}.{capability[1]}); use --dtype float16 (what auto picks there)"
+        )
     return DTYPES[name]
 
 

@@ -26,7 +26,8 @@ class WorkerConfig:
     device: str = option("auto", help="auto|cpu|cuda|npu, optionally with an index (cuda:1)")
     dtype: str = option(
         "auto",
-        help="auto (bfloat16 on accelerators, float32 on CPU)|" + "|".join(DTYPE_NAMES),
+        help="auto (bfloat16 on accelerators, float16 on GPUs before sm_80, float32 on CPU)|"
+        + "|".join(DTYPE_NAMES),
         choices=("auto", *DTYPE_NAMES),
     )
     attention: str = option(

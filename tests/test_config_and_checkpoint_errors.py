@@ -120,3 +120,34 @@ def test_pickle_checkpoints_are_refused(tmp_path, hf_checkpoint):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="pickle-based files are never loaded"):
         _load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "device_type,capability,want",
+    [
+        ("cpu", None, torch.float32),
+        ("cuda", (9, 0), torch.bfloat16),
+        ("cuda", (8, 0), torch.bfloat16),
+        ("cuda", (7, 5), torch.float16),  # Turing
+        ("cuda", (7, 0), torch.float16),  # Volta
+        ("npu", None, torch.bfloat16),
+    ],
+)
+def test_auto_dtype_follows_the_device(device_type, capability, want):
+    from runtime.device import dtype_for
+
+    assert dtype_for("auto", device_type, capability) == want
+    assert dtype_for(None, device_type, capability) == want
+
+
+def test_bfloat16_on_a_gpu_without_it_is_refused_with_the_fix():
+    from runtime.device import dtype_for
+
+    with pytest.raises(
+        ConfigError, match=r"bfloat16 needs .* 8\.0.*this one is 7\.0.*--dtype float16"
+    ):
+        dtype_for("bfloat16", "cuda", (7, 0))
+    assert dtype_for("float16", "cuda", (7, 0)) == torch.float16
+    assert dtype_for("bfloat16", "cuda", (8, 6)) == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype='fp4' is not valid"):
+        dtype_for("fp4", "cuda", (9, 0))
