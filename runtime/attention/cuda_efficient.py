@@ -112,7 +112,9 @@ class CudaEfficientBackend(FusedRunsBackend):
         lse = lse[:, :, :group]  # [pieces, Hkv, group]
         if plan.pieces != B:
             o, lse = plan.merge(o, lse, B)
-        return o.transpose(1, 2).reshape(B, hq, d).to(q.dtype), lse.reshape(B, hq)
+        out = torch.empty(B, hkv, group, d, dtype=q.dtype, device=q.device)
+        out.copy_(o.transpose(1, 2))  # heads back in order and (after a merge) rounded: one copy
+        return out.view(B, hq, d), lse.reshape(B, hq)
 
     def _decode_plan(self, meta, bs: int, hkv: int, hkv_group: int, device) -> _DecodePlan:
         """The step's pieces, made once per metadata object and shared by every layer."""
@@ -182,11 +184,11 @@ class _DecodePlan:
             total = torch.logsumexp(lse, dim=1)
             w = torch.exp(lse - total.unsqueeze(1)).transpose(2, 3).unsqueeze(-1)
             o = o.view(num_seqs, self._width, *o.shape[1:])
-            return (o.float() * w).sum(dim=1), total
+            return (o * w).sum(dim=1), total  # half o times float32 w: float32
         pad = lse.new_full((num_seqs, self._width, *lse.shape[1:]), float("-inf"))
         pad[self.seq, self._slot] = lse
         total = torch.logsumexp(pad, dim=1)  # [B, Hkv, group]
         w = torch.exp(lse - total.index_select(0, self.seq))  # [P, Hkv, group]
         out = o.new_zeros((num_seqs, *o.shape[1:]), dtype=torch.float32)
-        out.index_add_(0, self.seq, o.float() * w.transpose(1, 2).unsqueeze(-1))
+        out.index_add_(0, self.seq, o * w.transpose(1, 2).unsqueeze(-1))
         return out, total
