@@ -19,9 +19,10 @@ with carries no host lengths, only a ``CapturedDecode`` with the capacity (``max
 which sizes the launches, and a device buffer of launch values that every replay refreshes with
 what the backend would choose eagerly for the real lengths.
 
-Graphs are used only on CUDA, with a backend that declares a captured decode (``triton``), and
-with the single-rank or NCCL communicator (gloo and MPI collectives cannot be captured);
-everything else runs eagerly. ``DecodeGraphRunner`` is the worker's one handle on all of this:
+Graphs are used only on CUDA, with the single-rank or NCCL communicator (gloo and MPI collectives
+cannot be captured); everything else runs eagerly. A backend that declares a captured decode
+(``triton``) is captured whole; any other is captured in pieces around its eager attention calls
+(``runtime/piecewise_graphs.py``). ``DecodeGraphRunner`` is the worker's one handle on all of this:
 whether graphs are on (and why not), the graphs, and the fallback after a failure.
 """
 
@@ -46,11 +47,11 @@ def unsupported_reason(
     backend: AttentionBackend | type[AttentionBackend],
     comm_backend: str,
 ) -> str | None:
-    """``None`` when decode steps on this worker can be captured, else why not."""
+    """``None`` when decode steps on this worker can be captured, else why not. A backend
+    without captured decode is captured in pieces around its eager attention
+    (``runtime/piecewise_graphs.py``)."""
     if device.type != "cuda":
         return f"device {device.type} is not CUDA"
-    if not backend.captured_decode_params:
-        return f"attention backend {backend.name!r} declares no captured decode"
     if comm_backend not in CAPTURABLE_COMMS:
         return f"communicator {comm_backend!r} cannot be captured (only single-rank or NCCL)"
     return None
@@ -228,7 +229,8 @@ class DecodeGraphs:
         h64[n : n + bs] = pos
         h64[2 * n : 2 * n + bs] = slots
         h32[:bs] = lens
-        h32[n : n + p] = self._launch_values(bs, max(lens))
+        if p:  # a piecewise graph's backend has none
+            h32[n : n + p] = self._launch_values(bs, max(lens))
         # only the first ``need_w`` entries of a row are read (positions < seq_len)
         end32 = n + p + (bs - 1) * w + need_w
         self._dev64.copy_(self._host64, non_blocking=True)

@@ -29,6 +29,7 @@ from runtime.kv_cache import KVCache, bytes_per_block
 from runtime.kv_quant import resolve_host_dtype
 from runtime.loader import ModelSource, build_model
 from runtime.parallel import ParallelState
+from runtime.piecewise_graphs import PiecewiseDecodeGraphs
 from runtime.sampling import make_generator, sample
 from runtime.spill_step import SpillStep, host_blocks_of
 from runtime.worker_config import WorkerConfig
@@ -487,7 +488,14 @@ class Worker:
                 log.info("decode steps run eagerly (no CUDA graphs): %s", reason)
             return DecodeGraphRunner(None, off=reason)
         c = self.model_config
-        graphs = DecodeGraphs(
+        # a backend without captured decode: the stretches between its eager attention calls
+        kind = DecodeGraphs if self.backend.captured_decode_params else PiecewiseDecodeGraphs
+        if kind is PiecewiseDecodeGraphs and self.rank == 0:
+            log.info(
+                "decode steps replay CUDA graphs between eager %s attention calls (piecewise)",
+                self.backend.name,
+            )
+        graphs = kind(
             self.model,
             self.backend,
             self.kv.layers,

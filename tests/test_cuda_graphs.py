@@ -14,6 +14,7 @@ import torch
 from cluster.config import EngineConfig
 from cluster.engine import Engine
 from runtime.cuda_graphs import batch_buckets, unsupported_reason
+from runtime.piecewise_graphs import PiecewiseDecodeGraphs
 from scheduler.request import SamplingParams
 
 ON_GPU = torch.cuda.is_available()
@@ -27,7 +28,7 @@ def test_batch_buckets():
     assert batch_buckets(6) == (1, 2, 4, 6)
 
 
-def test_unsupported_reasons_follow_the_backends_declaration():
+def test_unsupported_reasons_follow_the_device_and_communicator():
     from runtime.attention.sdpa import SdpaBackend
     from runtime.attention.torch_tiled import TorchTiledBackend
     from runtime.attention.triton_backend import TritonBackend
@@ -36,8 +37,9 @@ def test_unsupported_reasons_follow_the_backends_declaration():
     assert unsupported_reason(cuda, TritonBackend, "none") is None
     assert unsupported_reason(cuda, TritonBackend, "nccl") is None
     assert "CUDA" in unsupported_reason(torch.device("cpu"), TritonBackend, "none")
+    # backends without captured decode are captured in pieces around their attention
     for backend in (TorchTiledBackend, SdpaBackend):
-        assert backend.name in unsupported_reason(cuda, backend, "none")
+        assert unsupported_reason(cuda, backend, "none") is None
     for comm in ("gloo", "mpi"):
         assert comm in unsupported_reason(cuda, TritonBackend, comm)
 
@@ -218,9 +220,10 @@ def checkpoint(tmp_path_factory):
     return d
 
 
-def _generate(path, prompts, news, graphs: bool, dtype: str, max_model_len: int = 4096):
+def _generate(path, prompts, news, graphs: bool, dtype: str, max_model_len: int = 4096,
+              attention: str = "triton"):  # fmt: skip
     cfg = EngineConfig.from_dict(dict(
-        model=str(path), device="cuda", dtype=dtype, attention="triton", prefill_chunk=1024,
+        model=str(path), device="cuda", dtype=dtype, attention=attention, prefill_chunk=1024,
         max_num_seqs=4, max_model_len=max_model_len, kv_cache_tokens=4 * max_model_len + 64,
         cuda_graphs=graphs, executor="local",
     ))  # fmt: skip
@@ -230,6 +233,8 @@ def _generate(path, prompts, news, graphs: bool, dtype: str, max_model_len: int 
         assert worker.uses_cuda_graphs == graphs
         if graphs:
             assert worker.decode_graphs.captured_buckets == (1,)  # warm-up captured batch 1
+            piecewise = isinstance(worker.decode_graphs.graphs, PiecewiseDecodeGraphs)
+            assert piecewise == (attention != "triton")
         params = [SamplingParams(max_new_tokens=n) for n in news]
         outs = engine.generate(prompts, params, logits="sampled")
         captured = list(worker.decode_graphs.captured_buckets)
@@ -281,3 +286,22 @@ def test_graphs_match_eager_bfloat16(checkpoint):
         assert tok_on == tok_off
         scale = lg_off.abs().max().item()
         assert (lg_on - lg_off).abs().max().item() <= 2e-2 * scale
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["efficient_cuda", "torch"])
+@pytest.mark.parametrize("case", ["short", "1.5K", "batch3-ragged", "batch4"])
+def test_piecewise_graphs_match_eager(checkpoint, case, attention):
+    """Backends without captured decode: the stretches between their attention calls replayed,
+    attention eager with the real lengths; the same tokens as all-eager decode, padding rows of
+    a bucket (batch 3 in bucket 4) writing and reading nothing."""
+    lens, news = CASES[case]
+    g = torch.Generator().manual_seed(len(case))
+    prompts = [torch.randint(0, 384, (n,), generator=g).tolist() for n in lens]
+    on, captured = _generate(checkpoint, prompts, news, True, "float32", attention=attention)
+    off, _ = _generate(checkpoint, prompts, news, False, "float32", attention=attention)
+    assert {1, 4 if len(lens) >= 3 else len(lens)} <= set(captured)
+    for (tok_on, lg_on), (tok_off, lg_off) in zip(on, off):
+        assert tok_on == tok_off
+        torch.testing.assert_close(lg_on, lg_off, rtol=1e-4, atol=2e-4)
