@@ -128,7 +128,8 @@ class CudaEfficientBackend(FusedRunsBackend):
         # none shorter than MIN_SPLIT_KEYS
         want = -(-BLOCKS_PER_SM * self._sms[index] // hkv)
         longest = max(MIN_SPLIT_KEYS, -(-sum(meta.seq_lens_cpu) // want))
-        tables = meta.block_tables.cpu()
+        # only the columns the step reads (a captured step's table is as wide as the capacity)
+        tables = meta.block_tables[:, : -(-max(meta.seq_lens_cpu) // bs)].cpu()
         seq, starts, lens = [], [], []
         for b, slen in enumerate(meta.seq_lens_cpu):
             n = -(-slen // bs)
