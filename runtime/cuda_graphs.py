@@ -176,6 +176,17 @@ class DecodeGraphs:
             )
         return tuple(values)
 
+    def _warm_up(self, bs: int, meta: AttentionMetadata) -> torch.cuda.Stream:
+        """Run the step once on a side stream before capturing it (compiles kernels, settles
+        the allocator and handles); returns that stream."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward(bs, meta)
+        current.wait_stream(side)
+        return side
+
     @torch.inference_mode()
     def capture(self, bs: int) -> None:
         """Capture the decode step of bucket ``bs`` (all rows padding while capturing)."""
@@ -183,12 +194,7 @@ class DecodeGraphs:
             return
         self._stage([], bs)
         meta = self._meta(bs)
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):  # warm-up: compiles kernels, settles allocator and handles
-            self._forward(bs, meta)
-        current.wait_stream(side)
+        self._warm_up(bs, meta)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._forward(bs, meta)

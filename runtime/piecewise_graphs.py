@@ -129,12 +129,7 @@ class PiecewiseDecodeGraphs(DecodeGraphs):
         self._warm_meta = AttentionMetadata.build(
             [1] * bs, [1] * bs, [[0]] * bs, self.block_size, self.device
         )
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):  # warm-up: compiles kernels, settles allocator and handles
-            self._forward(bs, meta)
-        current.wait_stream(side)
+        side = self._warm_up(bs, meta)
         self._graphs, self._breaks = [], []
         try:
             with torch.cuda.stream(side):
