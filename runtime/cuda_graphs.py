@@ -35,21 +35,17 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.attention.base import AttentionBackend, AttentionMetadata, CapturedDecode
+from runtime.attention.base import AttentionMetadata, CapturedDecode
 
 log = logging.getLogger(__name__)
 
 CAPTURABLE_COMMS = ("none", "nccl")  # SingleRankCommunicator.backend, NCCL
 
 
-def unsupported_reason(
-    device: torch.device,
-    backend: AttentionBackend | type[AttentionBackend],
-    comm_backend: str,
-) -> str | None:
-    """``None`` when decode steps on this worker can be captured, else why not. A backend
-    without captured decode is captured in pieces around its eager attention
-    (``runtime/piecewise_graphs.py``)."""
+def unsupported_reason(device: torch.device, comm_backend: str) -> str | None:
+    """``None`` when decode steps on this worker can be captured, else why not. Any attention
+    backend can be: one without captured decode is captured in pieces around its eager
+    attention (``runtime/piecewise_graphs.py``)."""
     if device.type != "cuda":
         return f"device {device.type} is not CUDA"
     if comm_backend not in CAPTURABLE_COMMS:

@@ -482,7 +482,7 @@ class Worker:
     def _make_decode_graphs(self) -> DecodeGraphRunner:
         if not self.config.cuda_graphs:
             return DecodeGraphRunner(None, off="turned off by config")
-        reason = unsupported_reason(self.device, self.backend, self.parallel.comm.backend)
+        reason = unsupported_reason(self.device, self.parallel.comm.backend)
         if reason is not None:
             if self.rank == 0:
                 log.info("decode steps run eagerly (no CUDA graphs): %s", reason)
