@@ -121,3 +121,9 @@ def test_fused_path_is_off_on_cpu_and_on_for_cuda_unless_interpreted(monkeypatch
         assert fused_ops.fused_enabled(torch.zeros(2, device="cuda"))
         monkeypatch.setenv("TILERUN_FUSED_OPS", "0")
         assert not fused_ops.fused_enabled(torch.zeros(2, device="cuda"))
+        monkeypatch.setenv("TILERUN_FUSED_OPS", "1")
+        assert fused_ops.fused_enabled(torch.zeros(2, device="cuda"))
+        # a GPU before compute capability 8.0 (Triton's floor) keeps the torch code
+        index = torch.zeros(1, device="cuda").device.index
+        monkeypatch.setitem(fused_ops._SUPPORTED_GPU, index, False)
+        assert not fused_ops.fused_enabled(torch.zeros(2, device="cuda"))

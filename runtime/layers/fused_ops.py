@@ -27,14 +27,28 @@ except ImportError:  # pragma: no cover - CI installs triton
     triton = None
 
 
+_SUPPORTED_GPU: dict[int, bool] = {}  # device index -> compute capability 8.0 or newer
+
+
+def _supported_gpu(device: torch.device) -> bool:
+    """Triton supports compute capability 8.0 and newer (its README). Older GPUs (Volta, Turing)
+    keep the torch code, which CUDA graphs replay anyway (whole or piecewise)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SUPPORTED_GPU:
+        _SUPPORTED_GPU[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    return _SUPPORTED_GPU[index]
+
+
 def fused_enabled(x: torch.Tensor) -> bool:
-    """Whether ``x``'s layer should use these kernels: a CUDA tensor, Triton compiled (not
-    interpreted), and ``TILERUN_FUSED_OPS`` not set to 0 (an escape hatch for A/B runs)."""
+    """Whether ``x``'s layer should use these kernels: a CUDA tensor on a GPU Triton supports,
+    Triton compiled (not interpreted), and ``TILERUN_FUSED_OPS`` not set to 0 (an escape hatch
+    for A/B runs)."""
     return (
         x.is_cuda
         and triton is not None
         and os.environ.get("TRITON_INTERPRET") != "1"
         and os.environ.get("TILERUN_FUSED_OPS", "1") != "0"
+        and _supported_gpu(x.device)
     )
 
 
