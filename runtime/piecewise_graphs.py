@@ -62,7 +62,7 @@ class _Splitter:
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         self.owner._pending = (key, value, k_cache, v_cache)
 
-    def forward(self, q, k_cache, v_cache, meta, scale) -> torch.Tensor:
+    def forward(self, q, k_cache, v_cache, meta, scale) -> tuple[torch.Tensor, None]:
         return self.owner._break(q, scale), None
 
 
