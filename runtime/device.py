@@ -7,6 +7,7 @@ queries, synchronisation and memory figures, so the rest of ``runtime/`` stays d
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import resource
 import sys
@@ -137,6 +138,18 @@ def free_memory_bytes(device: torch.device) -> int | None:
         free, _ = torch.npu.mem_get_info(device)
         return free
     return None
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of CUDA ``device`` (its index, or the current device's), read once per device."""
+    return _multiprocessors(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
 
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))

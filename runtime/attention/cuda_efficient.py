@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from runtime.attention.base import gqa_group
-from runtime.attention.fused_runs import FusedRunsBackend
+from runtime.attention.fused_runs import FusedRunsBackend, block_runs, same_step, step_key
+from runtime.device import multiprocessors
 
 _OP_NAME = "_scaled_dot_product_efficient_attention"
 # decode: a piece is at least this many keys (below it the launch and the merge cost more than
@@ -47,7 +48,6 @@ class CudaEfficientBackend(FusedRunsBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        self._sms: dict[int, int] = {}  # device index -> multiprocessor count
         self._decode_key: tuple | None = None  # (metadata, its block tables, its lengths)
         self._decode_cached: _DecodePlan | None = None
 
@@ -118,32 +118,24 @@ class CudaEfficientBackend(FusedRunsBackend):
 
     def _decode_plan(self, meta, bs: int, hkv: int, hkv_group: int, device) -> _DecodePlan:
         """The step's pieces, made once per metadata object and shared by every layer."""
-        key = self._decode_key
-        if key and key[0] is meta and key[1] is meta.block_tables and key[2] == meta.seq_lens_cpu:
+        if same_step(self._decode_key, meta):
             return self._decode_cached
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self._sms:
-            self._sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
         # enough pieces for BLOCKS_PER_SM thread blocks (one per K/V head and piece) per SM,
         # none shorter than MIN_SPLIT_KEYS
-        want = -(-BLOCKS_PER_SM * self._sms[index] // hkv)
+        want = -(-BLOCKS_PER_SM * multiprocessors(device) // hkv)
         longest = max(MIN_SPLIT_KEYS, -(-sum(meta.seq_lens_cpu) // want))
         # only the columns the step reads (a captured step's table is as wide as the capacity)
         tables = meta.block_tables[:, : -(-max(meta.seq_lens_cpu) // bs)].cpu()
         seq, starts, lens = [], [], []
         for b, slen in enumerate(meta.seq_lens_cpu):
-            n = -(-slen // bs)
-            row = tables[b, :n]
-            first = [0] + (torch.nonzero(row[1:] != row[:-1] + 1).view(-1) + 1).tolist()
-            for r0, r1, blk in zip(first, first[1:] + [n], row[first].tolist()):
-                p0, p1 = r0 * bs, min(r1 * bs, slen)
+            for p0, p1, slot in block_runs(tables[b, : -(-slen // bs)], slen, bs):
                 cuts = -(-(p1 - p0) // longest)
                 step = -(-(p1 - p0) // cuts)
                 for a in range(p0, p1, step):
                     seq.append(b)
-                    starts.append(blk * bs + a - p0)
+                    starts.append(slot + a - p0)
                     lens.append(min(step, p1 - a))
-        self._decode_key = (meta, meta.block_tables, meta.seq_lens_cpu)
+        self._decode_key = step_key(meta)
         self._decode_cached = _DecodePlan(
             seq, starts, lens, len(meta.seq_lens_cpu), hkv_group, device
         )

@@ -70,30 +70,13 @@ class FusedRunsBackend(AttentionBackend):
         cache slots, or None when there are more than ``MAX_RUNS`` (then it is gathered).
 
         Computed once per metadata object (one step) and reused by every layer."""
-        # the same step: the same metadata object with the same tables and lengths (a metadata
-        # object reused across steps gets new lengths, so it is planned again)
-        k = self._plan_key
-        if k and k[0] is meta and k[1] is meta.block_tables and k[2] == meta.seq_lens_cpu:
+        if same_step(self._plan_key, meta):
             return self._plan
         plan: list[list[tuple[int, int, int]] | None] = []
-        tables = meta.block_tables
         for b, slen in enumerate(meta.seq_lens_cpu):
-            n = -(-slen // block_size)
-            row = tables[b, :n]
-            # block i starts a run where it does not follow block i-1
-            starts = [0] + (torch.nonzero(row[1:] != row[:-1] + 1).view(-1) + 1).tolist()
-            if len(starts) > MAX_RUNS:
-                plan.append(None)
-                continue
-            ids = row[starts].tolist()
-            ends = starts[1:] + [n]
-            plan.append(
-                [
-                    (s * block_size, min(e * block_size, slen), first * block_size)
-                    for s, e, first in zip(starts, ends, ids)
-                ]
-            )
-        self._plan_key, self._plan = (meta, meta.block_tables, meta.seq_lens_cpu), plan
+            found = block_runs(meta.block_tables[b, : -(-slen // block_size)], slen, block_size)
+            plan.append(None if len(found) > MAX_RUNS else found)
+        self._plan_key, self._plan = step_key(meta), plan
         return plan
 
     @staticmethod
@@ -181,6 +164,35 @@ class FusedRunsBackend(AttentionBackend):
             lse[start : start + qlen] = l_
             start += qlen
         return out, lse
+
+
+def step_key(meta: AttentionMetadata) -> tuple:
+    """What identifies one step's metadata for a plan made from it (see :func:`same_step`)."""
+    return meta, meta.block_tables, meta.seq_lens_cpu
+
+
+def same_step(key: tuple | None, meta: AttentionMetadata) -> bool:
+    """Whether a plan made under ``key`` holds for ``meta``: the same metadata object with the
+    same tables and lengths (a metadata object reused across steps gets new lengths, so it is
+    planned again)."""
+    return (
+        bool(key)
+        and key[0] is meta
+        and key[1] is meta.block_tables
+        and key[2] == (meta.seq_lens_cpu)
+    )
+
+
+def block_runs(row: torch.Tensor, seq_len: int, block_size: int) -> list[tuple[int, int, int]]:
+    """A sequence's keys as runs ``(first_pos, end_pos, first_slot)`` of consecutive cache
+    slots; ``row`` is its first ``ceil(seq_len / block_size)`` block ids."""
+    # block i starts a run where it does not follow block i-1
+    starts = [0] + (torch.nonzero(row[1:] != row[:-1] + 1).view(-1) + 1).tolist()
+    ends = starts[1:] + [row.numel()]
+    return [
+        (s * block_size, min(e * block_size, seq_len), first * block_size)
+        for s, e, first in zip(starts, ends, row[starts].tolist())
+    ]
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

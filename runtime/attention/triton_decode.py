@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from runtime.attention.triton_prefill import LOG2E, _cast, _mma, check_layout, dot_mode
+from runtime.device import multiprocessors
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,7 @@ def _cdiv(a: int, b: int) -> int:
 @functools.cache
 def _sm_count(device_type: str, index: int | None) -> int:
     if device_type == "cuda":
-        dev = torch.cuda.current_device() if index is None else index
-        return torch.cuda.get_device_properties(dev).multi_processor_count
+        return multiprocessors(torch.device("cuda", index))
     return 4  # the interpreter: a pretend GPU small enough that tests see several splits
 
 
