@@ -1,0 +1,202 @@
+"""Lightning attention layer: tilerun's tiled core against transformers' MiniMax layer.
+
+Both sides run the same transformers ``MiniMaxLightningAttention`` module (same weights, same
+projections, norm and output gate); tilerun's side swaps its attention core for
+``runtime.attention.lightning``. Measured, the two interleaved ``--repeats`` times (best of
+each, a shared machine's load falls on both):
+
+* prefill of ``T`` tokens from an empty state (transformers: its loop over blocks of 256
+  tokens; tilerun: blocks of ``BLOCK_SIZE``, the decays of all blocks applied at once);
+* prefill of ``--chunk`` more tokens on top of that state (chunked prefill, or a follow-up
+  prompt: transformers falls back to its per-token recurrence there);
+* decode of ``--new-tokens`` tokens one at a time, each continuing from the state.
+
+Outputs are compared (max relative difference, asserted below 1e-4). Beside each prefill figure
+is the layer's arithmetic (projections and attention core, counted) over the time, against
+this machine's float32 matrix-product rate measured in the same run.
+
+    python scripts/bench_lightning.py --contexts 4096 16384 65536      # 2-core CPU
+
+Writes ``benchmarks/results/lightning-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from runtime.attention.lightning import BLOCK_SIZE, lightning_forward, new_states  # noqa: E402
+from runtime.device import device_info  # noqa: E402
+
+
+def layer_for(heads: int, head_dim: int, device):
+    import transformers
+    from transformers.models.minimax import modeling_minimax as mm
+
+    cfg = transformers.MiniMaxConfig(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        head_dim=head_dim,
+        num_key_value_heads=heads,
+        num_hidden_layers=4,
+        block_size=256,  # transformers' own block (the MiniMax-01 default)
+        layer_types=["linear_attention"] * 4,
+    )
+    torch.manual_seed(0)
+    return mm.MiniMaxLightningAttention(cfg, 1).eval().to(device), mm
+
+
+def ours(layer, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """The layer with tilerun's core: ``x [T, hidden]``, one sequence, ``states`` advanced."""
+    T = x.shape[0]
+    h, d = layer.num_attention_heads, layer.head_dim
+    q, k, v = layer.act_fn(layer.qkv_proj(x)).view(T, h, 3 * d).split(d, dim=-1)
+    o = lightning_forward(q, k, v, layer.slope_rate.view(h), [T], states)
+    o = layer.norm(o.reshape(T, h * d))
+    return layer.out_proj(torch.sigmoid(layer.output_gate(x)) * o)
+
+
+def layer_flops(T: int, heads: int, d: int) -> float:
+    """Projections (qkv, gate, out: 5 hidden x hidden products a token) and tilerun's core
+    (intra: 4 B d a token and head, a block's triangle counted whole; inter: 4 d^2)."""
+    hidden = heads * d
+    return T * (2 * 5 * hidden * hidden + heads * (4 * min(BLOCK_SIZE, T) * d + 4 * d * d))
+
+
+def matmul_rate(device) -> float:
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best
+
+
+def _keep_best(best: dict[str, float], name: str, seconds: float) -> None:
+    best[name] = min(best.get(name, float("inf")), seconds)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=512, help="tokens prefilled on top of a state")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    layer, mm = layer_for(args.heads, args.head_dim, device)
+    h, d = args.heads, args.head_dim
+    peak = matmul_rate(device)
+    rows = []
+    for T in args.contexts:
+        g = torch.Generator().manual_seed(T)
+        x = torch.randn(1, T + args.chunk + args.new_tokens, h * d, generator=g).to(device)
+        best: dict[str, float] = {}
+        err = 0.0
+        note = partial(_keep_best, best)
+        for _ in range(args.repeats):
+            with torch.no_grad():
+                # transformers
+                cache = mm.MiniMaxCache()
+                t = time.perf_counter()
+                hf_pre, _ = layer(x[:, :T], None, None, cache=cache)
+                note("hf_prefill", time.perf_counter() - t)
+                t = time.perf_counter()
+                hf_more, _ = layer(x[:, T : T + args.chunk], None, None, cache=cache)
+                note("hf_continue", time.perf_counter() - t)
+                a = T + args.chunk
+                t = time.perf_counter()
+                hf_dec = [layer(x[:, a + i : a + i + 1], None, None, cache=cache)[0]
+                          for i in range(args.new_tokens)]  # fmt: skip
+                note("hf_decode", (time.perf_counter() - t) / args.new_tokens)
+                # tilerun's core
+                states = new_states(1, h, d, d, device)
+                t = time.perf_counter()
+                o_pre = ours(layer, x[0, :T], states)
+                note("ours_prefill", time.perf_counter() - t)
+                t = time.perf_counter()
+                o_more = ours(layer, x[0, T : T + args.chunk], states)
+                note("ours_continue", time.perf_counter() - t)
+                t = time.perf_counter()
+                o_dec = [ours(layer, x[0, a + i : a + i + 1], states)
+                         for i in range(args.new_tokens)]  # fmt: skip
+                note("ours_decode", (time.perf_counter() - t) / args.new_tokens)
+            err = max(err, rel(o_pre, hf_pre[0]), rel(o_more, hf_more[0]),
+                      *(rel(o, r[0]) for o, r in zip(o_dec, hf_dec)))  # fmt: skip
+        assert err < 1e-4, f"outputs differ from transformers' by {err:.2e}"
+        fl_pre, fl_more = layer_flops(T, h, d), layer_flops(args.chunk, h, d)
+        row = {
+            "context": T,
+            "prefill_tokens_per_s": {"tilerun": T / best["ours_prefill"],
+                                     "transformers": T / best["hf_prefill"]},
+            "prefill_speedup": best["hf_prefill"] / best["ours_prefill"],
+            "prefill_gflops_tilerun": fl_pre / best["ours_prefill"] / 1e9,
+            "continue_chunk": args.chunk,
+            "continue_ms": {"tilerun": 1e3 * best["ours_continue"],
+                            "transformers": 1e3 * best["hf_continue"]},
+            "continue_speedup": best["hf_continue"] / best["ours_continue"],
+            "continue_gflops_tilerun": fl_more / best["ours_continue"] / 1e9,
+            "decode_ms_per_token": {"tilerun": 1e3 * best["ours_decode"],
+                                    "transformers": 1e3 * best["hf_decode"]},
+            "decode_speedup": best["hf_decode"] / best["ours_decode"],
+            "max_rel_diff_vs_transformers": err,
+        }  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nmatmul ceiling (float32 2048^3, this run): {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'T':>7} {'prefill tok/s ours / hf':>26} {'x':>6} {'GFLOP/s':>8} "
+          f"{'+' + str(args.chunk) + ' ms ours / hf':>22} {'x':>6} {'decode ms ours / hf':>20} {'x':>6}")  # fmt: skip
+    for r in rows:
+        p, c, dd = r["prefill_tokens_per_s"], r["continue_ms"], r["decode_ms_per_token"]
+        print(f"{r['context']:>7} {p['tilerun']:>12,.0f} / {p['transformers']:>11,.0f} "
+              f"{r['prefill_speedup']:>6.2f} {r['prefill_gflops_tilerun']:>8.0f} "
+              f"{c['tilerun']:>10.1f} / {c['transformers']:>9.1f} {r['continue_speedup']:>6.2f} "
+              f"{dd['tilerun']:>9.2f} / {dd['transformers']:>8.2f} {r['decode_speedup']:>6.2f}")  # fmt: skip
+    import transformers
+
+    name = device_info(device).name
+    result = {
+        "benchmark": "lightning attention layer (MiniMax), tilerun core vs transformers",
+        "command": "python " + " ".join(sys.argv),
+        "device": f"{device.type}: {name}, {torch.get_num_threads()} threads",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },  # fmt: skip
+        "shape": {"heads": h, "head_dim": d, "hidden": h * d, "block_size": BLOCK_SIZE},
+        "bound": {"float32_matmul_gflops": peak / 1e9},
+        "rows": rows,
+    }
+    out = Path(args.out or ROOT / f"benchmarks/results/lightning-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
