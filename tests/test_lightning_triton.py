@@ -1,0 +1,104 @@
+"""The Triton lightning-attention prefill kernel against the float64 definition.
+
+Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``) at tiny shapes;
+on a GPU the same tests run at real shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+if not ON_GPU:
+    # must precede the first `import triton` (see tests/test_attention_triton.py)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
+
+from runtime.attention.lightning import lightning_forward  # noqa: E402
+from runtime.attention.lightning_reference import reference_lightning  # noqa: E402
+from runtime.attention.triton_lightning import lightning_prefill_triton  # noqa: E402
+
+if ON_GPU:
+    H, DIMS, MIXES = 8, [(128, 128), (64, 64)], [[1], [63], [4096 + 17], [1, 500, 64, 2000]]
+else:
+    H, DIMS, MIXES = 2, [(16, 16), (16, 32)], [[1], [17], [130], [1, 64, 17, 100]]
+# the error allowed, relative to the output's largest magnitude: float32 products are exact
+# float32; half products round their operands (the scores and the state too) to the input dtype,
+# measured at 0.5-0.7 % for bfloat16 in the interpreter (the float32 torch path: 0.2-0.3 %)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_guard(request):
+    if NEEDS_FRESH_PROCESS and request.node.originalname != "test_in_fresh_interpreter_process":
+        pytest.skip("triton was imported without TRITON_INTERPRET; covered by the rerun test")
+
+
+@pytest.mark.slow
+def test_in_fresh_interpreter_process():
+    """Rerun this file in a new process with the interpreter on from the start."""
+    if not NEEDS_FRESH_PROCESS:
+        pytest.skip("the kernel runs in this process")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def _case(lens, D, E, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q, k = (torch.randn(T, H, D, generator=g) / D**0.25 for _ in range(2))
+    v = torch.randn(T, H, E, generator=g)
+    states = torch.randn(len(lens), H, D, E, generator=g)
+    # rates as MiniMax's heads have them: from fast forgetting to almost none
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+    return (*(x.to(DEVICE, dtype) for x in (q, k, v)), states.to(DEVICE), slopes.to(DEVICE))
+
+
+@pytest.mark.parametrize("lens", MIXES)
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prefill_kernel_matches_float64_definition(lens, dims, dtype):
+    q, k, v, states, slopes = _case(lens, *dims, dtype)
+    start_states = states.clone()
+    out = lightning_prefill_triton(q, k, v, slopes, lens, states)
+    assert out.dtype == dtype and out.shape == v.shape
+    a = 0
+    for b, n in enumerate(lens):
+        ref_out, ref_state = reference_lightning(
+            q[a : a + n], k[a : a + n], v[a : a + n], slopes, start_states[b]
+        )
+        scale = ref_out.abs().max().item()
+        assert (out[a : a + n].double() - ref_out).abs().max().item() <= TOL[dtype] * scale
+        sscale = ref_state.abs().max().item()
+        assert (states[b].double() - ref_state).abs().max().item() <= TOL[dtype] * sscale
+        a += n
+
+
+def test_kernel_equals_torch_path_in_float32():
+    lens = MIXES[-1]
+    q, k, v, states, slopes = _case(lens, *DIMS[0], torch.float32, seed=5)
+    s_torch = states.clone()
+    want = lightning_forward(q, k, v, slopes, lens, s_torch)
+    got = lightning_prefill_triton(q, k, v, slopes, lens, states)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert (states - s_torch).abs().max().item() <= 1e-5 * s_torch.abs().max().item()
+
+
+def test_bad_shapes_are_one_clear_line():
+    q, k, v, states, slopes = _case([5], 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="value dim E=24"):
+        lightning_prefill_triton(q, k, v[..., :12].repeat(1, 1, 2), slopes, [5], states)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        lightning_prefill_triton(q, k, v, slopes, [5], states.double())
