@@ -15,9 +15,15 @@ Outputs are compared (max relative difference, asserted below 1e-4). Beside each
 is the layer's arithmetic (projections and attention core, counted) over the time, against
 this machine's float32 matrix-product rate measured in the same run.
 
-    python scripts/bench_lightning.py --contexts 4096 16384 65536      # 2-core CPU
+``--core`` times the attention core alone instead (one sequence from a zero state): the torch
+path and, on CUDA, the Triton kernel, compared with each other, in the model dtype (float32 on
+the CPU, bfloat16 on CUDA), beside the matrix-product rate of that dtype.
 
-Writes ``benchmarks/results/lightning-<device>.json``.
+    python scripts/bench_lightning.py --contexts 4096 16384 65536      # 2-core CPU
+    python scripts/bench_lightning.py --core --device cuda --heads 64 \
+        --contexts 4096 32768 131072                                   # GPU
+
+Writes ``benchmarks/results/lightning-<device>.json`` (``lightning-core-<device>.json``).
 """
 
 from __future__ import annotations
@@ -75,15 +81,67 @@ def layer_flops(T: int, heads: int, d: int) -> float:
     return T * (2 * 5 * hidden * hidden + heads * (4 * min(BLOCK_SIZE, T) * d + 4 * d * d))
 
 
-def matmul_rate(device) -> float:
-    a = torch.randn(2048, 2048, device=device)
-    b = torch.randn(2048, 2048, device=device)
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, dtype=torch.float32) -> float:
+    a = torch.randn(4096, 4096, device=device, dtype=dtype)
+    b = torch.randn(4096, 4096, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(5):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * 2048**3 / best
+    return 2 * 4096**3 / best
+
+
+def core_rows(args, device) -> list[dict]:
+    """The attention core alone, one sequence of ``T`` tokens from a zero state: the torch path
+    and, on CUDA, the Triton kernel (compared with each other), in the model dtype."""
+    from runtime.attention.lightning import lightning_forward
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    h, d = args.heads, args.head_dim
+    impls = {"torch": lightning_forward}
+    if device.type == "cuda":
+        from runtime.attention.triton_lightning import lightning_prefill_triton
+
+        impls["triton"] = lightning_prefill_triton
+    slopes = (2.0 ** (-8.0 * torch.arange(1, h + 1) / h)).to(device)
+    rows = []
+    for T in args.contexts:
+        g = torch.Generator().manual_seed(T)
+        q, k, v = (torch.randn(T, h, d, generator=g).to(device, dtype) / d**0.25 for _ in range(3))
+        best: dict[str, float] = {}
+        outs = {}
+        for _ in range(args.repeats):
+            for name, fn in impls.items():
+                states = new_states(1, h, d, d, device)
+                sync(device)
+                sync(device)
+                t = time.perf_counter()
+                outs[name] = fn(q, k, v, slopes, [T], states)
+                sync(device)
+                _keep_best(best, name, time.perf_counter() - t)
+        # arithmetic of the tiled form: intra 4 B d (whole blocks), inter 4 d^2, a token and head
+        flops = {"torch": T * h * (4 * BLOCK_SIZE * d + 4 * d * d)}
+        if "triton" in impls:
+            from runtime.attention.triton_lightning import BLOCK
+
+            flops["triton"] = T * h * (4 * BLOCK * d + 4 * d * d)
+        row = {"context": T, "dtype": str(dtype).removeprefix("torch."),
+               "ms": {n: 1e3 * b for n, b in best.items()},
+               "tokens_per_s": {n: T / b for n, b in best.items()},
+               "tflops": {n: flops[n] / best[n] / 1e12 for n in best}}  # fmt: skip
+        if "triton" in outs:
+            row["triton_vs_torch_max_rel_diff"] = rel(outs["triton"], outs["torch"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def _keep_best(best: dict[str, float], name: str, seconds: float) -> None:
@@ -103,9 +161,12 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--core", action="store_true", help="time the attention core alone")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.core:
+        return write_core(args, device)
     layer, mm = layer_for(args.heads, args.head_dim, device)
     h, d = args.heads, args.head_dim
     peak = matmul_rate(device)
@@ -120,25 +181,31 @@ def main() -> int:
             with torch.no_grad():
                 # transformers
                 cache = mm.MiniMaxCache()
+                sync(device)
                 t = time.perf_counter()
                 hf_pre, _ = layer(x[:, :T], None, None, cache=cache)
                 note("hf_prefill", time.perf_counter() - t)
+                sync(device)
                 t = time.perf_counter()
                 hf_more, _ = layer(x[:, T : T + args.chunk], None, None, cache=cache)
                 note("hf_continue", time.perf_counter() - t)
                 a = T + args.chunk
+                sync(device)
                 t = time.perf_counter()
                 hf_dec = [layer(x[:, a + i : a + i + 1], None, None, cache=cache)[0]
                           for i in range(args.new_tokens)]  # fmt: skip
                 note("hf_decode", (time.perf_counter() - t) / args.new_tokens)
                 # tilerun's core
                 states = new_states(1, h, d, d, device)
+                sync(device)
                 t = time.perf_counter()
                 o_pre = ours(layer, x[0, :T], states)
                 note("ours_prefill", time.perf_counter() - t)
+                sync(device)
                 t = time.perf_counter()
                 o_more = ours(layer, x[0, T : T + args.chunk], states)
                 note("ours_continue", time.perf_counter() - t)
+                sync(device)
                 t = time.perf_counter()
                 o_dec = [ours(layer, x[0, a + i : a + i + 1], states)
                          for i in range(args.new_tokens)]  # fmt: skip
@@ -195,6 +262,32 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    return 0
+
+
+def write_core(args, device) -> int:
+    import transformers
+
+    peak = matmul_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = core_rows(args, device)
+    result = {
+        "benchmark": "lightning attention core: torch path and Triton kernel",
+        "command": "python " + " ".join(sys.argv),
+        "device": f"{device.type}: {device_info(device).name}, {torch.get_num_threads()} threads",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },  # fmt: skip
+        "shape": {"heads": args.heads, "head_dim": args.head_dim},
+        "bound": {"matmul_tflops_same_dtype": peak / 1e12},
+        "rows": rows,
+    }
+    out = Path(args.out or ROOT / f"benchmarks/results/lightning-core-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"matmul ceiling (this run): {peak / 1e12:.1f} TFLOP/s; wrote {out}")
     return 0
 
 
