@@ -101,16 +101,17 @@ def matmul_rate(device, dtype=torch.float32) -> float:
 
 def core_rows(args, device) -> list[dict]:
     """The attention core alone, one sequence of ``T`` tokens from a zero state: the torch path
-    and, on CUDA, the Triton kernel (compared with each other), in the model dtype."""
-    from runtime.attention.lightning import lightning_forward
-
+    at each of ``--block-sizes`` and, on CUDA, the Triton kernel (each compared with the first),
+    in the model dtype."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     h, d = args.heads, args.head_dim
-    impls = {"torch": lightning_forward}
+    # name -> (function, block size)
+    impls = {f"torch B{b}": (partial(lightning_forward, block_size=b), b)
+             for b in args.block_sizes}  # fmt: skip
     if device.type == "cuda":
-        from runtime.attention.triton_lightning import lightning_prefill_triton
+        from runtime.attention.triton_lightning import BLOCK, lightning_prefill_triton
 
-        impls["triton"] = lightning_prefill_triton
+        impls[f"triton B{BLOCK}"] = (lightning_prefill_triton, BLOCK)
     slopes = (2.0 ** (-8.0 * torch.arange(1, h + 1) / h)).to(device)
     rows = []
     for T in args.contexts:
@@ -118,27 +119,22 @@ def core_rows(args, device) -> list[dict]:
         q, k, v = (torch.randn(T, h, d, generator=g).to(device, dtype) / d**0.25 for _ in range(3))
         best: dict[str, float] = {}
         outs = {}
-        for _ in range(args.repeats):
-            for name, fn in impls.items():
+        for _ in range(args.repeats):  # interleaved: load changes hit every variant
+            for name, (fn, _b) in impls.items():
                 states = new_states(1, h, d, d, device)
-                sync(device)
                 sync(device)
                 t = time.perf_counter()
                 outs[name] = fn(q, k, v, slopes, [T], states)
                 sync(device)
                 _keep_best(best, name, time.perf_counter() - t)
-        # arithmetic of the tiled form: intra 4 B d (whole blocks), inter 4 d^2, a token and head
-        flops = {"torch": T * h * (4 * BLOCK_SIZE * d + 4 * d * d)}
-        if "triton" in impls:
-            from runtime.attention.triton_lightning import BLOCK
-
-            flops["triton"] = T * h * (4 * BLOCK * d + 4 * d * d)
+        # arithmetic of the tiled form, a token and head: intra 4 B d (whole blocks), inter 4 d^2
+        flops = {n: T * h * (4 * b * d + 4 * d * d) for n, (_f, b) in impls.items()}
+        first = next(iter(impls))
         row = {"context": T, "dtype": str(dtype).removeprefix("torch."),
                "ms": {n: 1e3 * b for n, b in best.items()},
                "tokens_per_s": {n: T / b for n, b in best.items()},
-               "tflops": {n: flops[n] / best[n] / 1e12 for n in best}}  # fmt: skip
-        if "triton" in outs:
-            row["triton_vs_torch_max_rel_diff"] = rel(outs["triton"], outs["torch"])
+               "tflops": {n: flops[n] / best[n] / 1e12 for n in best},
+               f"max_rel_diff_vs_{first}": {n: rel(outs[n], outs[first]) for n in outs}}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -162,6 +158,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--core", action="store_true", help="time the attention core alone")
+    ap.add_argument(
+        "--block-sizes", type=int, nargs="+", default=[BLOCK_SIZE], help="--core: torch path's"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -128,6 +128,10 @@ def test_bfloat16_inputs_accumulate_in_float32():
             lambda q, k, v, s: lightning_forward(q, k, v, s, [3, 3], new_states(2, H, D, E)),
             "add up to 6",
         ),  # fmt: skip
+        (
+            lambda q, k, v, s: lightning_forward(q, k, v, s, [10], new_states(1, H, D, D)),
+            r"states must be \[N, H, D, E\]",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(call, match):

@@ -99,6 +99,9 @@ def test_kernel_equals_torch_path_in_float32():
 def test_bad_shapes_are_one_clear_line():
     q, k, v, states, slopes = _case([5], 16, 16, torch.float32)
     with pytest.raises(ValueError, match="value dim E=24"):
-        lightning_prefill_triton(q, k, v[..., :12].repeat(1, 1, 2), slopes, [5], states)
+        v24 = v[..., :12].repeat(1, 1, 2)
+        lightning_prefill_triton(q, k, v24, slopes, [5], torch.zeros(1, H, 16, 24, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous float32"):
         lightning_prefill_triton(q, k, v, slopes, [5], states.double())
+    with pytest.raises(ValueError, match="2 sequences but 1 states"):
+        lightning_prefill_triton(q, k, v, slopes, [2, 3], states)

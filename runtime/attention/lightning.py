@@ -37,6 +37,26 @@ import torch
 BLOCK_SIZE = 64
 
 
+def check_step(q, k, v, slopes, query_lens: list[int], states: torch.Tensor) -> None:
+    """A packed step's inputs agree: shapes (see :func:`lightning_forward`), one state per
+    sequence, and the sequences' lengths adding up to the rows. One line naming the mismatch."""
+    _check(q, k, v, slopes)
+    if len(query_lens) != states.shape[0]:
+        raise ValueError(
+            f"lightning attention: {len(query_lens)} sequences but {states.shape[0]} states"
+        )
+    if sum(query_lens) != q.shape[0]:
+        raise ValueError(
+            f"lightning attention: query_lens add up to {sum(query_lens)}, q has {q.shape[0]} rows"
+        )
+    want = (q.shape[1], q.shape[2], v.shape[2])
+    if tuple(states.shape[1:]) != want:
+        raise ValueError(
+            f"lightning attention: states must be [N, H, D, E] = [N, {want[0]}, {want[1]}, "
+            f"{want[2]}]; got {tuple(states.shape)}"
+        )
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor) -> None:
     if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
         raise ValueError(
@@ -121,7 +141,7 @@ class _Decays:
         self.key = torch.exp(-s * (n - 1 - i).view(n, 1))  # [H, n, 1]
         self.block = torch.exp(-s * n)  # [H, 1, 1]
         gap = i.view(n, 1) - i.view(1, n)
-        # exp(-inf) = 0 above the diagonal; no 0 * inf anywhere
+        # 0 above the diagonal; the gap is clamped first, so no exp of a positive number overflows
         self.mask = torch.exp(-s * gap.clamp(min=0)).masked_fill(gap < 0, 0.0)  # [H, n, n]
 
 
@@ -151,14 +171,7 @@ def lightning_forward(
     ``k``, ``v`` (``[T, H, D]``, ``[T, H, E]``) and the state ``states[b]``, which is advanced
     in place. A step of single tokens (decode) runs as one batched update; otherwise each
     sequence is a tiled prefill from its state. Returns ``out [T, H, E]``."""
-    if len(query_lens) != states.shape[0]:
-        raise ValueError(
-            f"lightning attention: {len(query_lens)} sequences but {states.shape[0]} states"
-        )
-    if sum(query_lens) != q.shape[0]:
-        raise ValueError(
-            f"lightning attention: query_lens add up to {sum(query_lens)}, q has {q.shape[0]} rows"
-        )
+    check_step(q, k, v, slopes, query_lens, states)
     if all(n == 1 for n in query_lens):
         return lightning_decode(q, k, v, slopes, states)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
@@ -172,6 +185,7 @@ def lightning_forward(
 
 __all__ = [
     "BLOCK_SIZE",
+    "check_step",
     "lightning_decode",
     "lightning_forward",
     "lightning_prefill",

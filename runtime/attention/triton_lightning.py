@@ -5,7 +5,8 @@ The arithmetic is ``runtime.attention.lightning``'s (see its docstring): per blo
 ``BLOCK`` tokens the intra part ``((Q K^T) * M) V`` with the decay mask, the inter part
 ``(Q * lambda^(i+1)) S``, then ``S <- lambda^n S + (K * lambda^(n-1-j))^T V``. The state never
 leaves the program between blocks (Lightning Attention-2 keeps it in SRAM the same way), so a
-sequence's K/V are read once and the state is read and written once per step. Products take the
+sequence's Q/K are read once per value slice, V once, and the state is read and written once per
+step. Products take the
 inputs' dtype with float32 accumulation (float32 inputs: exact float32 products); the state is
 float32 throughout.
 
@@ -20,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.attention.lightning import check_step
 from runtime.attention.triton_prefill import _cast, _mma, dot_mode
 
 BLOCK = 64  # tokens per block (tl.dot needs >= 16)
@@ -57,7 +59,7 @@ def _lightning_prefill_kernel(
     i = tl.arange(0, BLOCK)
     d = tl.arange(0, D)
     e = e0 + tl.arange(0, BLOCK_E)
-    st_ptr = STATE + ((n * H + h) * D + d[:, None]) * E + e[None, :]
+    st_ptr = STATE + ((n.to(tl.int64) * H + h) * D + d[:, None]) * E + e[None, :]
     state = tl.load(st_ptr)  # [D, BLOCK_E] float32
     q_decay = tl.exp(-s * (i + 1).to(tl.float32))
     gap = (i[:, None] - i[None, :]).to(tl.float32)
@@ -109,6 +111,7 @@ def lightning_prefill_triton(
     """Packed sequences (``runtime.attention.lightning.lightning_forward``'s contract): ``q``/``k``
     ``[T, H, D]``, ``v [T, H, E]``, ``slopes [H]``, ``states [N, H, D, E]`` float32 advanced in
     place. ``D`` and ``E`` powers of two >= 16. Returns ``out [T, H, E]`` in ``q``'s dtype."""
+    check_step(q, k, v, slopes, query_lens, states)
     T, H, D = q.shape
     E = v.shape[2]
     for name, n in (("head dim D", D), ("value dim E", E)):
