@@ -15,9 +15,11 @@ Outputs are compared (max relative difference, asserted below 1e-4). Beside each
 is the layer's arithmetic (projections and attention core, counted) over the time, against
 this machine's float32 matrix-product rate measured in the same run.
 
-``--core`` times the attention core alone instead (one sequence from a zero state): the torch
-path and, on CUDA, the Triton kernel, compared with each other, in the model dtype (float32 on
-the CPU, bfloat16 on CUDA), beside the matrix-product rate of that dtype.
+``--core`` times the attention core alone instead, in the model dtype (float32 on the CPU,
+bfloat16 on CUDA): prefill of one sequence from a zero state by the torch path at each
+``--block-sizes`` and, on CUDA, the Triton kernel (outputs compared), beside the matrix-product
+rate of that dtype; and one decode step of ``--decode-batch`` sequences (torch update, Triton
+kernel on CUDA) with the states' bytes read and written over its time.
 
     python scripts/bench_lightning.py --contexts 4096 16384 65536      # 2-core CPU
     python scripts/bench_lightning.py --core --device cuda --heads 64 \
@@ -43,7 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runtime.attention.lightning import BLOCK_SIZE, lightning_forward, new_states  # noqa: E402
+from runtime.attention.lightning import (  # noqa: E402
+    BLOCK_SIZE,
+    lightning_decode,
+    lightning_forward,
+    new_states,
+)
 from runtime.device import device_info  # noqa: E402
 
 
@@ -137,7 +144,38 @@ def core_rows(args, device) -> list[dict]:
                f"max_rel_diff_vs_{first}": {n: rel(outs[n], outs[first]) for n in outs}}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
+    rows.append(decode_row(args, device, dtype, slopes))
+    print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def decode_row(args, device, dtype, slopes) -> dict:
+    """One decode step of ``--decode-batch`` sequences: the torch update and, on CUDA, the
+    Triton kernel; the states' bytes read and written over the time (the step's floor)."""
+    h, d, n = args.heads, args.head_dim, args.decode_batch
+    impls = {"torch": lightning_decode}
+    if device.type == "cuda":
+        from runtime.attention.triton_lightning import lightning_decode_triton
+
+        impls["triton"] = lightning_decode_triton
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, h, d, generator=g).to(device, dtype) / d**0.25 for _ in range(3))
+    base = torch.randn(n, h, d, d, generator=g).to(device)
+    best: dict[str, float] = {}
+    outs = {}
+    for _ in range(args.repeats):
+        for name, fn in impls.items():
+            states = base.clone()
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(10):
+                outs[name] = fn(q, k, v, slopes, states)
+            sync(device)
+            _keep_best(best, name, (time.perf_counter() - t) / 10)
+    state_bytes = 2 * n * h * d * d * 4  # each step reads and writes every state once
+    return {"decode_batch": n, "dtype": str(dtype).removeprefix("torch."),
+            "us_per_step": {k_: 1e6 * b for k_, b in best.items()},
+            "state_gbps": {k_: state_bytes / b / 1e9 for k_, b in best.items()}}  # fmt: skip
 
 
 def _keep_best(best: dict[str, float], name: str, seconds: float) -> None:
@@ -158,6 +196,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--core", action="store_true", help="time the attention core alone")
+    ap.add_argument("--decode-batch", type=int, default=16, help="--core: sequences a step")
     ap.add_argument(
         "--block-sizes", type=int, nargs="+", default=[BLOCK_SIZE], help="--core: torch path's"
     )

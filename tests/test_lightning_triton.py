@@ -22,9 +22,12 @@ if not ON_GPU:
 triton = pytest.importorskip("triton")
 NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
 
-from runtime.attention.lightning import lightning_forward  # noqa: E402
+from runtime.attention.lightning import lightning_decode, lightning_forward  # noqa: E402
 from runtime.attention.lightning_reference import reference_lightning  # noqa: E402
-from runtime.attention.triton_lightning import lightning_prefill_triton  # noqa: E402
+from runtime.attention.triton_lightning import (  # noqa: E402
+    lightning_decode_triton,
+    lightning_prefill_triton,
+)
 
 if ON_GPU:
     H, DIMS, MIXES = 8, [(128, 128), (64, 64)], [[1], [63], [4096 + 17], [1, 500, 64, 2000]]
@@ -94,6 +97,43 @@ def test_kernel_equals_torch_path_in_float32():
     got = lightning_prefill_triton(q, k, v, slopes, lens, states)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert (states - s_torch).abs().max().item() <= 1e-5 * s_torch.abs().max().item()
+
+
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_matches_definition_and_torch(dims, dtype):
+    N = 5
+    q, k, v, states, slopes = _case([1] * N, *dims, dtype, seed=2)
+    s_torch = states.clone()
+    start = states.clone()
+    got = lightning_decode_triton(q, k, v, slopes, states)
+    want = lightning_decode(q, k, v, slopes, s_torch)
+    # both do float32 arithmetic on the same inputs: equal to float32 rounding
+    assert (got.float() - want.float()).abs().max().item() <= TOL[dtype] * want.abs().max().item()
+    assert (states - s_torch).abs().max().item() <= 1e-5 * s_torch.abs().max().item()
+    for b in range(N):
+        ref_out, ref_state = reference_lightning(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], slopes, start[b]
+        )
+        assert (got[b : b + 1].double() - ref_out).abs().max() <= TOL[dtype] * ref_out.abs().max()
+        assert (states[b].double() - ref_state).abs().max() <= 1e-5 * ref_state.abs().max()
+
+
+def test_prefill_then_decode_kernels_equal_one_prefill():
+    """A prompt through the prefill kernel, then tokens one at a time through the decode kernel:
+    the outputs and the state of one prefill of the whole text."""
+    n, extra = MIXES[-1][-1], 4
+    q, k, v, states, slopes = _case([n + extra], *DIMS[0], torch.float32, seed=9)
+    whole_state = states.clone()
+    whole = lightning_prefill_triton(q, k, v, slopes, [n + extra], whole_state)
+    parts = [lightning_prefill_triton(q[:n], k[:n], v[:n], slopes, [n], states)]
+    for t in range(n, n + extra):
+        parts.append(
+            lightning_decode_triton(q[t : t + 1], k[t : t + 1], v[t : t + 1], slopes, states)
+        )
+    got = torch.cat(parts)
+    assert (got - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()
+    assert (states - whole_state).abs().max().item() <= 1e-5 * whole_state.abs().max().item()
 
 
 def test_bad_shapes_are_one_clear_line():

@@ -94,6 +94,55 @@ def _lightning_prefill_kernel(
     tl.store(st_ptr, state)
 
 
+@triton.jit
+def _lightning_decode_kernel(
+    Q,
+    K,
+    V,
+    OUT,
+    SLOPES,
+    STATE,
+    stride_qn,
+    stride_qh,
+    stride_vn,
+    stride_vh,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    seq_head = tl.program_id(0)
+    n = seq_head // H
+    h = seq_head % H
+    d = tl.arange(0, D)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    st_ptr = STATE + ((n.to(tl.int64) * H + h) * D + d[:, None]) * E + e[None, :]
+    lam = tl.exp(-tl.load(SLOPES + h))
+    q = tl.load(Q + n * stride_qn + h * stride_qh + d).to(tl.float32)
+    k = tl.load(K + n * stride_qn + h * stride_qh + d).to(tl.float32)
+    v = tl.load(V + n * stride_vn + h * stride_vh + e).to(tl.float32)
+    # the state is read once and written once: S <- lambda S + k^T v, then o = q S
+    state = tl.load(st_ptr) * lam + k[:, None] * v[None, :]
+    tl.store(st_ptr, state)
+    o = tl.sum(q[:, None] * state, axis=0)
+    tl.store(OUT + n * stride_vn + h * stride_vh + e, o.to(OUT.dtype.element_ty))
+
+
+def _check_layout(q, k, v, states, D: int, E: int) -> None:
+    """What the kernels assume beyond :func:`check_step`: power-of-two head sizes, a contiguous
+    float32 state, q and k in one layout, unit stride along the head dim."""
+    for name, n in (("head dim D", D), ("value dim E", E)):
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"lightning triton kernel: {name}={n}; needs a power of two >= 16")
+    if states.dtype != torch.float32 or not states.is_contiguous():
+        raise ValueError("lightning triton kernel: states must be contiguous float32 [N, H, D, E]")
+    if k.stride() != q.stride():
+        raise ValueError("lightning triton kernel: q and k must share one layout")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(2) != 1:
+            raise ValueError(f"lightning triton kernel: {name}'s last dim must be contiguous")
+
+
 def _block_e(e: int) -> int:
     """The value slice of one program: the whole head up to 64 columns (the state tile is then
     D x 64 float32 in registers), else 64."""
@@ -114,16 +163,7 @@ def lightning_prefill_triton(
     check_step(q, k, v, slopes, query_lens, states)
     T, H, D = q.shape
     E = v.shape[2]
-    for name, n in (("head dim D", D), ("value dim E", E)):
-        if n < 16 or n & (n - 1):
-            raise ValueError(f"lightning triton kernel: {name}={n}; needs a power of two >= 16")
-    if states.dtype != torch.float32 or not states.is_contiguous():
-        raise ValueError("lightning triton kernel: states must be contiguous float32 [N, H, D, E]")
-    if k.stride() != q.stride():
-        raise ValueError("lightning triton kernel: q and k must share one layout")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.stride(2) != 1:
-            raise ValueError(f"lightning triton kernel: {name}'s last dim must be contiguous")
+    _check_layout(q, k, v, states, D, E)
     cu = [0]
     for n in query_lens:
         cu.append(cu[-1] + n)
@@ -151,5 +191,38 @@ def lightning_prefill_triton(
         BLOCK=BLOCK,
         BLOCK_E=be,
         DOT_MODE=dot_mode(q.dtype, q.device),
+    )
+    return out
+
+
+def lightning_decode_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, states: torch.Tensor
+) -> torch.Tensor:
+    """One token for each of ``N`` sequences (``lightning.lightning_decode``'s contract), with
+    each ``[D, E]`` state read and written once: ``q``/``k`` ``[N, H, D]``, ``v [N, H, E]``,
+    ``states [N, H, D, E]`` contiguous float32, advanced in place. Returns ``out [N, H, E]``."""
+    N, H, D = q.shape
+    E = v.shape[2]
+    check_step(q, k, v, slopes, [1] * N, states)
+    _check_layout(q, k, v, states, D, E)
+    out = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
+    if out.stride() != v.stride():
+        v = v.contiguous()
+    be = _block_e(E)
+    _lightning_decode_kernel[(N * H, E // be)](
+        q,
+        k,
+        v,
+        out,
+        slopes.to(device=q.device, dtype=torch.float32).contiguous(),
+        states,
+        q.stride(0),
+        q.stride(1),
+        v.stride(0),
+        v.stride(1),
+        H=H,
+        D=D,
+        E=E,
+        BLOCK_E=be,
     )
     return out
