@@ -270,7 +270,7 @@ def main() -> int:
         }  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\nmatmul ceiling (float32 2048^3, this run): {peak / 1e9:.0f} GFLOP/s")
+    print(f"\nmatmul ceiling (float32 4096^3, this run): {peak / 1e9:.0f} GFLOP/s")
     print(f"{'T':>7} {'prefill tok/s ours / hf':>26} {'x':>6} {'GFLOP/s':>8} "
           f"{'+' + str(args.chunk) + ' ms ours / hf':>22} {'x':>6} {'decode ms ours / hf':>20} {'x':>6}")  # fmt: skip
     for r in rows:

@@ -31,9 +31,10 @@ import torch
 
 # tokens per block: per token and head the intra part costs 4*B*D (the block's triangle counted
 # whole) and the inter part 4*D*E, so small blocks save arithmetic until the per-block work (one
-# state update, a few small products) dominates. On the 2-core CPU at D = E = 128, 4K tokens, 8
-# heads: 64 runs 1.2x transformers' 256-token loop, 128 1.17x, 256 1.0x (interleaved best of 8).
-# The result does not depend on it beyond float rounding.
+# state update, a few small products) dominates. On the 2-core CPU at D = E = 128, 8 heads, 4K /
+# 16K / 64K tokens: 105K / 85K / 112K tokens/s at 64, 96K / 81K / 105K at 128, 68K / 60K / 84K
+# at 256 (benchmarks/results/lightning-core-cpu.json). The result does not depend on it beyond
+# float rounding.
 BLOCK_SIZE = 64
 
 
@@ -93,40 +94,29 @@ def lightning_prefill(
     if T == 0:
         return q.new_empty(0, H, v.shape[2])
     s = slopes.to(device=q.device, dtype=torch.float32).view(H, 1, 1)
-    # head-major float32 copies: every block's products then read dense [B, D] tiles
-    qh, kh, vh = (_head_major(x) for x in (q, k, v))
-    out = torch.empty(H, T, v.shape[2], dtype=torch.float32, device=q.device)
+    out = torch.empty(T, H, v.shape[2], dtype=q.dtype, device=q.device)
     B = min(block_size, T)
     full = T // B
-    if full:
-        d = _Decays(s, B)
-        # the decays depend on the place in the block only: applied to every full block at once
-        nb = full * B
-        qd = (qh[:, :nb].view(H, full, B, D) * d.query.unsqueeze(1)).view(H, nb, D)
-        kd = (kh[:, :nb].view(H, full, B, D) * d.key.unsqueeze(1)).view(H, nb, D)
-        for a in range(0, nb, B):
-            z = a + B
-            # intra, then inter added into the same buffer, then the state moves past the block
-            scores = torch.matmul(qh[:, a:z], kh[:, a:z].transpose(-1, -2)).mul_(d.mask)
-            out[:, a:z] = torch.matmul(scores, vh[:, a:z]).baddbmm_(qd[:, a:z], state)
-            state.mul_(d.block).baddbmm_(kd[:, a:z].transpose(-1, -2), vh[:, a:z])
+    d = _Decays(s, B)
+    # block by block over [H, B, .] views of the [T, H, .] inputs (the products take the strides):
+    # only block-sized temporaries, which the allocator hands back each block, never a whole
+    # sequence's copy (at 64K tokens those were most of a CPU's time, in page faults)
+    for a in range(0, full * B, B):
+        out[a : a + B] = _block(q[a : a + B], k[a : a + B], v[a : a + B], state, d).transpose(0, 1)
     if full * B < T:  # the last, shorter block, with its own decays
         a = full * B
-        out[:, a:] = _block(qh[:, a:], kh[:, a:], vh[:, a:], state, _Decays(s, T - a))
-    return out.transpose(0, 1).to(q.dtype)
-
-
-def _head_major(x: torch.Tensor) -> torch.Tensor:
-    """``[T, H, n]`` -> a new contiguous float32 ``[H, T, n]`` (one copy whatever the dtype)."""
-    out = torch.empty(x.shape[1], x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
-    return out.copy_(x.transpose(0, 1))
+        out[a:] = _block(q[a:], k[a:], v[a:], state, _Decays(s, T - a)).transpose(0, 1)
+    return out
 
 
 def _block(q, k, v, state: torch.Tensor, d: _Decays) -> torch.Tensor:
-    """One block ``[H, n, .]`` (n = the decays' length): its output; ``state`` advanced."""
-    o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)).mul_(d.mask), v)
-    o += torch.matmul(q * d.query, state)
-    state.mul_(d.block).add_(torch.matmul((k * d.key).transpose(-1, -2), v))
+    """One block of ``n`` tokens (the decays' length), ``q``/``k`` ``[n, H, D]``, ``v [n, H, E]``:
+    its float32 output ``[H, n, E]``; ``state`` advanced past it."""
+    qb, kb, vb = (x.transpose(0, 1).float() for x in (q, k, v))  # [H, n, .]
+    # intra, then inter added into the same buffer, then the state moves past the block
+    o = torch.matmul(torch.matmul(qb, kb.transpose(-1, -2)).mul_(d.mask), vb)
+    o.baddbmm_(qb * d.query, state)
+    state.mul_(d.block).baddbmm_((kb * d.key).transpose(-1, -2), vb)
     return o
 
 
