@@ -279,37 +279,39 @@ def main() -> int:
               f"{r['prefill_speedup']:>6.2f} {r['prefill_gflops_tilerun']:>8.0f} "
               f"{c['tilerun']:>10.1f} / {c['transformers']:>9.1f} {r['continue_speedup']:>6.2f} "
               f"{dd['tilerun']:>9.2f} / {dd['transformers']:>8.2f} {r['decode_speedup']:>6.2f}")  # fmt: skip
-    import transformers
-
-    name = device_info(device).name
-    result = {
-        "benchmark": "lightning attention layer (MiniMax), tilerun core vs transformers",
-        "command": "python " + " ".join(sys.argv),
-        "device": f"{device.type}: {name}, {torch.get_num_threads()} threads",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },  # fmt: skip
-        "shape": {"heads": h, "head_dim": d, "hidden": h * d, "block_size": BLOCK_SIZE},
-        "bound": {"float32_matmul_gflops": peak / 1e9},
-        "rows": rows,
-    }
-    out = Path(args.out or ROOT / f"benchmarks/results/lightning-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
-    return 0
+    return write_result(
+        args,
+        device,
+        "lightning attention layer (MiniMax), tilerun core vs transformers",
+        {"heads": h, "head_dim": d, "hidden": h * d, "block_size": BLOCK_SIZE},
+        {"float32_matmul_gflops": peak / 1e9},
+        rows,
+        f"lightning-{device.type}.json",
+    )
 
 
 def write_core(args, device) -> int:
-    import transformers
-
     peak = matmul_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = core_rows(args, device)
+    write_result(
+        args,
+        device,
+        "lightning attention core: torch path and Triton kernel",
+        {"heads": args.heads, "head_dim": args.head_dim},
+        {"matmul_tflops_same_dtype": peak / 1e12},
+        rows,
+        f"lightning-core-{device.type}.json",
+    )
+    print(f"matmul ceiling (this run): {peak / 1e12:.1f} TFLOP/s")
+    return 0
+
+
+def write_result(args, device, benchmark: str, shape, bound, rows, default_name: str) -> int:
+    """The results file: what ran, where, when, with which versions, its bound and its rows."""
+    import transformers
+
     result = {
-        "benchmark": "lightning attention core: torch path and Triton kernel",
+        "benchmark": benchmark,
         "command": "python " + " ".join(sys.argv),
         "device": f"{device.type}: {device_info(device).name}, {torch.get_num_threads()} threads",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -317,15 +319,15 @@ def write_core(args, device) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-        },  # fmt: skip
-        "shape": {"heads": args.heads, "head_dim": args.head_dim},
-        "bound": {"matmul_tflops_same_dtype": peak / 1e12},
+        },
+        "shape": shape,
+        "bound": bound,
         "rows": rows,
     }
-    out = Path(args.out or ROOT / f"benchmarks/results/lightning-core-{device.type}.json")
+    out = Path(args.out or ROOT / "benchmarks/results" / default_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"matmul ceiling (this run): {peak / 1e12:.1f} TFLOP/s; wrote {out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -10,36 +10,23 @@ on a GPU the same tests run at real shapes.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-if not ON_GPU:
-    # Triton decides interpreter or compiler when `@triton.jit` decorates a function, its own
-    # `triton.language` helpers included, so this must precede the first `import triton`.
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.interpreter import DEVICE, ON_GPU, guard, rerun
 
-triton = pytest.importorskip("triton")
+# isort: split
 
-# If something earlier in this pytest session imported triton without the interpreter, its
-# language helpers are compiled-mode objects that cannot run on the CPU: rerun this file alone.
-NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
-
-from runtime.attention import (  # noqa: E402
+from runtime.attention import (
     triton_backend,
     triton_decode,
     triton_prefill,
     triton_prefill_hopper,
 )
-from runtime.attention.base import AttentionBackend, AttentionMetadata  # noqa: E402
-from runtime.attention.reference import gather_kv, reference_attention  # noqa: E402
+from runtime.attention.base import AttentionBackend, AttentionMetadata
+from runtime.attention.reference import gather_kv, reference_attention
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -59,21 +46,13 @@ else:
 
 @pytest.fixture(autouse=True)
 def _fresh_process_guard(request):
-    if NEEDS_FRESH_PROCESS and request.node.originalname != "test_in_fresh_interpreter_process":
-        pytest.skip("triton was imported without TRITON_INTERPRET; covered by the rerun test")
+    guard(request)
 
 
 @pytest.mark.slow
 def test_in_fresh_interpreter_process():
     """Rerun this file in a new process with the interpreter on from the start."""
-    if not NEEDS_FRESH_PROCESS:
-        pytest.skip("the kernels run in this process")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    rerun(__file__)
 
 
 def _fast(values, keep):

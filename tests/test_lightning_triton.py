@@ -5,26 +5,16 @@ on a GPU the same tests run at real shapes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-if not ON_GPU:
-    # must precede the first `import triton` (see tests/test_attention_triton.py)
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.interpreter import DEVICE, ON_GPU, guard, rerun
 
-triton = pytest.importorskip("triton")
-NEEDS_FRESH_PROCESS = not ON_GPU and type(triton.language.zeros).__name__ != "InterpretedFunction"
+# isort: split
 
-from runtime.attention.lightning import lightning_decode, lightning_forward  # noqa: E402
-from runtime.attention.lightning_reference import reference_lightning  # noqa: E402
-from runtime.attention.triton_lightning import (  # noqa: E402
+from runtime.attention.lightning import lightning_decode, lightning_forward
+from runtime.attention.lightning_reference import reference_lightning
+from runtime.attention.triton_lightning import (
     lightning_decode_triton,
     lightning_prefill_triton,
 )
@@ -41,21 +31,13 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 @pytest.fixture(autouse=True)
 def _fresh_process_guard(request):
-    if NEEDS_FRESH_PROCESS and request.node.originalname != "test_in_fresh_interpreter_process":
-        pytest.skip("triton was imported without TRITON_INTERPRET; covered by the rerun test")
+    guard(request)
 
 
 @pytest.mark.slow
 def test_in_fresh_interpreter_process():
     """Rerun this file in a new process with the interpreter on from the start."""
-    if not NEEDS_FRESH_PROCESS:
-        pytest.skip("the kernel runs in this process")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    rerun(__file__)
 
 
 def _case(lens, D, E, dtype, seed=0):
