@@ -105,6 +105,22 @@ def test_decode_batch_matches_definition():
         assert _rel(states[b], rs) < 1e-6
 
 
+def test_decode_of_non_contiguous_states():
+    """States that are a strided view (a slice of a larger store) advance in place too."""
+    N = 3
+    g = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(N, H, D, generator=g) for _ in range(2))
+    v = torch.randn(N, H, E, generator=g)
+    store = torch.randn(N, H, E, D, generator=g)
+    states = store.transpose(-1, -2)  # [N, H, D, E], not contiguous
+    start = states.clone()
+    out = lightning_decode(q, k, v, SLOPES, states)
+    for b in range(N):
+        ro, rs = reference_lightning(q[b : b + 1], k[b : b + 1], v[b : b + 1], SLOPES, start[b])
+        assert _rel(out[b : b + 1], ro) < 1e-6
+        assert _rel(store[b].transpose(-1, -2), rs) < 1e-6
+
+
 def test_bfloat16_inputs_accumulate_in_float32():
     q, k, v, state = _inputs(700, seed=4, dtype=torch.bfloat16)
     ref_out, ref_state = reference_lightning(q, k, v, SLOPES, state)
