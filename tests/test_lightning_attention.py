@@ -121,6 +121,17 @@ def test_decode_of_non_contiguous_states():
         assert _rel(store[b].transpose(-1, -2), rs) < 1e-6
 
 
+def test_prefill_into_a_strided_state():
+    """A state that is a strided view (a slice of a larger store) advances in place."""
+    q, k, v, _ = _inputs(300, seed=12)
+    store = torch.randn(H, E, D)
+    state = store.transpose(-1, -2)  # [H, D, E], not contiguous
+    ref_out, ref_state = reference_lightning(q, k, v, SLOPES, state.clone())
+    out = lightning_prefill(q, k, v, SLOPES, state)
+    assert _rel(out, ref_out) < 1e-5
+    assert _rel(store.transpose(-1, -2), ref_state) < 1e-5
+
+
 def test_bfloat16_inputs_accumulate_in_float32():
     q, k, v, state = _inputs(700, seed=4, dtype=torch.bfloat16)
     ref_out, ref_state = reference_lightning(q, k, v, SLOPES, state)
@@ -147,6 +158,10 @@ def test_bfloat16_inputs_accumulate_in_float32():
         (
             lambda q, k, v, s: lightning_forward(q, k, v, s, [10], new_states(1, H, D, D)),
             r"states must be \[N, H, D, E\]",
+        ),
+        (
+            lambda q, k, v, s: lightning_prefill(q, k, v, s, torch.zeros(H, D, E).bfloat16()),
+            "states are float32",
         ),
     ],
 )

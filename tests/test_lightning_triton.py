@@ -123,7 +123,9 @@ def test_bad_shapes_are_one_clear_line():
     with pytest.raises(ValueError, match="value dim E=24"):
         v24 = v[..., :12].repeat(1, 1, 2)
         lightning_prefill_triton(q, k, v24, slopes, [5], torch.zeros(1, H, 16, 24, device=DEVICE))
-    with pytest.raises(ValueError, match="contiguous float32"):
+    with pytest.raises(ValueError, match="states are float32"):
         lightning_prefill_triton(q, k, v, slopes, [5], states.double())
+    with pytest.raises(ValueError, match="contiguous float32"):
+        lightning_prefill_triton(q, k, v, slopes, [5], states.transpose(-1, -2))
     with pytest.raises(ValueError, match="2 sequences but 1 states"):
         lightning_prefill_triton(q, k, v, slopes, [2, 3], states)

@@ -1,7 +1,7 @@
 """Lightning attention: linear attention with a per-head exponential decay, tiled into blocks.
 
 What a lightning layer computes (TransNormerLLM, MiniMax-01): for head ``h`` with decay rate
-``s_h > 0`` and ``lambda_h = exp(-s_h)``, query ``t`` reads every earlier token through
+``s_h >= 0`` and ``lambda_h = exp(-s_h)``, query ``t`` reads every earlier token through
 
     o_t = sum_{j <= t} lambda_h^(t - j) (q_t . k_j) v_j
 
@@ -18,9 +18,8 @@ products instead of a T-step recurrence or a cumulative sum:
   state at the block's start, then ``S <- lambda^n S + (K * lambda^(n - 1 - j))^T V`` for a
   block of ``n`` tokens.
 
-Here every full block's intra part and key contribution are batched matrix products over many
-blocks at once; only the state scan (one ``[H, D, E]`` multiply-add per block) is a loop. A
-prefill may continue from a state (chunked prefill, or a prompt appended to a conversation),
+Here the blocks are walked in order, each a handful of products batched over the heads on
+strided views of the packed inputs (no copy of the sequence). A prefill may continue from a state (chunked prefill, or a prompt appended to a conversation),
 which gives the same result as one prefill of the whole text. All arithmetic is float32 (the
 state stays float32 between steps); outputs come back in the inputs' dtype.
 """
@@ -51,10 +50,15 @@ def check_step(q, k, v, slopes, query_lens: list[int], states: torch.Tensor) -> 
             f"lightning attention: query_lens add up to {sum(query_lens)}, q has {q.shape[0]} rows"
         )
     want = (q.shape[1], q.shape[2], v.shape[2])
-    if tuple(states.shape[1:]) != want:
+    if states.dim() != 4 or tuple(states.shape[1:]) != want:
         raise ValueError(
             f"lightning attention: states must be [N, H, D, E] = [N, {want[0]}, {want[1]}, "
             f"{want[2]}]; got {tuple(states.shape)}"
+        )
+    if states.dtype != torch.float32:
+        raise ValueError(
+            f"lightning attention: states are float32 (they add up every token's k^T v); got "
+            f"{states.dtype}: make them with new_states()"
         )
 
 
@@ -87,7 +91,7 @@ def lightning_prefill(
     """One sequence's ``T`` new tokens: ``q``/``k`` ``[T, H, D]``, ``v`` ``[T, H, E]``, decay
     rates ``slopes [H]``; ``state [H, D, E]`` float32 is the state before the first of them and
     is advanced past the last, in place. Returns ``out [T, H, E]`` in ``q``'s dtype."""
-    _check(q, k, v, slopes)
+    check_step(q, k, v, slopes, [q.shape[0]], state.unsqueeze(0))
     if block_size < 1:
         raise ValueError(f"lightning attention: block_size must be >= 1, got {block_size}")
     T, H, D = q.shape
