@@ -61,7 +61,9 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU)."""
+    """Shape and numerics of a Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU), or of a
+    MiniMax-01-style hybrid (``model_type="minimax"``): lightning-attention and softmax-attention
+    layers by ``layer_types``, a mixture-of-experts MLP, and weighted residuals."""
 
     vocab_size: int
     hidden_size: int
@@ -78,6 +80,19 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     torch_dtype: str = "float32"
+    model_type: str = "llama"
+    # minimax: per layer "linear_attention" (lightning) or "full_attention" (softmax, paged KV)
+    layer_types: tuple[str, ...] | None = None
+    num_local_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    sliding_window: int | None = None
+    # minimax's weighted residuals: x = norm(x) * alpha + sublayer(norm(x)) * beta
+    full_attn_alpha_factor: float = 1.0
+    full_attn_beta_factor: float = 1.0
+    linear_attn_alpha_factor: float = 1.0
+    linear_attn_beta_factor: float = 1.0
+    mlp_alpha_factor: float = 1.0
+    mlp_beta_factor: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -137,6 +152,80 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"model_type={self.model_type!r}; tilerun runs {', '.join(MODEL_TYPES)}"
+            )
+        if self.model_type == "minimax":
+            self._check_minimax()
+        elif self.layer_types is not None and set(self.layer_types) != {"full_attention"}:
+            raise ConfigError(
+                f"layer_types {self.layer_types!r}: a {self.model_type} model has only "
+                "full_attention layers"
+            )
+
+    def _check_minimax(self) -> None:
+        n = self.num_hidden_layers
+        types = self.layer_types
+        if types is None:  # transformers' default: softmax on even layers, lightning on odd
+            types = tuple("full_attention" if (i + 1) % 2 else "linear_attention" for i in range(n))
+        if not isinstance(types, (list, tuple)) or len(types) != n:
+            raise ConfigError(f"layer_types must list one type per layer ({n}), got {types!r}")
+        bad = sorted({t for t in types} - set(LAYER_TYPES))
+        if bad:
+            raise ConfigError(f"layer_types: unknown {bad}; valid: {', '.join(LAYER_TYPES)}")
+        object.__setattr__(self, "layer_types", tuple(types))
+        if "full_attention" not in types:
+            raise ConfigError(
+                "layer_types has no full_attention layer; tilerun runs hybrids with at least one "
+                "softmax-attention layer (its KV cache sizes the pool)"
+            )
+        for name in ("num_local_experts", "num_experts_per_tok"):
+            _positive_int(name, getattr(self, name))
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                f"num_local_experts={self.num_local_experts}"
+            )
+        if self.sliding_window is not None:
+            raise ConfigError(
+                f"sliding_window={self.sliding_window}: tilerun's softmax layers attend to the "
+                "whole context; use a checkpoint without a sliding window"
+            )
+        for f in fields(self):
+            if f.name.endswith(("_alpha_factor", "_beta_factor")):
+                _number(f.name, getattr(self, f.name))
+
+    def unsupported_setting(self, tp: int = 1, kv_host_tokens: int | None = None) -> str | None:
+        """The one line saying what this model cannot run with yet, or None. Checked on the
+        driver before Ray starts (``cluster.preflight``) and again where a worker builds it."""
+        if self.num_lightning_layers and tp > 1:
+            return (
+                f"tp={tp}: models with lightning layers run on one device for now (the "
+                "lightning layers' output norm spans all heads, and experts are not sharded); "
+                "use tp=1"
+            )
+        if self.num_lightning_layers and kv_host_tokens:
+            return (
+                f"kv_host_tokens={kv_host_tokens}: a model with lightning layers keeps its KV "
+                "cache on the device for now; set kv_host_tokens to 0 or spill to off"
+            )
+        return None
+
+    def is_lightning(self, layer: int) -> bool:
+        """Whether layer ``layer`` is a lightning (linear) attention layer."""
+        return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def num_lightning_layers(self) -> int:
+        if self.layer_types is None:  # counted, never listed: a config may claim 10**9 layers
+            return 0
+        return self.layer_types.count("linear_attention")
+
+    @property
+    def num_kv_layers(self) -> int:
+        """The layers that keep a paged KV cache: the softmax-attention ones."""
+        return self.num_hidden_layers - self.num_lightning_layers
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -178,6 +267,8 @@ class ModelConfig:
                 raise ConfigError(f"{source}: bad rope_scaling: {e}") from e
         dtype = d.get("torch_dtype", d.get("dtype"))
         kw["torch_dtype"] = str(dtype) if dtype else "float32"
+        if isinstance(kw.get("layer_types"), list):
+            kw["layer_types"] = tuple(kw["layer_types"])
         try:
             return ModelConfig(**kw)
         except TypeError as e:  # wrong types surface here
@@ -203,11 +294,18 @@ class ModelConfig:
             )
         arch = d.get("architectures") or []
         mtype = d.get("model_type", "llama")
+        if mtype == "minimax" or "MiniMaxForCausalLM" in arch:
+            return ModelConfig.from_dict({**d, "model_type": "minimax"}, source=str(p))
         if mtype not in ("llama", "mistral", "qwen2") and not any("Llama" in a for a in arch):
             raise ConfigError(
-                f"{p}: model_type {mtype!r} is not a Llama-family model; tilerun runs llama"
+                f"{p}: model_type {mtype!r} is not a model tilerun runs; it runs the Llama "
+                "family (llama, mistral, qwen2) and MiniMax (lightning + softmax attention)"
             )
-        return ModelConfig.from_dict(d, source=str(p))
+        return ModelConfig.from_dict({**d, "model_type": "llama"}, source=str(p))
+
+
+MODEL_TYPES = ("llama", "minimax")
+LAYER_TYPES = ("full_attention", "linear_attention")
 
 
 def _positive_int(name: str, value: Any) -> None:

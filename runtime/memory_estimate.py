@@ -45,8 +45,11 @@ def parameter_count(c: ModelConfig, tp: int = 1) -> int:
     """Parameters one rank holds (attention and MLP sharded over ``tp``, the vocabulary too)."""
     q = c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
-    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
-    sharded = c.num_hidden_layers * per_layer
+    mlp = 3 * c.hidden_size * c.intermediate_size * (c.num_local_experts or 1)
+    softmax = c.hidden_size * (2 * q + 2 * kv)
+    lightning = c.hidden_size * 5 * q  # q|k|v, output gate, output projection
+    sharded = c.num_kv_layers * softmax + c.num_lightning_layers * lightning
+    sharded += c.num_hidden_layers * mlp
     vocab = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     replicated = (2 * c.num_hidden_layers + 1) * c.hidden_size  # norms
     return -(-(sharded + vocab) // tp) + replicated
@@ -66,7 +69,7 @@ def estimate(
     weights = parameter_count(c, tp) * elem
     kv_heads = max(c.num_key_value_heads // tp, 1)
     blocks = -(-max(kv_tokens, 1) // block_size)
-    kv = 2 * c.num_hidden_layers * blocks * block_size * kv_heads * c.head_dim * elem
+    kv = 2 * c.num_kv_layers * blocks * block_size * kv_heads * c.head_dim * elem
     t = prefill_chunk
     # a few hidden- and intermediate-sized tensors of one chunk (per rank share of the MLP), the
     # chunk's attention scores tile by tile, and float32 logits of the rows that sample

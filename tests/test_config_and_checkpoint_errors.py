@@ -58,7 +58,7 @@ def test_hf_config_json_errors(tmp_path):
     with pytest.raises(ConfigError, match="invalid JSON at line 2"):
         ModelConfig.from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "bert"}))
-    with pytest.raises(ConfigError, match="not a Llama-family model"):
+    with pytest.raises(ConfigError, match="model_type .bert. is not a model tilerun runs"):
         ModelConfig.from_hf(tmp_path)
 
 
