@@ -9,6 +9,7 @@ import torch
 
 from runtime.config import ModelConfig
 from runtime.model.llama import LlamaForCausalLM
+from runtime.model.minimax import MiniMaxForCausalLM
 from runtime.parallel import ParallelState
 from runtime.presets import PRESETS, get_preset
 from runtime.weights import init_random, load_checkpoint
@@ -41,11 +42,14 @@ def resolve_model(name: str, seed: int = 0) -> ModelSource:
     return ModelSource(name, get_preset(name), None, seed)  # get_preset raises, listing presets
 
 
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "minimax": MiniMaxForCausalLM}
+
+
 def build_model(
     source: ModelSource, tp: ParallelState, dtype: torch.dtype, device: torch.device
-) -> LlamaForCausalLM:
+) -> LlamaForCausalLM | MiniMaxForCausalLM:
     """``source``'s model on ``device``: this rank's slices of the checkpoint, or seeded weights."""
-    model = LlamaForCausalLM(source.config, tp, dtype, device)
+    model = MODEL_CLASSES[source.config.model_type](source.config, tp, dtype, device)
     if source.checkpoint is None:
         init_random(model, seed=source.seed)
     else:

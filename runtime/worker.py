@@ -36,6 +36,7 @@ from runtime.worker_config import WorkerConfig
 from scheduler import spill_cost
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.config import SchedulerConfig
+from scheduler.errors import ConfigError
 from scheduler.request import PENDING_TOKEN, SamplingParams
 from scheduler.table_deltas import TableStore
 
@@ -209,6 +210,9 @@ class Worker:
         t0 = time.perf_counter()
         self._check_memory()
         self.model = build_model(self.source, self.parallel, self.dtype, self.device)
+        if self.model_config.num_lightning_layers:
+            # a slot for every sequence the scheduler may hold, and one for warm-up's
+            self.model.allocate_states(self.limits.max_num_seqs + 1, self.device)
         dev.synchronize(self.device)
         n = sum(p.numel() for p in self.model.parameters())
         return {"rank": self.rank, "params_local": n, "seconds": time.perf_counter() - t0}
@@ -238,7 +242,7 @@ class Worker:
     def kv_bytes_per_block(self) -> int:
         c = self.model_config
         return bytes_per_block(
-            c.num_hidden_layers,
+            c.num_kv_layers,
             self.limits.block_size,
             c.num_key_value_heads // self.world_size,
             c.head_dim,
@@ -272,7 +276,7 @@ class Worker:
         else:
             device_blocks = self._device_blocks_from_memory()
             if host_blocks:  # the staging area comes out of the same memory
-                layers = self.model_config.num_hidden_layers
+                layers = self.model_config.num_kv_layers
                 if host_blocks >= device_blocks * layers // STAGING_SHARE:
                     device_blocks = device_blocks * STAGING_SHARE // (STAGING_SHARE + 2)
                 else:
@@ -305,6 +309,12 @@ class Worker:
         bs = self.limits.block_size
         if self._spill_option("spill", "auto") == "off":
             return 0
+        if self.model_config.num_lightning_layers:
+            # not yet checked with lightning layers' states beside a spilled KV cache
+            reason = self.model_config.unsupported_setting(kv_host_tokens=tokens)
+            if reason is not None:
+                raise ConfigError(reason)
+            return 0
         if tokens is not None:
             return -(-tokens // bs)
         if self.device.type == "cpu":
@@ -314,7 +324,7 @@ class Worker:
         storage, _ = resolve_host_dtype(self._spill_option("kv_host_dtype", "auto"), self.dtype)
         c = self.model_config
         per_block = bytes_per_block(
-            c.num_hidden_layers, bs, c.num_key_value_heads // self.world_size, c.head_dim, storage
+            c.num_kv_layers, bs, c.num_key_value_heads // self.world_size, c.head_dim, storage
         )
         return max(int(budget // per_block), 0)
 
@@ -340,7 +350,7 @@ class Worker:
             dev.empty_cache(self.device)  # the old cache's memory counts as free below
         staging = min(host_blocks, self._staging_blocks(device_blocks))
         self.kv = KVCache(
-            c.num_hidden_layers,
+            c.num_kv_layers,
             device_blocks,
             self.limits.block_size,
             c.num_key_value_heads // self.world_size,
@@ -373,7 +383,7 @@ class Worker:
         With ``kv_cache_tokens`` forced on an accelerator the pool is small on purpose: the
         staging area takes the free memory left after the pool, with the same headroom as the
         automatic pool. Whatever a step streams beyond one buffer goes in rounds."""
-        share = max(1, device_blocks * self.model_config.num_hidden_layers // STAGING_SHARE)
+        share = max(1, device_blocks * self.model_config.num_kv_layers // STAGING_SHARE)
         free = dev.free_memory_bytes(self.device)
         if self.config.kv_cache_tokens is None or free is None:
             return share
@@ -384,7 +394,7 @@ class Worker:
             - self._activation_bytes()
             - device_blocks * self.kv_bytes_per_block()
         )
-        per = 2 * self.kv_bytes_per_block() / self.model_config.num_hidden_layers  # two buffers
+        per = 2 * self.kv_bytes_per_block() / self.model_config.num_kv_layers  # two buffers
         return max(1, int(budget // per))
 
     def warm_up(self) -> None:
@@ -483,6 +493,8 @@ class Worker:
         if not self.config.cuda_graphs:
             return DecodeGraphRunner(None, off="turned off by config")
         reason = unsupported_reason(self.device, self.parallel.comm.backend)
+        if reason is None and self.model_config.num_lightning_layers:
+            reason = "lightning layers keep per-sequence states that graphs do not capture yet"
         if reason is not None:
             if self.rank == 0:
                 log.info("decode steps run eagerly (no CUDA graphs): %s", reason)
@@ -571,6 +583,8 @@ class Worker:
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
             self._last_sampled.pop(sid, None)
+        if self.model_config.num_lightning_layers:
+            self.model.release(batch.finished_seq_ids)
         chunks = batch.chunks
         # the row of each chunk's last token: the one that samples
         last = list(itertools.accumulate(len(c.token_ids) for c in chunks))
@@ -680,6 +694,8 @@ class Worker:
         if PENDING_TOKEN in ids:
             self._fill_pending(input_ids, chunks)
         positions = torch.tensor(pos, dtype=torch.long, device=d)
+        if self.model_config.num_lightning_layers:
+            self.model.bind_step([c.seq_id for c in chunks], [c.start_pos for c in chunks])
         hidden = self.model(input_ids, positions, self.kv.layers, meta, self.backend)
         return hidden, (spill.finish() if spill is not None else None)
 

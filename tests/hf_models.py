@@ -65,3 +65,37 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
         pad_token_id=0,
     )
     return out[0, len(prompt) :].tolist()
+
+
+def make_hf_minimax(directory: Path, seed: int = 0, **overrides):
+    """Save a random-weight ``MiniMaxForCausalLM`` (lightning and softmax layers, a mixture of
+    experts, weighted residuals) and return the (float32, eval) HF model."""
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+    kw = dict(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        block_size=16,  # transformers' own lightning block, not tilerun's
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,  # logits far apart, as for the Llama checkpoints
+        full_attn_alpha_factor=0.9,
+        linear_attn_beta_factor=1.1,
+        mlp_alpha_factor=1.05,
+        mlp_beta_factor=0.95,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = MiniMaxForCausalLM(MiniMaxConfig(**kw)).float().eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
