@@ -33,6 +33,16 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, "o_proj input", dtype, device)
 
+    def weight_map(self, prefix: str) -> dict[str, tuple[nn.Parameter, int]]:
+        """Checkpoint names (``prefix`` + ``q_proj.weight``, ...) -> (parameter, fused part)."""
+        qkv = self.qkv_proj.weight
+        return {
+            prefix + "q_proj.weight": (qkv, 0),
+            prefix + "k_proj.weight": (qkv, 1),
+            prefix + "v_proj.weight": (qkv, 2),
+            prefix + "o_proj.weight": (self.o_proj.weight, 0),
+        }
+
     def forward(
         self,
         x: torch.Tensor,

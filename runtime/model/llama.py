@@ -17,6 +17,7 @@ from runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from runtime.layers.linear import ColumnParallelLinear, RowParallelLinear
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import RotaryEmbedding
+from runtime.model.base import CausalLM
 from runtime.parallel import ParallelState
 
 
@@ -65,7 +66,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     def __init__(
         self, cfg: ModelConfig, tp: ParallelState, dtype: torch.dtype, device: torch.device
     ) -> None:
@@ -100,28 +101,14 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rope, kv, meta, backend)
         return self.norm(x, residual)[0]
 
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary float32 logits for the given hidden rows, on every rank."""
-        return self.lm_head(hidden).float()
-
     def hf_weight_map(self) -> dict[str, tuple[nn.Parameter, int]]:
         """Checkpoint tensor name (HF Llama layout) -> (parameter, fused part index)."""
-        m: dict[str, tuple[nn.Parameter, int]] = {
-            "model.embed_tokens.weight": (self.embed_tokens.weight, 0),
-            "model.norm.weight": (self.norm.weight, 0),
-        }
-        if not self.config.tie_word_embeddings:
-            m["lm_head.weight"] = (self.lm_head.weight, 0)
+        m = self.outer_weight_map()
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            qkv = layer.self_attn.qkv_proj.weight
             gu = layer.mlp.gate_up_proj.weight
+            m |= layer.self_attn.weight_map(p + "self_attn.")
             m |= {
-                p + "self_attn.q_proj.weight": (qkv, 0),
-                p + "self_attn.k_proj.weight": (qkv, 1),
-                p + "self_attn.v_proj.weight": (qkv, 2),
-                p + "self_attn.o_proj.weight": (layer.self_attn.o_proj.weight, 0),
                 p + "mlp.gate_proj.weight": (gu, 0),
                 p + "mlp.up_proj.weight": (gu, 1),
                 p + "mlp.down_proj.weight": (layer.mlp.down_proj.weight, 0),

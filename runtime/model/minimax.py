@@ -23,6 +23,7 @@ from runtime.layers.moe import SparseMoE
 from runtime.layers.norm import RMSNorm
 from runtime.layers.rotary import RotaryEmbedding
 from runtime.lightning_states import LightningStates
+from runtime.model.base import CausalLM
 from runtime.parallel import ParallelState
 from scheduler.errors import ConfigError
 
@@ -54,7 +55,7 @@ class MiniMaxDecoderLayer(nn.Module):
         return h * self.mlp_alpha + self.block_sparse_moe(h) * self.mlp_beta
 
 
-class MiniMaxForCausalLM(nn.Module):
+class MiniMaxForCausalLM(CausalLM):
     def __init__(
         self, cfg: ModelConfig, tp: ParallelState, dtype: torch.dtype, device: torch.device
     ) -> None:
@@ -111,18 +112,9 @@ class MiniMaxForCausalLM(nn.Module):
             x = layer(x, rope, kv, self.states, meta, backend)
         return self.norm(x)
 
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
-
     def hf_weight_map(self) -> dict[str, tuple[nn.Parameter, int]]:
         """Checkpoint tensor name (transformers' MiniMax layout) -> (parameter, part index)."""
-        m: dict[str, tuple[nn.Parameter, int]] = {
-            "model.embed_tokens.weight": (self.embed_tokens.weight, 0),
-            "model.norm.weight": (self.norm.weight, 0),
-        }
-        if not self.config.tie_word_embeddings:
-            m["lm_head.weight"] = (self.lm_head.weight, 0)
+        m = self.outer_weight_map()
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = layer.self_attn
@@ -134,12 +126,7 @@ class MiniMaxForCausalLM(nn.Module):
                     p + "self_attn.norm.weight": (a.norm.weight, 0),
                 }
             else:
-                m |= {
-                    p + "self_attn.q_proj.weight": (a.qkv_proj.weight, 0),
-                    p + "self_attn.k_proj.weight": (a.qkv_proj.weight, 1),
-                    p + "self_attn.v_proj.weight": (a.qkv_proj.weight, 2),
-                    p + "self_attn.o_proj.weight": (a.o_proj.weight, 0),
-                }
+                m |= a.weight_map(p + "self_attn.")
             moe = layer.block_sparse_moe
             m[p + "block_sparse_moe.gate.weight"] = (moe.gate, 0)
             for e in range(self.config.num_local_experts):
