@@ -4,10 +4,13 @@ For each context length S: prefill S prompt tokens (time to first token), then d
 prefill tokens/s, decode ms/token and peak device memory for
 
 * tilerun (one worker in this process, each ``--attention`` backend asked for), and
-* transformers ``LlamaForCausalLM.generate`` (sdpa attention, default dynamic cache) loaded with
-  exactly tilerun's weights (copied tensor by tensor, unfused).
+* transformers ``generate`` (sdpa attention, its default cache) on the same weights: for a
+  preset, a ``LlamaForCausalLM`` holding exactly tilerun's tensors (unfused, shared); for a
+  checkpoint directory, the checkpoint as transformers itself loads it (a MiniMax checkpoint
+  from ``scripts/minimax_checkpoint.py``, say).
 
     python scripts/bench_generate.py --model demo-small --contexts 1024 2048 4096      # CPU
+    python scripts/bench_generate.py --model /tmp/minimax --contexts 1024 4096 8192   # a checkpoint
     python scripts/bench_generate.py --model llama2-7b --contexts 4096 16384 32768 \
         --attention triton torch --device cuda                                          # H100
 
@@ -86,6 +89,19 @@ def hf_from_tilerun(engine: Engine):
     inv = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(dev)
     hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.original_inv_freq = inv
     return hf.eval()
+
+
+def hf_for(engine: Engine, model: str):
+    """The transformers peer on the same weights: a checkpoint directory loaded by transformers
+    itself (any architecture it knows, MiniMax included), else a preset's weights shared."""
+    if not Path(model).is_dir():
+        return hf_from_tilerun(engine)
+    from transformers import AutoModelForCausalLM
+
+    d = engine.executor.worker.device
+    dtype = next(engine.executor.worker.model.parameters()).dtype
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa")
+    return hf.to(d).eval()
 
 
 def time_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
@@ -230,7 +246,7 @@ def main() -> int:
             run_hf = not args.no_hf and s not in hf_done
             hf = None
             if run_hf:
-                hf = hf_from_tilerun(engine)
+                hf = hf_for(engine, args.model)
                 time_hf(hf, warm, 4, d)  # warm-up, as tilerun had
                 # tilerun's KV cache stays allocated; free what we can for a fair peak
                 gc.collect()
@@ -292,7 +308,9 @@ def main() -> int:
         "attention_reason": info.get("attention_reason"),
         "load_avg_start": load_start,
         "load_avg_end": os.getloadavg() if load_start else None,
-        "note": "peak memory for transformers includes tilerun's resident weights (shared) and KV cache",
+        "note": "peak memory for transformers includes tilerun's resident weights "
+        + ("(its own copy)" if Path(args.model).is_dir() else "(shared)")
+        + " and KV cache",
         "rows": rows,
     }
     kind = "cpu" if info["device"] == "cpu" else info["name"].replace(" ", "-").lower()

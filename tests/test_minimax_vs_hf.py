@@ -4,6 +4,9 @@ transformers' ``MiniMaxForCausalLM`` on the same safetensors weights (float32)."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +129,31 @@ def test_bad_minimax_config_is_one_clear_line(checkpoint, tmp_path, change, matc
     (tmp_path / "config.json").write_text(json.dumps({**d, **change}))
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_checkpoint_script_writes_what_tilerun_runs(tmp_path):
+    """``scripts/minimax_checkpoint.py`` (the README's way to try the lightning path) writes a
+    checkpoint that tilerun runs with transformers' tokens."""
+    from transformers import AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--vocab", "128", "--hidden", "64", "--intermediate", "96", "--layers", "3"]
+    # weights wide enough that the greedy choices are not near ties
+    args += [
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--softmax-every",
+        "3",
+        "--initializer-range",
+        "0.2",
+    ]
+    cmd = [sys.executable, str(root / "scripts/minimax_checkpoint.py"), str(tmp_path), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "layers llf" in r.stdout
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    prompt = _prompt(40, seed=4, vocab=128)
+    out = _engine(tmp_path).generate([prompt], SamplingParams(max_new_tokens=6))[0]
+    assert out.token_ids == hf_greedy(hf, prompt, 6)
