@@ -171,7 +171,7 @@ class ModelConfig:
             types = tuple("full_attention" if (i + 1) % 2 else "linear_attention" for i in range(n))
         if not isinstance(types, (list, tuple)) or len(types) != n:
             raise ConfigError(f"layer_types must list one type per layer ({n}), got {types!r}")
-        bad = sorted({t for t in types} - set(LAYER_TYPES))
+        bad = sorted(set(types) - set(LAYER_TYPES))
         if bad:
             raise ConfigError(f"layer_types: unknown {bad}; valid: {', '.join(LAYER_TYPES)}")
         object.__setattr__(self, "layer_types", tuple(types))

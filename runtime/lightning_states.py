@@ -31,9 +31,6 @@ class LightningStates:
         self._slot: dict[int, int] = {}
         self.step_slots: torch.Tensor | None = None
 
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.layers)
-
     def bind(self, seq_ids: list[int], start_positions: list[int]) -> None:
         """The step's sequences in order and where each chunk starts: slots for new sequences,
         zero states for chunks at position 0."""

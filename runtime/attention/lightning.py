@@ -92,25 +92,46 @@ def lightning_prefill(
     rates ``slopes [H]``; ``state [H, D, E]`` float32 is the state before the first of them and
     is advanced past the last, in place. Returns ``out [T, H, E]`` in ``q``'s dtype."""
     check_step(q, k, v, slopes, [q.shape[0]], state.unsqueeze(0))
+    _check_block_size(block_size)
+    return _prefill(q, k, v, _rates(slopes, q), state, block_size, {})
+
+
+def _check_block_size(block_size: int) -> None:
     if block_size < 1:
         raise ValueError(f"lightning attention: block_size must be >= 1, got {block_size}")
-    T, H, D = q.shape
+
+
+def _rates(slopes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The decay rates as float32 ``[H, 1, 1]`` on ``q``'s device."""
+    return slopes.to(device=q.device, dtype=torch.float32).view(-1, 1, 1)
+
+
+def _prefill(q, k, v, s, state, block_size: int, decays: dict[int, _Decays]) -> torch.Tensor:
+    """:func:`lightning_prefill` on checked inputs; ``decays`` (block length -> its decays) is
+    shared by the sequences of one step, so each length's factors are made once."""
+    T, H, _ = q.shape
     if T == 0:
         return q.new_empty(0, H, v.shape[2])
-    s = slopes.to(device=q.device, dtype=torch.float32).view(H, 1, 1)
     out = torch.empty(T, H, v.shape[2], dtype=q.dtype, device=q.device)
     B = min(block_size, T)
     full = T // B
-    d = _Decays(s, B)
     # block by block over [H, B, .] views of the [T, H, .] inputs (the products take the strides):
     # only block-sized temporaries, which the allocator hands back each block, never a whole
     # sequence's copy (at 64K tokens those were most of a CPU's time, in page faults)
+    d = _decays_for(decays, s, B)
     for a in range(0, full * B, B):
         out[a : a + B] = _block(q[a : a + B], k[a : a + B], v[a : a + B], state, d).transpose(0, 1)
     if full * B < T:  # the last, shorter block, with its own decays
         a = full * B
-        out[a:] = _block(q[a:], k[a:], v[a:], state, _Decays(s, T - a)).transpose(0, 1)
+        d = _decays_for(decays, s, T - a)
+        out[a:] = _block(q[a:], k[a:], v[a:], state, d).transpose(0, 1)
     return out
+
+
+def _decays_for(decays: dict[int, _Decays], s: torch.Tensor, n: int) -> _Decays:
+    if n not in decays:
+        decays[n] = _Decays(s, n)
+    return decays[n]
 
 
 def _block(q, k, v, state: torch.Tensor, d: _Decays) -> torch.Tensor:
@@ -146,6 +167,11 @@ def lightning_decode(
     ``states [N, H, D, E]`` float32, advanced in place (``S <- lambda S + k^T v``, then
     ``o = q S``). Returns ``out [N, H, E]`` in ``q``'s dtype."""
     _check(q, k, v, slopes)
+    return _decode(q, k, v, slopes, states)
+
+
+def _decode(q, k, v, slopes, states) -> torch.Tensor:
+    """:func:`lightning_decode` on checked inputs."""
     N, H, D = q.shape
     E = v.shape[2]
     lam = torch.exp(-slopes.to(device=q.device, dtype=torch.float32)).view(1, H, 1, 1)
@@ -176,12 +202,14 @@ def lightning_forward(
     sequence is a tiled prefill from its state. Returns ``out [T, H, E]``."""
     check_step(q, k, v, slopes, query_lens, states)
     if all(n == 1 for n in query_lens):
-        return lightning_decode(q, k, v, slopes, states)
+        return _decode(q, k, v, slopes, states)
+    _check_block_size(block_size)
+    s, decays = _rates(slopes, q), {}
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     start = 0
     for b, n in enumerate(query_lens):
         rows = slice(start, start + n)
-        out[rows] = lightning_prefill(q[rows], k[rows], v[rows], slopes, states[b], block_size)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], s, states[b], block_size, decays)
         start += n
     return out
 
