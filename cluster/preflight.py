@@ -14,9 +14,10 @@ import os
 
 from cluster.config import EngineConfig
 from runtime.config import ModelConfig
-from runtime.memory_estimate import available_host_bytes, check_fits, estimate
+from runtime.memory_estimate import available_host_bytes, check_fits, estimate, offload_plan
 from scheduler.errors import CapacityError, ConfigError
 from scheduler.request import SamplingParams
+from scheduler.weight_plan import resolve_tier
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -84,6 +85,9 @@ def check_engine(
         dtype = "float32" if kind == "cpu" else "bfloat16"
     if kv_tokens is None:
         kv_tokens = w.kv_cache_tokens or sch.block_size
+    plan = offload_plan(model_config, dtype, c.tp, w.offload_weights_gib)
+    if plan.streamed:
+        resolve_tier(w.weight_tier, kind)
     est = estimate(
         model_config,
         dtype,
@@ -91,6 +95,7 @@ def check_engine(
         kv_tokens=kv_tokens,
         prefill_chunk=min(sch.for_device(kind).prefill_chunk, max_model_len),
         block_size=sch.block_size,
+        offloaded=plan.freed_bytes,
     )
     if local and kind == "cpu":
         check_fits(est, available_host_bytes(), "this host's memory", ranks_sharing=c.tp)

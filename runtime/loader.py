@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from runtime.config import ModelConfig
 from runtime.model.llama import LlamaForCausalLM
@@ -46,12 +48,25 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "minimax": MiniMaxForCausalLM}
 
 
 def build_model(
-    source: ModelSource, tp: ParallelState, dtype: torch.dtype, device: torch.device
+    source: ModelSource,
+    tp: ParallelState,
+    dtype: torch.dtype,
+    device: torch.device,
+    stream: Callable[[nn.Module], object] | None = None,
 ) -> LlamaForCausalLM | MiniMaxForCausalLM:
-    """``source``'s model on ``device``: this rank's slices of the checkpoint, or seeded weights."""
-    model = MODEL_CLASSES[source.config.model_type](source.config, tp, dtype, device)
+    """``source``'s model on ``device``: this rank's slices of the checkpoint, or seeded weights.
+
+    ``stream`` (weights in a slower tier): the model is built and loaded in host memory, then
+    ``stream(model)`` moves the streamed layers into their tier and points them at device slots,
+    and only the rest is moved to ``device``, so the device never holds every weight at once.
+    """
+    built_on = torch.device("cpu") if stream is not None else device
+    model = MODEL_CLASSES[source.config.model_type](source.config, tp, dtype, built_on)
     if source.checkpoint is None:
-        init_random(model, seed=source.seed)
+        init_random(model, seed=source.seed, device=device)
     else:
         load_checkpoint(model, source.checkpoint)
+    if stream is not None:
+        model.streamer = stream(model)
+        model.to(device)  # the streamed layers' parameters are on the device already
     return model.eval()

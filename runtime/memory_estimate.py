@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from runtime.config import ModelConfig
 from scheduler.errors import CapacityError
+from scheduler.weight_plan import WeightPlan, plan_weights
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -41,18 +42,43 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def parameter_count(c: ModelConfig, tp: int = 1) -> int:
-    """Parameters one rank holds (attention and MLP sharded over ``tp``, the vocabulary too)."""
+def layer_parameters(c: ModelConfig, tp: int = 1) -> dict[str, int]:
+    """Parameters one rank holds in a decoder layer of each type (``full_attention``,
+    ``linear_attention``): attention and MLP sharded over ``tp``, norms and router whole."""
     q = c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
     mlp = 3 * c.hidden_size * c.intermediate_size * (c.num_local_experts or 1)
+    whole = 2 * c.hidden_size + c.hidden_size * (c.num_local_experts or 0)  # norms, router
     softmax = c.hidden_size * (2 * q + 2 * kv)
     lightning = c.hidden_size * 5 * q  # q|k|v, output gate, output projection
-    sharded = c.num_kv_layers * softmax + c.num_lightning_layers * lightning
-    sharded += c.num_hidden_layers * mlp
+    return {
+        "full_attention": -(-(softmax + mlp) // tp) + whole,
+        "linear_attention": -(-(lightning + mlp) // tp) + whole + q,  # + the norm over heads
+    }
+
+
+def layer_bytes(c: ModelConfig, dtype: str, tp: int = 1) -> list[int]:
+    """Bytes of each decoder layer on one rank, in layer order (a checked config's layers)."""
+    per = layer_parameters(c, tp)
+    types = c.layer_types or ("full_attention",) * c.num_hidden_layers
+    return [per[t] * DTYPE_BYTES[dtype] for t in types]
+
+
+def offload_plan(c: ModelConfig, dtype: str, tp: int, offload_gib: float) -> WeightPlan:
+    """Which layers stream so that ``offload_gib`` GiB per rank are freed (none for 0)."""
+    if offload_gib <= 0 or dtype not in DTYPE_BYTES:
+        return WeightPlan((), ())
+    sizes = layer_bytes(c, dtype, tp)
+    return plan_weights(sizes, int(offload_gib * 2**30), "offload_weights_gib")
+
+
+def parameter_count(c: ModelConfig, tp: int = 1) -> int:
+    """Parameters one rank holds (attention and MLP sharded over ``tp``, the vocabulary too)."""
+    per = layer_parameters(c, tp)
     vocab = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    replicated = (2 * c.num_hidden_layers + 1) * c.hidden_size  # norms
-    return -(-(sharded + vocab) // tp) + replicated
+    layers = c.num_kv_layers * per["full_attention"]
+    layers += c.num_lightning_layers * per["linear_attention"]
+    return -(-vocab // tp) + c.hidden_size + layers  # the final norm too
 
 
 def estimate(
@@ -62,11 +88,13 @@ def estimate(
     kv_tokens: int = 0,
     prefill_chunk: int = 512,
     block_size: int = 16,
+    offloaded: int = 0,
 ) -> MemoryEstimate:
     """Bytes per rank for ``c`` in ``dtype`` (``float32``/``bfloat16``/``float16``) with ``tp``
-    ranks, a KV cache of ``kv_tokens`` tokens and prefill steps of ``prefill_chunk`` tokens."""
+    ranks, a KV cache of ``kv_tokens`` tokens and prefill steps of ``prefill_chunk`` tokens;
+    ``offloaded``: weight bytes a ``WeightPlan`` frees from the device."""
     elem = DTYPE_BYTES[dtype]
-    weights = parameter_count(c, tp) * elem
+    weights = parameter_count(c, tp) * elem - offloaded
     kv_heads = max(c.num_key_value_heads // tp, 1)
     blocks = -(-max(kv_tokens, 1) // block_size)
     kv = 2 * c.num_kv_layers * blocks * block_size * kv_heads * c.head_dim * elem
@@ -114,6 +142,9 @@ __all__ = [
     "MemoryEstimate",
     "estimate",
     "parameter_count",
+    "layer_parameters",
+    "layer_bytes",
+    "offload_plan",
     "available_host_bytes",
     "check_fits",
     "gib",

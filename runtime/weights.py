@@ -222,10 +222,17 @@ def _slicer(sl, ndim: int):
     return read
 
 
-def init_random(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
+def init_random(
+    model: LlamaForCausalLM,
+    seed: int = 0,
+    std: float = 0.02,
+    device: torch.device | None = None,
+) -> None:
     """Seeded random weights, identical for every TP size: each *full* tensor is drawn from a
-    generator seeded by (seed, tensor name), then sliced by the parameter's own loader."""
-    device = next(model.parameters()).device
+    generator seeded by (seed, tensor name), then sliced by the parameter's own loader.
+    ``device``: where to draw (default: the model's), so that a model built off its device
+    (weights to be streamed) gets the same weights as one built on it."""
+    device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     for name, (param, part) in model.hf_weight_map().items():
         shape = model.full_shape(name)

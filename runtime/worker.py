@@ -208,8 +208,38 @@ class Worker:
 
     def load_model(self) -> dict:
         t0 = time.perf_counter()
-        self._check_memory()
-        self.model = build_model(self.source, self.parallel, self.dtype, self.device)
+        plan = self._weight_plan()
+        self._check_memory(plan.freed_bytes)
+        stream = None
+        if plan.streamed:
+            from runtime.weight_tier import WeightStreamer
+            from scheduler.weight_plan import resolve_tier
+
+            tier = resolve_tier(self.config.weight_tier, self.device.type)
+
+            def stream(model):
+                return WeightStreamer(
+                    model.layers,
+                    plan.streamed,
+                    tier,
+                    self.device,
+                    self.config.weight_tier_dir,
+                )
+
+        self.model = build_model(self.source, self.parallel, self.dtype, self.device, stream)
+        if plan.streamed and self.rank == 0:
+            n = self.model_config.num_hidden_layers
+            log.info(
+                "weights: %d of %d decoder layers (%.2f GiB a rank) in the %s tier, streamed "
+                "every step through %d device slots (%.2f GiB); %.2f GiB of device memory freed",
+                len(plan.streamed),
+                n,
+                plan.streamed_bytes / 2**30,
+                self.model.streamer.tier,
+                self.model.streamer.nslots,
+                plan.slot_bytes / 2**30,
+                plan.freed_bytes / 2**30,
+            )
         if self.model_config.num_lightning_layers:
             # a slot for every sequence the scheduler may hold, and one for warm-up's
             self.model.allocate_states(self.limits.max_num_seqs + 1, self.device)
@@ -217,7 +247,20 @@ class Worker:
         n = sum(p.numel() for p in self.model.parameters())
         return {"rank": self.rank, "params_local": n, "seconds": time.perf_counter() - t0}
 
-    def _check_memory(self) -> None:
+    def _weight_plan(self):
+        from runtime.memory_estimate import offload_plan
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        return offload_plan(
+            self.model_config, dtype, self.world_size, self.config.offload_weights_gib
+        )
+
+    @property
+    def weight_streamer(self):
+        """The streamer of offloaded layers, or None when every weight is on the device."""
+        return getattr(self.model, "streamer", None)
+
+    def _check_memory(self, offloaded: int = 0) -> None:
         """Refuse, before allocating anything, weights and one step's activations that this
         device cannot hold, with the figure and the budget. The driver's preflight checks the
         same on its own host; this check also covers workers on other nodes."""
@@ -233,6 +276,7 @@ class Worker:
             kv_tokens=self.limits.block_size,
             prefill_chunk=min(self.limits.prefill_chunk, self.max_model_len),
             block_size=self.limits.block_size,
+            offloaded=offloaded,
         )
         free = dev.free_memory_bytes(self.device)
         if free is None:
@@ -486,6 +530,7 @@ class Worker:
             "kv_host_allocated_bytes": self.kv.host.allocated_bytes
             if self.kv and self.kv.host
             else 0,
+            "weight_tier": self.weight_streamer.stats() if self.weight_streamer else None,
         }
 
     # -- CUDA graphs --------------------------------------------------------------------------
@@ -495,6 +540,8 @@ class Worker:
         reason = unsupported_reason(self.device, self.parallel.comm.backend)
         if reason is None and self.model_config.num_lightning_layers:
             reason = "lightning layers keep per-sequence states that graphs do not capture yet"
+        if reason is None and self.weight_streamer is not None:
+            reason = "offloaded weights stream in through hooks that graphs do not replay"
         if reason is not None:
             if self.rank == 0:
                 log.info("decode steps run eagerly (no CUDA graphs): %s", reason)
@@ -777,6 +824,8 @@ class Worker:
 
     def shutdown(self) -> None:
         unfreeze_startup_objects()
+        if self.weight_streamer is not None:
+            self.weight_streamer.close()
         self.decode_graphs.close()
         self.parallel.comm.close()
         if self.kv is not None:

@@ -72,6 +72,23 @@ class WorkerConfig:
         0.9, help="share of the accelerator's memory the worker may fill", positive=True
     )
     weights_seed: int = option(0, help="seed of a preset's random weights (not of sampling)")
+    offload_weights_gib: float = option(
+        0.0,
+        help="device memory (GiB per rank) to free by keeping some decoder layers' weights in a "
+        "slower tier and streaming them in every step (0: every weight on the device)",
+        minimum=0,
+    )
+    weight_tier: str = option(
+        "auto",
+        help="where offloaded weights live: auto|host (page-locked host memory; accelerators)|"
+        "disk (a file; the CPU device)",
+        choices=("auto", "host", "disk"),
+    )
+    weight_tier_dir: str | None = option(
+        None,
+        help="directory for the disk tier's weight file (default: the system's temporary "
+        "directory; the file is unlinked at once and never outlives the worker)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -86,6 +103,8 @@ class WorkerConfig:
                 f"spill=off leaves no host tier but kv_host_tokens={self.kv_host_tokens}; "
                 "drop one of them"
             )
+        if self.weight_tier_dir is not None and not self.weight_tier_dir:
+            raise ConfigError("weight_tier_dir is empty; name a directory or leave it unset")
         try:
             check_backend_name(self.attention)
         except ConfigError as e:

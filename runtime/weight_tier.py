@@ -1,0 +1,279 @@
+"""Decoder layers whose weights live in a slower tier and are streamed to the device every step.
+
+A streamed layer's parameters are views into one of two device slots, for good: the layer that
+computes reads its slot while the next streamed layer is copied into the other slot, issued the
+moment the slot's previous layer has finished (a post-forward hook) and awaited just before the
+layer runs (a pre-forward hook). Nothing is re-pointed per step. The tier is:
+
+- ``host``: page-locked host memory, copied on a side CUDA stream (accelerators);
+- ``disk``: a file of the layers' bytes, read on a thread with ``preadv`` into the slot (the CPU
+  device, whose "device memory" is host memory: the faithful analogue of Cambricon-LLM's flash).
+
+Correctness never rests on the hook chain: each slot records which layer it holds or is
+receiving, and a layer that finds another layer's bytes in its slot (a step that raised halfway,
+say) fetches its own before it runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scheduler.errors import CapacityError
+from scheduler.weight_plan import SLOTS
+
+ALIGN = 256  # each parameter starts aligned for any dtype and for vector loads
+
+
+@dataclass(frozen=True)
+class _Param:
+    param: nn.Parameter
+    offset: int
+    nbytes: int
+    shape: torch.Size
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+class WeightStreamer:
+    """Moves the ``streamed`` layers of ``layers`` (built and loaded off the device, or on the
+    CPU device) into ``tier`` and serves them to ``device`` through a two-slot ring."""
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        streamed: tuple[int, ...],
+        tier: str,
+        device: torch.device,
+        directory: str | None = None,
+    ) -> None:
+        if tier not in ("host", "disk"):
+            raise ValueError(f"tier must be host or disk, got {tier!r}")
+        if tier == "disk" and device.type != "cpu":
+            raise ValueError("the disk tier serves the CPU device; accelerators stream from host")
+        self.tier, self.device, self.streamed = tier, device, tuple(streamed)
+        self.order = {layer: j for j, layer in enumerate(self.streamed)}
+        self.layouts: list[list[_Param]] = []
+        for i in self.streamed:
+            layout, off = [], 0
+            for p in _unique_params(layers[i]):
+                n = p.numel() * p.element_size()
+                layout.append(_Param(p, off, n, p.shape))
+                off = _align(off + n)
+            self.layouts.append(layout)
+        self.sizes = [max((e.offset + e.nbytes for e in lay), default=0) for lay in self.layouts]
+        self.nslots = min(SLOTS, len(self.streamed))
+        width = max(self.sizes, default=0)
+        self.slots = [
+            torch.empty(width, dtype=torch.uint8, device=device) for _ in range(self.nslots)
+        ]
+        self.owner: list[int | None] = [None] * self.nslots  # streamed position held or filling
+        self.pending: list[object] = [None] * self.nslots  # a CUDA event or a thread's future
+        self.fetches = self.fetched_bytes = self.sync_fetches = 0
+        self.wait_s = 0.0
+        self._fd: int | None = None
+        self._pool = None
+        self._stream = None
+        self._host: list[torch.Tensor] = []
+        self._file_offsets: list[int] = []
+        if tier == "disk":
+            self._write_file(directory)
+        else:
+            self._pin_host()
+        if device.type == "cuda":
+            self._stream = torch.cuda.Stream(device)
+        else:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tier")
+        for j, i in enumerate(self.streamed):
+            self._point_at_slot(layers[i], j)
+        self._hooks = []
+        for j, i in enumerate(self.streamed):
+            self._hooks.append(layers[i].register_forward_pre_hook(self._pre_hook(j)))
+            self._hooks.append(layers[i].register_forward_hook(self._post_hook(j)))
+        for j in range(self.nslots):  # the first layers of the first step
+            self._fetch(j, after=None)
+
+    # -- building the tier ----------------------------------------------------------------------
+    def _pin_host(self) -> None:
+        pin = self.device.type == "cuda"
+        for layout, size in zip(self.layouts, self.sizes):
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            for e in layout:
+                buf[e.offset : e.offset + e.nbytes].copy_(_bytes_of(e.param.data))
+                e.param.data = torch.empty(0, dtype=e.param.dtype)  # the original is freed
+            self._host.append(buf)
+
+    def _write_file(self, directory: str | None) -> None:
+        try:
+            fd, path = tempfile.mkstemp(prefix="tilerun-weights-", suffix=".bin", dir=directory)
+        except OSError as e:
+            raise CapacityError(
+                f"weight_tier_dir={directory!r}: cannot create the weight file there ({e}); "
+                "give a writable directory with room for the streamed layers"
+            ) from None
+        os.unlink(path)  # gone when the descriptor closes, even if the process is killed
+        self._fd, pos = fd, 0
+        try:
+            for layout, size in zip(self.layouts, self.sizes):
+                self._file_offsets.append(pos)
+                for e in layout:
+                    _pwrite_all(fd, _bytes_of(e.param.data).numpy(), pos + e.offset)
+                    e.param.data = torch.empty(0, dtype=e.param.dtype)
+                pos += _align(size)
+        except OSError as e:
+            os.close(fd)
+            self._fd = None
+            raise CapacityError(
+                f"weight_tier_dir={directory or tempfile.gettempdir()!r}: writing "
+                f"{sum(self.sizes) / 2**30:.2f} GiB of streamed weights failed ({e}); give a "
+                "directory with room (--weight-tier-dir) or offload less"
+            ) from None
+
+    def _point_at_slot(self, layer: nn.Module, j: int) -> None:
+        slot = self.slots[j % self.nslots]
+        for e in self.layouts[j]:
+            view = slot[e.offset : e.offset + e.nbytes].view(e.param.dtype)
+            e.param.data = view.view(e.shape)
+        for mod in layer.modules():  # buffers (decay rates, ...) stay resident
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[name] = buf.to(self.device)
+
+    # -- the ring -------------------------------------------------------------------------------
+    def _successor(self, j: int) -> int:
+        """The next streamed position (this step or the next) that uses position ``j``'s slot."""
+        m = len(self.streamed)
+        for k in range(1, m + 1):
+            if (j + k) % m % self.nslots == j % self.nslots:
+                return (j + k) % m
+        return j
+
+    def _fetch(self, j: int, after: torch.cuda.Event | None) -> None:
+        s = j % self.nslots
+        slot = self.slots[s][: self.sizes[j]]
+        self.owner[s] = j
+        self.fetches += 1
+        self.fetched_bytes += self.sizes[j]
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                if after is not None:
+                    self._stream.wait_event(after)
+                slot.copy_(self._host[j], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            self.pending[s] = done
+        elif self.tier == "host":
+            self.pending[s] = self._pool.submit(slot.copy_, self._host[j])
+        else:
+            self.pending[s] = self._pool.submit(
+                _pread_all, self._fd, slot.numpy(), self._file_offsets[j]
+            )
+
+    def _ensure(self, j: int) -> None:
+        s = j % self.nslots
+        if self.owner[s] != j:  # the chain was broken: fetch in order with this stream's work
+            self.sync_fetches += 1
+            self._wait(s)
+            self._fetch(j, after=self._mark())
+        self._wait(s)
+
+    def _wait(self, s: int) -> None:
+        p, self.pending[s] = self.pending[s], None
+        if p is None:
+            return
+        t0 = time.perf_counter()
+        if isinstance(p, torch.cuda.Event):
+            torch.cuda.current_stream(self.device).wait_event(p)
+        else:
+            p.result()  # an I/O error surfaces here, in the step that needs the bytes
+        self.wait_s += time.perf_counter() - t0
+
+    def _mark(self) -> torch.cuda.Event | None:
+        if self._stream is None:
+            return None  # CPU compute is synchronous: the layer is done when its hook runs
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def _pre_hook(self, j: int):
+        def hook(module, args):
+            self._ensure(j)
+
+        return hook
+
+    def _post_hook(self, j: int):
+        def hook(module, args, output):
+            nxt = self._successor(j)
+            s = j % self.nslots
+            # nxt == j: the slot is this layer's alone (two or fewer streamed), keep its bytes
+            if nxt != j and self.owner[s] == j and self.pending[s] is None:
+                self._fetch(nxt, after=self._mark())
+
+        return hook
+
+    # -- reporting and shutdown -----------------------------------------------------------------
+    def stats(self) -> dict:
+        """Layers streamed, bytes per step, fetches so far, and time the host spent waiting."""
+        return {
+            "tier": self.tier,
+            "streamed_layers": list(self.streamed),
+            "bytes_per_step": sum(self.sizes),
+            "slot_bytes": sum(s.numel() for s in self.slots),
+            "fetches": self.fetches,
+            "fetched_bytes": self.fetched_bytes,
+            "out_of_order_fetches": self.sync_fetches,
+            "host_wait_s": round(self.wait_s, 6),
+        }
+
+    def close(self) -> None:
+        for s in range(self.nslots):
+            with contextlib.suppress(OSError):
+                self._wait(s)
+        for h in self._hooks:
+            h.remove()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _unique_params(module: nn.Module) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_all(fd: int, out, offset: int) -> None:
+    view = memoryview(out).cast("B")
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise OSError(f"weight file ended at byte {offset}; it was truncated under us")
+        view, offset = view[n:], offset + n
+
+
+__all__ = ["WeightStreamer"]
