@@ -85,9 +85,8 @@ def check_engine(
         dtype = "float32" if kind == "cpu" else "bfloat16"
     if kv_tokens is None:
         kv_tokens = w.kv_cache_tokens or sch.block_size
-    plan = offload_plan(model_config, dtype, c.tp, w.offload_weights_gib)
-    if plan.streamed:
-        resolve_tier(w.weight_tier, kind)
+    tier = resolve_tier(w.weight_tier, kind) if w.offload_weights_gib > 0 else "host"
+    plan = offload_plan(model_config, dtype, c.tp, w.offload_weights_gib, tier)
     est = estimate(
         model_config,
         dtype,

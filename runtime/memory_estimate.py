@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from runtime.config import ModelConfig
 from scheduler.errors import CapacityError
-from scheduler.weight_plan import WeightPlan, plan_weights
+from scheduler.weight_plan import TIER_SLOTS, WeightPlan, plan_weights
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -64,12 +64,15 @@ def layer_bytes(c: ModelConfig, dtype: str, tp: int = 1) -> list[int]:
     return [per[t] * DTYPE_BYTES[dtype] for t in types]
 
 
-def offload_plan(c: ModelConfig, dtype: str, tp: int, offload_gib: float) -> WeightPlan:
-    """Which layers stream so that ``offload_gib`` GiB per rank are freed (none for 0)."""
+def offload_plan(
+    c: ModelConfig, dtype: str, tp: int, offload_gib: float, tier: str = "host"
+) -> WeightPlan:
+    """Which layers stream so that ``offload_gib`` GiB per rank are freed (none for 0), with
+    ``tier``'s device slots (``host``: a ring of two; ``disk``: none, the file is mapped)."""
     if offload_gib <= 0 or dtype not in DTYPE_BYTES:
         return WeightPlan((), ())
     sizes = layer_bytes(c, dtype, tp)
-    return plan_weights(sizes, int(offload_gib * 2**30), "offload_weights_gib")
+    return plan_weights(sizes, int(offload_gib * 2**30), "offload_weights_gib", TIER_SLOTS[tier])
 
 
 def parameter_count(c: ModelConfig, tp: int = 1) -> int:

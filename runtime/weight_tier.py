@@ -1,13 +1,11 @@
-"""Decoder layers whose weights live in a slower tier and are streamed to the device every step.
+"""Decoder layers whose weights live in host memory and are streamed to the device every step.
 
 A streamed layer's parameters are views into one of two device slots, for good: the layer that
-computes reads its slot while the next streamed layer is copied into the other slot, issued the
-moment the slot's previous layer has finished (a post-forward hook) and awaited just before the
-layer runs (a pre-forward hook). Nothing is re-pointed per step. The tier is:
-
-- ``host``: page-locked host memory, copied on a side CUDA stream (accelerators);
-- ``disk``: a file of the layers' bytes, read on a thread with ``preadv`` into the slot (the CPU
-  device, whose "device memory" is host memory: the faithful analogue of Cambricon-LLM's flash).
+computes reads its slot while the next streamed layer is copied into the other slot from
+page-locked host memory on a side CUDA stream, issued the moment the slot's previous layer has
+finished (a post-forward hook) and awaited just before the layer runs (a pre-forward hook).
+Nothing is re-pointed per step. (On the CPU device, which tests use, a thread copies.) The CPU
+device's own tier, a mapped file, is ``runtime/weight_file.py``; :func:`stream_layers` picks.
 
 Correctness never rests on the hook chain: each slot records which layer it holds or is
 receiving, and a layer that finds another layer's bytes in its slot (a step that raised halfway,
@@ -17,16 +15,12 @@ say) fetches its own before it runs.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from scheduler.errors import CapacityError
 from scheduler.weight_plan import SLOTS
 
 ALIGN = 256  # each parameter starts aligned for any dtype and for vector loads
@@ -49,22 +43,13 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 
 class WeightStreamer:
-    """Moves the ``streamed`` layers of ``layers`` (built and loaded off the device, or on the
-    CPU device) into ``tier`` and serves them to ``device`` through a two-slot ring."""
+    """Moves the ``streamed`` layers of ``layers`` (built and loaded in host memory) into
+    page-locked host memory and serves them to ``device`` through a two-slot ring."""
 
     def __init__(
-        self,
-        layers: nn.ModuleList,
-        streamed: tuple[int, ...],
-        tier: str,
-        device: torch.device,
-        directory: str | None = None,
+        self, layers: nn.ModuleList, streamed: tuple[int, ...], device: torch.device
     ) -> None:
-        if tier not in ("host", "disk"):
-            raise ValueError(f"tier must be host or disk, got {tier!r}")
-        if tier == "disk" and device.type != "cpu":
-            raise ValueError("the disk tier serves the CPU device; accelerators stream from host")
-        self.tier, self.device, self.streamed = tier, device, tuple(streamed)
+        self.tier, self.device, self.streamed = "host", device, tuple(streamed)
         self.order = {layer: j for j, layer in enumerate(self.streamed)}
         self.layouts: list[list[_Param]] = []
         for i in self.streamed:
@@ -84,15 +69,10 @@ class WeightStreamer:
         self.pending: list[object] = [None] * self.nslots  # a CUDA event or a thread's future
         self.fetches = self.fetched_bytes = self.sync_fetches = 0
         self.wait_s = 0.0
-        self._fd: int | None = None
         self._pool = None
         self._stream = None
         self._host: list[torch.Tensor] = []
-        self._file_offsets: list[int] = []
-        if tier == "disk":
-            self._write_file(directory)
-        else:
-            self._pin_host()
+        self._pin_host()
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device)
         else:
@@ -116,41 +96,12 @@ class WeightStreamer:
                 e.param.data = torch.empty(0, dtype=e.param.dtype)  # the original is freed
             self._host.append(buf)
 
-    def _write_file(self, directory: str | None) -> None:
-        try:
-            fd, path = tempfile.mkstemp(prefix="tilerun-weights-", suffix=".bin", dir=directory)
-        except OSError as e:
-            raise CapacityError(
-                f"weight_tier_dir={directory!r}: cannot create the weight file there ({e}); "
-                "give a writable directory with room for the streamed layers"
-            ) from None
-        os.unlink(path)  # gone when the descriptor closes, even if the process is killed
-        self._fd, pos = fd, 0
-        try:
-            for layout, size in zip(self.layouts, self.sizes):
-                self._file_offsets.append(pos)
-                for e in layout:
-                    _pwrite_all(fd, _bytes_of(e.param.data).numpy(), pos + e.offset)
-                    e.param.data = torch.empty(0, dtype=e.param.dtype)
-                pos += _align(size)
-        except OSError as e:
-            os.close(fd)
-            self._fd = None
-            raise CapacityError(
-                f"weight_tier_dir={directory or tempfile.gettempdir()!r}: writing "
-                f"{sum(self.sizes) / 2**30:.2f} GiB of streamed weights failed ({e}); give a "
-                "directory with room (--weight-tier-dir) or offload less"
-            ) from None
-
     def _point_at_slot(self, layer: nn.Module, j: int) -> None:
         slot = self.slots[j % self.nslots]
         for e in self.layouts[j]:
             view = slot[e.offset : e.offset + e.nbytes].view(e.param.dtype)
             e.param.data = view.view(e.shape)
-        for mod in layer.modules():  # buffers (decay rates, ...) stay resident
-            for name, buf in mod._buffers.items():
-                if buf is not None:
-                    mod._buffers[name] = buf.to(self.device)
+        move_buffers(layer, self.device)
 
     # -- the ring -------------------------------------------------------------------------------
     def _successor(self, j: int) -> int:
@@ -175,12 +126,8 @@ class WeightStreamer:
                 done = torch.cuda.Event()
                 done.record(self._stream)
             self.pending[s] = done
-        elif self.tier == "host":
-            self.pending[s] = self._pool.submit(slot.copy_, self._host[j])
         else:
-            self.pending[s] = self._pool.submit(
-                _pread_all, self._fd, slot.numpy(), self._file_offsets[j]
-            )
+            self.pending[s] = self._pool.submit(slot.copy_, self._host[j])
 
     def _ensure(self, j: int) -> None:
         s = j % self.nslots
@@ -198,7 +145,7 @@ class WeightStreamer:
         if isinstance(p, torch.cuda.Event):
             torch.cuda.current_stream(self.device).wait_event(p)
         else:
-            p.result()  # an I/O error surfaces here, in the step that needs the bytes
+            p.result()
         self.wait_s += time.perf_counter() - t0
 
     def _mark(self) -> torch.cuda.Event | None:
@@ -240,15 +187,11 @@ class WeightStreamer:
 
     def close(self) -> None:
         for s in range(self.nslots):
-            with contextlib.suppress(OSError):
-                self._wait(s)
+            self._wait(s)
         for h in self._hooks:
             h.remove()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def _unique_params(module: nn.Module) -> list[nn.Parameter]:
@@ -260,20 +203,28 @@ def _unique_params(module: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def move_buffers(module: nn.Module, device: torch.device) -> None:
+    """Buffers (decay rates, ...) of a streamed layer stay resident on ``device``."""
+    for mod in module.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None:
+                mod._buffers[name] = buf.to(device)
 
 
-def _pread_all(fd: int, out, offset: int) -> None:
-    view = memoryview(out).cast("B")
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise OSError(f"weight file ended at byte {offset}; it was truncated under us")
-        view, offset = view[n:], offset + n
+def stream_layers(
+    layers: nn.ModuleList,
+    streamed: tuple[int, ...],
+    tier: str,
+    device: torch.device,
+    directory: str | None = None,
+):
+    """Keep the ``streamed`` layers in ``tier`` (``host``: this ring; ``disk``: a mapped file
+    in ``directory``, the CPU device's tier)."""
+    if tier == "disk":
+        from runtime.weight_file import MappedWeights
+
+        return MappedWeights(layers, streamed, device, directory)
+    return WeightStreamer(layers, streamed, device)
 
 
-__all__ = ["WeightStreamer"]
+__all__ = ["WeightStreamer", "move_buffers", "stream_layers"]

@@ -208,36 +208,29 @@ class Worker:
 
     def load_model(self) -> dict:
         t0 = time.perf_counter()
-        plan = self._weight_plan()
+        plan, tier = self._weight_plan()
         self._check_memory(plan.freed_bytes)
         stream = None
         if plan.streamed:
-            from runtime.weight_tier import WeightStreamer
-            from scheduler.weight_plan import resolve_tier
-
-            tier = resolve_tier(self.config.weight_tier, self.device.type)
+            from runtime.weight_tier import stream_layers
 
             def stream(model):
-                return WeightStreamer(
-                    model.layers,
-                    plan.streamed,
-                    tier,
-                    self.device,
-                    self.config.weight_tier_dir,
+                return stream_layers(
+                    model.layers, plan.streamed, tier, self.device, self.config.weight_tier_dir
                 )
 
         self.model = build_model(self.source, self.parallel, self.dtype, self.device, stream)
         if plan.streamed and self.rank == 0:
-            n = self.model_config.num_hidden_layers
             log.info(
                 "weights: %d of %d decoder layers (%.2f GiB a rank) in the %s tier, streamed "
-                "every step through %d device slots (%.2f GiB); %.2f GiB of device memory freed",
+                "every step (%s); %.2f GiB of device memory freed",
                 len(plan.streamed),
-                n,
+                self.model_config.num_hidden_layers,
                 plan.streamed_bytes / 2**30,
-                self.model.streamer.tier,
-                self.model.streamer.nslots,
-                plan.slot_bytes / 2**30,
+                tier,
+                f"through {plan.slots} device slots of {plan.slot_bytes / 2**30:.2f} GiB"
+                if plan.slots
+                else "read in place from the mapped file",
                 plan.freed_bytes / 2**30,
             )
         if self.model_config.num_lightning_layers:
@@ -248,12 +241,14 @@ class Worker:
         return {"rank": self.rank, "params_local": n, "seconds": time.perf_counter() - t0}
 
     def _weight_plan(self):
+        """``(WeightPlan, tier)``: the layers this rank streams and where they live."""
         from runtime.memory_estimate import offload_plan
+        from scheduler.weight_plan import resolve_tier
 
+        gib = self.config.offload_weights_gib
+        tier = resolve_tier(self.config.weight_tier, self.device.type) if gib > 0 else "host"
         dtype = str(self.dtype).removeprefix("torch.")
-        return offload_plan(
-            self.model_config, dtype, self.world_size, self.config.offload_weights_gib
-        )
+        return offload_plan(self.model_config, dtype, self.world_size, gib, tier), tier
 
     @property
     def weight_streamer(self):

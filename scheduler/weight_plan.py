@@ -1,9 +1,10 @@
 """Which decoder layers keep their weights in a slower tier (Cambricon-LLM's idea: a model larger
 than device memory, its weights streamed in tiles that keep movement low and hidden).
 
-The tile here is one decoder layer. Streamed layers share a ring of two device slots: while one
-slot's layer computes, the other slot receives the next streamed layer. So streaming ``m`` layers
-frees their bytes minus the ring's, and every step moves the streamed bytes once. Spreading the
+The tile here is one decoder layer. On an accelerator, streamed layers share a ring of two
+device slots: while one slot's layer computes, the other slot receives the next streamed layer.
+So streaming ``m`` layers frees their bytes minus the ring's, and every step moves the streamed
+bytes once. On the CPU device the layers are read in place from a mapped file (no slots). Spreading the
 streamed layers evenly between resident ones gives each copy the compute of several layers to hide
 behind, where a contiguous run of streamed layers gives it one. Pure Python: sizes in, plan out.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from scheduler.errors import ConfigError
 
 SLOTS = 2  # device slots of the ring: one computing, one filling
+TIER_SLOTS = {"host": SLOTS, "disk": 0}  # the disk tier maps its file: layers read in place
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class WeightPlan:
 
     streamed: tuple[int, ...]
     layer_bytes: tuple[int, ...]
+    slots: int = SLOTS
 
     @property
     def streamed_bytes(self) -> int:
@@ -32,10 +35,10 @@ class WeightPlan:
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of the device ring: ``min(SLOTS, m)`` slots of the largest streamed layer."""
+        """Bytes of the device ring: ``min(slots, m)`` slots of the largest streamed layer."""
         if not self.streamed:
             return 0
-        return min(SLOTS, len(self.streamed)) * max(self.layer_bytes[i] for i in self.streamed)
+        return min(self.slots, len(self.streamed)) * max(self.layer_bytes[i] for i in self.streamed)
 
     @property
     def freed_bytes(self) -> int:
@@ -48,22 +51,26 @@ def spread(n: int, m: int) -> tuple[int, ...]:
     return tuple(sorted({int((k + 0.5) * n / m) for k in range(m)}))
 
 
-def plan_weights(layer_bytes: Sequence[int], offload_bytes: int, field: str) -> WeightPlan:
+def plan_weights(
+    layer_bytes: Sequence[int], offload_bytes: int, field: str, slots: int = SLOTS
+) -> WeightPlan:
     """The fewest evenly spread layers whose streaming frees at least ``offload_bytes`` of device
-    memory; ``field`` names the setting in the error when the layers cannot free that much."""
+    memory with ``slots`` device slots; ``field`` names the setting in the error when the layers
+    cannot free that much."""
     sizes = tuple(int(b) for b in layer_bytes)
     if offload_bytes <= 0:
-        return WeightPlan((), sizes)
+        return WeightPlan((), sizes, slots)
     n = len(sizes)
     for m in range(1, n + 1):
-        plan = WeightPlan(spread(n, m), sizes)
+        plan = WeightPlan(spread(n, m), sizes, slots)
         if plan.freed_bytes >= offload_bytes:
             return plan
-    most = WeightPlan(tuple(range(n)), sizes).freed_bytes
+    most = WeightPlan(tuple(range(n)), sizes, slots).freed_bytes
+    ring = f" less {slots} device slots" if slots else ""
     raise ConfigError(
         f"{field}={offload_bytes / 2**30:.3g} GiB: streaming every one of the {n} decoder layers "
-        f"frees at most {most / 2**30:.3g} GiB per rank (their {sum(sizes) / 2**30:.3g} GiB less "
-        f"{SLOTS} device slots); ask for at most that"
+        f"frees at most {most / 2**30:.3g} GiB per rank (their {sum(sizes) / 2**30:.3g} GiB"
+        f"{ring}); ask for at most that"
     )
 
 
@@ -84,4 +91,4 @@ def resolve_tier(name: str, device_type: str) -> str:
     return name
 
 
-__all__ = ["SLOTS", "WeightPlan", "plan_weights", "resolve_tier", "spread"]
+__all__ = ["SLOTS", "TIER_SLOTS", "WeightPlan", "plan_weights", "resolve_tier", "spread"]

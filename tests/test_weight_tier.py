@@ -14,7 +14,7 @@ from cluster.engine import Engine
 from runtime.loader import build_model, resolve_model
 from runtime.memory_estimate import layer_bytes, offload_plan
 from runtime.parallel import ParallelState
-from runtime.weight_tier import ALIGN
+from runtime.weight_file import ALIGN
 from scheduler.errors import CapacityError, ConfigError
 from scheduler.request import SamplingParams
 from scheduler.weight_plan import WeightPlan, plan_weights, resolve_tier, spread
@@ -89,19 +89,36 @@ def reference():
     return prompts, tokens, logits
 
 
+@pytest.fixture
+def host_tier_on_cpu(monkeypatch):
+    """The host tier's ring (a thread's copy instead of a CUDA stream's) on the CPU device,
+    whose users the tier names point to the disk tier."""
+    import cluster.preflight
+    import scheduler.weight_plan
+
+    for mod in (cluster.preflight, scheduler.weight_plan):
+        monkeypatch.setattr(mod, "resolve_tier", lambda name, kind: "host")
+
+
 @pytest.mark.parametrize(
-    "gib, streamed",
+    "tier, layers, streamed",
     [
-        (1.5 * LAYER / 2**30, (0, 1, 2, 3)),  # every layer, even count
-        (0.9 * LAYER / 2**30, (0, 2, 3)),  # odd count around a resident layer: the ring wraps
+        ("disk", 1.5, (1, 3)),  # the mapped file: no slots, every streamed layer frees itself
+        ("disk", 3.5, (0, 1, 2, 3)),
+        ("host", 1.5, (0, 1, 2, 3)),  # the ring: two slots, so two layers more; even count
+        ("host", 0.9, (0, 2, 3)),  # odd count around a resident layer: the ring wraps
     ],
 )
-def test_streamed_layers_give_identical_logits_and_tokens(reference, tmp_path, gib, streamed):
+def test_streamed_layers_give_identical_logits_and_tokens(
+    reference, tmp_path, request, tier, layers, streamed
+):
+    if tier == "host":
+        request.getfixturevalue("host_tier_on_cpu")
     prompts, tokens, logits = reference
-    engine = _engine(offload_weights_gib=gib, weight_tier_dir=str(tmp_path))
+    engine = _engine(offload_weights_gib=layers * LAYER / 2**30, weight_tier_dir=str(tmp_path))
     streamer = engine.executor.worker.weight_streamer
-    assert streamer.streamed == streamed and streamer.tier == "disk"
-    assert os.listdir(tmp_path) == []  # the weight file was unlinked at once
+    assert streamer.streamed == streamed and streamer.tier == tier
+    assert os.listdir(tmp_path) == []  # the disk tier's file was unlinked at once
     got_tokens, got_logits = _run(engine, prompts)
     assert got_tokens == tokens
     for a, b in zip(got_logits, logits):
@@ -114,19 +131,36 @@ def test_streamed_layers_give_identical_logits_and_tokens(reference, tmp_path, g
     engine.shutdown()
 
 
-def test_streamed_layers_hold_only_the_two_slots(tmp_path):
-    plan = offload_plan(resolve_model("demo-small").config, "float32", 1, 1.5 * LAYER / 2**30)
-    engine = _engine(offload_weights_gib=1.5 * LAYER / 2**30)
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_streamed_layers_leave_the_device_memory_the_plan_frees(request, tier):
+    """Distinct storages behind the parameters: the resident ones, plus the ring's two slots
+    (host) or the mapped file (disk), whose pages are the page cache's, not the process's."""
+    if tier == "host":
+        request.getfixturevalue("host_tier_on_cpu")
+    cfg = resolve_model("demo-small").config
+    offload = 1.5 * LAYER / 2**30  # host: four streamed less two slots; disk: two
+    plan = offload_plan(cfg, "float32", 1, offload, tier)
+    engine = _engine(offload_weights_gib=offload)
     model = engine.executor.worker.model
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in
-                model.parameters()}  # fmt: skip
-    resident = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("layers"))
-    assert resident + plan.slot_bytes <= sum(storages.values()) < resident + plan.slot_bytes + 4096
+    streamed = {f"layers.{i}." for i in plan.streamed}
+    storages: dict[bool, dict[int, int]] = {True: {}, False: {}}
+    for name, p in model.named_parameters():
+        st = p.untyped_storage()
+        storages[any(name.startswith(s) for s in streamed)][st.data_ptr()] = st.nbytes()
+    total = sum(p.numel() * 4 for p in model.parameters())
+    assert sum(storages[False].values()) == total - plan.streamed_bytes
     assert plan.freed_bytes == 2 * LAYER
+    if tier == "host":
+        assert len(storages[True]) == 2
+        assert plan.slot_bytes <= sum(storages[True].values()) < plan.slot_bytes + 4096
+    else:
+        assert len(storages[True]) == 1  # one mapping
+        assert len(model.streamer._map) >= plan.streamed_bytes
     engine.shutdown()
 
 
-def test_minimax_hybrid_streams_uneven_layers(tmp_path):
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_minimax_hybrid_streams_uneven_layers(tmp_path, request, tier):
     """Lightning and softmax layers differ in size and keep buffers (decay rates) that stay
     resident; experts stream with their layer."""
     from tests.hf_models import make_hf_minimax
@@ -137,38 +171,28 @@ def test_minimax_hybrid_streams_uneven_layers(tmp_path):
     base = _engine(str(ckpt))
     want_tokens, want_logits = _run(base, prompts)
     base.shutdown()
+    if tier == "host":
+        request.getfixturevalue("host_tier_on_cpu")
     sizes = layer_bytes(resolve_model(str(ckpt)).config, "float32")
-    engine = _engine(str(ckpt), offload_weights_gib=min(sizes) / 2**31)
-    assert len(engine.executor.worker.weight_streamer.streamed) == 3
+    offload = min(sizes) / 2 if tier == "host" else sum(sizes) - 1
+    engine = _engine(str(ckpt), offload_weights_gib=offload / 2**30)
+    streamed = engine.executor.worker.weight_streamer.streamed
+    assert streamed == ((0, 2, 3) if tier == "host" else (0, 1, 2, 3))  # both layer types
     tokens, logits = _run(engine, prompts)
     assert tokens == want_tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, want_logits))
     engine.shutdown()
 
 
-@pytest.fixture
-def host_tier_on_cpu(monkeypatch):
-    """The host tier's copy path (a thread's copy instead of a CUDA stream's) on the CPU
-    device, which users are pointed to the disk tier for."""
-    import cluster.preflight
-    import scheduler.weight_plan
-
-    for mod in (cluster.preflight, scheduler.weight_plan):
-        monkeypatch.setattr(mod, "resolve_tier", lambda name, kind: "host")
-
-
-@pytest.mark.parametrize("tier", ["host", "disk"])
-def test_a_step_that_raised_halfway_leaves_no_stale_weights(reference, request, tier):
+def test_a_step_that_raised_halfway_leaves_no_stale_weights(reference, host_tier_on_cpu):
     """The last streamed layer's forward raised, so its post-hook never prefetched the next
     step's layer due in its slot: that layer finds another's bytes there and fetches its own
     in order. (A layer earlier in the step heals by itself: it runs again before its
     successor.)"""
-    if tier == "host":
-        request.getfixturevalue("host_tier_on_cpu")
     prompts, tokens, logits = reference
     engine = _engine(offload_weights_gib=1.5 * LAYER / 2**30)
     worker = engine.executor.worker
-    assert worker.weight_streamer.tier == tier
+    assert worker.weight_streamer.streamed == (0, 1, 2, 3)
     with pytest.raises(TypeError):
         worker.model.layers[3](None)  # the pre-hook runs, then the call fails
     got_tokens, got_logits = _run(engine, prompts)
