@@ -9,6 +9,7 @@ weights, the KV cache the run needs, and the activations of one prefill step.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ def layer_parameters(c: ModelConfig, tp: int = 1) -> dict[str, int]:
     lightning = c.hidden_size * 5 * q  # q|k|v, output gate, output projection
     return {
         "full_attention": -(-(softmax + mlp) // tp) + whole,
-        "linear_attention": -(-(lightning + mlp) // tp) + whole + q,  # + the norm over heads
+        "linear_attention": -(-(lightning + mlp + q) // tp) + whole,  # + the norm over heads
     }
 
 
@@ -133,11 +134,18 @@ def check_fits(est: MemoryEstimate, budget: int | None, where: str, ranks_sharin
     need = est.total * ranks_sharing
     if need > budget:
         per = f" ({ranks_sharing} ranks x {gib(est.total)})" if ranks_sharing > 1 else ""
+        short = (need - budget) / ranks_sharing  # per rank
+        stream = (
+            f"stream some layers' weights from a slower tier (--offload-weights-gib "
+            f"{math.ceil(short / 2**30 * 100) / 100:g} or more), "
+            if short < est.weights
+            else ""
+        )
         raise CapacityError(
             f"the model needs about {gib(need)}{per} on {where}: {est.describe()} per rank, but "
             f"{gib(budget)} is available; use a smaller model or dtype (--dtype bfloat16), a "
-            "larger --tp over more devices, a smaller --max-model-len/--kv-cache-tokens, or a "
-            "machine with more memory"
+            f"larger --tp over more devices, {stream}a smaller --max-model-len/--kv-cache-tokens, "
+            "or a machine with more memory"
         )
 
 

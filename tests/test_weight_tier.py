@@ -5,6 +5,7 @@ disk tier (the CPU device) and the host tier's copy path; bad settings are one l
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -224,3 +225,20 @@ def test_ray_worker_streams_like_the_local_one(ray_cluster, reference):
     got, _ = _run(engine, prompts)
     engine.shutdown()
     assert got == tokens
+
+
+def test_a_model_that_does_not_fit_is_told_how_much_to_offload_and_that_is_enough():
+    from runtime.memory_estimate import check_fits, estimate
+
+    cfg = resolve_model("demo-small").config
+    est = estimate(cfg, "float32")
+    budget = est.total - int(1.2 * LAYER)
+    with pytest.raises(CapacityError, match=r"--offload-weights-gib ([\d.]+) or more") as e:
+        check_fits(est, budget, "this host's memory")
+    gib = float(re.search(r"--offload-weights-gib ([\d.]+)", str(e.value)).group(1))
+    plan = offload_plan(cfg, "float32", 1, gib, "disk")
+    check_fits(estimate(cfg, "float32", offloaded=plan.freed_bytes), budget, "this host's memory")
+    # no suggestion where streaming every weight would not be enough
+    with pytest.raises(CapacityError) as e:
+        check_fits(est, est.total - est.weights - 1, "this host's memory")
+    assert "offload" not in str(e.value)
