@@ -102,10 +102,7 @@ def linear_all_reduce(
 
     if num_tiles <= 1 or comm.world_size == 1 or rows == 1:
         y = (prologue(x2) if prologue is not None else x2) @ weight.T
-        if comm.world_size > 1:  # a group of one has nothing to wait for
-            with _waiting(clock, y.device):
-                comm.all_reduce(y)
-        return y.reshape(*lead, out_features)
+        return sum_over_ranks(y, comm, clock).reshape(*lead, out_features)
 
     # One preallocated output: each tile is a contiguous row slice of it, so the tiles need no
     # concatenation and each slice is a valid in-place collective buffer.
@@ -139,8 +136,21 @@ def linear_all_reduce(
     return out.reshape(*lead, out_features)
 
 
+@torch.no_grad()
+def sum_over_ranks(
+    t: torch.Tensor, comm: Communicator, clock: WaitClock | None = None
+) -> torch.Tensor:
+    """``t`` summed over the tensor-parallel group, in place, and returned: the plain AllReduce
+    (the untiled row-parallel linear, the vocabulary-parallel embedding, the lightning norm's
+    sums of squares, the experts' partial outputs). A group of one returns ``t`` untouched."""
+    if comm.world_size > 1:  # a group of one has nothing to wait for
+        with _waiting(clock, t.device):
+            comm.all_reduce(t)
+    return t
+
+
 def _waiting(clock: WaitClock | None, device: torch.device):
     return clock.waiting(device) if clock is not None else contextlib.nullcontext()
 
 
-__all__ = ["linear_all_reduce", "tile_bounds"]
+__all__ = ["linear_all_reduce", "sum_over_ranks", "tile_bounds"]

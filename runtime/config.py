@@ -196,15 +196,9 @@ class ModelConfig:
             if f.name.endswith(("_alpha_factor", "_beta_factor")):
                 _number(f.name, getattr(self, f.name))
 
-    def unsupported_setting(self, tp: int = 1, kv_host_tokens: int | None = None) -> str | None:
+    def unsupported_setting(self, kv_host_tokens: int | None = None) -> str | None:
         """The one line saying what this model cannot run with yet, or None. Checked on the
         driver before Ray starts (``cluster.preflight``) and again where a worker builds it."""
-        if self.num_lightning_layers and tp > 1:
-            return (
-                f"tp={tp}: models with lightning layers run on one device for now (the "
-                "lightning layers' output norm spans all heads, and experts are not sharded); "
-                "use tp=1"
-            )
         if self.num_lightning_layers and kv_host_tokens:
             return (
                 f"kv_host_tokens={kv_host_tokens}: a model with lightning layers keeps its KV "

@@ -71,12 +71,16 @@ def test_tier_names_resolve_per_device_and_wrong_pairs_are_one_line():
 def test_layer_bytes_match_the_built_models(tmp_path):
     from tests.hf_models import make_hf_minimax
 
+    class Rank1Of2:  # only rank/world_size are read while a model is built
+        rank, world_size = 1, 2
+
     make_hf_minimax(tmp_path)
     for name in ("demo-small", str(tmp_path)):
         src = resolve_model(name)
-        model = build_model(src, ParallelState(), torch.float32, torch.device("cpu"))
-        built = [sum(p.numel() * 4 for p in layer.parameters()) for layer in model.layers]
-        assert layer_bytes(src.config, "float32") == built, name
+        for tp in (ParallelState(), ParallelState(comm=Rank1Of2())):
+            model = build_model(src, tp, torch.float32, torch.device("cpu"))
+            built = [sum(p.numel() * 4 for p in layer.parameters()) for layer in model.layers]
+            assert layer_bytes(src.config, "float32", tp.world_size) == built, (name, tp)
     assert layer_bytes(resolve_model("demo-small").config, "float32")[0] == LAYER
 
 
@@ -219,9 +223,11 @@ def test_bad_settings_are_one_line(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_worker_streams_like_the_local_one(ray_cluster, reference):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_ray_workers_stream_like_the_local_one(ray_cluster, reference, tp):
+    """Ray actors, and TP = 2 over gloo, where each rank streams its own slices."""
     prompts, tokens, _ = reference
-    engine = _engine(executor="ray", offload_weights_gib=0.9 * LAYER / 2**30)
+    engine = _engine(executor="ray", offload_weights_gib=0.9 * LAYER / 2**30, tp=tp, comm="gloo")
     got, _ = _run(engine, prompts)
     engine.shutdown()
     assert got == tokens

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collectives.tiled_allreduce import sum_over_ranks
 from runtime.layers.linear import Loadable, take
 from runtime.parallel import ParallelState
 
@@ -46,9 +47,7 @@ class VocabParallelEmbedding(nn.Module):
         local = torch.where(mine, ids - self.start, torch.zeros_like(ids))
         out = nn.functional.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
         # Exactly one rank contributes each row, so the sum is exact.
-        with self.tp.wait_clock.waiting(out.device):
-            self.tp.comm.all_reduce(out)
-        return out
+        return sum_over_ranks(out, self.tp.comm, self.tp.wait_clock)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

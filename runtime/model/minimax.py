@@ -4,9 +4,9 @@
 
 Softmax layers keep the paged KV cache (``kv_caches`` holds theirs only, in order); lightning
 layers keep one state per sequence in a :class:`~runtime.lightning_states.LightningStates`
-that the worker binds to each step (:meth:`MiniMaxForCausalLM.bind_step`). One device for now:
-the lightning layers' output norm spans all heads and the experts are not sharded, so tensor
-parallelism is refused with the reason.
+that the worker binds to each step (:meth:`MiniMaxForCausalLM.bind_step`). Under tensor
+parallelism a rank holds whole heads of every attention layer (and their states) and a slice of
+every expert (see the layers).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from runtime.layers.rotary import RotaryEmbedding
 from runtime.lightning_states import LightningStates
 from runtime.model.base import CausalLM
 from runtime.parallel import ParallelState
-from scheduler.errors import ConfigError
 
 
 class MiniMaxDecoderLayer(nn.Module):
@@ -41,7 +40,7 @@ class MiniMaxDecoderLayer(nn.Module):
         else:
             self.self_attn = LlamaAttention(cfg, tp, dtype, device)
             self.alpha, self.beta = cfg.full_attn_alpha_factor, cfg.full_attn_beta_factor
-        self.block_sparse_moe = SparseMoE(cfg, dtype, device)
+        self.block_sparse_moe = SparseMoE(cfg, tp, dtype, device)
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha_factor, cfg.mlp_beta_factor
 
     def forward(self, x, rope, kv_cache, states, meta, backend):
@@ -60,10 +59,8 @@ class MiniMaxForCausalLM(CausalLM):
         self, cfg: ModelConfig, tp: ParallelState, dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
-        reason = cfg.unsupported_setting(tp=tp.world_size)
-        if reason is not None:
-            raise ConfigError(reason)
         self.config = cfg
+        self.tp_size = tp.world_size
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, tp, dtype, device
         )
@@ -81,8 +78,9 @@ class MiniMaxForCausalLM(CausalLM):
     def allocate_states(self, num_slots: int, device: torch.device) -> LightningStates:
         """One state slot per sequence the worker may hold at once, for every lightning layer."""
         c = self.config
+        heads = c.num_attention_heads // self.tp_size  # this rank's
         self.states = LightningStates(
-            c.num_lightning_layers, num_slots, c.num_attention_heads, c.head_dim, c.head_dim, device
+            c.num_lightning_layers, num_slots, heads, c.head_dim, c.head_dim, device
         )
         return self.states
 
