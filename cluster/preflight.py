@@ -77,9 +77,6 @@ def check_engine(
             raise ConfigError("device='npu' was asked for but torch_npu is missing or sees no NPU")
     _check_tp(c.tp, model_config)
     _check_comm(c.tp, c.comm, kind)
-    reason = model_config.unsupported_setting(kv_host_tokens=w.kv_host_tokens)
-    if reason is not None:
-        raise ConfigError(reason)
     dtype = w.dtype
     if dtype == "auto":
         dtype = "float32" if kind == "cpu" else "bfloat16"

@@ -196,16 +196,6 @@ class ModelConfig:
             if f.name.endswith(("_alpha_factor", "_beta_factor")):
                 _number(f.name, getattr(self, f.name))
 
-    def unsupported_setting(self, kv_host_tokens: int | None = None) -> str | None:
-        """The one line saying what this model cannot run with yet, or None. Checked on the
-        driver before Ray starts (``cluster.preflight``) and again where a worker builds it."""
-        if self.num_lightning_layers and kv_host_tokens:
-            return (
-                f"kv_host_tokens={kv_host_tokens}: a model with lightning layers keeps its KV "
-                "cache on the device for now; set kv_host_tokens to 0 or spill to off"
-            )
-        return None
-
     def is_lightning(self, layer: int) -> bool:
         """Whether layer ``layer`` is a lightning (linear) attention layer."""
         return self.layer_types is not None and self.layer_types[layer] == "linear_attention"

@@ -36,7 +36,6 @@ from runtime.worker_config import WorkerConfig
 from scheduler import spill_cost
 from scheduler.batch import ScheduledBatch, SeqChunk
 from scheduler.config import SchedulerConfig
-from scheduler.errors import ConfigError
 from scheduler.request import PENDING_TOKEN, SamplingParams
 from scheduler.table_deltas import TableStore
 
@@ -347,12 +346,6 @@ class Worker:
         tokens = self._spill_option("kv_host_tokens", None)
         bs = self.limits.block_size
         if self._spill_option("spill", "auto") == "off":
-            return 0
-        if self.model_config.num_lightning_layers:
-            # not yet checked with lightning layers' states beside a spilled KV cache
-            reason = self.model_config.unsupported_setting(kv_host_tokens=tokens)
-            if reason is not None:
-                raise ConfigError(reason)
             return 0
         if tokens is not None:
             return -(-tokens // bs)

@@ -134,10 +134,40 @@ def test_tensor_parallel_sizes_must_divide_the_heads(checkpoint):
         _engine(path, tp=4, executor="ray")
 
 
-def test_what_is_not_supported_yet_is_one_clear_line(checkpoint):
+SPILL = dict(block_size=16, kv_cache_tokens=128, kv_host_tokens=4096)
+
+
+@pytest.mark.parametrize("mode", ["stream", "cooperate", "auto"])
+def test_spilled_kv_beside_lightning_states_matches_transformers(checkpoint, mode):
+    """The softmax layers' KV cache over two tiers (8 device blocks for a 300-token prompt):
+    blocks spill to host and come back, or the CPU attends over them, while the lightning
+    layers' states stay in their slots. Every logit row and every token."""
+    path, hf = checkpoint
+    engine = _engine(path, **SPILL, spill=mode)
+    prompt = _prompt(300, seed=3)
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=NEW_TOKENS), logits="all")[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0].float()
+    assert (out.metrics["logits"] - ref).abs().max().item() < LOGIT_ATOL
+    assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS)
+    assert out.metrics["kv"]["blocks_spilled"] > 0
+    engine.shutdown()
+
+
+def test_preempted_sequences_keep_their_states(checkpoint):
+    """Six sequences, four device blocks: sequences are paused (their KV blocks to the host,
+    their lightning states left in their slots) and resumed, with the tokens each gets alone."""
     path, _ = checkpoint
-    with pytest.raises(ConfigError, match="kv_host_tokens=256: a model with lightning layers"):
-        _engine(path, kv_host_tokens=256)
+    prompts = [_prompt(20 + 7 * i, seed=50 + i) for i in range(6)]
+    params = SamplingParams(max_new_tokens=12)
+    plain = _engine(path, max_num_seqs=6)
+    alone = [plain.generate([p], params)[0].token_ids for p in prompts]
+    plain.shutdown()
+    engine = _engine(path, **dict(SPILL, kv_cache_tokens=64), max_num_seqs=6, spill="stream")
+    outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == alone
+    assert outs[0].metrics["kv"]["preemptions"] > 0
+    engine.shutdown()
 
 
 @pytest.mark.parametrize(

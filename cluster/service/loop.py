@@ -390,7 +390,7 @@ class ServiceLoop:
             return out
         c, bs = e.model.config, e.config.scheduler.block_size
         elem = {"float32": 4}.get(str(e.device_infos[0].get("dtype")), 2)
-        block = 2 * c.num_hidden_layers * bs * c.num_key_value_heads * c.head_dim * elem
+        block = 2 * c.num_kv_layers * bs * c.num_key_value_heads * c.head_dim * elem
         out["bytes_spilled"] = stats.blocks_spilled * block
         out["bytes_prefetched"] = stats.blocks_fetched * block
         return out
