@@ -1,4 +1,5 @@
-"""Synthetic Llama presets: random weights from a fixed seed, for demos, tests and benchmarks."""
+"""Synthetic presets (Llama shapes and a MiniMax-01 hybrid): random weights from a fixed seed,
+for demos, tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -28,6 +29,26 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=262144,
         rope_theta=500000.0,
         eos_token_id=None,
+    ),
+    # A MiniMax-01-style hybrid as small as demo-small: seven lightning-attention layers, then one
+    # softmax layer (MiniMax-Text-01's pattern), a mixture of 4 experts (top 2) in every layer.
+    # `./scripts/demo --model minimax-small` shows the lightning path.
+    "minimax-small": ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=262144,
+        rope_theta=10000000.0,
+        rms_norm_eps=1e-5,
+        eos_token_id=None,
+        model_type="minimax",
+        layer_types=("linear_attention",) * 7 + ("full_attention",),
+        num_local_experts=4,
+        num_experts_per_tok=2,
     ),
     # The shape of Llama-2-7B (MHA, 32 layers): benchmarks on the GPU machine.
     "llama2-7b": ModelConfig(

@@ -3,9 +3,13 @@
 On the CPU device "device memory" is host memory, so the slower tier is disk, as flash is
 Cambricon-LLM's. Copying a layer from the file into a slot every step would move each byte
 twice (disk or page cache to the slot, the slot to the cores); instead the layers' parameters
-are views of a private read-only mapping of the file, and the kernel pages them in. Before each
-streamed layer runs, the next streamed layer's range is advised ``MADV_WILLNEED``, so the
-kernel reads it ahead while this layer computes. The pages belong to the page cache, not to
+are views of a private mapping of the file (never written), and the kernel pages them in. When
+a streamed layer starts, a thread faults the next streamed layer's range in
+(``MADV_POPULATE_READ``; ``MADV_WILLNEED`` on kernels before 5.14), so its pages are read from
+the file, where memory no longer holds them, while this layer and the resident ones after it
+compute, and the compute thread finds them mapped. (Advising ``MADV_WILLNEED`` from the
+compute thread itself blocked it while the reads were submitted: measured slower than no
+read-ahead at all.) The pages belong to the page cache, not to
 the process: under memory pressure the kernel drops them and reads them again from the file,
 which is what lets a model larger than memory run. The file is unlinked as soon as it is
 created, so it never outlives the process, even one that is killed.
@@ -13,6 +17,9 @@ created, so it never outlives the process, even one that is killed.
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
+import errno
 import mmap
 import os
 import tempfile
@@ -24,6 +31,19 @@ from runtime.weight_tier import move_buffers
 from scheduler.errors import CapacityError
 
 ALIGN = 256  # each parameter starts aligned for any dtype and for vector loads
+AHEAD = 2  # streamed layers read ahead of the one computing
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in (reading it) ahead of use
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _populate(addr: int, length: int) -> None:
+    """Fault ``[addr, addr + length)`` in, reading from the file what memory does not hold.
+    Called on a thread: ctypes lets go of the GIL for the call."""
+    if _libc.madvise(addr, length, MADV_POPULATE_READ) == 0:
+        return
+    if ctypes.get_errno() == errno.EINVAL:  # an older kernel: ask for read-ahead instead
+        _libc.madvise(addr, length, mmap.MADV_WILLNEED)
 
 
 def _align(n: int, to: int) -> int:
@@ -80,14 +100,20 @@ class MappedWeights:
             # private: the process never writes, so the pages stay the page cache's
             self._map = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_PRIVATE)
         except OSError as e:
+            os.close(fd)
             raise CapacityError(
                 f"weight_tier_dir={where!r}: writing {self.nbytes / 2**30:.2f} GiB of streamed "
                 f"weights failed ({e}); give a directory with room (--weight-tier-dir) or "
                 "offload less"
             ) from None
-        finally:
-            os.close(fd)  # the mapping keeps the file
+        self._fd: int | None = fd  # kept for drop_pages; the mapping alone would keep the file
+        self._synced = False
         data = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._base = data.data_ptr()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights-ahead")
+        # read-ahead runs AHEAD streamed layers in front of the compute, counted in layer runs
+        # since start (``_runs``); ``_issued``: the last run whose read-ahead was queued
+        self._runs = self._issued = -1
         for i, layout in zip(self.streamed, layouts):
             for p, off, shape in layout:
                 n = shape.numel() * p.element_size()
@@ -100,19 +126,27 @@ class MappedWeights:
         ]
 
     def _read_ahead(self, j: int):
-        nxt = (j + 1) % len(self.streamed)  # this step's next streamed layer, or the next step's
+        m = len(self.streamed)
 
         def hook(module, args):
-            start, length = self.ranges[nxt]
-            if length:
-                self._map.madvise(mmap.MADV_WILLNEED, start, length)
-            self.fetches += 1
-            self.fetched_bytes += length
+            run = self._runs + 1
+            if run % m != j:  # a step stopped halfway: count from this layer again
+                run += (j - run) % m
+                self._issued = run
+            self._runs = run
+            # the next AHEAD streamed layers (this step's, then the next step's), each queued
+            # once, in order, on one thread: the disk reads sequentially, never idle
+            for ahead in range(max(run, self._issued) + 1, run + AHEAD + 1):
+                start, length = self.ranges[ahead % m]
+                self._pool.submit(_populate, self._base + start, length)
+                self.fetches += 1
+                self.fetched_bytes += length
+                self._issued = ahead
 
         return hook
 
     def stats(self) -> dict:
-        """Layers streamed, bytes per step, read-ahead advice given so far."""
+        """Layers streamed, bytes per step, read-aheads issued so far."""
         return {
             "tier": self.tier,
             "streamed_layers": list(self.streamed),
@@ -124,11 +158,27 @@ class MappedWeights:
             "host_wait_s": 0.0,
         }
 
+    def drop_pages(self, j: int | None = None) -> None:
+        """Drop streamed layer ``j``'s pages (all of them for None) from memory, the process's
+        mapping and the page cache, as memory pressure would: the next reads come from the
+        disk (``scripts/bench_weight_tier.py --cold`` drops each layer after it ran)."""
+        if not self._synced:  # written pages must reach the disk before the cache lets go
+            os.fdatasync(self._fd)
+            self._synced = True
+        start, length = (0, self.nbytes) if j is None else self.ranges[j]
+        if length:
+            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         """Remove the hooks; the mapping goes with the last parameter that views it."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._pool.shutdown(wait=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> None:

@@ -136,6 +136,18 @@ def test_streamed_layers_give_identical_logits_and_tokens(
     engine.shutdown()
 
 
+def test_disk_tier_pages_dropped_from_memory_are_read_back_from_the_file(reference):
+    """What memory pressure does to the mapped layers (``drop_pages``): the next step reads
+    them from the file again and computes the same numbers."""
+    prompts, tokens, logits = reference
+    engine = _engine(offload_weights_gib=3.5 * LAYER / 2**30)
+    engine.executor.worker.weight_streamer.drop_pages()
+    got_tokens, got_logits = _run(engine, prompts)  # the reference's batch: the same sums
+    assert got_tokens == tokens
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, logits))
+    engine.shutdown()
+
+
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_streamed_layers_leave_the_device_memory_the_plan_frees(request, tier):
     """Distinct storages behind the parameters: the resident ones, plus the ring's two slots
