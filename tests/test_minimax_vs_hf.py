@@ -214,3 +214,17 @@ def test_checkpoint_script_writes_what_tilerun_runs(tmp_path):
     prompt = _prompt(40, seed=4, vocab=128)
     out = _engine(tmp_path).generate([prompt], SamplingParams(max_new_tokens=6))[0]
     assert out.token_ids == hf_greedy(hf, prompt, 6)
+
+
+def test_minimax_small_preset_is_the_hybrid_the_demo_shows():
+    """``./scripts/demo --model minimax-small``: seven lightning layers, then a softmax one
+    (the only one with a KV cache), four experts; a batch gives each request's own tokens."""
+    engine = _engine("minimax-small", max_num_seqs=2)
+    worker = engine.executor.worker
+    assert [layer.lightning for layer in worker.model.layers] == [True] * 7 + [False]
+    assert len(worker.kv.layers) == 1
+    prompts = [_prompt(n, seed=n, vocab=512) for n in (40, 130, 9)]
+    params = SamplingParams(max_new_tokens=8)
+    together = [o.token_ids for o in engine.generate(prompts, params)]
+    assert together == [engine.generate([p], params)[0].token_ids for p in prompts]
+    engine.shutdown()
