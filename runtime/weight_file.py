@@ -27,10 +27,9 @@ import tempfile
 import torch
 from torch import nn
 
-from runtime.weight_tier import move_buffers
+from runtime.weight_tier import align_up, bytes_of, move_buffers
 from scheduler.errors import CapacityError
 
-ALIGN = 256  # each parameter starts aligned for any dtype and for vector loads
 AHEAD = 2  # streamed layers read ahead of the one computing
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in (reading it) ahead of use
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -44,10 +43,6 @@ def _populate(addr: int, length: int) -> None:
         return
     if ctypes.get_errno() == errno.EINVAL:  # an older kernel: ask for read-ahead instead
         _libc.madvise(addr, length, mmap.MADV_WILLNEED)
-
-
-def _align(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 class MappedWeights:
@@ -70,17 +65,14 @@ class MappedWeights:
         self.ranges: list[tuple[int, int]] = []  # (start, length) of each streamed layer
         layouts, pos = [], 0
         for i in self.streamed:
-            start, layout, seen = pos, [], set()
-            for p in layers[i].parameters():
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                pos = _align(pos, ALIGN)
+            start, layout = pos, []
+            for p in layers[i].parameters():  # each shared parameter once
+                pos = align_up(pos)
                 layout.append((p, pos, p.shape))
                 pos += p.numel() * p.element_size()
             self.ranges.append((start, pos - start))
             layouts.append(layout)
-            pos = _align(pos, mmap.PAGESIZE)  # each layer's range starts on a page, for madvise
+            pos = align_up(pos, mmap.PAGESIZE)  # each layer's range starts on a page, for madvise
         self.nbytes = max(pos, 1)
         where = directory or tempfile.gettempdir()
         try:
@@ -95,7 +87,7 @@ class MappedWeights:
             os.ftruncate(fd, self.nbytes)
             for layout in layouts:
                 for p, off, _ in layout:
-                    _pwrite_all(fd, p.detach().contiguous().reshape(-1).view(torch.uint8), off)
+                    _pwrite_all(fd, bytes_of(p), off)
                     p.data = torch.empty(0, dtype=p.dtype)  # the loaded copy is freed
             # private: the process never writes, so the pages stay the page cache's
             self._map = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_PRIVATE)

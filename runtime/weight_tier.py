@@ -34,11 +34,12 @@ class _Param:
     shape: torch.Size
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+def align_up(n: int, to: int = ALIGN) -> int:
+    return -(-n // to) * to
 
 
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+def bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as a flat uint8 tensor (a view where ``t`` is contiguous)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -50,14 +51,13 @@ class WeightStreamer:
         self, layers: nn.ModuleList, streamed: tuple[int, ...], device: torch.device
     ) -> None:
         self.tier, self.device, self.streamed = "host", device, tuple(streamed)
-        self.order = {layer: j for j, layer in enumerate(self.streamed)}
         self.layouts: list[list[_Param]] = []
         for i in self.streamed:
             layout, off = [], 0
-            for p in _unique_params(layers[i]):
+            for p in layers[i].parameters():  # each shared parameter once
                 n = p.numel() * p.element_size()
                 layout.append(_Param(p, off, n, p.shape))
-                off = _align(off + n)
+                off = align_up(off + n)
             self.layouts.append(layout)
         self.sizes = [max((e.offset + e.nbytes for e in lay), default=0) for lay in self.layouts]
         self.nslots = min(SLOTS, len(self.streamed))
@@ -92,7 +92,7 @@ class WeightStreamer:
         for layout, size in zip(self.layouts, self.sizes):
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             for e in layout:
-                buf[e.offset : e.offset + e.nbytes].copy_(_bytes_of(e.param.data))
+                buf[e.offset : e.offset + e.nbytes].copy_(bytes_of(e.param.data))
                 e.param.data = torch.empty(0, dtype=e.param.dtype)  # the original is freed
             self._host.append(buf)
 
@@ -194,15 +194,6 @@ class WeightStreamer:
             self._pool.shutdown(wait=True)
 
 
-def _unique_params(module: nn.Module) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 def move_buffers(module: nn.Module, device: torch.device) -> None:
     """Buffers (decay rates, ...) of a streamed layer stay resident on ``device``."""
     for mod in module.modules():
@@ -227,4 +218,4 @@ def stream_layers(
     return WeightStreamer(layers, streamed, device)
 
 
-__all__ = ["WeightStreamer", "move_buffers", "stream_layers"]
+__all__ = ["ALIGN", "WeightStreamer", "align_up", "bytes_of", "move_buffers", "stream_layers"]

@@ -15,7 +15,7 @@ from cluster.engine import Engine
 from runtime.loader import build_model, resolve_model
 from runtime.memory_estimate import layer_bytes, offload_plan
 from runtime.parallel import ParallelState
-from runtime.weight_file import ALIGN
+from runtime.weight_tier import ALIGN
 from scheduler.errors import CapacityError, ConfigError
 from scheduler.request import SamplingParams
 from scheduler.weight_plan import WeightPlan, plan_weights, resolve_tier, spread
