@@ -43,21 +43,26 @@ def _prompt(n: int, seed: int, vocab: int = 384) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
+def _matches_hf(engine: Engine, hf, prompt: list[int]):
+    """Generate NEW_TOKENS for ``prompt``: every logit row within LOGIT_ATOL of transformers'
+    on the same tokens, and the same greedy tokens. Returns the output."""
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=NEW_TOKENS), logits="all")[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0].float()
+    err = (out.metrics["logits"] - ref).abs().max().item()
+    assert err < LOGIT_ATOL, f"prompt {len(prompt)}: max |logit diff| {err}"
+    assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"prompt {len(prompt)}"
+    return out
+
+
 @pytest.mark.parametrize("attention", ["torch", "flash_cpu"])
 def test_logits_and_greedy_tokens_match_transformers(checkpoint, attention):
     """Prompts of 1 to 150 tokens in chunks of 64 (a lightning layer continues from its state
     across chunks), then 24 decoded tokens: every logit row and every greedy token."""
     path, hf = checkpoint
     engine = _engine(path, attention=attention)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
     for n in PROMPT_LENS:
-        prompt = _prompt(n, seed=n)
-        out = engine.generate([prompt], params, logits="all")[0]
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0].float()
-        err = (out.metrics["logits"] - ref).abs().max().item()
-        assert err < LOGIT_ATOL, f"prompt {n}: max |logit diff| {err}"
-        assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"prompt {n}"
+        _matches_hf(engine, hf, _prompt(n, seed=n))
     engine.shutdown()
 
 
@@ -115,15 +120,8 @@ def test_tensor_parallel_matches_transformers(ray_cluster, checkpoint, comm):
         pytest.importorskip("mpi4py")
     path, hf = checkpoint
     engine = _engine(path, executor="ray", tp=2, comm=comm)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
     for n in (17, 150):
-        prompt = _prompt(n, seed=n)
-        out = engine.generate([prompt], params, logits="all")[0]
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0].float()
-        err = (out.metrics["logits"] - ref).abs().max().item()
-        assert err < LOGIT_ATOL, f"prompt {n}: max |logit diff| {err}"
-        assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"prompt {n}"
+        _matches_hf(engine, hf, _prompt(n, seed=n))
     engine.shutdown()
 
 
@@ -144,12 +142,7 @@ def test_spilled_kv_beside_lightning_states_matches_transformers(checkpoint, mod
     layers' states stay in their slots. Every logit row and every token."""
     path, hf = checkpoint
     engine = _engine(path, **SPILL, spill=mode)
-    prompt = _prompt(300, seed=3)
-    out = engine.generate([prompt], SamplingParams(max_new_tokens=NEW_TOKENS), logits="all")[0]
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0].float()
-    assert (out.metrics["logits"] - ref).abs().max().item() < LOGIT_ATOL
-    assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS)
+    out = _matches_hf(engine, hf, _prompt(300, seed=3))
     assert out.metrics["kv"]["blocks_spilled"] > 0
     engine.shutdown()
 
