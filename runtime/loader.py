@@ -56,17 +56,22 @@ def build_model(
 ) -> LlamaForCausalLM | MiniMaxForCausalLM:
     """``source``'s model on ``device``: this rank's slices of the checkpoint, or seeded weights.
 
-    ``stream`` (weights in a slower tier): the model is built and loaded in host memory, then
-    ``stream(model)`` moves the streamed layers into their tier and points them at device slots,
-    and only the rest is moved to ``device``, so the device never holds every weight at once.
+    ``stream`` (weights in a slower tier): the model is built in host memory (its parameters
+    allocated, not yet touched), ``stream(model)`` gives the tier, each streamed layer moves
+    into it as soon as its tensors are loaded (``take``), and ``finish`` points the streamed
+    layers at their device slots or mapping. Only the rest is moved to ``device``: neither
+    the device nor host memory ever holds every weight at once.
     """
     built_on = torch.device("cpu") if stream is not None else device
     model = MODEL_CLASSES[source.config.model_type](source.config, tp, dtype, built_on)
+    tier = stream(model) if stream is not None else None
+    on_layer = tier.take if tier is not None else None
     if source.checkpoint is None:
-        init_random(model, seed=source.seed, device=device)
+        init_random(model, seed=source.seed, device=device, on_layer=on_layer)
     else:
-        load_checkpoint(model, source.checkpoint)
-    if stream is not None:
-        model.streamer = stream(model)
+        load_checkpoint(model, source.checkpoint, on_layer=on_layer)
+    if tier is not None:
+        tier.finish()
+        model.streamer = tier
         model.to(device)  # the streamed layers' parameters are on the device already
     return model.eval()

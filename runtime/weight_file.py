@@ -46,8 +46,9 @@ def _populate(addr: int, length: int) -> None:
 
 
 class MappedWeights:
-    """Writes the ``streamed`` layers of ``layers`` (loaded in host memory) to a file in
-    ``directory`` and points their parameters at a mapping of it."""
+    """Keeps the ``streamed`` layers of ``layers`` (built in host memory) in a file in
+    ``directory``: :meth:`take` writes a loaded layer there and frees it, :meth:`finish` maps
+    the file and points the layers' parameters at it."""
 
     tier = "disk"
     nslots = 0
@@ -61,9 +62,11 @@ class MappedWeights:
     ) -> None:
         if device.type != "cpu":
             raise ValueError("the disk tier serves the CPU device; accelerators stream from host")
-        self.streamed = tuple(streamed)
+        self.streamed, self.device, self._layers = tuple(streamed), device, layers
+        self.position = {layer: j for j, layer in enumerate(self.streamed)}
         self.ranges: list[tuple[int, int]] = []  # (start, length) of each streamed layer
-        layouts, pos = [], 0
+        self.layouts: list[list[tuple[nn.Parameter, int, torch.Size]]] = []
+        pos = 0
         for i in self.streamed:
             start, layout = pos, []
             for p in layers[i].parameters():  # each shared parameter once
@@ -71,10 +74,10 @@ class MappedWeights:
                 layout.append((p, pos, p.shape))
                 pos += p.numel() * p.element_size()
             self.ranges.append((start, pos - start))
-            layouts.append(layout)
+            self.layouts.append(layout)
             pos = align_up(pos, mmap.PAGESIZE)  # each layer's range starts on a page, for madvise
         self.nbytes = max(pos, 1)
-        where = directory or tempfile.gettempdir()
+        self._where = directory or tempfile.gettempdir()
         try:
             fd, path = tempfile.mkstemp(prefix="tilerun-weights-", suffix=".bin", dir=directory)
         except OSError as e:
@@ -83,39 +86,61 @@ class MappedWeights:
                 "give a writable directory with room for the streamed layers"
             ) from None
         os.unlink(path)  # gone when the last reference closes, even if the process is killed
-        try:
-            os.ftruncate(fd, self.nbytes)
-            for layout in layouts:
-                for p, off, _ in layout:
-                    _pwrite_all(fd, bytes_of(p), off)
-                    p.data = torch.empty(0, dtype=p.dtype)  # the loaded copy is freed
-            # private: the process never writes, so the pages stay the page cache's
-            self._map = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_PRIVATE)
-        except OSError as e:
-            os.close(fd)
-            raise CapacityError(
-                f"weight_tier_dir={where!r}: writing {self.nbytes / 2**30:.2f} GiB of streamed "
-                f"weights failed ({e}); give a directory with room (--weight-tier-dir) or "
-                "offload less"
-            ) from None
         self._fd: int | None = fd  # kept for drop_pages; the mapping alone would keep the file
+        self._written = [False] * len(self.streamed)
         self._synced = False
-        data = torch.frombuffer(self._map, dtype=torch.uint8)
-        self._base = data.data_ptr()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights-ahead")
+        self._pool = None
+        self._hooks: list = []
+        self.fetches = self.fetched_bytes = 0
         # read-ahead runs AHEAD streamed layers in front of the compute, counted in layer runs
         # since start (``_runs``); ``_issued``: the last run whose read-ahead was queued
         self._runs = self._issued = -1
-        for i, layout in zip(self.streamed, layouts):
+        self._guard(lambda: os.ftruncate(fd, self.nbytes))
+
+    def _guard(self, write) -> None:
+        try:
+            write()
+        except OSError as e:
+            self.close()
+            raise CapacityError(
+                f"weight_tier_dir={self._where!r}: writing {self.nbytes / 2**30:.2f} GiB of "
+                f"streamed weights failed ({e}); give a directory with room "
+                "(--weight-tier-dir) or offload less"
+            ) from None
+
+    def take(self, layer: int) -> None:
+        """Write decoder layer ``layer``'s loaded weights to the file and free them (a layer
+        that does not stream, or is written already, is left alone)."""
+        j = self.position.get(layer)
+        if j is None or self._written[j]:
+            return
+
+        def write():
+            for p, off, _ in self.layouts[j]:
+                _pwrite_all(self._fd, bytes_of(p), off)
+                p.data = torch.empty(0, dtype=p.dtype)  # the loaded copy is freed
+
+        self._guard(write)
+        self._written[j] = True
+
+    def finish(self) -> None:
+        """Every streamed layer written, the file mapped, the parameters views of the mapping,
+        the read-ahead hooks set."""
+        for i in self.streamed:
+            self.take(i)
+        # private: the process never writes, so the pages stay the page cache's
+        self._guard(
+            lambda: setattr(self, "_map", mmap.mmap(self._fd, self.nbytes, mmap.MAP_PRIVATE))
+        )
+        data = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._base = data.data_ptr()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights-ahead")
+        for j, (i, layout) in enumerate(zip(self.streamed, self.layouts)):
             for p, off, shape in layout:
                 n = shape.numel() * p.element_size()
                 p.data = data[off : off + n].view(p.dtype).view(shape)
-            move_buffers(layers[i], device)
-        self.fetches = self.fetched_bytes = 0
-        self._hooks = [
-            layers[i].register_forward_pre_hook(self._read_ahead(j))
-            for j, i in enumerate(self.streamed)
-        ]
+            move_buffers(self._layers[i], self.device)
+            self._hooks.append(self._layers[i].register_forward_pre_hook(self._read_ahead(j)))
 
     def _read_ahead(self, j: int):
         m = len(self.streamed)
@@ -167,7 +192,8 @@ class MappedWeights:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

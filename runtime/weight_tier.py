@@ -44,13 +44,16 @@ def bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 
 class WeightStreamer:
-    """Moves the ``streamed`` layers of ``layers`` (built and loaded in host memory) into
-    page-locked host memory and serves them to ``device`` through a two-slot ring."""
+    """Keeps the ``streamed`` layers of ``layers`` (built in host memory) in page-locked host
+    memory and serves them to ``device`` through a two-slot ring: :meth:`take` moves a loaded
+    layer into the tier, :meth:`finish` sets up the slots and the hooks."""
 
     def __init__(
         self, layers: nn.ModuleList, streamed: tuple[int, ...], device: torch.device
     ) -> None:
         self.tier, self.device, self.streamed = "host", device, tuple(streamed)
+        self._layers = layers
+        self.position = {layer: j for j, layer in enumerate(self.streamed)}
         self.layouts: list[list[_Param]] = []
         for i in self.streamed:
             layout, off = [], 0
@@ -61,40 +64,48 @@ class WeightStreamer:
             self.layouts.append(layout)
         self.sizes = [max((e.offset + e.nbytes for e in lay), default=0) for lay in self.layouts]
         self.nslots = min(SLOTS, len(self.streamed))
-        width = max(self.sizes, default=0)
-        self.slots = [
-            torch.empty(width, dtype=torch.uint8, device=device) for _ in range(self.nslots)
-        ]
+        self.slots: list[torch.Tensor] = []
         self.owner: list[int | None] = [None] * self.nslots  # streamed position held or filling
         self.pending: list[object] = [None] * self.nslots  # a CUDA event or a thread's future
         self.fetches = self.fetched_bytes = self.sync_fetches = 0
         self.wait_s = 0.0
         self._pool = None
         self._stream = None
-        self._host: list[torch.Tensor] = []
-        self._pin_host()
-        if device.type == "cuda":
-            self._stream = torch.cuda.Stream(device)
+        self._host: list[torch.Tensor | None] = [None] * len(self.streamed)
+        self._hooks: list = []
+
+    # -- building the tier ----------------------------------------------------------------------
+    def take(self, layer: int) -> None:
+        """Move decoder layer ``layer``'s loaded weights into page-locked host memory and free
+        them (a layer that does not stream, or is in already, is left alone)."""
+        j = self.position.get(layer)
+        if j is None or self._host[j] is not None:
+            return
+        buf = torch.empty(self.sizes[j], dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        for e in self.layouts[j]:
+            buf[e.offset : e.offset + e.nbytes].copy_(bytes_of(e.param.data))
+            e.param.data = torch.empty(0, dtype=e.param.dtype)  # the loaded copy is freed
+        self._host[j] = buf
+
+    def finish(self) -> None:
+        """Every streamed layer in the tier, its parameters views of a device slot, the hooks
+        set, and the first step's first layers on their way."""
+        for i in self.streamed:
+            self.take(i)
+        width = max(self.sizes, default=0)
+        self.slots = [
+            torch.empty(width, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)
+        ]
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
         else:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tier")
         for j, i in enumerate(self.streamed):
-            self._point_at_slot(layers[i], j)
-        self._hooks = []
-        for j, i in enumerate(self.streamed):
-            self._hooks.append(layers[i].register_forward_pre_hook(self._pre_hook(j)))
-            self._hooks.append(layers[i].register_forward_hook(self._post_hook(j)))
-        for j in range(self.nslots):  # the first layers of the first step
+            self._point_at_slot(self._layers[i], j)
+            self._hooks.append(self._layers[i].register_forward_pre_hook(self._pre_hook(j)))
+            self._hooks.append(self._layers[i].register_forward_hook(self._post_hook(j)))
+        for j in range(self.nslots):
             self._fetch(j, after=None)
-
-    # -- building the tier ----------------------------------------------------------------------
-    def _pin_host(self) -> None:
-        pin = self.device.type == "cuda"
-        for layout, size in zip(self.layouts, self.sizes):
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-            for e in layout:
-                buf[e.offset : e.offset + e.nbytes].copy_(bytes_of(e.param.data))
-                e.param.data = torch.empty(0, dtype=e.param.dtype)  # the original is freed
-            self._host.append(buf)
 
     def _point_at_slot(self, layer: nn.Module, j: int) -> None:
         slot = self.slots[j % self.nslots]

@@ -10,6 +10,7 @@ import json
 import math
 import stat
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -161,10 +162,45 @@ def checkpoint_files(directory: str | Path) -> dict[str, Path]:
     return out
 
 
-def load_checkpoint(model: LlamaForCausalLM, directory: str | Path) -> None:
-    """Load and shard a HF Llama checkpoint into ``model``; errors name the tensor at fault."""
+class LayerCountdown:
+    """Calls ``done(i)`` as soon as every checkpoint tensor of decoder layer ``i`` is loaded, so
+    that a layer bound for a slower tier leaves host memory before the next one is read (a
+    model larger than memory loads with about one layer in it)."""
+
+    def __init__(self, names, done: Callable[[int], None] | None) -> None:
+        self.done = done
+        self.left: dict[int, int] = {}
+        for name in names:
+            i = layer_of(name)
+            if i is not None:
+                self.left[i] = self.left.get(i, 0) + 1
+
+    def loaded(self, name: str) -> None:
+        i = layer_of(name)
+        if self.done is None or i is None:
+            return
+        self.left[i] -= 1
+        if self.left[i] == 0:
+            self.done(i)
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a checkpoint tensor belongs to (``model.layers.<i>.``), or None."""
+    if not name.startswith("model.layers."):
+        return None
+    return int(name.split(".", 3)[2])
+
+
+def load_checkpoint(
+    model: LlamaForCausalLM,
+    directory: str | Path,
+    on_layer: Callable[[int], None] | None = None,
+) -> None:
+    """Load and shard a HF Llama checkpoint into ``model``; errors name the tensor at fault.
+    ``on_layer(i)``: called once layer ``i``'s tensors are all in (see ``LayerCountdown``)."""
     where = checkpoint_files(directory)
     targets = model.hf_weight_map()
+    countdown = LayerCountdown(targets, on_layer)
     missing = [n for n in targets if n not in where]
     if missing:
         shown = ", ".join(missing[:5]) + (
@@ -196,6 +232,7 @@ def load_checkpoint(model: LlamaForCausalLM, directory: str | Path) -> None:
                 for name in names:
                     param, part = targets[name]
                     _loader(param)(_slicer(h.get_slice(name), len(header[name]["shape"])), part)
+                    countdown.loaded(name)
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
 
@@ -227,14 +264,18 @@ def init_random(
     seed: int = 0,
     std: float = 0.02,
     device: torch.device | None = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> None:
     """Seeded random weights, identical for every TP size: each *full* tensor is drawn from a
     generator seeded by (seed, tensor name), then sliced by the parameter's own loader.
     ``device``: where to draw (default: the model's), so that a model built off its device
-    (weights to be streamed) gets the same weights as one built on it."""
+    (weights to be streamed) gets the same weights as one built on it; ``on_layer`` as for
+    ``load_checkpoint``."""
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    for name, (param, part) in model.hf_weight_map().items():
+    targets = model.hf_weight_map()
+    countdown = LayerCountdown(targets, on_layer)
+    for name, (param, part) in targets.items():
         shape = model.full_shape(name)
         if name.endswith("norm.weight"):
             full = torch.ones(shape, dtype=dtype, device=device)
@@ -244,3 +285,4 @@ def init_random(
             full = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=g)
         _loader(param)(full, part)
         del full
+        countdown.loaded(name)
