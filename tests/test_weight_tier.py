@@ -263,30 +263,43 @@ def test_a_model_that_does_not_fit_is_told_how_much_to_offload_and_that_is_enoug
 
 
 PEAK_SCRIPT = """
-import json, resource, sys, tempfile
+import json, sys
 import torch
 from runtime.config import ModelConfig
 from runtime.loader import ModelSource, build_model
 from runtime.memory_estimate import offload_plan
 from runtime.parallel import ParallelState
 from runtime.weight_tier import stream_layers
+
+def anon():  # resident anonymous memory: the weights, without the libraries' mapped files
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
 cfg = ModelConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
                   num_attention_heads=8, eos_token_id=None)
 plan = offload_plan(cfg, "float32", 1, float(sys.argv[1]), "disk")
+seen = []
 stream = None
 if plan.streamed:
     def stream(m):
-        return stream_layers(m.layers, plan.streamed, "disk", torch.device("cpu"), sys.argv[2])
+        tier = stream_layers(m.layers, plan.streamed, "disk", torch.device("cpu"), sys.argv[2])
+        take = tier.take
+        def watched(i):  # the most anonymous memory while loading: just before a hand-over
+            seen.append(anon())
+            take(i)
+        tier.take = watched
+        return tier
 build_model(ModelSource("t", cfg, None), ParallelState(), torch.float32, torch.device("cpu"), stream)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak": peak, "streamed": plan.streamed_bytes, "layers": len(plan.streamed)}))
+seen.append(anon())
+print(json.dumps({"peak": max(seen), "streamed": plan.streamed_bytes, "layers": len(plan.streamed)}))
 """
 
 
 def test_streamed_layers_leave_host_memory_while_the_model_loads(tmp_path):
     """Each streamed layer goes to the file as soon as its tensors are in, so loading a model
     with most layers on disk peaks at the resident part and about a layer, not at the whole
-    model (a fresh process each, its peak resident memory)."""
+    model (a fresh process each; resident anonymous memory, the weights' kind)."""
     import json
     import subprocess
     import sys
@@ -300,10 +313,10 @@ def test_streamed_layers_leave_host_memory_while_the_model_loads(tmp_path):
 
     plain, offloaded = peak(0.0), peak(0.2)
     assert offloaded["layers"] == 13  # of 16, 16.8 MB each
-    # measured 0.76-0.81 of the streamed bytes: the allocator keeps some freed memory (glibc
-    # raises its mmap threshold after a free); without the hand-over nothing would be saved
+    # without the hand-over nothing would be saved; it saves the streamed bytes but about a
+    # layer (the one loading) and what the allocator keeps of freed memory
     saved = plain["peak"] - offloaded["peak"]
-    assert saved > 0.6 * offloaded["streamed"], (plain, offloaded)
+    assert saved > 0.7 * offloaded["streamed"], (plain, offloaded)
 
 
 def test_checkpoint_layers_are_handed_over_once_each_when_complete(tmp_path):
