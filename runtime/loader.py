@@ -66,10 +66,15 @@ def build_model(
     model = MODEL_CLASSES[source.config.model_type](source.config, tp, dtype, built_on)
     tier = stream(model) if stream is not None else None
     on_layer = tier.take if tier is not None else None
-    if source.checkpoint is None:
-        init_random(model, seed=source.seed, device=device, on_layer=on_layer)
-    else:
-        load_checkpoint(model, source.checkpoint, on_layer=on_layer)
+    try:
+        if source.checkpoint is None:
+            init_random(model, seed=source.seed, device=device, on_layer=on_layer)
+        else:
+            load_checkpoint(model, source.checkpoint, on_layer=on_layer)
+    except BaseException:
+        if tier is not None:
+            tier.close()  # the disk tier's half-written file is given back at once
+        raise
     if tier is not None:
         tier.finish()
         model.streamer = tier

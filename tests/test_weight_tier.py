@@ -337,3 +337,25 @@ def test_checkpoint_layers_are_handed_over_once_each_when_complete(tmp_path):
         p.data.zero_()
     load_checkpoint(model, tmp_path, on_layer=on_layer)
     assert seen == list(range(src.config.num_hidden_layers))
+
+
+def test_a_checkpoint_that_fails_to_load_gives_the_weight_file_back(tmp_path):
+    import json
+
+    from runtime.weight_tier import stream_layers
+    from scheduler.errors import CheckpointError
+    from tests.hf_models import make_hf_minimax
+
+    ckpt = tmp_path / "ckpt"
+    make_hf_minimax(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 64}))
+    src = resolve_model(str(ckpt))
+    before = len(os.listdir("/proc/self/fd"))
+
+    def stream(m):
+        return stream_layers(m.layers, (0, 1), "disk", torch.device("cpu"), str(tmp_path))
+
+    with pytest.raises(CheckpointError, match="has shape"):
+        build_model(src, ParallelState(), torch.float32, torch.device("cpu"), stream)
+    assert len(os.listdir("/proc/self/fd")) == before  # the unlinked file's descriptor closed
