@@ -51,7 +51,6 @@ class MappedWeights:
     the file and points the layers' parameters at it."""
 
     tier = "disk"
-    nslots = 0
 
     def __init__(
         self,

@@ -173,8 +173,9 @@ class WeightStreamer:
         return hook
 
     def _post_hook(self, j: int):
+        nxt = self._successor(j)  # fixed for the run: found once, not per layer and step
+
         def hook(module, args, output):
-            nxt = self._successor(j)
             s = j % self.nslots
             # nxt == j: the slot is this layer's alone (two or fewer streamed), keep its bytes
             if nxt != j and self.owner[s] == j and self.pending[s] is None:
