@@ -1,8 +1,9 @@
 """Lightning attention layer: tilerun's tiled core against transformers' MiniMax layer.
 
 Both sides run the same transformers ``MiniMaxLightningAttention`` module (same weights, same
-projections, norm and output gate); tilerun's side swaps its attention core for
-``runtime.attention.lightning``. Measured, the two interleaved ``--repeats`` times (best of
+projections, norm and output gate); tilerun's side swaps its attention core for the one its
+model runs (``runtime.attention.lightning_kernels``: the Triton kernels on CUDA, the torch path
+elsewhere). Measured, the two interleaved ``--repeats`` times (best of
 each, a shared machine's load falls on both):
 
 * prefill of ``T`` tokens from an empty state (transformers: its loop over blocks of 256
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
 import json
 import platform
 import sys
@@ -51,6 +53,7 @@ from runtime.attention.lightning import (  # noqa: E402
     lightning_forward,
     new_states,
 )
+from runtime.attention.lightning_kernels import lightning_step  # noqa: E402
 from runtime.device import device_info  # noqa: E402
 
 
@@ -68,15 +71,20 @@ def layer_for(heads: int, head_dim: int, device):
         layer_types=["linear_attention"] * 4,
     )
     torch.manual_seed(0)
-    return mm.MiniMaxLightningAttention(cfg, 1).eval().to(device), mm
+    layer = mm.MiniMaxLightningAttention(cfg, 1).eval().to(device)
+    # transformers renamed the cache argument (past_key_values -> cache); the wrong name lands
+    # in **kwargs unnoticed and every call starts from an empty state
+    name = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+    return (lambda x, cache: layer(x, None, None, **{name: cache})), layer, mm
 
 
 def ours(layer, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """The layer with tilerun's core: ``x [T, hidden]``, one sequence, ``states`` advanced."""
+    """The layer with tilerun's core as its model runs it (``lightning_step``: the Triton kernels
+    on CUDA, the torch path elsewhere): ``x [T, hidden]``, one sequence, ``states`` advanced."""
     T = x.shape[0]
     h, d = layer.num_attention_heads, layer.head_dim
     q, k, v = layer.act_fn(layer.qkv_proj(x)).view(T, h, 3 * d).split(d, dim=-1)
-    o = lightning_forward(q, k, v, layer.slope_rate.view(h), [T], states)
+    o = lightning_step(q, k, v, layer.slope_rate.view(h), [T], states)
     o = layer.norm(o.reshape(T, h * d))
     return layer.out_proj(torch.sigmoid(layer.output_gate(x)) * o)
 
@@ -205,7 +213,7 @@ def main() -> int:
     device = torch.device(args.device)
     if args.core:
         return write_core(args, device)
-    layer, mm = layer_for(args.heads, args.head_dim, device)
+    run_hf, layer, mm = layer_for(args.heads, args.head_dim, device)
     h, d = args.heads, args.head_dim
     peak = matmul_rate(device)
     rows = []
@@ -221,16 +229,16 @@ def main() -> int:
                 cache = mm.MiniMaxCache()
                 sync(device)
                 t = time.perf_counter()
-                hf_pre, _ = layer(x[:, :T], None, None, cache=cache)
+                hf_pre, _ = run_hf(x[:, :T], cache)
                 note("hf_prefill", time.perf_counter() - t)
                 sync(device)
                 t = time.perf_counter()
-                hf_more, _ = layer(x[:, T : T + args.chunk], None, None, cache=cache)
+                hf_more, _ = run_hf(x[:, T : T + args.chunk], cache)
                 note("hf_continue", time.perf_counter() - t)
                 a = T + args.chunk
                 sync(device)
                 t = time.perf_counter()
-                hf_dec = [layer(x[:, a + i : a + i + 1], None, None, cache=cache)[0]
+                hf_dec = [run_hf(x[:, a + i : a + i + 1], cache)[0]
                           for i in range(args.new_tokens)]  # fmt: skip
                 note("hf_decode", (time.perf_counter() - t) / args.new_tokens)
                 # tilerun's core
@@ -248,9 +256,10 @@ def main() -> int:
                 o_dec = [ours(layer, x[0, a + i : a + i + 1], states)
                          for i in range(args.new_tokens)]  # fmt: skip
                 note("ours_decode", (time.perf_counter() - t) / args.new_tokens)
-            err = max(err, rel(o_pre, hf_pre[0]), rel(o_more, hf_more[0]),
-                      *(rel(o, r[0]) for o, r in zip(o_dec, hf_dec)))  # fmt: skip
-        assert err < 1e-4, f"outputs differ from transformers' by {err:.2e}"
+            parts = {"prefill": rel(o_pre, hf_pre[0]), "continue": rel(o_more, hf_more[0]),
+                     "decode": max(rel(o, r[0]) for o, r in zip(o_dec, hf_dec))}  # fmt: skip
+            err = max(err, *parts.values())
+        assert err < 1e-4, f"outputs differ from transformers' by {err:.2e} ({parts})"
         fl_pre, fl_more = layer_flops(T, h, d), layer_flops(args.chunk, h, d)
         row = {
             "context": T,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import time_hf, time_tilerun  # noqa: E402
+from bench_generate import _best, time_hf, time_tilerun  # noqa: E402
 
 from cluster.config import EngineConfig  # noqa: E402
 from cluster.engine import Engine  # noqa: E402
@@ -201,12 +201,10 @@ def main() -> int:
         except ImportError as e:
             peers[str(offload)] = {"error": f"transformers/accelerate missing: {e}"}
         r = h = None
-        for _ in range(args.repeats):  # alternate, keep each one's best
-            t = time_tilerun(engine, prompt, args.new_tokens)
-            r = t if r is None or t["decode_ms_per_token"] < r["decode_ms_per_token"] else r
+        for _ in range(args.repeats):  # alternate, keep each figure's best
+            r = _best(r, time_tilerun(engine, prompt, args.new_tokens))
             if hf is not None:
-                t = time_hf(hf, prompt, args.new_tokens, device)
-                h = t if h is None or t["decode_ms_per_token"] < h["decode_ms_per_token"] else h
+                h = _best(h, time_hf(hf, prompt, args.new_tokens, device))
         stats = worker.memory_stats()["weight_tier"]
         what = {
             "offload_gib": offload,

@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--softmax-every", type=int, default=8, help="every n-th layer is softmax")
     ap.add_argument("--max-position-embeddings", type=int, default=262144)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument(
         "--initializer-range", type=float, default=0.02, help="std of the random weights"
     )
@@ -62,7 +63,7 @@ def main() -> int:
         initializer_range=args.initializer_range,
     )
     torch.manual_seed(args.seed)
-    model = MiniMaxForCausalLM(cfg).float().eval()
+    model = MiniMaxForCausalLM(cfg).to(getattr(torch, args.dtype)).eval()
     args.directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.directory, safe_serialization=True)
     n = sum(p.numel() for p in model.parameters())

@@ -48,12 +48,22 @@ def test_host_tier_gives_the_resident_tokens_and_logits(layers, streamed):
 
 
 def test_offloaded_layers_leave_device_memory():
-    resident = _engine()
-    used_all = torch.cuda.memory_allocated() - resident.executor.worker.kv.nbytes
+    def weights_and_slots(**kw) -> tuple[int, Engine]:
+        # each engine's own allocations (a process-wide count would also see what the last
+        # engine left behind), less its KV cache; eager, so no graph pool is counted
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        engine = _engine(cuda_graphs=False, **kw)
+        torch.cuda.synchronize()
+        used = torch.cuda.memory_allocated() - before - engine.executor.worker.kv.nbytes
+        return used, engine
+
+    used_all, resident = weights_and_slots()
     resident.shutdown()
     del resident
-    torch.cuda.empty_cache()
-    engine = _engine(offload_weights_gib=1.5 * LAYER / 2**30)  # 4 streamed, 2 slots: 2 freed
-    used = torch.cuda.memory_allocated() - engine.executor.worker.kv.nbytes
-    assert used_all - used >= 2 * LAYER - 64 * 1024
+    used, engine = weights_and_slots(offload_weights_gib=1.5 * LAYER / 2**30)
+    assert engine.executor.worker.weight_streamer.streamed == (0, 1, 2, 3)
+    # 4 layers streamed through 2 slots: 2 layers' bytes freed
+    freed = used_all - used
+    assert freed >= 2 * LAYER - 64 * 1024, (used_all, used, freed, 2 * LAYER)
     engine.shutdown()
