@@ -1,6 +1,7 @@
 """MiniMax-01's lightning-attention layer: fused q|k|v projection with SiLU, the lightning core
-over per-sequence states (``runtime.attention.lightning``), an RMSNorm over all heads, a sigmoid
-output gate and the output projection (transformers' ``MiniMaxLightningAttention``).
+over per-sequence states (``runtime.attention.lightning_kernels``: Triton on CUDA, torch
+elsewhere), an RMSNorm over all heads, a sigmoid output gate and the output projection
+(transformers' ``MiniMaxLightningAttention``).
 
 Under tensor parallelism a rank holds whole heads: their q|k|v and gate rows, their decay rates
 and states, their columns of the output projection (row-parallel) and their slice of the norm's
@@ -14,7 +15,7 @@ from torch import nn
 
 from collectives.tiled_allreduce import sum_over_ranks
 from runtime.attention.base import AttentionMetadata
-from runtime.attention.lightning import lightning_forward
+from runtime.attention.lightning_kernels import lightning_step
 from runtime.config import ModelConfig
 from runtime.layers.linear import ColumnParallelLinear, Loadable, RowParallelLinear, take
 from runtime.layers.norm import RMSNorm
@@ -90,7 +91,7 @@ class LightningAttention(nn.Module):
         qkv = nn.functional.silu(self.qkv_proj(x)).view(t, h, 3 * d)
         q, k, v = qkv.split(d, dim=-1)
         s = states.gather(self.index)
-        o = lightning_forward(q, k, v, self.slopes, list(meta.query_lens_cpu), s)
+        o = lightning_step(q, k, v, self.slopes, list(meta.query_lens_cpu), s)
         states.scatter(self.index, s)
         o = self.norm(o.reshape(t, h * d))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * o)
