@@ -85,8 +85,13 @@ class DecodeGraphs:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        bind_states=None,
     ) -> None:
+        """``bind_states(chunks, bucket)``, if given (a model with per-sequence lightning
+        states), points the model at the step's state slots, padded to the bucket, in a static
+        buffer the graph reads; it runs before every capture and replay."""
         self.model = model
+        self.bind_states = bind_states
         self.backend = backend
         self.kv_layers = kv_layers
         self.buckets = batch_buckets(max_num_seqs)
@@ -189,6 +194,8 @@ class DecodeGraphs:
         if bs in self.graphs:
             return
         self._stage([], bs)
+        if self.bind_states is not None:
+            self.bind_states([], bs)
         meta = self._meta(bs)
         self._warm_up(bs, meta)
         graph = torch.cuda.CUDAGraph()
@@ -252,6 +259,8 @@ class DecodeGraphs:
         if bs not in self.graphs:
             self.capture(bs)
         self._stage(chunks, bs)
+        if self.bind_states is not None:
+            self.bind_states(chunks, bs)
         if fill_pending is not None and any(c.token_ids[0] < 0 for c in chunks):
             fill_pending(self.input_ids[: len(chunks)], chunks)
         g = self.graphs[bs]

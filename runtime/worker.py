@@ -526,8 +526,12 @@ class Worker:
         if not self.config.cuda_graphs:
             return DecodeGraphRunner(None, off="turned off by config")
         reason = unsupported_reason(self.device, self.parallel.comm.backend)
-        if reason is None and self.model_config.num_lightning_layers:
-            reason = "lightning layers keep per-sequence states that graphs do not capture yet"
+        lightning = bool(self.model_config.num_lightning_layers)
+        if reason is None and lightning and not self.backend.captured_decode_params:
+            reason = (
+                f"lightning layers' states are bound only in whole-step graphs; the "
+                f"{self.backend.name} attention backend is captured in pieces"
+            )
         if reason is None and self.weight_streamer is not None:
             reason = "offloaded weights stream in through hooks that graphs do not replay"
         if reason is not None:
@@ -553,8 +557,15 @@ class Worker:
             head_dim=c.head_dim,
             dtype=self.dtype,
             device=self.device,
+            **({"bind_states": self._bind_graph_states} if lightning else {}),
         )
+        if lightning:
+            self.model.states.reserve_graph_rows(graphs.max_bs)
         return DecodeGraphRunner(graphs, off=None, world_size=self.world_size)
+
+    def _bind_graph_states(self, chunks, rows: int) -> None:
+        """A decode graph's lightning state slots: the step's sequences', then scratch."""
+        self.model.bind_step([c.seq_id for c in chunks], [c.start_pos for c in chunks], rows)
 
     def set_allreduce(self, overlap: bool, tiles: int | None = None) -> None:
         """Switch the row-parallel AllReduce between tiled (``overlap``) and plain at run time,

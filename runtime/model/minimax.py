@@ -84,8 +84,12 @@ class MiniMaxForCausalLM(CausalLM):
         )
         return self.states
 
-    def bind_step(self, seq_ids: list[int], start_positions: list[int]) -> None:
-        self.states.bind(seq_ids, start_positions)
+    def bind_step(
+        self, seq_ids: list[int], start_positions: list[int], rows: int | None = None
+    ) -> None:
+        """The step's sequences' state slots (``rows``: a CUDA graph's bucket, see
+        ``LightningStates.bind``)."""
+        self.states.bind(seq_ids, start_positions, rows)
 
     def release(self, seq_ids) -> None:
         if self.states is not None:
