@@ -63,10 +63,13 @@ def write_checkpoint(d: Path, args) -> None:
     LlamaForCausalLM(cfg).to(getattr(torch, args.dtype)).save_pretrained(d)
 
 
-def read_rate(nbytes: int, device: torch.device, directory: str, cold: bool = False) -> float:
+def read_rate(
+    nbytes: int, device: torch.device, directory: str, cold: bool = False, piece: int = 0
+) -> float:
     """Bytes/s of moving ``nbytes`` the way the tier does: ``preadv`` from a file (CPU device;
     ``cold``: dropped from the page cache before each read, so from the disk), else page-locked
-    host to device copies. Best of three."""
+    host to device copies of ``piece`` bytes each (a streamed layer; 0: one copy). Best of
+    three."""
     best = 0.0
     if device.type == "cpu":
         fd, path = tempfile.mkstemp(dir=directory)
@@ -88,10 +91,12 @@ def read_rate(nbytes: int, device: torch.device, directory: str, cold: bool = Fa
         return best
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    piece = piece or nbytes
     for _ in range(3):
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
+        for off in range(0, nbytes, piece):  # one layer a copy, as the ring moves them
+            dst[off : off + piece].copy_(src[off : off + piece], non_blocking=True)
         torch.cuda.synchronize(device)
         best = max(best, nbytes / (time.perf_counter() - t0))
     return best
@@ -221,7 +226,8 @@ def main() -> int:
         engine.shutdown()
         del engine, hf
         gc.collect()
-    rate = read_rate(plan.streamed_bytes, device, work.name, cold=args.cold)
+    piece = max((plan.layer_bytes[i] for i in plan.streamed), default=0)
+    rate = read_rate(plan.streamed_bytes, device, work.name, cold=args.cold, piece=piece)
     resident = {r["system"]: r for r in rows if r["offload_gib"] == 0}
     for r in rows:
         if r["offload_gib"]:
