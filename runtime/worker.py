@@ -23,6 +23,7 @@ import torch
 from runtime import device as dev
 from runtime.attention import AttentionMetadata, get_backend, resolve_backend
 from runtime.attention.autotune import AttentionShape
+from runtime.attention.lightning_kernels import lightning_kernel
 from runtime.cuda_graphs import DecodeGraphRunner, DecodeGraphs, unsupported_reason
 from runtime.gc_freeze import freeze_startup_objects, unfreeze_startup_objects
 from runtime.kv_cache import KVCache, bytes_per_block
@@ -173,6 +174,9 @@ class Worker:
                 self.device,
                 self.backend_reason,
             )
+            if c.num_lightning_layers:
+                kernel = lightning_kernel(self.device, c.head_dim, c.head_dim)
+                log.info("lightning layers' core: %s on %s", kernel, self.device)
         info = dev.device_info(self.device)
         return {
             "rank": self.rank,

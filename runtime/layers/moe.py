@@ -8,10 +8,10 @@ columns), routes the same way (the router is whole on every rank), and the parti
 summed over the ranks once per layer.
 
 On CUDA a step of at most ``SYNC_FREE_ROWS`` tokens (decode), and any step a CUDA graph
-captures, routes without reading anything back to the host, so a graph can hold it: the loop above asks the host which experts were
-picked (``torch.unique``, ``torch.where``), a stall per layer that made an eager MiniMax decode
-step host-bound on an H200 (a 1.7B-parameter, 8-layer model: 12 ms a token, 1.7 of it on the
-GPU)."""
+captures, routes without reading anything back to the host, so a graph can hold it: the loop
+above asks the host which experts were picked (``torch.unique``, ``torch.where``), a stall per
+layer that made an eager MiniMax decode step host-bound on an H200 (a 1.7B-parameter, 8-layer
+model: 12 ms a token, 1.7 of it on the GPU)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ from runtime.config import ModelConfig
 from runtime.layers.linear import Loadable, take
 from runtime.parallel import ParallelState, shard_size
 
-SYNC_FREE_ROWS = 256  # steps this small (decode) route on the device alone
+# Steps this small (decode) route on the device alone. Products of so few rows are bound by
+# reading the weights, so the form that runs every expert on every row (route_on_device) costs
+# about what reading the experts costs; on a few hundred rows it would be E/k times the
+# arithmetic. Captured steps route on the device at any size (a larger bucket's graph does the
+# extra arithmetic; not measured).
+SYNC_FREE_ROWS = 32
 
 
 class SparseMoE(nn.Module):
