@@ -65,8 +65,11 @@ class SparseMoE(nn.Module):
         probs = torch.softmax(nn.functional.linear(x, self.gate).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights /= weights.sum(dim=-1, keepdim=True)
-        small = x.shape[0] <= SYNC_FREE_ROWS or torch.cuda.is_current_stream_capturing()
-        if x.device.type == "cuda" and small:
+        # (asked only on CUDA: a CPU-only torch cannot answer whether a stream is capturing)
+        on_device = x.device.type == "cuda" and (
+            x.shape[0] <= SYNC_FREE_ROWS or torch.cuda.is_current_stream_capturing()
+        )
+        if on_device:
             out = self.route_on_device(x, weights, experts)
         else:
             out = torch.zeros_like(x)
