@@ -75,7 +75,12 @@ def check_engine(
 
         if not npu_available():
             raise ConfigError("device='npu' was asked for but torch_npu is missing or sees no NPU")
-    _check_tp(c.tp, model_config)
+    if w.expert_parallel and not model_config.num_local_experts:
+        raise ConfigError(
+            f"expert_parallel: the model ({model_config.model_type}) has no mixture of experts "
+            "to split; drop --expert-parallel"
+        )
+    _check_tp(c.tp, model_config, w.expert_parallel)
     _check_comm(c.tp, c.comm, kind)
     dtype = w.dtype
     if dtype == "auto":
@@ -102,8 +107,10 @@ def check_engine(
         check_fits(est, int(total * w.gpu_memory_utilization), "each GPU")
 
 
-def _check_tp(tp: int, c: ModelConfig) -> None:
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+def _check_tp(tp: int, c: ModelConfig, expert_parallel: bool = False) -> None:
+    # experts split whole over the ranks (expert parallelism), or each expert sliced
+    split = "num_local_experts" if expert_parallel and c.num_local_experts else "intermediate_size"
+    for name in ("num_attention_heads", "num_key_value_heads", split):
         value = getattr(c, name)
         if value % tp:
             divisors = [d for d in range(1, min(value, 64) + 1) if value % d == 0]

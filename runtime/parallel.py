@@ -22,6 +22,8 @@ class ParallelState:
     # A callable of the token count lets the cost model choose per step.
     allreduce_tiles: int | None = None
     overlap: bool = True
+    # a mixture of experts: whole experts per rank instead of every expert sliced
+    expert_parallel: bool = False
     tile_chooser: Callable[[int, int, int], int] | None = None  # (rows, out, in) -> tiles
     # the time this rank's steps wait on AllReduce (the worker resets and reads it per step)
     wait_clock: WaitClock = field(default_factory=WaitClock)

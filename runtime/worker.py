@@ -121,7 +121,9 @@ class Worker:
         self.model_config = model.config
         self.max_model_len: int = limits.max_model_len
         self.parallel = ParallelState(
-            overlap=config.overlap, allreduce_tiles=config.allreduce_tiles
+            overlap=config.overlap,
+            allreduce_tiles=config.allreduce_tiles,
+            expert_parallel=config.expert_parallel,
         )
         self.device: torch.device | None = None
         self.model = None

@@ -39,6 +39,11 @@ class WorkerConfig:
         True, help="replay pure-decode steps from CUDA graphs (CUDA, triton, one rank or NCCL)"
     )
     overlap: bool = option(True, help="tile the row-parallel AllReduce to overlap it with compute")
+    expert_parallel: bool = option(
+        False,
+        help="a mixture of experts under --tp N: whole experts per rank (a contiguous 1/N of "
+        "them), not every expert's intermediate size sliced over the ranks",
+    )
     allreduce_tiles: int | None = option(
         None,
         help="fixed tile count for the overlapped AllReduce (default: the cost model's choice)",

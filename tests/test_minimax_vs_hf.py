@@ -112,18 +112,28 @@ def test_ray_actor_matches_in_process(ray_cluster, checkpoint):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("comm", ["gloo", "mpi"])
-def test_tensor_parallel_matches_transformers(ray_cluster, checkpoint, comm):
+@pytest.mark.parametrize("comm, expert_parallel", [("gloo", False), ("mpi", False), ("gloo", True)])
+def test_tensor_parallel_matches_transformers(ray_cluster, checkpoint, comm, expert_parallel):
     """TP = 2 over Ray actors: each rank holds half the heads of every layer (lightning states
-    and decay rates included) and half of every expert; the lightning norm's sums of squares
-    and the experts' outputs are summed over the ranks. Every logit row and every token."""
+    and decay rates included) and half of every expert, or with expert parallelism two whole
+    experts of four; the lightning norm's sums of squares and the experts' outputs are summed
+    over the ranks. Every logit row and every token."""
     if comm == "mpi":
         pytest.importorskip("mpi4py")
     path, hf = checkpoint
-    engine = _engine(path, executor="ray", tp=2, comm=comm)
+    engine = _engine(path, executor="ray", tp=2, comm=comm, expert_parallel=expert_parallel)
     for n in (17, 150):
         _matches_hf(engine, hf, _prompt(n, seed=n))
     engine.shutdown()
+
+
+def test_expert_parallel_needs_experts_that_split_over_the_ranks(tmp_path):
+    # refused on the driver: 3 experts over 2 ranks, and a model with no experts at all
+    make_hf_minimax(tmp_path, num_local_experts=3)
+    with pytest.raises(ConfigError, match="tp=2 does not divide the model's num_local_experts=3"):
+        _engine(tmp_path, tp=2, executor="ray", expert_parallel=True)
+    with pytest.raises(ConfigError, match="expert_parallel: the model .llama. has no mixture"):
+        _engine("demo-small", tp=2, executor="ray", expert_parallel=True)
 
 
 def test_tensor_parallel_sizes_must_divide_the_heads(checkpoint):

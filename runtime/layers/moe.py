@@ -4,8 +4,9 @@ experts, their SwiGLU outputs are summed with the renormalised router weights.
 Experts run one after another on the tokens routed to them (gathered rows), in expert order, as
 transformers' reference loop does, so sums happen in the same order. Under tensor parallelism
 every rank holds every expert's slice of the intermediate size (its gate/up rows, its down
-columns), routes the same way (the router is whole on every rank), and the partial outputs are
-summed over the ranks once per layer.
+columns), or with ``expert_parallel`` a contiguous 1/N of the experts whole; every rank routes
+the same way (the router is whole on every rank), runs what it holds for the tokens routed
+there, and the partial outputs are summed over the ranks once per layer either way.
 
 On CUDA a step of at most ``SYNC_FREE_ROWS`` tokens (decode), and any step a CUDA graph
 captures, routes without reading anything back to the host, so a graph can hold it: the loop
@@ -34,12 +35,22 @@ SYNC_FREE_ROWS = 32
 class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: ParallelState, dtype, device) -> None:
         super().__init__()
-        e, h = cfg.num_local_experts, cfg.hidden_size
-        i = shard_size(cfg.intermediate_size, tp.world_size, "intermediate_size")
+        h = cfg.hidden_size
+        if tp.expert_parallel:  # whole experts, a contiguous block of them per rank
+            e = shard_size(cfg.num_local_experts, tp.world_size, "num_local_experts")
+            i = cfg.intermediate_size
+            self.first = tp.rank * e
+        else:  # every expert, a slice of each
+            e = cfg.num_local_experts
+            i = shard_size(cfg.intermediate_size, tp.world_size, "intermediate_size")
+            self.first = 0
         self.tp = tp
+        self.num_experts = cfg.num_local_experts  # the router's, over all ranks
         self.top_k = cfg.num_experts_per_tok
-        self.intermediate = i  # this rank's slice of each expert
-        self.gate = nn.Parameter(torch.empty(e, h, dtype=dtype, device=device), requires_grad=False)
+        self.intermediate = i  # of each expert this rank holds
+        self.gate = nn.Parameter(
+            torch.empty(self.num_experts, h, dtype=dtype, device=device), requires_grad=False
+        )
         # expert e's gate (w1) and up (w3) rows stacked, and its down projection (w2)
         self.gate_up = nn.Parameter(
             torch.empty(e, 2 * i, h, dtype=dtype, device=device), requires_grad=False
@@ -50,16 +61,24 @@ class SparseMoE(nn.Module):
         self.gate_up.weight_loader = self._load_gate_up
         self.down.weight_loader = self._load_down
 
+    def holds(self, expert: int) -> bool:
+        """Whether this rank holds (a slice of) ``expert``: all of them unless expert-parallel."""
+        return 0 <= expert - self.first < self.gate_up.shape[0]
+
+    def _slice(self) -> int:
+        """Where this rank's part of an expert's intermediate size starts."""
+        return 0 if self.tp.expert_parallel else self.tp.rank * self.intermediate
+
     def _load_gate_up(self, src: Loadable, part: int = 0) -> None:
         """``part`` = 2 * expert + (0 for w1, the gate; 1 for w3, the up projection)."""
         e, which = divmod(part, 2)
-        i = self.intermediate
-        start = self.tp.rank * i
-        self.gate_up.data[e, which * i : (which + 1) * i].copy_(take(src, 0, start, start + i))
+        i, start = self.intermediate, self._slice()
+        rows = self.gate_up.data[e - self.first, which * i : (which + 1) * i]
+        rows.copy_(take(src, 0, start, start + i))
 
     def _load_down(self, src: Loadable, part: int = 0) -> None:
-        start = self.tp.rank * self.intermediate
-        self.down.data[part].copy_(take(src, 1, start, start + self.intermediate))
+        start = self._slice()
+        self.down.data[part - self.first].copy_(take(src, 1, start, start + self.intermediate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(nn.functional.linear(x, self.gate).float(), dim=-1)
@@ -74,9 +93,12 @@ class SparseMoE(nn.Module):
         else:
             out = torch.zeros_like(x)
             for e in torch.unique(experts).tolist():
+                if not self.holds(e):
+                    continue  # another rank's expert: its output comes in the sum below
                 token, slot = torch.where(experts == e)
-                gate, up = nn.functional.linear(x[token], self.gate_up[e]).chunk(2, dim=-1)
-                y = nn.functional.linear(nn.functional.silu(gate) * up, self.down[e])
+                here = e - self.first
+                gate, up = nn.functional.linear(x[token], self.gate_up[here]).chunk(2, dim=-1)
+                y = nn.functional.linear(nn.functional.silu(gate) * up, self.down[here])
                 out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
         return sum_over_ranks(out, self.tp.comm, self.tp.wait_clock)
 
@@ -94,11 +116,14 @@ class SparseMoE(nn.Module):
         the one measured on the H200 (1.8 ms a token with 4 experts top-2 at batch 1), the
         byte-count one is not measured yet."""
         n, k = experts.shape
-        num_experts = self.gate.shape[0]
+        num_experts = self.gate_up.shape[0]  # this rank's
         if n * k < num_experts:
             experts, order = experts.sort(dim=-1)
             weights = weights.gather(1, order)
-            flat = experts.reshape(-1)
+            here = experts - self.first
+            held = (here >= 0) & (here < num_experts)
+            weights = weights * held  # another rank's expert adds nothing here
+            flat = here.clamp(0, num_experts - 1).reshape(-1)
             xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [n*k, hidden, 1]
             gate, up = torch.bmm(self.gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)
             act = (nn.functional.silu(gate) * up).unsqueeze(-1)
@@ -110,7 +135,8 @@ class SparseMoE(nn.Module):
             return out
         out = torch.zeros_like(x)
         for e in range(num_experts):
-            w = (weights * (experts == e)).sum(dim=-1, keepdim=True)  # 0: not picked
+            picked = experts == self.first + e
+            w = (weights * picked).sum(dim=-1, keepdim=True)  # 0: not picked
             gate, up = nn.functional.linear(x, self.gate_up[e]).chunk(2, dim=-1)
             y = nn.functional.linear(nn.functional.silu(gate) * up, self.down[e])
             out += (y * w).to(out.dtype)

@@ -132,6 +132,8 @@ class MiniMaxForCausalLM(CausalLM):
             moe = layer.block_sparse_moe
             m[p + "block_sparse_moe.gate.weight"] = (moe.gate, 0)
             for e in range(self.config.num_local_experts):
+                if not moe.holds(e):
+                    continue  # expert parallelism: another rank's; its tensors stay unread
                 q = p + f"block_sparse_moe.experts.{e}."
                 m[q + "w1.weight"] = (moe.gate_up, 2 * e)
                 m[q + "w3.weight"] = (moe.gate_up, 2 * e + 1)
