@@ -14,10 +14,9 @@ import os
 
 from cluster.config import EngineConfig
 from runtime.config import ModelConfig
-from runtime.memory_estimate import available_host_bytes, check_fits, estimate, offload_plan
+from runtime.memory_estimate import available_host_bytes, check_fits, estimate, run_weight_plan
 from scheduler.errors import CapacityError, ConfigError
 from scheduler.request import SamplingParams
-from scheduler.weight_plan import resolve_tier
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -87,8 +86,7 @@ def check_engine(
         dtype = "float32" if kind == "cpu" else "bfloat16"
     if kv_tokens is None:
         kv_tokens = w.kv_cache_tokens or sch.block_size
-    tier = resolve_tier(w.weight_tier, kind) if w.offload_weights_gib > 0 else "host"
-    plan = offload_plan(model_config, dtype, c.tp, w.offload_weights_gib, tier)
+    plan, _ = run_weight_plan(model_config, dtype, c.tp, w.offload_weights_gib, w.weight_tier, kind)
     est = estimate(
         model_config,
         dtype,
@@ -109,7 +107,7 @@ def check_engine(
 
 def _check_tp(tp: int, c: ModelConfig, expert_parallel: bool = False) -> None:
     # experts split whole over the ranks (expert parallelism), or each expert sliced
-    split = "num_local_experts" if expert_parallel and c.num_local_experts else "intermediate_size"
+    split = "num_local_experts" if expert_parallel else "intermediate_size"
     for name in ("num_attention_heads", "num_key_value_heads", split):
         value = getattr(c, name)
         if value % tp:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from runtime.config import ModelConfig
 from scheduler.errors import CapacityError
-from scheduler.weight_plan import TIER_SLOTS, WeightPlan, plan_weights
+from scheduler.weight_plan import TIER_SLOTS, WeightPlan, plan_weights, resolve_tier
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -74,6 +74,16 @@ def offload_plan(
         return WeightPlan((), ())
     sizes = layer_bytes(c, dtype, tp)
     return plan_weights(sizes, int(offload_gib * 2**30), "offload_weights_gib", TIER_SLOTS[tier])
+
+
+def run_weight_plan(
+    c: ModelConfig, dtype: str, tp: int, offload_gib: float, weight_tier: str, device_type: str
+) -> tuple[WeightPlan, str]:
+    """A run's settings made a plan: ``(offload_plan, tier)`` with ``weight_tier`` resolved for
+    ``device_type`` (``auto``, or a wrong pair refused in one line) when anything is offloaded.
+    The driver's preflight and each worker plan alike through here."""
+    tier = resolve_tier(weight_tier, device_type) if offload_gib > 0 else "host"
+    return offload_plan(c, dtype, tp, offload_gib, tier), tier
 
 
 def parameter_count(c: ModelConfig, tp: int = 1) -> int:
@@ -156,6 +166,7 @@ __all__ = [
     "layer_parameters",
     "layer_bytes",
     "offload_plan",
+    "run_weight_plan",
     "available_host_bytes",
     "check_fits",
     "gib",

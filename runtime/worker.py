@@ -247,13 +247,13 @@ class Worker:
 
     def _weight_plan(self):
         """``(WeightPlan, tier)``: the layers this rank streams and where they live."""
-        from runtime.memory_estimate import offload_plan
-        from scheduler.weight_plan import resolve_tier
+        from runtime.memory_estimate import run_weight_plan
 
-        gib = self.config.offload_weights_gib
-        tier = resolve_tier(self.config.weight_tier, self.device.type) if gib > 0 else "host"
-        dtype = str(self.dtype).removeprefix("torch.")
-        return offload_plan(self.model_config, dtype, self.world_size, gib, tier), tier
+        w, dtype = self.config, str(self.dtype).removeprefix("torch.")
+        return run_weight_plan(
+            self.model_config, dtype, self.world_size, w.offload_weights_gib, w.weight_tier,
+            self.device.type,
+        )  # fmt: skip
 
     @property
     def weight_streamer(self):

@@ -41,7 +41,7 @@ from bench_generate import _best, time_hf, time_tilerun  # noqa: E402
 
 from cluster.config import EngineConfig  # noqa: E402
 from cluster.engine import Engine  # noqa: E402
-from runtime.memory_estimate import offload_plan  # noqa: E402
+from runtime.memory_estimate import run_weight_plan  # noqa: E402
 from scheduler.request import SamplingParams  # noqa: E402
 
 
@@ -188,8 +188,7 @@ def main() -> int:
         engine = Engine(EngineConfig.from_dict({**base, "offload_weights_gib": offload}))
         worker = engine.executor.worker
         cfg = engine.model_config
-        tier = "disk" if device.type == "cpu" else "host"
-        plan = offload_plan(cfg, args.dtype, 1, offload, tier)
+        plan, _ = run_weight_plan(cfg, args.dtype, 1, offload, "auto", device.type)
         g.manual_seed(0)  # the same prompt for both runs
         prompt = torch.randint(0, cfg.vocab_size, (args.context,), generator=g).tolist()
         warm = prompt[:64]

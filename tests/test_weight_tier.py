@@ -98,11 +98,9 @@ def reference():
 def host_tier_on_cpu(monkeypatch):
     """The host tier's ring (a thread's copy instead of a CUDA stream's) on the CPU device,
     whose users the tier names point to the disk tier."""
-    import cluster.preflight
-    import scheduler.weight_plan
+    import runtime.memory_estimate
 
-    for mod in (cluster.preflight, scheduler.weight_plan):
-        monkeypatch.setattr(mod, "resolve_tier", lambda name, kind: "host")
+    monkeypatch.setattr(runtime.memory_estimate, "resolve_tier", lambda name, kind: "host")
 
 
 @pytest.mark.parametrize(
