@@ -29,6 +29,7 @@ is captured in a graph) against SDPA efficient over contiguous K/V.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -486,7 +487,13 @@ def bench_decode(pick, cases, gen, log) -> list[dict]:
     rows = []
     for B, S, hkv in cases:
         q, kc, vc, seq_lens, table = decode_inputs(B, S, hkv, gen)
-        impls = {"triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, pick(hkv))}
+        cfg = pick(hkv)
+        impls = {"triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, cfg)}
+        # the other launch order (KV heads of one split side by side), measured beside the default
+        other = dataclasses.replace(cfg, heads_inner=not cfg.heads_inner)
+        impls[f"triton heads_inner={other.heads_inner}"] = ours_decode(
+            q, kc, vc, seq_lens, table, S, other
+        )
         impls["sdpa flash"] = sdpa_decode_fn(q, kc, vc, B, S, hkv)
         for name, fn in impls.items():
             row = {"kind": "decode", "impl": name, "B": B, "S": S, "H": H, "Hkv": hkv, "D": D}

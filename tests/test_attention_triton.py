@@ -10,6 +10,7 @@ on a GPU the same tests run at real shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -353,17 +354,17 @@ def test_chunked_prefill(dtype, group):
     _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], dtype, seed=7, path="ampere")
 
 
-def _run_decode(seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16):
+def _run_decode(seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16, config=None):
     meta, k_cache, v_cache = _paged([1] * len(seq_lens), seq_lens, hkv, d, dtype, block_size, seed)
     g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
     q = torch.randn(len(seq_lens), HQ, d, generator=g, device=DEVICE).to(dtype)
     scale = d**-0.5
-    if num_splits is None:
+    if num_splits is None and config is None:
         out, lse = _backend().decode(q, k_cache, v_cache, meta, scale)
     else:
         out, lse = triton_decode.decode_attention(
             q, k_cache, v_cache, meta.seq_lens, meta.block_tables, meta.max_seq_len, scale,
-            num_splits=num_splits,
+            config=config, num_splits=num_splits,
         )  # fmt: skip
     _check(out, lse, q, k_cache, v_cache, meta, scale)
 
@@ -385,6 +386,15 @@ def test_decode_block_sizes(block_size):
 def test_decode_forced_splits(num_splits):
     """One split (direct write), a few, and more splits than short sequences have keys for."""
     _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_heads_inner(num_splits):
+    """The other launch order (the KV heads of one split side by side) covers the same programs:
+    the same results against the reference, with one split and several."""
+    base = triton_decode.default_decode_config(HEAD_DIMS[0], torch.bfloat16, torch.device(DEVICE))
+    cfg = dataclasses.replace(base, heads_inner=True)
+    _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits, config=cfg)
 
 
 def test_decode_split_waves(monkeypatch):

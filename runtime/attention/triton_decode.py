@@ -44,6 +44,10 @@ class DecodeConfig:
     # split programs one SM holds at once (shared memory: stages x block_n x D x 2 bytes x K,V);
     # > 0: fewer splits when that fills the last wave of programs better (see choose_num_splits)
     resident_per_sm: int = 0
+    # launch order: False runs a (KV head, sequence)'s splits side by side; True runs the KV
+    # heads of one (split, sequence) side by side, so that programs resident together read
+    # neighbouring 256-byte pieces of the same cache rows (a page's tokens are Hkv * D wide)
+    heads_inner: bool = False
 
 
 # bf16/fp16, head dim <= 128. The H100 sweep of 2026-11-25 19:50 (scripts/bench_attention.py)
@@ -155,9 +159,14 @@ def _decode_split_kernel(
     DOT_MODE: tl.constexpr,
     CHUNK_FROM_PTR: tl.constexpr,
     PAGED_TABLE: tl.constexpr,
+    HEADS_INNER: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_INNER:
+        kvh = tl.program_id(0)
+        s = tl.program_id(1)
+    else:
+        s = tl.program_id(0)
+        kvh = tl.program_id(1)
     b = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
     if CHUNK_FROM_PTR:
@@ -363,7 +372,8 @@ def decode_attention(
         part_out = torch.empty(B, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
         stride_pb, stride_ph = part_lse.stride(0), part_lse.stride(1)
-    _decode_split_kernel[(num_splits, hkv, B)](
+    grid = (hkv, num_splits, B) if cfg.heads_inner else (num_splits, hkv, B)
+    _decode_split_kernel[grid](
         q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables, chunk_buffer,
         scale * LOG2E, chunk,
         q.stride(0), q.stride(1),
@@ -382,6 +392,7 @@ def decode_attention(
         CHUNK_FROM_PTR=from_ptr,
         # whole power-of-two pages per tile (tiles start at multiples of BLOCK_N: chunk is one)
         PAGED_TABLE=cfg.block_n % page == 0 and page & (page - 1) == 0,
+        HEADS_INNER=cfg.heads_inner,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
