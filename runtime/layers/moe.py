@@ -21,6 +21,8 @@ from torch import nn
 
 from collectives.tiled_allreduce import sum_over_ranks
 from runtime.config import ModelConfig
+from runtime.layers.expert_gemv import expert_gemv
+from runtime.layers.fused_ops import fused_enabled
 from runtime.layers.linear import Loadable, take
 from runtime.parallel import ParallelState, shard_size
 
@@ -103,31 +105,44 @@ class SparseMoE(nn.Module):
         return sum_over_ranks(out, self.tp.comm, self.tp.wait_clock)
 
     def route_on_device(
-        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        experts: torch.Tensor,
+        gemv: bool | None = None,
+        every: bool | None = None,
     ) -> torch.Tensor:
         """The experts' weighted sum with no host sync. With fewer (token, expert) pairs than
-        experts (a small decode batch) each pair's weights are gathered and applied in batched
-        products, reading only the picked experts; otherwise every expert runs on every token,
-        weighted 0 where it was not picked (a large batch reads every expert anyway). Each
-        token's terms are added in expert order, in the model dtype, as the loop adds them.
+        experts (a small decode batch) each pair's products read only its expert's weights;
+        otherwise every expert runs on every token, weighted 0 where it was not picked (a large
+        batch reads every expert anyway). Each token's terms are added in expert order, in the
+        model dtype, as the loop adds them.
 
-        By bytes moved the gathered form (a copy of each pair's weights: read, write, read
-        back) beats reading every expert only while ``3 n k < experts``; the threshold here is
-        the one measured on the H200 (1.8 ms a token with 4 experts top-2 at batch 1), the
-        byte-count one is not measured yet."""
+        The pairs' products run in ``expert_gemv`` (each picked expert's weights read once,
+        where they lie) where the Triton kernels run (``gemv=None``: ``fused_enabled``), else
+        as batched products over a gathered copy of the weights (read, written, read back).
+        ``every`` forces the every-expert form (True) or the picked one (False), for
+        benchmarks."""
         n, k = experts.shape
         num_experts = self.gate_up.shape[0]  # this rank's
-        if n * k < num_experts:
+        if not (every if every is not None else n * k >= num_experts):
             experts, order = experts.sort(dim=-1)
             weights = weights.gather(1, order)
             here = experts - self.first
             held = (here >= 0) & (here < num_experts)
             weights = weights * held  # another rank's expert adds nothing here
             flat = here.clamp(0, num_experts - 1).reshape(-1)
-            xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [n*k, hidden, 1]
-            gate, up = torch.bmm(self.gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)
-            act = (nn.functional.silu(gate) * up).unsqueeze(-1)
-            y = torch.bmm(self.down[flat], act).view(n, k, -1)
+            if gemv if gemv is not None else fused_enabled(x):
+                pairs = torch.arange(n * k, device=x.device)
+                gate_up = expert_gemv(x, self.gate_up, flat, pairs // k)
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = (nn.functional.silu(gate) * up).contiguous()
+                y = expert_gemv(act, self.down, flat, pairs).view(n, k, -1)
+            else:
+                xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [n*k, hidden, 1]
+                gate, up = torch.bmm(self.gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)
+                act = (nn.functional.silu(gate) * up).unsqueeze(-1)
+                y = torch.bmm(self.down[flat], act).view(n, k, -1)
             terms = (y * weights.unsqueeze(-1)).to(x.dtype)
             out = terms[:, 0]
             for j in range(1, k):
