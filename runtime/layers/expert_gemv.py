@@ -11,11 +11,15 @@ picked experts' bytes once: for MiniMax-Text-01's 32 experts of 6144 x 9216 (thr
 bf16), a token's two experts are 0.68 GB a layer, against 2.0 GB gathered or 10.9 GB for every
 expert.
 
-It runs where ``fused_ops.fused_enabled`` says the Triton kernels do (CUDA, compiled Triton,
-compute capability 8.0+), and under Triton's interpreter in the CPU tests.
+Not yet measured on a GPU (``scripts/bench_moe_decode.py`` times it against both other forms),
+so it runs only where asked: ``TILERUN_EXPERT_GEMV=1`` and where ``fused_ops.fused_enabled``
+says the Triton kernels run (CUDA, compiled Triton, compute capability 8.0+); the CPU tests run
+it under Triton's interpreter.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -54,15 +58,26 @@ if triton is not None:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc_t = tl.float64 if F64 else tl.float32
-        acc = tl.zeros([BLOCK_N], dtype=acc_t)
+        # products accumulate element-wise across the reduction steps and are summed over the
+        # tile's columns once at the end: no cross-thread reduction inside the streaming loop
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_t)
         w_rows = W + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = tl.load(X + r * stride_xr + offs_k, mask=k_mask, other=0.0).to(acc_t)
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += tl.sum(w.to(acc_t) * x[None, :], axis=1)
-        tl.store(Y + p * stride_yp + offs_n, acc.to(Y.dtype.element_ty), mask=n_mask)
+            acc += w.to(acc_t) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        tl.store(Y + p * stride_yp + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
+
+
+def expert_gemv_enabled(x: torch.Tensor) -> bool:
+    """Whether a step on ``x``'s device reads the picked experts through this kernel (see the
+    module docstring: off by default until measured)."""
+    from runtime.layers.fused_ops import fused_enabled
+
+    return os.environ.get("TILERUN_EXPERT_GEMV", "0") == "1" and fused_enabled(x)
 
 
 def expert_gemv(

@@ -21,8 +21,7 @@ from torch import nn
 
 from collectives.tiled_allreduce import sum_over_ranks
 from runtime.config import ModelConfig
-from runtime.layers.expert_gemv import expert_gemv
-from runtime.layers.fused_ops import fused_enabled
+from runtime.layers.expert_gemv import expert_gemv, expert_gemv_enabled
 from runtime.layers.linear import Loadable, take
 from runtime.parallel import ParallelState, shard_size
 
@@ -118,9 +117,9 @@ class SparseMoE(nn.Module):
         batch reads every expert anyway). Each token's terms are added in expert order, in the
         model dtype, as the loop adds them.
 
-        The pairs' products run in ``expert_gemv`` (each picked expert's weights read once,
-        where they lie) where the Triton kernels run (``gemv=None``: ``fused_enabled``), else
-        as batched products over a gathered copy of the weights (read, written, read back).
+        The pairs' products run as batched products over a gathered copy of the weights (read,
+        written, read back), or in ``expert_gemv`` (each picked expert's weights read once,
+        where they lie) where it is enabled (``gemv=None``: ``expert_gemv_enabled``).
         ``every`` forces the every-expert form (True) or the picked one (False), for
         benchmarks."""
         n, k = experts.shape
@@ -132,7 +131,7 @@ class SparseMoE(nn.Module):
             held = (here >= 0) & (here < num_experts)
             weights = weights * held  # another rank's expert adds nothing here
             flat = here.clamp(0, num_experts - 1).reshape(-1)
-            if gemv if gemv is not None else fused_enabled(x):
+            if gemv if gemv is not None else expert_gemv_enabled(x):
                 pairs = torch.arange(n * k, device=x.device)
                 gate_up = expert_gemv(x, self.gate_up, flat, pairs // k)
                 gate, up = gate_up.chunk(2, dim=-1)
