@@ -83,7 +83,7 @@ def expert_gemv_enabled(x: torch.Tensor) -> bool:
 def expert_gemv(
     x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
-    """``y[p] = w[experts[p]] @ x[rows[p]]``: ``x [R, K]``, ``w [E, N, K]`` (rows contiguous),
+    """``y[p] = w[experts[p]] @ x[rows[p]]``: ``x [R, K]``, ``w [E, N, K]`` (K contiguous),
     ``experts`` and ``rows`` ``[P]`` integers on ``x``'s device (no host sync: CUDA graphs
     capture it). Returns ``y [P, N]`` in ``x``'s dtype."""
     if triton is None:  # pragma: no cover - CI installs triton
@@ -92,8 +92,10 @@ def expert_gemv(
     E, N, K = w.shape
     if x.shape[1] != K or rows.shape[0] != P:
         raise ValueError(f"expert_gemv: x {tuple(x.shape)}, w {tuple(w.shape)}, {P} pairs")
-    if w.stride(2) != 1 or x.stride(1) != 1:
-        raise ValueError("expert_gemv: the reduction dim of x and w must be contiguous")
+    if w.stride(2) != 1:
+        raise ValueError("expert_gemv: the weights' reduction dim must be contiguous")
+    if x.stride(1) != 1:
+        x = x.contiguous()
     y = torch.empty(P, N, dtype=x.dtype, device=x.device)
     if P == 0:
         return y
