@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.config import EngineConfig
-from cluster.engine import Engine
 from runtime.attention.lightning_kernels import lightning_kernel
 from scheduler.request import SamplingParams
-from tests.hf_models import hf_greedy, make_hf_minimax
+from tests import test_minimax_vs_hf
+from tests.test_minimax_vs_hf import _engine, _matches_hf, _prompt
 
-pytest.importorskip("transformers.models.minimax")
+# the same transformers checkpoint (safetensors + the model on the CPU) as the CPU tests
+checkpoint = test_minimax_vs_hf.checkpoint
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LOGIT_ATOL = 1e-3  # float32 on two devices: different reduction orders, no TF32
-NEW_TOKENS = 24
 
 
 def test_the_kernel_follows_the_device_and_head_size():
@@ -27,22 +27,8 @@ def test_the_kernel_follows_the_device_and_head_size():
     assert lightning_kernel(torch.device("cuda", 0), 8, 8) == "torch"  # below tl.dot's 16
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("minimax-cuda")
-    return d, make_hf_minimax(d)
-
-
-def _engine(path, **kw) -> Engine:
-    cfg = dict(model=str(path), device="cuda", dtype="float32", attention="torch")
-    cfg.update(prefill_chunk=64, block_size=16, max_model_len=1024, executor="local")
-    cfg.update(kw)
-    return Engine(EngineConfig.from_dict(cfg))
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 384, (n,), generator=g).tolist()
+def _cuda_engine(path, **kw):
+    return _engine(path, device="cuda", **kw)
 
 
 @cuda
@@ -50,16 +36,9 @@ def test_triton_lightning_layers_match_transformers(checkpoint):
     """Prompts of 1 to 150 tokens in chunks of 64 (the prefill kernel continues from a state),
     then 24 tokens by the decode kernel: every logit row and every greedy token."""
     path, hf = checkpoint
-    engine = _engine(path)
+    engine = _cuda_engine(path)
     for n in (1, 17, 150):
-        prompt = _prompt(n, seed=n)
-        params = SamplingParams(max_new_tokens=NEW_TOKENS)
-        out = engine.generate([prompt], params, logits="all")[0]
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0].float()
-        err = (out.metrics["logits"].cpu() - ref).abs().max().item()
-        assert err < LOGIT_ATOL, f"prompt {n}: max |logit diff| {err}"
-        assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"prompt {n}"
+        _matches_hf(engine, hf, _prompt(n, seed=n), atol=LOGIT_ATOL)
     engine.shutdown()
 
 
@@ -68,7 +47,7 @@ def test_mixed_steps_give_each_sequence_its_own_tokens(checkpoint):
     """Steps that pack prefill chunks beside decode tokens (the prefill kernel over sequences
     of 1 and of many tokens): each sequence gets the tokens it gets alone."""
     path, _ = checkpoint
-    engine = _engine(path, prefill_chunk=48, max_num_seqs=3)
+    engine = _cuda_engine(path, prefill_chunk=48, max_num_seqs=3)
     prompts = [_prompt(n, seed=200 + n) for n in (5, 70, 33, 120)]
     params = SamplingParams(max_new_tokens=12)
     together = [o.token_ids for o in engine.generate(prompts, params)]
@@ -87,7 +66,7 @@ def test_decode_graphs_give_the_eager_tokens(checkpoint):
     params = SamplingParams(max_new_tokens=20)
     runs = {}
     for graphs in (False, True):
-        engine = _engine(path, dtype="bfloat16", attention="auto", cuda_graphs=graphs)
+        engine = _cuda_engine(path, dtype="bfloat16", attention="auto", cuda_graphs=graphs)
         worker = engine.executor.worker
         assert worker.uses_cuda_graphs == graphs
         runs[graphs] = engine.generate(prompts, params, logits="all")

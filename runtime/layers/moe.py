@@ -124,14 +124,18 @@ class SparseMoE(nn.Module):
         benchmarks."""
         n, k = experts.shape
         num_experts = self.gate_up.shape[0]  # this rank's
-        if not (every if every is not None else n * k >= num_experts):
+        if every is None:
+            every = n * k >= num_experts
+        if gemv is None:
+            gemv = expert_gemv_enabled(x)
+        if not every:
             experts, order = experts.sort(dim=-1)
             weights = weights.gather(1, order)
             here = experts - self.first
             held = (here >= 0) & (here < num_experts)
             weights = weights * held  # another rank's expert adds nothing here
             flat = here.clamp(0, num_experts - 1).reshape(-1)
-            if gemv if gemv is not None else expert_gemv_enabled(x):
+            if gemv:
                 pairs = torch.arange(n * k, device=x.device)
                 gate_up = expert_gemv(x, self.gate_up, flat, pairs // k)
                 gate, up = gate_up.chunk(2, dim=-1)
