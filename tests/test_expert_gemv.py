@@ -71,3 +71,22 @@ def test_routing_through_the_kernel_equals_the_loop(experts, top_k, tokens):
     torch.testing.assert_close(routed, gathered, rtol=1e-12, atol=1e-12)
     if looped is not None:
         torch.testing.assert_close(routed, looped, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("env, want", [(None, True), ("1", True), ("0", False)])
+def test_on_by_default_where_the_triton_kernels_run(monkeypatch, env, want):
+    """Measured faster than the gathered form (scripts/bench_moe_decode.py), so it is the
+    picked-expert path wherever the Triton kernels run; TILERUN_EXPERT_GEMV=0 turns it off,
+    and where they do not run (the CPU) it stays off whatever the variable says."""
+    from runtime.layers import expert_gemv as mod
+    from runtime.layers import fused_ops
+
+    if env is None:
+        monkeypatch.delenv("TILERUN_EXPERT_GEMV", raising=False)
+    else:
+        monkeypatch.setenv("TILERUN_EXPERT_GEMV", env)
+    x = torch.zeros(1, 4)
+    monkeypatch.setattr(fused_ops, "fused_enabled", lambda t: True)
+    assert mod.expert_gemv_enabled(x) is want
+    monkeypatch.setattr(fused_ops, "fused_enabled", lambda t: False)
+    assert mod.expert_gemv_enabled(x) is False
