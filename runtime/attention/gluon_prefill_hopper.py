@@ -1,0 +1,495 @@
+"""FA3-style causal paged prefill for Hopper in Gluon: a prototype to measure, not yet a backend.
+
+Issue #13 asks for ~600 TFLOP/s; the Triton TMA kernel (``triton_prefill_hopper``) stops near 500
+on an H200 because one warp group runs the two products and the softmax of a tile in turn, and
+Triton 3.6's warp-specialised loop does not compile for it. Gluon (Triton's lower-level
+language, in Triton 3.6) states the schedule itself, as FlashAttention-3 does:
+
+* a producer warp issues the K and V tile copies by TMA into a two-stage ring, with mbarriers
+  for "ready" (the copy landed) and "empty" (both consumers are done with the stage);
+* two consumer warp groups each own 64 query rows of a 128-row tile, and share every K/V tile;
+* inside each consumer the scores of tile j+1 are issued (asynchronous wgmma) before the P V
+  product of tile j, so the tensor cores work while the warps compute exponentials
+  (FA-3's intra-warp-group overlap); the two consumers interleave on their own (no explicit
+  ping-pong yet).
+
+Same arguments and results as ``triton_prefill_hopper.prefill_attention_hopper`` for what it
+covers: causal, head dim 128, bf16/fp16, pages that tile 128-key boxes in consecutive runs (the
+allocator's order for a fresh prefill). Preconditions not yet checked on the device (the
+prototype's caller guarantees them): consecutive pages per 128 keys, and no NaN in stale cache
+rows past a sequence's end inside its last tile (the Triton kernel zeroes V there; wgmma reads V
+from shared memory, so this one would need a fix-up copy).
+
+Status: compiled offline for sm_90a with Triton 3.6 (168 registers, no spills, 160 KiB shared),
+never run on a GPU. ``scripts/bench_gluon_prefill.py`` checks it against the float64 reference
+and the Triton kernel, then times it beside SDPA cuDNN.
+"""
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _producer(
+    k_desc,
+    v_desc,
+    k_bufs,
+    v_bufs,
+    k_ready,
+    v_ready,
+    k_empty,
+    v_empty,
+    table,
+    n_tiles,
+    col,
+    PAGE: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    for j in range(n_tiles):
+        s = j % STAGES
+        ph = (j // STAGES) & 1
+        start = j * BLOCK_N
+        row = gl.load(table + start // PAGE) * PAGE + start % PAGE
+        mbarrier.wait(k_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], k_ready.index(s), k_bufs.index(s))
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(s), v_bufs.index(s))
+
+
+@gluon.jit
+def _softmax(
+    s_acc,
+    m_i,
+    l_i,
+    q_pos,
+    start,
+    qk_scale,
+    MASK: gl.constexpr,
+    S_LAYOUT: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+):
+    if MASK:
+        pos = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
+        s_acc = gl.where(pos[None, :] <= q_pos[:, None], s_acc, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
+    p = gl.exp2(s_acc * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consumer(
+    q_desc,
+    k_bufs,
+    v_bufs,
+    k_ready,
+    v_ready,
+    k_empty,
+    v_empty,
+    Out,
+    Lse,
+    q_start,
+    q_len,
+    ctx,
+    r0,
+    col_q,
+    h,
+    qk_scale,
+    n_total,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    # one warp group, BLOCK_M (64) query rows starting at r0 of this sequence's chunk
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    dtype: gl.constexpr = q_desc.dtype
+
+    hi = ctx + gl.minimum(r0 + BLOCK_M, q_len)  # keys the last valid row sees
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+    n_full = (ctx + r0 + 1) // BLOCK_N  # tiles every row sees whole
+    if r0 >= q_len:
+        n_tiles = 0
+    rows = r0 + gl.arange(0, BLOCK_M, layout=ROW_S)
+    q_pos = gl.minimum(ctx + rows, hi - 1)  # clipped: keys past the sequence are masked
+
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_start + r0, col_q], q_bar, q_smem)
+    mbarrier.wait(q_bar, 0)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, ROW_S)
+    l_i = gl.zeros([BLOCK_M], gl.float32, ROW_S)
+    o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_LAYOUT)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_LAYOUT)
+
+    if n_tiles > 0:
+        # tile 0: scores, softmax
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(
+            q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
+        )
+        s_acc = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        if n_full > 0:
+            p, m_i, l_i, alpha = _softmax(
+                s_acc, m_i, l_i, q_pos, 0, qk_scale, False, S_LAYOUT, BLOCK_N
+            )
+        else:
+            p, m_i, l_i, alpha = _softmax(
+                s_acc, m_i, l_i, q_pos, 0, qk_scale, True, S_LAYOUT, BLOCK_N
+            )
+        p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+        for j in range(1, n_tiles):
+            s = j % STAGES
+            ph = (j // STAGES) & 1
+            sp = (j - 1) % STAGES
+            php = ((j - 1) // STAGES) & 1
+            # issue the next scores, then the previous tile's P V: the tensor cores work on
+            # both while this warp group waits for the scores and computes their softmax
+            mbarrier.wait(k_ready.index(s), ph)
+            s_tok = warpgroup_mma(
+                q_smem, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True
+            )
+            mbarrier.wait(v_ready.index(sp), php)
+            o_tok = warpgroup_mma(p_op, v_bufs.index(sp), o, is_async=True)
+            s_acc = warpgroup_mma_wait(1, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(s), count=1)
+            if j < n_full:
+                p, m_i, l_i, alpha = _softmax(
+                    s_acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, False, S_LAYOUT, BLOCK_N
+                )
+            else:
+                p, m_i, l_i, alpha = _softmax(
+                    s_acc, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, True, S_LAYOUT, BLOCK_N
+                )
+            # p_op is read by the P V product in flight: keep it alive until that ends
+            o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            mbarrier.arrive(v_empty.index(sp), count=1)
+            o = o * gl.convert_layout(alpha, ROW_O)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+        sl = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(sl), ((n_tiles - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_bufs.index(sl), o, is_async=True)
+        o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(sl), count=1)
+    # tiles the producer loads for the other warp group only: release them too (each stage's
+    # empty barriers count both warp groups), in order, so that no phase is skipped
+    for j in range(n_tiles, n_total):
+        s = j % STAGES
+        ph = (j // STAGES) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        mbarrier.arrive(k_empty.index(s), count=1)
+        mbarrier.wait(v_ready.index(s), ph)
+        mbarrier.arrive(v_empty.index(s), count=1)
+
+    l_o = gl.convert_layout(l_i, ROW_O)
+    out = o / gl.where(l_o > 0, l_o, 1.0)[:, None]
+    orow = r0 + gl.arange(0, BLOCK_M, layout=ROW_O)
+    ocol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_LAYOUT))
+    tok = (q_start + orow).to(gl.int64)
+    gl.store(
+        Out + tok[:, None] * stride_ot + h * stride_oh + ocol[None, :],
+        out.to(dtype),
+        mask=(orow < q_len)[:, None],
+    )
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    ltok = (q_start + rows).to(gl.int64)
+    gl.store(Lse + ltok * stride_lt + h, lse, mask=rows < q_len)
+
+
+@gluon.jit
+def _consumer1(
+    q_desc,
+    k_bufs,
+    v_bufs,
+    k_ready,
+    v_ready,
+    k_empty,
+    v_empty,
+    Out,
+    Lse,
+    q_start,
+    q_len,
+    ctx,
+    r0,
+    col_q,
+    h,
+    qk_scale,
+    n_total,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    _consumer(
+        q_desc,
+        k_bufs,
+        v_bufs,
+        k_ready,
+        v_ready,
+        k_empty,
+        v_empty,
+        Out,
+        Lse,
+        q_start,
+        q_len,
+        ctx,
+        r0 + BLOCK_M,
+        col_q,
+        h,
+        qk_scale,
+        n_total,
+        stride_ot,
+        stride_oh,
+        stride_lt,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        STAGES,
+    )
+
+
+@gluon.jit
+def fa3_prefill_kernel(
+    q_desc,
+    k_desc,
+    v_desc,
+    Out,
+    Lse,
+    QStart,
+    SeqLens,
+    BlockTables,
+    qk_scale,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_bt,
+    n_mtiles,
+    GROUP: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    PAGE: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+):
+    # program: (query head, tile of 2 x BLOCK_M rows), heads major, heaviest tiles first
+    pid = gl.program_id(0)
+    h = pid // n_mtiles
+    tile = n_mtiles - 1 - pid % n_mtiles
+    b = gl.program_id(1)
+    q_start = gl.load(QStart + b)
+    q_len = gl.load(QStart + b + 1) - q_start
+    m0 = tile * (2 * BLOCK_M)
+    if m0 < q_len:
+        seq_len = gl.load(SeqLens + b)
+        ctx = seq_len - q_len
+        hi = ctx + gl.minimum(m0 + 2 * BLOCK_M, q_len)
+        n_tiles = gl.cdiv(hi, BLOCK_N)
+        table = BlockTables + b.to(gl.int64) * stride_bt
+        col_kv = (h // GROUP) * HEAD_DIM
+        col_q = h * HEAD_DIM
+
+        k_bufs = gl.allocate_shared_memory(
+            k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout
+        )
+        v_bufs = gl.allocate_shared_memory(
+            v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout
+        )
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warp groups
+            mbarrier.init(v_empty.index(i), count=2)
+
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        q_desc,
+                        k_bufs,
+                        v_bufs,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        Out,
+                        Lse,
+                        q_start,
+                        q_len,
+                        ctx,
+                        m0,
+                        col_q,
+                        h,
+                        qk_scale,
+                        n_tiles,
+                        stride_ot,
+                        stride_oh,
+                        stride_lt,
+                        HEAD_DIM,
+                        BLOCK_M,
+                        BLOCK_N,
+                        STAGES,
+                    ),
+                ),
+                (
+                    _consumer1,
+                    (
+                        q_desc,
+                        k_bufs,
+                        v_bufs,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        Out,
+                        Lse,
+                        q_start,
+                        q_len,
+                        ctx,
+                        m0,
+                        col_q,
+                        h,
+                        qk_scale,
+                        n_tiles,
+                        stride_ot,
+                        stride_oh,
+                        stride_lt,
+                        HEAD_DIM,
+                        BLOCK_M,
+                        BLOCK_N,
+                        STAGES,
+                    ),
+                ),
+                (
+                    _producer,
+                    (
+                        k_desc,
+                        v_desc,
+                        k_bufs,
+                        v_bufs,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        table,
+                        n_tiles,
+                        col_kv,
+                        PAGE,
+                        BLOCK_N,
+                        STAGES,
+                    ),
+                ),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
+
+def gluon_supported() -> str | None:
+    """``None`` when this Triton has Gluon's Hopper API, else why not."""
+    try:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the Triton build
+        return f"this Triton has no Gluon Hopper API ({e})"
+    return None
+
+
+def prefill_attention_gluon(
+    q,
+    k_cache,
+    v_cache,
+    query_start_loc,
+    seq_lens,
+    block_tables,
+    max_query_len: int,
+    scale: float,
+    stages: int = 2,
+    consumer_regs: int = 232,
+    producer_regs: int = 40,
+):
+    """Causal prefill; ``(out [T, Hq, D], lse [T, Hq])`` as the Triton kernels return them."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    T, hq, d = q.shape
+    nb, page, hkv, _ = k_cache.shape
+    if d != 128 or (128 % page and page % 128):
+        raise ValueError(
+            f"Gluon prefill: head dim {d}, page {page}: needs head dim 128 and pages that tile "
+            "128-key boxes (a page dividing 128, or a multiple of it)"
+        )
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    block_m, block_n = 64, 128
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdt)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdt)
+    q_desc = TensorDescriptor(q, [T, hq * d], [hq * d, 1], [block_m, d], q_layout)
+    k_desc = TensorDescriptor(k_cache, [nb * page, hkv * d], [hkv * d, 1], [block_n, d], kv_layout)
+    v_desc = TensorDescriptor(v_cache, [nb * page, hkv * d], [hkv * d, 1], [block_n, d], kv_layout)
+    n_mtiles = triton.cdiv(max_query_len, 2 * block_m)
+    grid = (hq * n_mtiles, seq_lens.shape[0])
+    fa3_prefill_kernel[grid](
+        q_desc,
+        k_desc,
+        v_desc,
+        out,
+        lse,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale * LOG2E,
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        block_tables.stride(0),
+        n_mtiles,
+        GROUP=hq // hkv,
+        HEAD_DIM=d,
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        STAGES=stages,
+        CONSUMER_REGS=consumer_regs,
+        PRODUCER_REGS=producer_regs,
+        num_warps=4,
+    )
+    return out, lse

@@ -1,0 +1,53 @@
+"""The Gluon FA3-style prefill prototype against the float64 paged reference (Hopper GPUs only).
+
+Same rule as ``tests/test_attention_triton.py``: at most twice the error of plain torch attention
+in the same precision, plus a small atol. Block tables in aligned runs of 8 consecutive blocks
+(the prototype's precondition: 128-key boxes of consecutive pages).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+pytestmark = pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma/TMA kernel needs an sm_90 GPU")
+
+if HOPPER:
+    from runtime.attention.gluon_prefill_hopper import prefill_attention_gluon
+    from tests.test_attention_triton import HQ, _check, _paged
+
+MIXES = [[1], [17], [64], [65], [113], [128], [129], [1023], [2500], [1, 17, 113, 1023, 2500]]
+CHUNKED = [(17, 100), (64, 1023), (1, 50), (113, 113), (300, 3000), (200, 328)]
+
+
+def _run(query_lens, seq_lens, hkv, dtype=torch.bfloat16, block_size=16, seed=0):
+    meta, k_cache, v_cache = _paged(
+        query_lens, seq_lens, hkv, 128, dtype, block_size, seed, layout="runs"
+    )
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    q = torch.randn(sum(query_lens), HQ, 128, generator=g, device="cuda").to(dtype)
+    scale = 128**-0.5
+    out, lse = prefill_attention_gluon(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        max(query_lens), scale,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    _check(out, lse, q, k_cache, v_cache, meta, scale)
+
+
+@pytest.mark.parametrize("lens", MIXES, ids=lambda x: "-".join(map(str, x)))
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_ragged(lens, group):
+    _run(lens, lens, HQ // group)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_chunked_prefill(group):
+    """Queries after keys already in the cache (ctx > 0), several sequences in one launch."""
+    _run([q for q, _ in CHUNKED], [s for _, s in CHUNKED], HQ // group, seed=3)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 128, 256])
+def test_page_sizes(block_size):
+    _run([17, 130, 1023], [17, 130, 1023], HQ // 4, torch.float16, block_size=block_size)
