@@ -53,7 +53,8 @@ def compile_only(args) -> int:
         return mangle_type(TensorDescriptor(_T(), shape, [shape[1], 1], block, lay))
 
     cons = dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=128, STAGES=args.stages,
-                CONSUMER_REGS=args.consumer_regs, PRODUCER_REGS=40)  # fmt: skip
+                CONSUMER_REGS=args.consumer_regs, PRODUCER_REGS=40,
+                PINGPONG=not args.no_pingpong)  # fmt: skip
     sig = {
         "q_desc": dsig([65536, 4096], [64, 128]),
         "k_desc": dsig([65536, 1024], [128, 128]),
@@ -123,8 +124,11 @@ def on_gpu(args) -> int:
         qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
         paged = (q, kc, vc, qsl, sl, bt, S, D**-0.5)
         impls = {
-            "gluon fa3 (paged)": partial(
+            "gluon fa3 ping-pong (paged)": partial(
                 prefill_attention_gluon, *paged, stages=args.stages
+            ),
+            "gluon fa3 free (paged)": partial(
+                prefill_attention_gluon, *paged, stages=args.stages, pingpong=False
             ),
             "triton tma (paged)": partial(
                 triton_prefill_hopper.prefill_attention_hopper, *paged
@@ -133,7 +137,7 @@ def on_gpu(args) -> int:
             "sdpa flash": sdpa_fn(SDPBackend.FLASH_ATTENTION, qt, kt, vt, True),
         }  # fmt: skip
         ref = impls["triton tma (paged)"]()[0]
-        got = impls["gluon fa3 (paged)"]()[0]
+        got = impls["gluon fa3 ping-pong (paged)"]()[0]
         diff = (got.float() - ref.float()).abs().max().item()
         for name, fn in impls.items():
             try:
@@ -167,6 +171,7 @@ def main() -> int:
     ap.add_argument("--seqs", default="4096,16384,32768,65536")
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--consumer-regs", type=int, default=232)
+    ap.add_argument("--no-pingpong", action="store_true", help="warp groups issue freely")
     ap.add_argument("--check-filter", default="ragged and 1-17 or chunked")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

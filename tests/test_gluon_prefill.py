@@ -21,7 +21,7 @@ MIXES = [[1], [17], [64], [65], [113], [128], [129], [1023], [2500], [1, 17, 113
 CHUNKED = [(17, 100), (64, 1023), (1, 50), (113, 113), (300, 3000), (200, 328)]
 
 
-def _run(query_lens, seq_lens, hkv, dtype=torch.bfloat16, block_size=16, seed=0):
+def _run(query_lens, seq_lens, hkv, dtype=torch.bfloat16, block_size=16, seed=0, **kw):
     meta, k_cache, v_cache = _paged(
         query_lens, seq_lens, hkv, 128, dtype, block_size, seed, layout="runs"
     )
@@ -30,7 +30,7 @@ def _run(query_lens, seq_lens, hkv, dtype=torch.bfloat16, block_size=16, seed=0)
     scale = 128**-0.5
     out, lse = prefill_attention_gluon(
         q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        max(query_lens), scale,
+        max(query_lens), scale, **kw,
     )  # fmt: skip
     torch.cuda.synchronize()
     _check(out, lse, q, k_cache, v_cache, meta, scale)
@@ -51,3 +51,10 @@ def test_chunked_prefill(group):
 @pytest.mark.parametrize("block_size", [16, 32, 128, 256])
 def test_page_sizes(block_size):
     _run([17, 130, 1023], [17, 130, 1023], HQ // 4, torch.float16, block_size=block_size)
+
+
+@pytest.mark.parametrize("pingpong", [True, False])
+def test_pingpong_on_off(pingpong):
+    """Both schedules of the two warp groups give the reference's results (and both end: a turn
+    left unanswered would hang here)."""
+    _run([1, 64, 65, 200, 1023], [1, 64, 65, 328, 1023], HQ // 4, seed=5, pingpong=pingpong)

@@ -109,6 +109,8 @@ def _consumer(
     h,
     qk_scale,
     n_total,
+    turns,
+    n_turns,
     stride_ot,
     stride_oh,
     stride_lt,
@@ -116,6 +118,8 @@ def _consumer(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
+    WG: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     # one warp group, BLOCK_M (64) query rows starting at r0 of this sequence's chunk
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
@@ -174,11 +178,19 @@ def _consumer(
             # issue the next scores, then the previous tile's P V: the tensor cores work on
             # both while this warp group waits for the scores and computes their softmax
             mbarrier.wait(k_ready.index(s), ph)
+            mbarrier.wait(v_ready.index(sp), php)
+            if PINGPONG:  # noqa: SIM102 (a constexpr test around a runtime one)
+                # FA-3's ping-pong: the warp groups take turns to issue their products, so one
+                # group's exponentials run under the other's matrix products
+                if j <= n_turns:
+                    mbarrier.wait(turns.index(WG), (j - 1) & 1)
             s_tok = warpgroup_mma(
                 q_smem, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True
             )
-            mbarrier.wait(v_ready.index(sp), php)
             o_tok = warpgroup_mma(p_op, v_bufs.index(sp), o, is_async=True)
+            if PINGPONG:  # noqa: SIM102
+                if j <= n_turns:
+                    mbarrier.arrive(turns.index(1 - WG), count=1)
             s_acc = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(s), count=1)
             if j < n_full:
@@ -243,6 +255,8 @@ def _consumer1(
     h,
     qk_scale,
     n_total,
+    turns,
+    n_turns,
     stride_ot,
     stride_oh,
     stride_lt,
@@ -250,33 +264,15 @@ def _consumer1(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
+    WG: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
+    """The second warp group: the next BLOCK_M rows."""
     _consumer(
-        q_desc,
-        k_bufs,
-        v_bufs,
-        k_ready,
-        v_ready,
-        k_empty,
-        v_empty,
-        Out,
-        Lse,
-        q_start,
-        q_len,
-        ctx,
-        r0 + BLOCK_M,
-        col_q,
-        h,
-        qk_scale,
-        n_total,
-        stride_ot,
-        stride_oh,
-        stride_lt,
-        HEAD_DIM,
-        BLOCK_M,
-        BLOCK_N,
-        STAGES,
-    )
+        q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse, q_start, q_len,
+        ctx, r0 + BLOCK_M, col_q, h, qk_scale, n_total, turns, n_turns, stride_ot, stride_oh,
+        stride_lt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1, PINGPONG,
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -303,6 +299,7 @@ def fa3_prefill_kernel(
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     # program: (query head, tile of 2 x BLOCK_M rows), heads major, heaviest tiles first
     pid = gl.program_id(0)
@@ -316,7 +313,11 @@ def fa3_prefill_kernel(
         seq_len = gl.load(SeqLens + b)
         ctx = seq_len - q_len
         hi = ctx + gl.minimum(m0 + 2 * BLOCK_M, q_len)
-        n_tiles = gl.cdiv(hi, BLOCK_N)
+        n_tiles = gl.cdiv(hi, BLOCK_N)  # the producer's; the second group's, >= the first's
+        # ping-pong turns: the loop iterations (tiles after the first) both groups run
+        n_first = gl.cdiv(ctx + gl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)
+        n_second = gl.where(m0 + BLOCK_M < q_len, n_tiles, 0)
+        n_turns = gl.minimum(n_first, n_second) - 1
         table = BlockTables + b.to(gl.int64) * stride_bt
         col_kv = (h // GROUP) * HEAD_DIM
         col_q = h * HEAD_DIM
@@ -331,95 +332,38 @@ def fa3_prefill_kernel(
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # both consumer warp groups
             mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(turns.index(0), count=1)
+        mbarrier.init(turns.index(1), count=1)
+        mbarrier.arrive(turns.index(0), count=1)  # the first group goes first
 
         gl.warp_specialize(
             [
-                (
-                    _consumer,
-                    (
-                        q_desc,
-                        k_bufs,
-                        v_bufs,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        Out,
-                        Lse,
-                        q_start,
-                        q_len,
-                        ctx,
-                        m0,
-                        col_q,
-                        h,
-                        qk_scale,
-                        n_tiles,
-                        stride_ot,
-                        stride_oh,
-                        stride_lt,
-                        HEAD_DIM,
-                        BLOCK_M,
-                        BLOCK_N,
-                        STAGES,
-                    ),
-                ),
-                (
-                    _consumer1,
-                    (
-                        q_desc,
-                        k_bufs,
-                        v_bufs,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        Out,
-                        Lse,
-                        q_start,
-                        q_len,
-                        ctx,
-                        m0,
-                        col_q,
-                        h,
-                        qk_scale,
-                        n_tiles,
-                        stride_ot,
-                        stride_oh,
-                        stride_lt,
-                        HEAD_DIM,
-                        BLOCK_M,
-                        BLOCK_N,
-                        STAGES,
-                    ),
-                ),
-                (
-                    _producer,
-                    (
-                        k_desc,
-                        v_desc,
-                        k_bufs,
-                        v_bufs,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        table,
-                        n_tiles,
-                        col_kv,
-                        PAGE,
-                        BLOCK_N,
-                        STAGES,
-                    ),
-                ),
+                (_consumer, (
+                    q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+                    q_start, q_len, ctx, m0, col_q, h, qk_scale, n_tiles, turns, n_turns,
+                    stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 0,
+                    PINGPONG,
+                )),
+                (_consumer1, (
+                    q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+                    q_start, q_len, ctx, m0, col_q, h, qk_scale, n_tiles, turns, n_turns,
+                    stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1,
+                    PINGPONG,
+                )),
+                (_producer, (
+                    k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                    table, n_tiles, col_kv, PAGE, BLOCK_N, STAGES,
+                )),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        )  # fmt: skip
 
 
 def gluon_supported() -> str | None:
@@ -443,6 +387,7 @@ def prefill_attention_gluon(
     stages: int = 2,
     consumer_regs: int = 232,
     producer_regs: int = 40,
+    pingpong: bool = True,
 ):
     """Causal prefill; ``(out [T, Hq, D], lse [T, Hq])`` as the Triton kernels return them."""
     import torch
@@ -490,6 +435,7 @@ def prefill_attention_gluon(
         STAGES=stages,
         CONSUMER_REGS=consumer_regs,
         PRODUCER_REGS=producer_regs,
+        PINGPONG=pingpong,
         num_warps=4,
     )
     return out, lse
