@@ -58,3 +58,26 @@ def test_pingpong_on_off(pingpong):
     """Both schedules of the two warp groups give the reference's results (and both end: a turn
     left unanswered would hang here)."""
     _run([1, 64, 65, 200, 1023], [1, 64, 65, 328, 1023], HQ // 4, seed=5, pingpong=pingpong)
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_stale_rows_stay_out(block_size):
+    """NaN in cache rows past each sequence's end (inside the last 128-key box, and in blocks no
+    sequence holds) stays out: the producer zeroes those V rows before the last P V."""
+    lens = [17, 113, 40, 300]
+    meta, k_cache, v_cache = _paged(lens, lens, HQ // 4, 128, torch.bfloat16, block_size, 7,
+                                    layout="runs")  # fmt: skip
+    for b, slen in enumerate(lens):
+        last = meta.block_tables[b, (slen - 1) // block_size]
+        k_cache[last, slen % block_size or block_size :] = float("nan")
+        v_cache[last, slen % block_size or block_size :] = float("nan")
+    held = set(meta.block_tables.flatten().tolist())
+    spare = [i for i in range(k_cache.shape[0]) if i not in held]
+    k_cache[spare] = float("nan")
+    v_cache[spare] = float("nan")
+    q = torch.randn(sum(lens), HQ, 128, device="cuda").to(torch.bfloat16)
+    out, lse = prefill_attention_gluon(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        max(lens), 128**-0.5,
+    )  # fmt: skip
+    _check(out, lse, q, k_cache, v_cache, meta, 128**-0.5)

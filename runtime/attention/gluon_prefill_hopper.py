@@ -15,10 +15,11 @@ language, in Triton 3.6) states the schedule itself, as FlashAttention-3 does:
 
 Same arguments and results as ``triton_prefill_hopper.prefill_attention_hopper`` for what it
 covers: causal, head dim 128, bf16/fp16, pages that tile 128-key boxes in consecutive runs (the
-allocator's order for a fresh prefill). Preconditions not yet checked on the device (the
-prototype's caller guarantees them): consecutive pages per 128 keys, and no NaN in stale cache
-rows past a sequence's end inside its last tile (the Triton kernel zeroes V there; wgmma reads V
-from shared memory, so this one would need a fix-up copy).
+allocator's order for a fresh prefill). Not yet checked on the device (the prototype's caller
+guarantees it): consecutive pages per 128 keys. Cache rows past a sequence's end inside its last
+box (stale, or never written: the cache comes from ``torch.empty``) are masked in the scores and
+zeroed in V by the producer before the last P V reads them (wgmma reads V from shared memory,
+where the Triton kernel zeroes it in registers).
 
 Status: compiled offline for sm_90a with Triton 3.6 (168 registers, no spills, 160 KiB shared),
 never run on a GPU. ``scripts/bench_gluon_prefill.py`` checks it against the float64 reference
@@ -29,6 +30,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -51,6 +53,8 @@ def _producer(
     table,
     n_tiles,
     col,
+    seq_len,
+    v_fixed,
     PAGE: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
@@ -66,6 +70,36 @@ def _producer(
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(s), v_bufs.index(s))
+    # The last tile's box may hold cache rows past the sequence: stale, possibly never written
+    # (the cache comes from torch.empty). Their scores are masked, but P V would still multiply
+    # 0 by whatever they hold, NaN included. So this warp zeroes those rows of V in shared
+    # memory once the copy has landed, then tells the consumers (who wait on v_fixed, not
+    # v_ready, for that tile). 8 rows at a time: the 128-byte swizzle repeats every 8 rows.
+    last = n_tiles - 1
+    valid = seq_len - last * BLOCK_N
+    if valid < BLOCK_N:
+        s = last % STAGES
+        mbarrier.wait(v_ready.index(s), (last // STAGES) & 1)
+        ROWS: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
+        buf = v_bufs.index(s)
+        for r in gl.static_range(0, BLOCK_N, 8):
+            if r + 8 > valid:
+                piece = buf.slice(r, 8, dim=0)
+                x = piece.load(ROWS)
+                rid = r + gl.arange(0, 8, layout=gl.SliceLayout(1, ROWS))
+                piece.store(gl.where((rid < valid)[:, None], x, gl.zeros_like(x)))
+        fence_async_shared()
+        mbarrier.arrive(v_fixed, count=1)
+
+
+@gluon.jit
+def _wait_v(v_ready, v_fixed, t, n_total, fix_last, STAGES: gl.constexpr):
+    """Wait until V tile ``t`` may be read: landed, and for the last tile, zeroed past the
+    sequence when the producer had to (``fix_last``)."""
+    if fix_last and t == n_total - 1:
+        mbarrier.wait(v_fixed, 0)
+    else:
+        mbarrier.wait(v_ready.index(t % STAGES), (t // STAGES) & 1)
 
 
 @gluon.jit
@@ -111,6 +145,8 @@ def _consumer(
     n_total,
     turns,
     n_turns,
+    v_fixed,
+    fix_last,
     stride_ot,
     stride_oh,
     stride_lt,
@@ -174,11 +210,10 @@ def _consumer(
             s = j % STAGES
             ph = (j // STAGES) & 1
             sp = (j - 1) % STAGES
-            php = ((j - 1) // STAGES) & 1
             # issue the next scores, then the previous tile's P V: the tensor cores work on
             # both while this warp group waits for the scores and computes their softmax
             mbarrier.wait(k_ready.index(s), ph)
-            mbarrier.wait(v_ready.index(sp), php)
+            _wait_v(v_ready, v_fixed, j - 1, n_total, fix_last, STAGES)
             if PINGPONG:  # noqa: SIM102 (a constexpr test around a runtime one)
                 # FA-3's ping-pong: the warp groups take turns to issue their products, so one
                 # group's exponentials run under the other's matrix products
@@ -207,7 +242,7 @@ def _consumer(
             o = o * gl.convert_layout(alpha, ROW_O)[:, None]
             p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
         sl = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(sl), ((n_tiles - 1) // STAGES) & 1)
+        _wait_v(v_ready, v_fixed, n_tiles - 1, n_total, fix_last, STAGES)
         o_tok = warpgroup_mma(p_op, v_bufs.index(sl), o, is_async=True)
         o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(sl), count=1)
@@ -257,6 +292,8 @@ def _consumer1(
     n_total,
     turns,
     n_turns,
+    v_fixed,
+    fix_last,
     stride_ot,
     stride_oh,
     stride_lt,
@@ -270,7 +307,8 @@ def _consumer1(
     """The second warp group: the next BLOCK_M rows."""
     _consumer(
         q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse, q_start, q_len,
-        ctx, r0 + BLOCK_M, col_q, h, qk_scale, n_total, turns, n_turns, stride_ot, stride_oh,
+        ctx, r0 + BLOCK_M, col_q, h, qk_scale, n_total, turns, n_turns, v_fixed, fix_last,
+        stride_ot, stride_oh,
         stride_lt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1, PINGPONG,
     )  # fmt: skip
 
@@ -338,6 +376,9 @@ def fa3_prefill_kernel(
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # both consumer warp groups
             mbarrier.init(v_empty.index(i), count=2)
+        v_fixed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(v_fixed, count=1)
+        fix_last = n_tiles * BLOCK_N > seq_len  # the last box reaches past the sequence
         mbarrier.init(turns.index(0), count=1)
         mbarrier.init(turns.index(1), count=1)
         mbarrier.arrive(turns.index(0), count=1)  # the first group goes first
@@ -347,18 +388,18 @@ def fa3_prefill_kernel(
                 (_consumer, (
                     q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse,
                     q_start, q_len, ctx, m0, col_q, h, qk_scale, n_tiles, turns, n_turns,
-                    stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 0,
-                    PINGPONG,
+                    v_fixed, fix_last, stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M,
+                    BLOCK_N, STAGES, 0, PINGPONG,
                 )),
                 (_consumer1, (
                     q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse,
                     q_start, q_len, ctx, m0, col_q, h, qk_scale, n_tiles, turns, n_turns,
-                    stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1,
-                    PINGPONG,
+                    v_fixed, fix_last, stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M,
+                    BLOCK_N, STAGES, 1, PINGPONG,
                 )),
                 (_producer, (
                     k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                    table, n_tiles, col_kv, PAGE, BLOCK_N, STAGES,
+                    table, n_tiles, col_kv, seq_len, v_fixed, PAGE, BLOCK_N, STAGES,
                 )),
             ],
             [4, 1],
