@@ -127,6 +127,9 @@ def on_gpu(args) -> int:
             "gluon fa3 ping-pong (paged)": partial(
                 prefill_attention_gluon, *paged, stages=args.stages
             ),
+            "gluon fa3 ping-pong 3 stages (paged)": partial(
+                prefill_attention_gluon, *paged, stages=3
+            ),
             "gluon fa3 free (paged)": partial(
                 prefill_attention_gluon, *paged, stages=args.stages, pingpong=False
             ),

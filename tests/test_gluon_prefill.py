@@ -53,11 +53,19 @@ def test_page_sizes(block_size):
     _run([17, 130, 1023], [17, 130, 1023], HQ // 4, torch.float16, block_size=block_size)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("pingpong", [True, False])
-def test_pingpong_on_off(pingpong):
+def test_pingpong_on_off(pingpong, stages):
     """Both schedules of the two warp groups give the reference's results (and both end: a turn
     left unanswered would hang here)."""
-    _run([1, 64, 65, 200, 1023], [1, 64, 65, 328, 1023], HQ // 4, seed=5, pingpong=pingpong)
+    _run(
+        [1, 64, 65, 200, 1023],
+        [1, 64, 65, 328, 1023],
+        HQ // 4,
+        seed=5,
+        pingpong=pingpong,
+        stages=stages,
+    )
 
 
 @pytest.mark.parametrize("block_size", [16, 128])
