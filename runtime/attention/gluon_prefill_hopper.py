@@ -272,48 +272,6 @@ def _consumer(
 
 
 @gluon.jit
-def _consumer1(
-    q_desc,
-    k_bufs,
-    v_bufs,
-    k_ready,
-    v_ready,
-    k_empty,
-    v_empty,
-    Out,
-    Lse,
-    q_start,
-    q_len,
-    ctx,
-    r0,
-    col_q,
-    h,
-    qk_scale,
-    n_total,
-    turns,
-    n_turns,
-    v_fixed,
-    fix_last,
-    stride_ot,
-    stride_oh,
-    stride_lt,
-    HEAD_DIM: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr,
-    WG: gl.constexpr,
-    PINGPONG: gl.constexpr,
-):
-    """The second warp group: the next BLOCK_M rows."""
-    _consumer(
-        q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse, q_start, q_len,
-        ctx, r0 + BLOCK_M, col_q, h, qk_scale, n_total, turns, n_turns, v_fixed, fix_last,
-        stride_ot, stride_oh,
-        stride_lt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1, PINGPONG,
-    )  # fmt: skip
-
-
-@gluon.jit
 def fa3_prefill_kernel(
     q_desc,
     k_desc,
@@ -391,9 +349,9 @@ def fa3_prefill_kernel(
                     v_fixed, fix_last, stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M,
                     BLOCK_N, STAGES, 0, PINGPONG,
                 )),
-                (_consumer1, (
+                (_consumer, (  # the second warp group: the next BLOCK_M rows
                     q_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, Out, Lse,
-                    q_start, q_len, ctx, m0, col_q, h, qk_scale, n_tiles, turns, n_turns,
+                    q_start, q_len, ctx, m0 + BLOCK_M, col_q, h, qk_scale, n_tiles, turns, n_turns,
                     v_fixed, fix_last, stride_ot, stride_oh, stride_lt, HEAD_DIM, BLOCK_M,
                     BLOCK_N, STAGES, 1, PINGPONG,
                 )),
