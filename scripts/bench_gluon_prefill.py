@@ -54,13 +54,13 @@ def compile_only(args) -> int:
 
     cons = dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=128, STAGES=args.stages,
                 CONSUMER_REGS=args.consumer_regs, PRODUCER_REGS=40,
-                PINGPONG=not args.no_pingpong)  # fmt: skip
+                PINGPONG=not args.no_pingpong, CHECK_RUNS=True)  # fmt: skip
     sig = {
         "q_desc": dsig([65536, 4096], [64, 128]),
         "k_desc": dsig([65536, 1024], [128, 128]),
         "v_desc": dsig([65536, 1024], [128, 128]),
         "Out": "*bf16", "Lse": "*fp32", "QStart": "*i32", "SeqLens": "*i32",
-        "BlockTables": "*i32", "qk_scale": "fp32", "stride_ot": "i32", "stride_oh": "i32",
+        "BlockTables": "*i32", "Ok": "*i32", "qk_scale": "fp32", "stride_ot": "i32", "stride_oh": "i32",
         "stride_lt": "i32", "stride_bt": "i32", "n_mtiles": "i32",
     }  # fmt: skip
     sig |= dict.fromkeys(cons, "constexpr")

@@ -21,9 +21,11 @@ MIXES = [[1], [17], [64], [65], [113], [128], [129], [1023], [2500], [1, 17, 113
 CHUNKED = [(17, 100), (64, 1023), (1, 50), (113, 113), (300, 3000), (200, 328)]
 
 
-def _run(query_lens, seq_lens, hkv, dtype=torch.bfloat16, block_size=16, seed=0, **kw):
+def _run(
+    query_lens, seq_lens, hkv, dtype=torch.bfloat16, block_size=16, seed=0, layout="runs", **kw
+):
     meta, k_cache, v_cache = _paged(
-        query_lens, seq_lens, hkv, 128, dtype, block_size, seed, layout="runs"
+        query_lens, seq_lens, hkv, 128, dtype, block_size, seed, layout=layout
     )
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     q = torch.randn(sum(query_lens), HQ, 128, generator=g, device="cuda").to(dtype)
@@ -89,3 +91,10 @@ def test_stale_rows_stay_out(block_size):
         max(lens), 128**-0.5,
     )  # fmt: skip
     _check(out, lse, q, k_cache, v_cache, meta, 128**-0.5)
+
+
+@pytest.mark.parametrize("layout", ["shuffled", "mixed"])
+def test_scattered_pages_take_the_gather_kernel(layout):
+    """Sequences whose 128-key boxes are not consecutive pages go to the gather kernel (checked
+    on the device), in the same launch pair as those the Gluon kernel takes."""
+    _run([17, 130, 1023, 300], [17, 130, 1023, 300], HQ // 4, seed=9, layout=layout)

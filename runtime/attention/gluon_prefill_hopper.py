@@ -281,6 +281,7 @@ def fa3_prefill_kernel(
     QStart,
     SeqLens,
     BlockTables,
+    Ok,
     qk_scale,
     stride_ot,
     stride_oh,
@@ -296,6 +297,7 @@ def fa3_prefill_kernel(
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     PINGPONG: gl.constexpr,
+    CHECK_RUNS: gl.constexpr,
 ):
     # program: (query head, tile of 2 x BLOCK_M rows), heads major, heaviest tiles first
     pid = gl.program_id(0)
@@ -305,7 +307,10 @@ def fa3_prefill_kernel(
     q_start = gl.load(QStart + b)
     q_len = gl.load(QStart + b + 1) - q_start
     m0 = tile * (2 * BLOCK_M)
-    if m0 < q_len:
+    todo = m0 < q_len
+    if CHECK_RUNS:  # pages not in consecutive 128-key runs: the gather kernel takes the sequence
+        todo = todo & (gl.load(Ok + b) != 0)
+    if todo:
         seq_len = gl.load(SeqLens + b)
         ctx = seq_len - q_len
         hi = ctx + gl.minimum(m0 + 2 * BLOCK_M, q_len)
@@ -392,6 +397,8 @@ def prefill_attention_gluon(
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from runtime.attention import triton_prefill, triton_prefill_hopper
+
     T, hq, d = q.shape
     nb, page, hkv, _ = k_cache.shape
     if d != 128 or (128 % page and page % 128):
@@ -410,31 +417,28 @@ def prefill_attention_gluon(
     k_desc = TensorDescriptor(k_cache, [nb * page, hkv * d], [hkv * d, 1], [block_n, d], kv_layout)
     v_desc = TensorDescriptor(v_cache, [nb * page, hkv * d], [hkv * d, 1], [block_n, d], kv_layout)
     n_mtiles = triton.cdiv(max_query_len, 2 * block_m)
-    grid = (hq * n_mtiles, seq_lens.shape[0])
-    fa3_prefill_kernel[grid](
-        q_desc,
-        k_desc,
-        v_desc,
-        out,
-        lse,
-        query_start_loc,
-        seq_lens,
-        block_tables,
-        scale * LOG2E,
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        block_tables.stride(0),
+    num_seqs = seq_lens.shape[0]
+    if T == 0 or num_seqs == 0:
+        return out, lse
+    check_runs = page < block_n
+    ok = seq_lens  # unused unless check_runs
+    if check_runs:  # as the Triton TMA kernel checks: each aligned run of 128 keys consecutive
+        ok = torch.empty(num_seqs, dtype=torch.int32, device=q.device)
+        triton_prefill_hopper._runs_kernel[(num_seqs,)](
+            ok, seq_lens, block_tables, block_tables.stride(0),
+            PAGE=page, NP=block_n // page, BLOCK=max(256, block_n // page),
+        )  # fmt: skip
+    fa3_prefill_kernel[(hq * n_mtiles, num_seqs)](
+        q_desc, k_desc, v_desc, out, lse, query_start_loc, seq_lens, block_tables, ok,
+        scale * LOG2E, out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),
         n_mtiles,
-        GROUP=hq // hkv,
-        HEAD_DIM=d,
-        PAGE=page,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        STAGES=stages,
-        CONSUMER_REGS=consumer_regs,
-        PRODUCER_REGS=producer_regs,
-        PINGPONG=pingpong,
-        num_warps=4,
-    )
+        GROUP=hq // hkv, HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        STAGES=stages, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        PINGPONG=pingpong, CHECK_RUNS=check_runs, num_warps=4,
+    )  # fmt: skip
+    if check_runs:  # the sequences this kernel skipped
+        triton_prefill.launch_prefill(
+            q, k_cache, v_cache, out, lse, query_start_loc, seq_lens, block_tables,
+            max_query_len, scale, None, True, skip_ok=ok,
+        )  # fmt: skip
     return out, lse

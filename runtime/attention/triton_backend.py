@@ -31,7 +31,7 @@ except ImportError as e:  # triton missing: the registry reports this reason
     _IMPORT_ERROR = f"triton is not importable ({e})"
 
 
-PREFILL_PATHS = ("auto", "hopper", "ampere")
+PREFILL_PATHS = ("auto", "hopper", "ampere", "gluon")
 
 
 class TritonBackend(AttentionBackend):
@@ -49,6 +49,8 @@ class TritonBackend(AttentionBackend):
     ) -> None:
         if _IMPORT_ERROR is not None:
             raise ImportError(_IMPORT_ERROR)
+        # branch gluon-hopper: end-to-end runs of the Gluon prototype pick it from the environment
+        prefill_path = os.environ.get("TILERUN_PREFILL_PATH", prefill_path)
         if prefill_path not in PREFILL_PATHS:
             raise ValueError(f"prefill_path={prefill_path!r}; valid: {', '.join(PREFILL_PATHS)}")
         self.prefill_config = prefill_config
@@ -93,6 +95,10 @@ class TritonBackend(AttentionBackend):
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         args = (q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables)
+        if self.prefill_path == "gluon":
+            from runtime.attention.gluon_prefill_hopper import prefill_attention_gluon
+
+            return prefill_attention_gluon(*args, meta.max_query_len, scale)
         if self.use_hopper(q, k_cache, v_cache):
             return triton_prefill_hopper.prefill_attention_hopper(
                 *args,
