@@ -21,6 +21,10 @@ box (stale, or never written: the cache comes from ``torch.empty``) are masked i
 zeroed in V by the producer before the last P V reads them (wgmma reads V from shared memory,
 where the Triton kernel zeroes it in registers).
 
+Gluon is experimental and its API moves between Triton releases: this is written for Triton 3.6
+(the lent GPUs' torch 2.11); Triton 3.9 renamed ``tma.async_copy_global_to_shared`` to
+``tma.async_load``, among others, so it does not build there.
+
 Status: compiled offline for sm_90a with Triton 3.6 (168 registers, no spills, 160 KiB shared),
 never run on a GPU. ``scripts/bench_gluon_prefill.py`` checks it against the float64 reference
 and the Triton kernel, then times it beside SDPA cuDNN.
