@@ -72,11 +72,18 @@ def compile_only(args) -> int:
     ptx = cc.asm["ptx"]
     path = Path("/tmp/gluon_prefill.ptx")
     path.write_text(ptx)
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    info = subprocess.run(
-        [str(ptxas), "-arch=sm_90a", "-v", str(path), "-o", "/tmp/gluon_prefill.cubin"],
-        capture_output=True, text=True, check=True,
-    ).stderr  # fmt: skip
+    # Triton 3.9 ships the newer ptxas as ptxas-blackwell (its PTX 9.x needs it, for sm_90a too)
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
+    for name in ("ptxas-blackwell", "ptxas"):
+        built = subprocess.run(
+            [str(tools / name), "-arch=sm_90a", "-v", str(path), "-o", "/tmp/gluon_prefill.cubin"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if built.returncode == 0:
+            break
+    else:
+        raise RuntimeError(f"no ptxas of this Triton assembles the PTX: {built.stderr[-300:]}")
+    info = built.stderr
     print(f"triton {triton.__version__}: shared {cc.metadata.shared} B, "
           f"{ptx.count('wgmma.mma_async')} wgmma, {ptx.count('setmaxnreg')} setmaxnreg")  # fmt: skip
     print(
@@ -107,8 +114,9 @@ def on_gpu(args) -> int:
     import pytest
 
     rc = pytest.main(["-q", "-x", "tests/test_gluon_prefill.py", "-k", args.check_filter])
+    checked = int(rc) == 0
     log(f"tests/test_gluon_prefill.py -k '{args.check_filter}': exit {int(rc)}")
-    if rc != 0:
+    if not checked and not args.time_unchecked:
         return int(rc)
 
     rows = []
@@ -150,6 +158,7 @@ def on_gpu(args) -> int:
                 row = {"S": S, "impl": name, "error": f"{type(e).__name__}: {e}"[:200]}
             if name.startswith("gluon"):
                 row["max_abs_diff_vs_triton"] = diff
+                row["passed_reference_check"] = checked  # False: a wrong kernel's speed
             rows.append(row)
             log(f"S={S} {name}: {row.get('tflops', row.get('error'))}")
     result = {
@@ -176,6 +185,11 @@ def main() -> int:
     ap.add_argument("--consumer-regs", type=int, default=232)
     ap.add_argument("--no-pingpong", action="store_true", help="warp groups issue freely")
     ap.add_argument("--check-filter", default="ragged and 1-17 or chunked")
+    ap.add_argument(
+        "--time-unchecked",
+        action="store_true",
+        help="time it even when the reference check fails (rows say so)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     return compile_only(args) if args.compile_only else on_gpu(args)

@@ -21,11 +21,11 @@ box (stale, or never written: the cache comes from ``torch.empty``) are masked i
 zeroed in V by the producer before the last P V reads them (wgmma reads V from shared memory,
 where the Triton kernel zeroes it in registers).
 
-Gluon is experimental and its API moves between Triton releases: this is written for Triton 3.6
-(the lent GPUs' torch 2.11); Triton 3.9 renamed ``tma.async_copy_global_to_shared`` to
-``tma.async_load``, among others, so it does not build there.
+Gluon is experimental and its API moves between Triton releases: this builds with Triton 3.6 (the
+lent GPUs' torch 2.11) and 3.9 (3.7 renamed the TMA copy to ``tma.async_load`` and 3.9 raises on
+the old name, hence ``_tma_load``).
 
-Status: compiled offline for sm_90a with Triton 3.6 (168 registers, no spills, 160 KiB shared),
+Status: compiled offline for sm_90a with Triton 3.6 and 3.9 (168 registers, no spills, 160 KiB shared),
 never run on a GPU. ``scripts/bench_gluon_prefill.py`` checks it against the float64 reference
 and the Triton kernel, then times it beside SDPA cuDNN.
 """
@@ -42,6 +42,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LOG2E = 1.4426950408889634
+# Triton 3.7+ calls the TMA copy ``async_load`` (and raises on the old name); 3.6 has only the old
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
@@ -70,10 +72,10 @@ def _producer(
         row = gl.load(table + start // PAGE) * PAGE + start % PAGE
         mbarrier.wait(k_empty.index(s), ph ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, col], k_ready.index(s), k_bufs.index(s))
+        _tma_load(k_desc, [row, col], k_ready.index(s), k_bufs.index(s))
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(s), v_bufs.index(s))
+        _tma_load(v_desc, [row, col], v_ready.index(s), v_bufs.index(s))
     # The last tile's box may hold cache rows past the sequence: stale, possibly never written
     # (the cache comes from torch.empty). Their scores are masked, but P V would still multiply
     # 0 by whatever they hold, NaN included. So this warp zeroes those rows of V in shared
@@ -185,7 +187,7 @@ def _consumer(
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_start + r0, col_q], q_bar, q_smem)
+    _tma_load(q_desc, [q_start + r0, col_q], q_bar, q_smem)
     mbarrier.wait(q_bar, 0)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, ROW_S)
