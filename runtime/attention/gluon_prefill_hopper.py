@@ -22,11 +22,11 @@ zeroed in V by the producer before the last P V reads them (wgmma reads V from s
 where the Triton kernel zeroes it in registers).
 
 Gluon is experimental and its API moves between Triton releases: this builds with Triton 3.6 (the
-lent GPUs' torch 2.11) and 3.9 (3.7 renamed the TMA copy to ``tma.async_load`` and 3.9 raises on
-the old name, hence ``_tma_load``).
+lent GPUs' torch 2.11) and 3.9 (which calls the TMA copy ``tma.async_load`` and raises on 3.6's
+name, hence ``_tma_load``).
 
-Status: compiled offline for sm_90a with Triton 3.6 and 3.9 (168 registers, no spills, 160 KiB shared),
-never run on a GPU. ``scripts/bench_gluon_prefill.py`` checks it against the float64 reference
+Status: compiled offline for sm_90a with Triton 3.6 and 3.9 (168 registers, no spills, 160 KiB
+shared), never run on a GPU. ``scripts/bench_gluon_prefill.py`` checks it against the float64 reference
 and the Triton kernel, then times it beside SDPA cuDNN.
 """
 
@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LOG2E = 1.4426950408889634
-# Triton 3.7+ calls the TMA copy ``async_load`` (and raises on the old name); 3.6 has only the old
+# Triton 3.9 calls the TMA copy ``async_load`` (and raises on the old name); 3.6 has only the old
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
