@@ -52,7 +52,7 @@ def compile_only(args) -> int:
         lay = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
         return mangle_type(TensorDescriptor(_T(), shape, [shape[1], 1], block, lay))
 
-    cons = dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=128, STAGES=args.stages,
+    cons = dict(HQ=32, GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=128, STAGES=args.stages,
                 CONSUMER_REGS=args.consumer_regs, PRODUCER_REGS=40,
                 PINGPONG=not args.no_pingpong, CHECK_RUNS=True)  # fmt: skip
     sig = {
@@ -61,7 +61,7 @@ def compile_only(args) -> int:
         "v_desc": dsig([65536, 1024], [128, 128]),
         "Out": "*bf16", "Lse": "*fp32", "QStart": "*i32", "SeqLens": "*i32",
         "BlockTables": "*i32", "Ok": "*i32", "qk_scale": "fp32", "stride_ot": "i32", "stride_oh": "i32",
-        "stride_lt": "i32", "stride_bt": "i32", "n_mtiles": "i32",
+        "stride_lt": "i32", "stride_bt": "i32",
     }  # fmt: skip
     sig |= dict.fromkeys(cons, "constexpr")
     cc = triton.compile(
@@ -141,6 +141,9 @@ def on_gpu(args) -> int:
             "gluon fa3 free (paged)": partial(
                 prefill_attention_gluon, *paged, stages=args.stages, pingpong=False
             ),
+            "gluon fa3 free 3 stages (paged)": partial(
+                prefill_attention_gluon, *paged, stages=3, pingpong=False
+            ),
             "triton tma (paged)": partial(
                 triton_prefill_hopper.prefill_attention_hopper, *paged
             ),
@@ -161,6 +164,28 @@ def on_gpu(args) -> int:
                 row["passed_reference_check"] = checked  # False: a wrong kernel's speed
             rows.append(row)
             log(f"S={S} {name}: {row.get('tflops', row.get('error'))}")
+        if args.chunk and args.chunk < S:
+            # the last prefill chunk of S tokens: args.chunk queries after S - chunk cached keys
+            # (the engine's shape with --prefill-chunk); no SDPA peer (its causal mask is top-left)
+            c, n = S - args.chunk, args.chunk
+            qsl_c = torch.tensor([0, n], dtype=torch.int32, device=dev)
+            chunked = (q[c:], kc, vc, qsl_c, sl, bt, n, D**-0.5)
+            flops = 4 * H * D * (n * c + n * n / 2)
+            for name, fn in {
+                "gluon fa3 ping-pong": partial(prefill_attention_gluon, *chunked),
+                "gluon fa3 ping-pong 3 stages": partial(
+                    prefill_attention_gluon, *chunked, stages=3
+                ),
+                "gluon fa3 free": partial(prefill_attention_gluon, *chunked, pingpong=False),
+                "gluon fa3 free 3 stages": partial(
+                    prefill_attention_gluon, *chunked, stages=3, pingpong=False
+                ),
+                "triton tma": partial(triton_prefill_hopper.prefill_attention_hopper, *chunked),
+            }.items():
+                ms = time_ms(fn)
+                rows.append({"S": S, "chunk": n, "impl": name + " (paged)", "ms": ms,
+                             "tflops": flops / (ms * 1e-3) / 1e12})  # fmt: skip
+                log(f"S={S} last chunk of {n} {name}: {rows[-1]['tflops']:.1f}")
     result = {
         "benchmark": "gluon FA3-style prefill prototype",
         "command": "python " + " ".join(sys.argv),
@@ -182,6 +207,7 @@ def main() -> int:
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--seqs", default="4096,16384,32768,65536")
     ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=0, help="also time each S's last chunk of N")
     ap.add_argument("--consumer-regs", type=int, default=232)
     ap.add_argument("--no-pingpong", action="store_true", help="warp groups issue freely")
     ap.add_argument("--check-filter", default="ragged and 1-17 or chunked")

@@ -293,7 +293,7 @@ def fa3_prefill_kernel(
     stride_oh,
     stride_lt,
     stride_bt,
-    n_mtiles,
+    HQ: gl.constexpr,
     GROUP: gl.constexpr,
     HEAD_DIM: gl.constexpr,
     PAGE: gl.constexpr,
@@ -306,6 +306,10 @@ def fa3_prefill_kernel(
     CHECK_RUNS: gl.constexpr,
 ):
     # program: (query head, tile of 2 x BLOCK_M rows), heads major, heaviest tiles first
+    # (the tile count comes from the grid, not an argument: Triton specialises integer arguments
+    # on divisibility by 16, so a count that changes with the prompt length would recompile the
+    # kernel, seconds each time, between a short prompt and a long one)
+    n_mtiles = gl.num_programs(0) // HQ
     pid = gl.program_id(0)
     h = pid // n_mtiles
     tile = n_mtiles - 1 - pid % n_mtiles
@@ -437,8 +441,7 @@ def prefill_attention_gluon(
     fa3_prefill_kernel[(hq * n_mtiles, num_seqs)](
         q_desc, k_desc, v_desc, out, lse, query_start_loc, seq_lens, block_tables, ok,
         scale * LOG2E, out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),
-        n_mtiles,
-        GROUP=hq // hkv, HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        HQ=hq, GROUP=hq // hkv, HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         STAGES=stages, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
         PINGPONG=pingpong, CHECK_RUNS=check_runs, num_warps=4,
     )  # fmt: skip
