@@ -380,12 +380,31 @@ def fa3_prefill_kernel(
         )  # fmt: skip
 
 
-def gluon_supported() -> str | None:
-    """``None`` when this Triton has Gluon's Hopper API, else why not."""
+def unsupported_reason(q, k_cache, v_cache) -> str | None:
+    """``None`` if this kernel handles these tensors on this machine, else why not (one line)."""
+    import torch
+
     try:
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the Triton build
         return f"this Triton has no Gluon Hopper API ({e})"
+    if q.device.type != "cuda":
+        return f"it runs on CUDA devices of compute capability 9.0, not {q.device.type}"
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap != (9, 0):  # wgmma and setmaxnreg are sm_90a instructions (not on sm_100 either)
+        return f"compute capability {cap[0]}.{cap[1]}: the kernel is for 9.0 (Hopper)"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
+        return f"dtype {q.dtype} (cache {k_cache.dtype}): the kernel is for float16/bfloat16"
+    d, page = q.shape[-1], k_cache.shape[1]
+    if d != 128:
+        return f"head dim {d}: the kernel is for 128 (the TMA kernel takes 64)"
+    if 128 % page and page % 128:
+        return f"block size {page}: needs one dividing 128 or a multiple of it"
+    for name, c in (("k", k_cache), ("v", v_cache)):
+        if c.stride(3) != 1 or c.stride(2) != d or c.stride(0) != c.shape[1] * c.stride(1):
+            return f"{name} cache is not [blocks, block_size, Hkv, D] with rows of Hkv*D"
+        if (c.stride(1) * c.element_size()) % 16 or c.data_ptr() % 16:
+            return f"{name} cache rows are not 16-byte aligned"
     return None
 
 
@@ -401,7 +420,7 @@ def prefill_attention_gluon(
     stages: int = 2,
     consumer_regs: int = 232,
     producer_regs: int = 40,
-    pingpong: bool = True,
+    pingpong: bool = False,
 ):
     """Causal prefill; ``(out [T, Hq, D], lse [T, Hq])`` as the Triton kernels return them."""
     import torch
@@ -409,13 +428,11 @@ def prefill_attention_gluon(
 
     from runtime.attention import triton_prefill, triton_prefill_hopper
 
+    reason = unsupported_reason(q, k_cache, v_cache)
+    if reason is not None:
+        raise ValueError(f"Gluon prefill kernel: {reason} (TILERUN_PREFILL_PATH=auto picks one)")
     T, hq, d = q.shape
     nb, page, hkv, _ = k_cache.shape
-    if d != 128 or (128 % page and page % 128):
-        raise ValueError(
-            f"Gluon prefill: head dim {d}, page {page}: needs head dim 128 and pages that tile "
-            "128-key boxes (a page dividing 128, or a multiple of it)"
-        )
     q = q.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
