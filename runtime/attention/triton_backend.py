@@ -7,7 +7,9 @@ interpreter that way, at tiny shapes).
 Prefill picks its kernel by capability: on Hopper (9.0+) the TMA kernel of
 ``triton_prefill_hopper`` for float16/bfloat16 at head dims 64 and 128, else (Ampere, float32,
 other head dims, caches TMA cannot describe) the pointer-gather kernel of ``triton_prefill``.
-``prefill_path`` forces one ("hopper" also runs in the interpreter, for tests).
+``prefill_path`` forces one ("hopper" also runs in the interpreter, for tests); "gluon" is the
+FA3-style kernel of ``gluon_prefill_hopper`` (sm_90, head dim 128). ``TILERUN_PREFILL_PATH``
+sets the path where the code asks for "auto" (engines built from the CLI).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ except ImportError as e:  # triton missing: the registry reports this reason
     _IMPORT_ERROR = f"triton is not importable ({e})"
 
 
-PREFILL_PATHS = ("auto", "hopper", "ampere")
+PREFILL_PATHS = ("auto", "hopper", "ampere", "gluon")
+# whether ``auto`` takes the Gluon kernel where it applies (sm_90, head dim 128, fp16/bf16)
+GLUON_BY_DEFAULT = False
 
 
 class TritonBackend(AttentionBackend):
@@ -51,6 +55,12 @@ class TritonBackend(AttentionBackend):
             raise ImportError(_IMPORT_ERROR)
         if prefill_path not in PREFILL_PATHS:
             raise ValueError(f"prefill_path={prefill_path!r}; valid: {', '.join(PREFILL_PATHS)}")
+        if prefill_path == "auto":  # the deployment's choice, for engines built from the CLI
+            prefill_path = os.environ.get("TILERUN_PREFILL_PATH", "auto")
+            if prefill_path not in PREFILL_PATHS:
+                raise ValueError(
+                    f"TILERUN_PREFILL_PATH={prefill_path!r}; valid: {', '.join(PREFILL_PATHS)}"
+                )
         self.prefill_config = prefill_config
         self.decode_config = decode_config
         self.hopper_config = hopper_config
@@ -93,6 +103,10 @@ class TritonBackend(AttentionBackend):
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         args = (q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables)
+        if self.use_gluon(q, k_cache, v_cache):
+            from runtime.attention.gluon_prefill_hopper import prefill_attention_gluon
+
+            return prefill_attention_gluon(*args, meta.max_query_len, scale)
         if self.use_hopper(q, k_cache, v_cache):
             return triton_prefill_hopper.prefill_attention_hopper(
                 *args,
@@ -104,6 +118,19 @@ class TritonBackend(AttentionBackend):
         return triton_prefill.prefill_attention(
             *args, meta.max_query_len, scale, config=self.prefill_config
         )
+
+    def use_gluon(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        """Whether prefill runs the Gluon FA3-style kernel: forced, or (``GLUON_BY_DEFAULT``) on
+        sm_90 where it applies (head dim 128, float16/bfloat16)."""
+        if self.prefill_path == "gluon":
+            return True  # prefill_attention_gluon raises naming why if it cannot
+        if self.prefill_path != "auto" or not GLUON_BY_DEFAULT or q.device.type != "cuda":
+            return False
+        try:
+            from runtime.attention import gluon_prefill_hopper
+        except ImportError:  # a Triton without Gluon
+            return False
+        return gluon_prefill_hopper.unsupported_reason(q, k_cache, v_cache) is None
 
     def use_hopper(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
         """Whether prefill runs the TMA kernel: forced, or on sm_90+ where it applies."""
