@@ -401,12 +401,9 @@ def unsupported_reason(q, k_cache, v_cache) -> str | None:
         return f"head dim {d}: the kernel is for 128 (the TMA kernel takes 64)"
     if 128 % page and page % 128:
         return f"block size {page}: needs one dividing 128 or a multiple of it"
-    for name, c in (("k", k_cache), ("v", v_cache)):
-        if c.stride(3) != 1 or c.stride(2) != d or c.stride(0) != c.shape[1] * c.stride(1):
-            return f"{name} cache is not [blocks, block_size, Hkv, D] with rows of Hkv*D"
-        if (c.stride(1) * c.element_size()) % 16 or c.data_ptr() % 16:
-            return f"{name} cache rows are not 16-byte aligned"
-    return None
+    from runtime.attention.triton_prefill_hopper import cache_layout_reason
+
+    return cache_layout_reason(k_cache, v_cache)
 
 
 def prefill_attention_gluon(

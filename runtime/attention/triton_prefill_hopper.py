@@ -104,8 +104,14 @@ def unsupported_reason(
     page = k_cache.shape[1]
     if page % cfg.block_n and cfg.block_n % page:
         return f"block size {page} and key tile {cfg.block_n} do not divide one another"
+    return cache_layout_reason(k_cache, v_cache)
+
+
+def cache_layout_reason(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """``None`` if a 2-D TMA descriptor (rows of Hkv*D over all blocks) can describe both caches,
+    else why not."""
     for name, c in (("k", k_cache), ("v", v_cache)):
-        nb, pg, hkv, _ = c.shape
+        nb, pg, hkv, d = c.shape
         if c.stride(3) != 1 or c.stride(2) != d or c.stride(0) != pg * c.stride(1):
             return f"{name} cache is not [blocks, block_size, Hkv, D] with rows of Hkv*D"
         if (c.stride(1) * c.element_size()) % 16 or c.data_ptr() % 16:
