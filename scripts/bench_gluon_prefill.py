@@ -94,6 +94,15 @@ def compile_only(args) -> int:
     return 0
 
 
+# the Gluon kernel's schedules, each spelled out (the labels name what runs, whatever the default)
+GLUON_VARIANTS = {
+    "ping-pong": {"pingpong": True, "stages": 2},
+    "ping-pong 3 stages": {"pingpong": True, "stages": 3},
+    "free": {"pingpong": False, "stages": 2},
+    "free 3 stages": {"pingpong": False, "stages": 3},
+}
+
+
 def on_gpu(args) -> int:
     import torch
     from bench_attention import prefill_tflops, sdpa_fn, time_ms
@@ -132,18 +141,9 @@ def on_gpu(args) -> int:
         qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
         paged = (q, kc, vc, qsl, sl, bt, S, D**-0.5)
         impls = {
-            "gluon fa3 ping-pong (paged)": partial(
-                prefill_attention_gluon, *paged, stages=args.stages
-            ),
-            "gluon fa3 ping-pong 3 stages (paged)": partial(
-                prefill_attention_gluon, *paged, stages=3
-            ),
-            "gluon fa3 free (paged)": partial(
-                prefill_attention_gluon, *paged, stages=args.stages, pingpong=False
-            ),
-            "gluon fa3 free 3 stages (paged)": partial(
-                prefill_attention_gluon, *paged, stages=3, pingpong=False
-            ),
+            f"gluon fa3 {label} (paged)": partial(prefill_attention_gluon, *paged, **kw)
+            for label, kw in GLUON_VARIANTS.items()
+        } | {
             "triton tma (paged)": partial(
                 triton_prefill_hopper.prefill_attention_hopper, *paged
             ),
@@ -172,14 +172,9 @@ def on_gpu(args) -> int:
             chunked = (q[c:], kc, vc, qsl_c, sl, bt, n, D**-0.5)
             flops = 4 * H * D * (n * c + n * n / 2)
             for name, fn in {
-                "gluon fa3 ping-pong": partial(prefill_attention_gluon, *chunked),
-                "gluon fa3 ping-pong 3 stages": partial(
-                    prefill_attention_gluon, *chunked, stages=3
-                ),
-                "gluon fa3 free": partial(prefill_attention_gluon, *chunked, pingpong=False),
-                "gluon fa3 free 3 stages": partial(
-                    prefill_attention_gluon, *chunked, stages=3, pingpong=False
-                ),
+                f"gluon fa3 {label}": partial(prefill_attention_gluon, *chunked, **kw)
+                for label, kw in GLUON_VARIANTS.items()
+            } | {
                 "triton tma": partial(triton_prefill_hopper.prefill_attention_hopper, *chunked),
             }.items():
                 ms = time_ms(fn)
@@ -206,10 +201,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--seqs", default="4096,16384,32768,65536")
-    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--stages", type=int, default=2, help="--compile-only: ring stages")
     ap.add_argument("--chunk", type=int, default=0, help="also time each S's last chunk of N")
-    ap.add_argument("--consumer-regs", type=int, default=232)
-    ap.add_argument("--no-pingpong", action="store_true", help="warp groups issue freely")
+    ap.add_argument("--consumer-regs", type=int, default=232, help="--compile-only")
+    ap.add_argument(
+        "--no-pingpong", action="store_true", help="--compile-only: warp groups issue freely"
+    )
     ap.add_argument("--check-filter", default="ragged and 1-17 or chunked")
     ap.add_argument(
         "--time-unchecked",

@@ -445,14 +445,12 @@ def prefill_attention_gluon(
     num_seqs = seq_lens.shape[0]
     if T == 0 or num_seqs == 0:
         return out, lse
-    check_runs = page < block_n
-    ok = seq_lens  # unused unless check_runs
-    if check_runs:  # as the Triton TMA kernel checks: each aligned run of 128 keys consecutive
-        ok = torch.empty(num_seqs, dtype=torch.int32, device=q.device)
-        triton_prefill_hopper._runs_kernel[(num_seqs,)](
-            ok, seq_lens, block_tables, block_tables.stride(0),
-            PAGE=page, NP=block_n // page, BLOCK=max(256, block_n // page),
-        )  # fmt: skip
+    check_runs = page < block_n  # pages of 128 or a multiple hold each box whole
+    ok = (
+        triton_prefill_hopper.runs_ok(seq_lens, block_tables, page, block_n)
+        if check_runs
+        else seq_lens
+    )
     fa3_prefill_kernel[(hq * n_mtiles, num_seqs)](
         q_desc, k_desc, v_desc, out, lse, query_start_loc, seq_lens, block_tables, ok,
         scale * LOG2E, out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),

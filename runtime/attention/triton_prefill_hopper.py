@@ -119,6 +119,20 @@ def cache_layout_reason(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | N
     return None
 
 
+def runs_ok(
+    seq_lens: torch.Tensor, block_tables: torch.Tensor, page: int, block_n: int
+) -> torch.Tensor:
+    """``ok[b]`` (int32, on the device) = 1 when each aligned run of ``block_n`` keys of sequence
+    b lies in consecutive blocks (a TMA box can read it), else 0: the gather kernel takes b."""
+    num_seqs = seq_lens.shape[0]
+    ok = torch.empty(num_seqs, dtype=torch.int32, device=seq_lens.device)
+    _runs_kernel[(num_seqs,)](
+        ok, seq_lens, block_tables, block_tables.stride(0),
+        PAGE=page, NP=block_n // page, BLOCK=max(256, block_n // page),
+    )  # fmt: skip
+    return ok
+
+
 @triton.jit
 def _runs_kernel(Ok, SeqLens, BlockTables, stride_bt, PAGE: tl.constexpr, NP: tl.constexpr,
                  BLOCK: tl.constexpr):  # fmt: skip
@@ -387,13 +401,7 @@ def prefill_attention_hopper(
     if T == 0 or num_seqs == 0:
         return out, lse
     check_runs = page % cfg.block_n != 0 and not _assume_contiguous
-    ok = seq_lens  # unused unless check_runs
-    if check_runs:
-        ok = torch.empty(num_seqs, dtype=torch.int32, device=q.device)
-        _runs_kernel[(num_seqs,)](
-            ok, seq_lens, block_tables, block_tables.stride(0),
-            PAGE=page, NP=cfg.block_n // page, BLOCK=max(256, cfg.block_n // page),
-        )  # fmt: skip
+    ok = runs_ok(seq_lens, block_tables, page, cfg.block_n) if check_runs else seq_lens
     grid = (hq * triton.cdiv(max_query_len, cfg.block_m), num_seqs)
     _prefill_tma_kernel[grid](
         q, _cache_desc(k_cache, cfg.block_n, d), _cache_desc(v_cache, cfg.block_n, d),
