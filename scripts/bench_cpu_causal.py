@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime.attention.cpu_flash import CpuFlashBackend  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> int:
               flush=True)  # fmt: skip
     result = {
         "benchmark": "torch CPU flash kernel: one causal call against strip splits",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

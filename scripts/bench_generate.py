@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 from cluster.config import EngineConfig
 from cluster.engine import Engine
@@ -293,7 +294,7 @@ def main() -> int:
 
     result = {
         "benchmark": "generate",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": info["name"],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {

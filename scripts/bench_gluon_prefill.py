@@ -20,6 +20,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from _command import command_line  # scripts/: the result's command line
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -171,19 +173,21 @@ def on_gpu(args) -> int:
             qsl_c = torch.tensor([0, n], dtype=torch.int32, device=dev)
             chunked = (q[c:], kc, vc, qsl_c, sl, bt, n, D**-0.5)
             flops = 4 * H * D * (n * c + n * n / 2)
-            for name, fn in {
+            variants = {
                 f"gluon fa3 {label}": partial(prefill_attention_gluon, *chunked, **kw)
                 for label, kw in GLUON_VARIANTS.items()
-            } | {
-                "triton tma": partial(triton_prefill_hopper.prefill_attention_hopper, *chunked),
-            }.items():
+            }
+            variants["triton tma"] = partial(
+                triton_prefill_hopper.prefill_attention_hopper, *chunked
+            )
+            for name, fn in variants.items():
                 ms = time_ms(fn)
                 rows.append({"S": S, "chunk": n, "impl": name + " (paged)", "ms": ms,
                              "tflops": flops / (ms * 1e-3) / 1e12})  # fmt: skip
                 log(f"S={S} last chunk of {n} {name}: {rows[-1]['tflops']:.1f}")
     result = {
         "benchmark": "gluon FA3-style prefill prototype",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": torch.cuda.get_device_name(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},

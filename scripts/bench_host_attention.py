@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -202,7 +203,7 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {
         "benchmark": "host_attention",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": device,
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],  # other work on the machine skews every figure

@@ -42,6 +42,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -321,7 +322,7 @@ def write_result(args, device, benchmark: str, shape, bound, rows, default_name:
 
     result = {
         "benchmark": benchmark,
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": f"{device.type}: {device_info(device).name}, {torch.get_num_threads()} threads",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 from cluster.config import EngineConfig
 from cluster.engine import Engine
@@ -419,7 +420,7 @@ def main() -> int:
         )
     result = {
         "benchmark": "long_context",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": info["name"],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},

@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +81,7 @@ def main() -> int:
     name = torch.cuda.get_device_name()
     result = {
         "benchmark": "moe decode forms",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__},

@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from _command import command_line  # scripts/: the result's command line
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -425,7 +427,7 @@ def main() -> int:
         info_dev = "cuda"
     result = {
         "benchmark": "step",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": name if info_dev == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "load_average_1_5_15": {"start": started, "end": load()},

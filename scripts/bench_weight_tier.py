@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import _best, time_hf, time_tilerun  # noqa: E402
@@ -256,7 +257,7 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = {
         "benchmark": "weight-tier",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": name or platform.machine(),
         "cpu_count": os.cpu_count(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

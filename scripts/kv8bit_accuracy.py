@@ -24,11 +24,11 @@ import argparse
 import datetime as dt
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _command import command_line  # scripts/: the result's command line
 
 from runtime.loader import resolve_model
 from runtime.worker import Worker
@@ -151,7 +151,7 @@ def main() -> None:
         )
     result = {
         "benchmark": "8-bit host KV accuracy (scripts/kv8bit_accuracy.py)",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "device": platform.processor() or platform.machine(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
