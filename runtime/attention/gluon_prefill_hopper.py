@@ -278,7 +278,9 @@ def _consumer(
     gl.store(Lse + ltok * stride_lt + h, lse, mask=rows < q_len)
 
 
-@gluon.jit
+# the block-table width varies with the longest prompt in a batch; specialised (== 1, % 16) it
+# would compile up to three kernels of ~3 s each as prompt lengths vary
+@gluon.jit(do_not_specialize=["stride_bt"])
 def fa3_prefill_kernel(
     q_desc,
     k_desc,

@@ -264,7 +264,8 @@ def _attend_tma_pipelined(
     return acc, l_i, m_i
 
 
-@triton.jit
+# stride_bt unspecialised: the block-table width varies with the batch's longest prompt
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_tma_kernel(
     Q,
     k_desc,
