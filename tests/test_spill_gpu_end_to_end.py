@@ -59,11 +59,17 @@ def _run(path, attention, **kw):
     return out
 
 
+def _rows(out) -> torch.Tensor:
+    """``[tokens, vocab]``: the row each token was sampled from (``logits="sampled"`` returns
+    them concatenated, one vocab-long row after another)."""
+    return out.metrics["logits"].view(len(out.token_ids), -1)
+
+
 def _same_history(out, plain, mode: str) -> int:
     """How many leading greedy tokens ``out`` shares with ``plain``. A token may differ only
     where the two runs' logits for that row differ by at least half the plain run's top-2 margin
     (then rounding alone can flip the argmax, a near-tie); any other difference fails."""
-    a, b = out.metrics["logits"], plain.metrics["logits"]
+    a, b = _rows(out), _rows(plain)
     for i, (x, y) in enumerate(zip(out.token_ids, plain.token_ids)):
         if x != y:
             top2 = b[i].topk(2).values
@@ -86,8 +92,8 @@ def test_spill_on_gpu_equals_all_on_device(ckpt, attention):
         ckpt, attention, dtype="float32", kv_cache_tokens=8192, kv_host_tokens=0, spill="off"
     )
     plain = _run(ckpt, attention, kv_cache_tokens=8192, kv_host_tokens=0, spill="off")
-    ref_logits = ref.metrics["logits"]
-    plain_err = (plain.metrics["logits"] - ref_logits).abs().max().item()
+    ref_logits = _rows(ref)
+    plain_err = (_rows(plain) - ref_logits).abs().max().item()
     print(f"{attention}: plain bf16 err vs fp32 {plain_err:.3e}, logit range "
           f"{ref_logits.min().item():.2f}..{ref_logits.max().item():.2f}")  # fmt: skip
     for mode in ("stream", "cooperate"):
@@ -99,7 +105,7 @@ def test_spill_on_gpu_equals_all_on_device(ckpt, attention):
             assert set(kv["modes"]) <= {"none", "stream"}, kv["modes"]
         same = _same_history(out, plain, mode)
         # rows up to the first differing token share their history: their logits compare
-        err = (out.metrics["logits"][: same + 1] - ref_logits[: same + 1]).abs().max().item()
+        err = (_rows(out)[: same + 1] - ref_logits[: same + 1]).abs().max().item()
         print(f"{attention} {mode}: {same} of {NEW} tokens equal; err vs fp32 {err:.3e}, "
               f"plain bf16 err {plain_err:.3e}")  # fmt: skip
         assert err <= 2 * plain_err + ATOL
