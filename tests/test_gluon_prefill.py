@@ -138,3 +138,19 @@ def test_forced_where_it_cannot_run_says_why(monkeypatch):
         backend.prefill(q, cache, cache, meta, 128**-0.5)
     monkeypatch.setattr(triton_backend, "GLUON_BY_DEFAULT", True)
     assert not triton_backend.TritonBackend().use_gluon(q, cache, cache)
+
+
+@hopper
+def test_auto_takes_it_where_it_applies(monkeypatch):
+    """On sm_90, ``auto`` runs the Gluon kernel for bf16/fp16 at head dim 128 (the default since
+    it measured faster end to end) and the TMA or gather kernel elsewhere; same float64 rule."""
+    monkeypatch.delenv("TILERUN_PREFILL_PATH", raising=False)
+    backend = triton_backend.TritonBackend()
+    for d, dtype, want in [(128, torch.bfloat16, True), (128, torch.float16, True),
+                           (64, torch.bfloat16, False), (128, torch.float32, False)]:  # fmt: skip
+        meta, k_cache, v_cache = _paged([130], [130], HQ // 4, d, dtype, 16, 0, layout="runs")
+        q = torch.randn(130, HQ, d, device="cuda").to(dtype)
+        assert backend.use_gluon(q, k_cache, v_cache) is want
+        out, lse = backend.prefill(q, k_cache, v_cache, meta, d**-0.5)
+        torch.cuda.synchronize()
+        _check(out, lse, q, k_cache, v_cache, meta, d**-0.5)
