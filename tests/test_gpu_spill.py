@@ -5,8 +5,9 @@ blocks, swaps and staging on the copy stream, double-buffered per layer, and the
 ``cooperate`` overlapping the device kernel: stream equals the same backend over an all-device
 cache bit for bit (``efficient_cuda``, whose calls follow runs of blocks, and the triton default
 on sm_90, whose Gluon prefill kernel takes only consecutive pages, within twice their error; the
-TMA kernel, which sums as its gather fallback does, bit for bit again); cooperate (by every CPU method) and rounds are within twice the plain
-kernel's bf16 error of the float64 reference; 8-bit host blocks within their bound.
+TMA kernel, which sums as its gather fallback does, bit for bit again); cooperate (by every CPU
+method) and rounds are within twice the plain kernel's bf16 error of the float64 reference;
+8-bit host blocks within their bound.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def test_mixed_tables_on_gpu(case, backend_name, fraction, method):
     # efficient_cuda splits its calls at runs of consecutive blocks, and the Gluon prefill kernel
     # (the triton default on sm_90 at head dim 128) takes consecutive pages while scattered ones
     # go to the gather kernel: the same sums in another order, not the same bits
-    gluon = backend_name == "triton" and triton_backend.GLUON_BY_DEFAULT
-    gluon = gluon and torch.cuda.get_device_capability() == (9, 0)
+    gluon = (
+        backend_name == "triton"
+        and triton_backend.GLUON_BY_DEFAULT
+        and torch.cuda.get_device_capability() == (9, 0)
+    )
     bitwise = backend_name != "efficient_cuda" and not (gluon and case != "decode")
     for out, _, plain in results:
         assert torch.isfinite(out).all()

@@ -25,8 +25,8 @@ lent GPUs' torch 2.11) and 3.9 (which calls the TMA copy ``tma.async_load`` and 
 name, hence ``_tma_load``).
 
 Status: 168 registers, no spills, 160 KiB shared for sm_90a. On the H100 (2026-12-05) it passes
-``tests/test_gluon_prefill.py`` (float64 reference) and runs at 601 / 597 / 610 TFLOP/s at 16K /
-32K / 64K against cuDNN's 565 / 588 / 602 and the TMA kernel's 450 / 495 / 490
+``tests/test_gluon_prefill.py`` (float64 reference) and runs at 628 / 640 / 624 TFLOP/s at 16K /
+32K / 64K against cuDNN's 601 / 585 / 609 and the TMA kernel's 431 / 505 / 505
 (``scripts/bench_gluon_prefill.py``). The triton backend's default where it applies
 (``triton_backend.GLUON_BY_DEFAULT``) since the 7B shape's 32K prefill ran 1.10x the TMA kernel's
 end to end; ``TILERUN_PREFILL_PATH=hopper`` takes the TMA kernel instead.

@@ -36,8 +36,8 @@ except ImportError as e:  # triton missing: the registry reports this reason
 
 PREFILL_PATHS = ("auto", "hopper", "ampere", "gluon")
 # whether ``auto`` takes the Gluon kernel where it applies (sm_90, head dim 128, fp16/bf16): on
-# the H100 it prefills the 7B shape's 32K at 28,041 tok/s against the TMA kernel's 25,553 and
-# transformers' 23,263 (benchmarks/results/generate-7b-32k-prefill-*-nvidia-h100-80gb-hbm3.json)
+# the H100 it prefills the 7B shape's 32K at 28,078 tok/s against the TMA kernel's 25,357 and
+# transformers' 23,169 (benchmarks/results/generate-7b-32k-prefill-*-nvidia-h100-80gb-hbm3.json)
 GLUON_BY_DEFAULT = True
 
 
