@@ -20,9 +20,13 @@ from tests.interpreter import DEVICE, ON_GPU, guard, rerun
 
 # isort: split
 
+import triton
+import triton.language as tl
+
 from runtime.attention import (
     triton_backend,
     triton_decode,
+    triton_decode_hopper,
     triton_prefill,
     triton_prefill_hopper,
 )
@@ -354,8 +358,28 @@ def test_chunked_prefill(dtype, group):
     _run_prefill(qlens, slens, HQ // group, HEAD_DIMS[0], dtype, seed=7, path="ampere")
 
 
-def _run_decode(seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16, config=None):
-    meta, k_cache, v_cache = _paged([1] * len(seq_lens), seq_lens, hkv, d, dtype, block_size, seed)
+def _poison_unowned(meta, k_cache, v_cache):
+    """NaN in every cache row no sequence owns (the tails of last blocks, unused blocks): a
+    kernel that reads one without masking it shows as a non-finite output."""
+    page = k_cache.shape[1]
+    owned = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for b, slen in enumerate(meta.seq_lens_cpu):
+        for i, blk in enumerate(meta.block_tables[b, : -(-slen // page)].tolist()):
+            owned[blk, : min(page, slen - i * page)] = True
+    owned = owned.to(k_cache.device)
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
+
+
+def _run_decode(
+    seq_lens, hkv, d, dtype, num_splits=None, seed=0, block_size=16, config=None,
+    layout="shuffled", poison=False,
+):  # fmt: skip
+    meta, k_cache, v_cache = _paged(
+        [1] * len(seq_lens), seq_lens, hkv, d, dtype, block_size, seed, layout=layout
+    )
+    if poison:
+        _poison_unowned(meta, k_cache, v_cache)
     g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
     q = torch.randn(len(seq_lens), HQ, d, generator=g, device=DEVICE).to(dtype)
     scale = d**-0.5
@@ -393,8 +417,90 @@ def test_decode_heads_inner(num_splits):
     """The other launch order (the KV heads of one split side by side) covers the same programs:
     the same results against the reference, with one split and several."""
     base = triton_decode.default_decode_config(HEAD_DIMS[0], torch.bfloat16, torch.device(DEVICE))
-    cfg = dataclasses.replace(base, heads_inner=True)
+    cfg = dataclasses.replace(base, heads_inner=True, tma=False)  # the gather kernel's order
     _run_decode([5, 113, 400], HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits, config=cfg)
+
+
+def _tma_decode_config():
+    base = triton_decode.default_decode_config(HEAD_DIMS[0], torch.bfloat16, torch.device(DEVICE))
+    return dataclasses.replace(base, tma=True, heads_inner=False)
+
+
+TMA_DECODE_LENS = [5, 113, 400] if not ON_GPU else [5, 113, 400, 1023, 5000, 70000]
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("layout", ["runs", "mixed", "shuffled"])
+@pytest.mark.parametrize("num_splits", _fast([None, 1, 3], keep=3))
+def test_decode_tma_layouts(layout, num_splits):
+    """The TMA decode kernel: split programs whose pages run in consecutive blocks read boxes,
+    the others gather, in one launch. Rows no sequence owns are NaN, so a box whose rows past
+    the sequence were not masked would show."""
+    _run_decode(TMA_DECODE_LENS, HQ // 4, HEAD_DIMS[0], torch.bfloat16, num_splits,
+                config=_tma_decode_config(), layout=layout, poison=True)  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("block_size", _fast([8, 64], keep=8))
+def test_decode_tma_block_sizes(block_size):
+    """Pages smaller than the key tile (a box spans several) and larger (a box inside one)."""
+    _run_decode(TMA_DECODE_LENS, HQ // 8, HEAD_DIMS[0], torch.float16, 3, block_size=block_size,
+                config=_tma_decode_config(), layout="runs", poison=True)  # fmt: skip
+
+
+@triton.jit
+def _in_order_kernel(Ok, BlockTables, stride_bt, Lo, Hi, PAGE: tl.constexpr, NP: tl.constexpr):
+    b = tl.program_id(0)
+    table = BlockTables + b * stride_bt
+    ok = triton_decode_hopper._pages_in_order(table, tl.load(Lo + b), tl.load(Hi + b), PAGE, NP)
+    tl.store(Ok + b, ok.to(tl.int32))
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_decode_tma_in_order_check():
+    """Which split programs take TMA boxes: each 4-page tile their key range touches must be
+    consecutive blocks; other tiles of the sequence do not matter. Tables longer than one step
+    of the check (128 entries) are read in steps."""
+    page, np_ = 16, 4
+    long = list(range(1000, 1300))
+    broken = long[:257] + [7] + long[258:]  # page 257 is not a tile's first
+    cases = [  # (table, lo, hi, ok)
+        ([8, 9, 10, 11, 20, 21, 22, 23, 12, 13, 14, 15, 40], 0, 208, True),
+        ([8, 9, 10, 11, 20, 21, 22, 23, 12, 13, 14, 15, 40], 64, 128, True),
+        ([50, 51, 52, 54, 60, 61, 62, 63, 70], 0, 129, False),  # a gap in the first tile
+        ([50, 51, 52, 54, 60, 61, 62, 63, 70], 64, 129, True),  # ... outside this range
+        ([60, 61, 3], 0, 40, False),  # the ragged last tile counts
+        ([5], 0, 3, True),
+        (long, 0, 300 * page, True),
+        (broken, 0, 300 * page, False),
+        (broken, 0, 256 * page, True),
+        (broken, 256 * page, 300 * page, False),  # a range starting at the broken tile
+        (broken, 260 * page, 300 * page, True),  # ... or after it
+    ]
+    width = max(len(t) for t, *_ in cases)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t, *_ in cases], dtype=torch.int32)
+    lo = torch.tensor([c[1] for c in cases], dtype=torch.int32)
+    hi = torch.tensor([c[2] for c in cases], dtype=torch.int32)
+    tables, lo, hi = (x.to(DEVICE) for x in (tables, lo, hi))
+    ok = torch.empty(len(cases), dtype=torch.int32, device=DEVICE)
+    _in_order_kernel[(len(cases),)](ok, tables, tables.stride(0), lo, hi, PAGE=page, NP=np_)
+    assert ok.tolist() == [int(c[3]) for c in cases]
+
+
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_decode_tma_refuses_what_it_cannot_describe():
+    """A TMA config the caller chose raises naming why (the default config, chosen for sm_90
+    before the caches are seen, gathers instead) and cannot take the other launch order."""
+    meta, k_cache, v_cache = _paged([1], [40], HQ // 4, HEAD_DIMS[0], torch.bfloat16, 16)
+    q = torch.randn(1, HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    wide = torch.zeros(k_cache.shape[:-1] + (2 * HEAD_DIMS[0],), dtype=k_cache.dtype,
+                       device=DEVICE)  # fmt: skip
+    strided = wide[..., : HEAD_DIMS[0]]
+    args = (q, strided, v_cache, meta.seq_lens, meta.block_tables, 40, 0.1)
+    with pytest.raises(ValueError, match="DecodeConfig.tma: k cache is not"):
+        triton_decode.decode_attention(*args, config=_tma_decode_config())
+    with pytest.raises(ValueError, match="DecodeConfig.heads_inner"):
+        dataclasses.replace(_tma_decode_config(), heads_inner=True)
 
 
 def test_decode_split_waves(monkeypatch):
@@ -416,10 +522,18 @@ def test_decode_split_waves(monkeypatch):
     assert plan == {(1, 32768): 64, (1, 131072): 64, (4, 32768): 16, (16, 8192): 4,
                     (16, 32768): 4}  # fmt: skip
     # MHA (32 KV heads) with the same config: the sweep's best counts (within 0.5 %)
-    mha = triton_decode.default_decode_config(128, torch.bfloat16, cuda)
+    mha = triton_decode.DECODE_D128
     plan = {(b, s): triton_decode.split_plan(b, 32, s, cuda, mha)[1]
             for b, s in [(1, 8192), (1, 32768), (4, 32768), (16, 8192)]}  # fmt: skip
     assert plan == {(1, 8192): 16, (1, 32768): 16, (4, 32768): 4, (16, 8192): 2}
+    # the TMA default (sm_90): half the programs per SM, about 4K keys each at long contexts
+    # (the H100 sweep's best), and never one split per pair where the keys allow two
+    tma = triton_decode.DECODE_TMA_D128
+    plan = {(b, h, s): triton_decode.split_plan(b, h, s, cuda, tma)[1]
+            for b, h, s in [(1, 8, 131072), (4, 8, 32768), (16, 8, 8192), (16, 8, 131072),
+                            (16, 32, 8192), (16, 32, 100)]}  # fmt: skip
+    assert plan == {(1, 8, 131072): 33, (4, 8, 32768): 8, (16, 8, 8192): 2,
+                    (16, 8, 131072): 2, (16, 32, 8192): 2, (16, 32, 100): 1}  # fmt: skip
 
 
 def test_sm90_gather_kernel_takes_the_tma_kernels_tiles(monkeypatch):

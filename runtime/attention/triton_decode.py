@@ -48,6 +48,19 @@ class DecodeConfig:
     # heads of one (split, sequence) side by side, so that programs resident together read
     # neighbouring 256-byte pieces of the same cache rows (a page's tokens are Hkv * D wide)
     heads_inner: bool = False
+    # sm_90: a split program whose pages run in consecutive blocks reads its key tiles as TMA
+    # boxes (triton_decode_hopper), one whose pages do not gathers them; launches splits outer
+    tma: bool = False
+    # fewest splits per (sequence, KV head) where the keys allow: one split program per pair ran
+    # the TMA kernel 7 % slower than two for 16 sequences x 32 KV heads at 8K on an H100
+    min_splits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tma and self.heads_inner:
+            raise ValueError(
+                "DecodeConfig.heads_inner: the TMA kernel launches splits outer; "
+                "set heads_inner=False or tma=False"
+            )
 
 
 # bf16/fp16, head dim <= 128. The H100 sweep of 2026-11-25 19:50 (scripts/bench_attention.py)
@@ -67,6 +80,25 @@ DECODE_D128 = DecodeConfig(
 )
 
 
+# sm_90, float16/bfloat16, head dim 64 or 128: TMA key tiles where a split program's pages run in
+# order (triton_decode_hopper), with half the split programs per SM (about 4K keys each at long
+# contexts). H100, 2026-12-05, CUDA graphs, in-order pages, the memory SDPA flash reads
+# (attention-decode-tma-sweep-nvidia-h100-80gb-hbm3.json): 8 KV heads at batch 16, 1.006 / 1.014 /
+# 1.011x SDPA flash at 8K / 32K / 128K where the gather default (DECODE_D128) reached 0.982 /
+# 0.986 / 0.990x; 2K-key programs (4 per SM) ran the TMA kernel 6-9 % slower. Shuffled pages are
+# gathered, with this plan 1-2 % slower than with the gather default's.
+DECODE_TMA_D128 = DecodeConfig(
+    block_n=64,
+    num_warps=4,
+    num_stages=3,
+    programs_per_sm=2,
+    min_chunk=256,
+    resident_per_sm=2,
+    tma=True,
+    min_splits=2,
+)
+
+
 def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
     """Chosen by scripts/bench_attention.py's sweeps (above), the same for MHA and GQA caches;
     small tiles in the interpreter."""
@@ -76,7 +108,18 @@ def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.devic
         return DecodeConfig(
             block_n=32, num_warps=4, num_stages=2, programs_per_sm=8, min_chunk=1024
         )
+    if head_dim in (64, 128) and _has_tma(device.index):
+        return DECODE_TMA_D128
     return DECODE_D128
+
+
+@functools.cache
+def _has_tma(index: int | None) -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -103,7 +146,7 @@ def choose_num_splits(
     splits = max(1, min(want, by_len, 256))
     if cfg.resident_per_sm > 0 and splits > 1:
         splits = _fullest_waves(splits, pairs, sms * cfg.resident_per_sm)
-    return splits
+    return max(splits, min(cfg.min_splits, by_len))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -177,22 +220,68 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + chunk, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
     # load the group's queries: they stay on chip for the whole key loop
     q_ptrs = Q + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-
     table = BlockTables + b.to(tl.int64) * stride_bt
-    k_base = K + kvh * stride_kh
-    v_base = V + kvh * stride_vh
+    acc, l_i, m_i = _attend_gather(
+        acc, l_i, m_i, q, table, K + kvh * stride_kh, V + kvh * stride_vh, lo, hi, qk_scale,
+        stride_kb, stride_kt, stride_vb, stride_vt,
+        HEAD_DIM, BLOCK_D, PAGE, BLOCK_N, DOT_MODE, PAGED_TABLE,
+    )  # fmt: skip
+    _store_split(
+        acc, l_i, m_i, heads, g_mask, b, s, Out, Lse, PartOut, PartLse,
+        stride_ot, stride_oh, stride_lt, stride_pb, stride_ph, stride_ps,
+        HEAD_DIM, BLOCK_D, SINGLE, DOT_MODE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_MODE: tl.constexpr):
+    """One key tile of the online softmax, log2 domain; ``qk`` holds -inf where keys are masked."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _mma(_cast(p, v.dtype, DOT_MODE), v, acc, DOT_MODE)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attend_gather(
+    acc,
+    l_i,
+    m_i,
+    q,
+    table,
+    k_base,
+    v_base,
+    lo,
+    hi,
+    qk_scale,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+    PAGED_TABLE: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` of one KV head, each tile's rows gathered by pointer from its pages."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         pos = start_n + offs_n
         n_mask = pos < hi
@@ -212,14 +301,38 @@ def _decode_split_kernel(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         qk = _mma(q, tl.trans(k), None, DOT_MODE)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = _mma(_cast(p, v.dtype, DOT_MODE), v, acc, DOT_MODE)
-        m_i = m_new
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_MODE)
+    return acc, l_i, m_i
 
+
+@triton.jit
+def _store_split(
+    acc,
+    l_i,
+    m_i,
+    heads,
+    g_mask,
+    b,
+    s,
+    Out,
+    Lse,
+    PartOut,
+    PartLse,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    """The group's result: final (one split) or partial, with its log-sum-exp (log2 domain for
+    the combine kernel)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     out = acc / l_i[:, None]
     lse2 = m_i + tl.math.log2(l_i)  # log2 domain
     if SINGLE:
@@ -320,6 +433,52 @@ def split_plan(
     return chunk, _cdiv(n, chunk)
 
 
+def _launch_split(
+    q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables, chunk_buffer,
+    qk_scale, chunk, num_splits, cfg, single, from_ptr, stride_pb, stride_ph,
+) -> None:  # fmt: skip
+    """The gather split kernel over the grid of ``cfg``'s launch order."""
+    B, hq, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    group = hq // hkv
+    block_d = max(16, triton.next_power_of_2(d))
+    grid = (hkv, num_splits, B) if cfg.heads_inner else (num_splits, hkv, B)
+    _decode_split_kernel[grid](
+        q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables, chunk_buffer,
+        qk_scale, chunk,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),
+        stride_pb, stride_ph, 1,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        PAGE=page,
+        BLOCK_N=cfg.block_n,
+        SINGLE=single,
+        DOT_MODE=dot_mode(q.dtype, q.device),
+        CHUNK_FROM_PTR=from_ptr,
+        # whole power-of-two pages per tile (tiles start at multiples of BLOCK_N: chunk is one)
+        PAGED_TABLE=cfg.block_n % page == 0 and page & (page - 1) == 0,
+        HEADS_INNER=cfg.heads_inner,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _tma_applies(q, k_cache, v_cache, cfg: DecodeConfig, explicit: bool) -> bool:
+    """Whether ``cfg.tma`` can take the TMA kernel here; a config the caller passed that cannot
+    raises naming why, the default falls back to the gather kernel (same split plan)."""
+    from runtime.attention import triton_decode_hopper
+
+    reason = triton_decode_hopper.unsupported_reason(q, k_cache, v_cache, cfg.block_n)
+    if reason is not None and explicit:
+        raise ValueError(f"DecodeConfig.tma: {reason}; use tma=False")
+    return reason is None
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -344,7 +503,7 @@ def decode_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     B, hq, d = q.shape
-    _, page, hkv, _ = k_cache.shape
+    hkv = k_cache.shape[2]
     if seq_lens.shape[0] != B:
         raise ValueError(
             f"decode needs one query per sequence: {B} queries, {seq_lens.shape[0]} seqs"
@@ -354,7 +513,6 @@ def decode_attention(
     if B == 0:
         return out, lse
     cfg = config or default_decode_config(d, q.dtype, q.device)
-    group = hq // hkv
     block_d = max(16, triton.next_power_of_2(d))
     chunk, num_splits = split_plan(B, hkv, max_seq_len, q.device, cfg, num_splits)
     from_ptr = chunk_buffer is not None
@@ -372,30 +530,19 @@ def decode_attention(
         part_out = torch.empty(B, hq, num_splits, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, hq, num_splits, dtype=torch.float32, device=q.device)
         stride_pb, stride_ph = part_lse.stride(0), part_lse.stride(1)
-    grid = (hkv, num_splits, B) if cfg.heads_inner else (num_splits, hkv, B)
-    _decode_split_kernel[grid](
-        q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables, chunk_buffer,
-        scale * LOG2E, chunk,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), lse.stride(0), block_tables.stride(0),
-        stride_pb, stride_ph, 1,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        PAGE=page,
-        BLOCK_N=cfg.block_n,
-        SINGLE=single,
-        DOT_MODE=dot_mode(q.dtype, q.device),
-        CHUNK_FROM_PTR=from_ptr,
-        # whole power-of-two pages per tile (tiles start at multiples of BLOCK_N: chunk is one)
-        PAGED_TABLE=cfg.block_n % page == 0 and page & (page - 1) == 0,
-        HEADS_INNER=cfg.heads_inner,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )  # fmt: skip
+    if cfg.tma and _tma_applies(q, k_cache, v_cache, cfg, explicit=config is not None):
+        from runtime.attention import triton_decode_hopper
+
+        triton_decode_hopper.launch_split_tma(
+            q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables,
+            chunk_buffer, scale * LOG2E, chunk, num_splits, cfg, single, from_ptr,
+        )  # fmt: skip
+    else:
+        _launch_split(
+            q, k_cache, v_cache, out, lse, part_out, part_lse, seq_lens, block_tables,
+            chunk_buffer, scale * LOG2E, chunk, num_splits, cfg, single, from_ptr,
+            stride_pb, stride_ph,
+        )  # fmt: skip
     if not single:
         splits_pad = min(128, max(2, triton.next_power_of_2(num_splits)))
         _decode_combine_kernel[(B, hq)](
@@ -414,6 +561,8 @@ def decode_attention(
 
 
 __all__ = [
+    "DECODE_D128",
+    "DECODE_TMA_D128",
     "DecodeConfig",
     "choose_num_splits",
     "decode_attention",
