@@ -448,6 +448,37 @@ def test_decode_tma_block_sizes(block_size):
                 config=_tma_decode_config(), layout="runs", poison=True)  # fmt: skip
 
 
+@pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
+def test_decode_default_takes_tma_when_captured(monkeypatch):
+    """Where the default config asks for TMA tiles (sm_90), an eager call gathers with the gather
+    default's plan (TMA launches cost host time) and a captured one (``chunk_buffer``) takes the
+    TMA kernel; both against float64."""
+    tma = _tma_decode_config()
+    monkeypatch.setattr(triton_decode, "default_decode_config", lambda *_: tma)
+    calls = []
+    real_tma, real_gather = triton_decode_hopper.launch_split_tma, triton_decode._launch_split
+    monkeypatch.setattr(
+        triton_decode_hopper, "launch_split_tma", lambda *a: (calls.append("tma"), real_tma(*a))
+    )
+    monkeypatch.setattr(
+        triton_decode, "_launch_split", lambda *a: (calls.append(a[13]), real_gather(*a))
+    )
+    lens = [5, 113, 400]
+    meta, k_cache, v_cache = _paged([1] * 3, lens, HQ // 4, HEAD_DIMS[0], torch.bfloat16,
+                                    layout="runs")  # fmt: skip
+    q = torch.randn(3, HQ, HEAD_DIMS[0], device=DEVICE).to(torch.bfloat16)
+    args = (q, k_cache, v_cache, meta.seq_lens, meta.block_tables)
+    out, lse = triton_decode.decode_attention(*args, max(lens), 0.1)
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
+    assert calls == [triton_decode.DECODE_D128]
+    capacity = 1024  # the grid a graph froze; the chunk fits the step's real lengths
+    chunk = triton_decode.split_plan(3, HQ // 4, max(lens), q.device, tma)[0]
+    buf = torch.tensor([chunk], dtype=torch.int32, device=DEVICE)
+    out, lse = triton_decode.decode_attention(*args, capacity, 0.1, chunk_buffer=buf)
+    _check(out, lse, q, k_cache, v_cache, meta, 0.1)
+    assert calls[1:] == ["tma"]
+
+
 @triton.jit
 def _in_order_kernel(Ok, BlockTables, stride_bt, Lo, Hi, PAGE: tl.constexpr, NP: tl.constexpr):
     b = tl.program_id(0)

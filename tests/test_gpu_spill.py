@@ -5,9 +5,8 @@ blocks, swaps and staging on the copy stream, double-buffered per layer, and the
 ``cooperate`` overlapping the device kernel: stream equals the same backend over an all-device
 cache bit for bit (``efficient_cuda``, whose calls follow runs of blocks, and the triton default
 on sm_90, whose Gluon prefill kernel takes only consecutive pages, within twice their error; the
-TMA kernel, which sums as its gather fallback does, bit for bit again; so does decode, whose
-TMA kernel on sm_90 reads the in-order side by TMA boxes and gathers the staged side); cooperate
-(by every CPU method) and rounds are within twice the plain kernel's bf16 error of the float64 reference;
+TMA kernel, which sums as its gather fallback does, bit for bit again); cooperate (by every CPU
+method) and rounds are within twice the plain kernel's bf16 error of the float64 reference;
 8-bit host blocks within their bound.
 """
 

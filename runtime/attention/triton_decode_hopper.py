@@ -11,6 +11,10 @@ in consecutive blocks it takes the TMA loop, else the gather loop of ``triton_de
 manager's in-order free list gives a fresh sequence consecutive blocks, so the TMA loop is the
 common case and the contract (blocks anywhere, any order) holds either way, in one launch.
 
+The default config takes this kernel only in captured steps (``chunk_buffer`` given): an eager
+launch with TMA descriptors costs more host time than the gather kernel's (see
+``triton_decode.decode_attention``).
+
 Measured on an H100 (2026-12-05, batch 16, 8 KV heads, in-order pages, CUDA graphs;
 ``benchmarks/results/attention-decode-tma-nvidia-h100-80gb-hbm3.json``): two splits per (sequence,
 KV head) of 64-key boxes read K/V at 2.80 / 3.04 / 3.12 TB/s at 8K / 32K / 128K keys, where the
