@@ -450,9 +450,9 @@ def test_decode_tma_block_sizes(block_size):
 
 @pytest.mark.skipif(not HAS_HOPPER, reason="the TMA kernel needs compute capability 9.0+")
 def test_decode_default_takes_tma_when_captured(monkeypatch):
-    """Where the default config asks for TMA tiles (sm_90), an eager call gathers with the gather
-    default's plan (TMA launches cost host time) and a captured one (``chunk_buffer``) takes the
-    TMA kernel; both against float64."""
+    """Where the default config asks for TMA tiles (sm_90), an eager call gathers (TMA launches
+    cost host time) with the same split plan and a captured one (``chunk_buffer``) takes the TMA
+    kernel; both against float64."""
     tma = _tma_decode_config()
     monkeypatch.setattr(triton_decode, "default_decode_config", lambda *_: tma)
     calls = []
@@ -470,7 +470,7 @@ def test_decode_default_takes_tma_when_captured(monkeypatch):
     args = (q, k_cache, v_cache, meta.seq_lens, meta.block_tables)
     out, lse = triton_decode.decode_attention(*args, max(lens), 0.1)
     _check(out, lse, q, k_cache, v_cache, meta, 0.1)
-    assert calls == [triton_decode.DECODE_D128]
+    assert calls == [dataclasses.replace(tma, tma=False)]  # the same split plan
     capacity = 1024  # the grid a graph froze; the chunk fits the step's real lengths
     chunk = triton_decode.split_plan(3, HQ // 4, max(lens), q.device, tma)[0]
     buf = torch.tensor([chunk], dtype=torch.int32, device=DEVICE)

@@ -20,6 +20,7 @@ keys (a sequence with no keys gets zeros and ``lse = -inf``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.devic
     if head_dim in (64, 128) and _has_tma(device.index):
         return DECODE_TMA_D128
     return DECODE_D128
+
+
+@functools.cache
+def _gather_twin(cfg: DecodeConfig) -> DecodeConfig:
+    return dataclasses.replace(cfg, tma=False)
 
 
 @functools.cache
@@ -516,9 +522,10 @@ def decode_attention(
     if config is None and cfg.tma and chunk_buffer is None:
         # an eager call of the default: launching with TMA descriptors cost more host time (H100,
         # batch 1 at 8K with 8 KV heads: 174 us a call against 44 for the gather kernel, the same
-        # 27 us replayed), so eager steps gather with their own plan; captured steps (graph
-        # replays, which have no host time) take the TMA kernel
-        cfg = DECODE_D128
+        # 27 us replayed), so eager steps gather; captured steps (graph replays, which have no
+        # host time) take the TMA kernel. Same split plan: the TMA loop and the gather loop sum
+        # alike, so an eager step gives a replayed one's bits
+        cfg = _gather_twin(cfg)
     block_d = max(16, triton.next_power_of_2(d))
     chunk, num_splits = split_plan(B, hkv, max_seq_len, q.device, cfg, num_splits)
     from_ptr = chunk_buffer is not None
