@@ -483,7 +483,10 @@ def test_decode_default_takes_tma_when_captured(monkeypatch):
 def _in_order_kernel(Ok, BlockTables, stride_bt, Lo, Hi, PAGE: tl.constexpr, NP: tl.constexpr):
     b = tl.program_id(0)
     table = BlockTables + b * stride_bt
-    ok = triton_decode_hopper._pages_in_order(table, tl.load(Lo + b), tl.load(Hi + b), PAGE, NP)
+    lo, hi = tl.load(Lo + b), tl.load(Hi + b)
+    ok = triton_decode_hopper._pages_in_order(
+        table, lo, hi, PAGE, NP, triton_decode_hopper.TABLE_SPAN
+    )
     tl.store(Ok + b, ok.to(tl.int32))
 
 

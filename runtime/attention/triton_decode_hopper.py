@@ -33,7 +33,12 @@ import triton.language as tl
 
 from runtime.attention.triton_decode import _attend_gather, _online_update, _store_split
 from runtime.attention.triton_prefill import _mma, dot_mode
-from runtime.attention.triton_prefill_hopper import _cache_desc, cache_layout_reason
+from runtime.attention.triton_prefill_hopper import (
+    _cache_desc,
+    _pages_in_order,
+    _tile_row,
+    cache_layout_reason,
+)
 
 try:  # Triton >= 3.3: host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -64,24 +69,6 @@ def unsupported_reason(
 
 
 @triton.jit
-def _pages_in_order(table, lo, hi, PAGE: tl.constexpr, NP: tl.constexpr):
-    """Whether each tile of ``NP`` pages (tiles start at multiples of ``NP * PAGE`` keys) that
-    keys ``[lo, hi)`` touch lies in consecutive cache blocks."""
-    bad = tl.zeros([TABLE_SPAN], dtype=tl.int32)
-    if NP > 1:
-        last = tl.cdiv(hi, PAGE)
-        offs = tl.arange(0, TABLE_SPAN)
-        for j0 in range(lo // PAGE, last, TABLE_SPAN):
-            j = j0 + offs
-            # a page that does not start a tile must follow the page before it
-            m = (j < last) & (j % NP != 0)
-            cur = tl.load(table + j, mask=m, other=0)
-            prev = tl.load(table + j - 1, mask=m, other=-1)
-            bad += (cur != prev + 1).to(tl.int32)
-    return tl.sum(bad, 0) == 0
-
-
-@triton.jit
 def _attend_tma(
     acc,
     l_i,
@@ -102,14 +89,14 @@ def _attend_tma(
     tiles unmasked, then the ragged last one masked."""
     full = lo + (hi - lo) // BLOCK_N * BLOCK_N
     for start_n in range(lo, full, BLOCK_N):
-        row = tl.load(table + start_n // PAGE) * PAGE + start_n % PAGE
+        row = _tile_row(table, start_n, 0, PAGE, True)
         k = k_desc.load([row, col])
         v = v_desc.load([row, col])
         qk = _mma(q, k.T, None, DOT_MODE)
         acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_MODE)
     if full < hi:
         pos = full + tl.arange(0, BLOCK_N)
-        row = tl.load(table + full // PAGE) * PAGE + full % PAGE
+        row = _tile_row(table, full, 0, PAGE, True)
         k = k_desc.load([row, col])
         # p is 0 past hi, but 0 * NaN from a stale row would not be
         v = v_desc.load([row, col])
@@ -181,7 +168,7 @@ def _decode_split_tma_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     table = BlockTables + b.to(tl.int64) * stride_bt
-    if _pages_in_order(table, lo, hi, PAGE, BLOCK_N // PAGE):
+    if _pages_in_order(table, lo, hi, PAGE, BLOCK_N // PAGE, TABLE_SPAN):
         acc, l_i, m_i = _attend_tma(
             acc, l_i, m_i, q, table, k_desc, v_desc, kvh * HEAD_DIM, lo, hi, qk_scale,
             PAGE, BLOCK_N, DOT_MODE,

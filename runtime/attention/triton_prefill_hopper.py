@@ -138,17 +138,27 @@ def _runs_kernel(Ok, SeqLens, BlockTables, stride_bt, PAGE: tl.constexpr, NP: tl
                  BLOCK: tl.constexpr):  # fmt: skip
     """Ok[b] = 1 when each aligned run of NP pages of sequence b holds consecutive blocks."""
     b = tl.program_id(0)
-    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE)
     table = BlockTables + b.to(tl.int64) * stride_bt
-    offs = tl.arange(0, BLOCK)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for j0 in range(0, n_pages, BLOCK):
-        j = j0 + offs
-        m = j < n_pages
-        blk = tl.load(table + j, mask=m, other=0)
-        first = tl.load(table + (j // NP) * NP, mask=m, other=0)
-        bad += (m & (blk != first + j % NP)).to(tl.int32)
-    tl.store(Ok + b, (tl.sum(bad, 0) == 0).to(tl.int32))
+    ok = _pages_in_order(table, 0, tl.load(SeqLens + b), PAGE, NP, BLOCK)
+    tl.store(Ok + b, ok.to(tl.int32))
+
+
+@triton.jit
+def _pages_in_order(table, lo, hi, PAGE: tl.constexpr, NP: tl.constexpr, SPAN: tl.constexpr):
+    """Whether each tile of ``NP`` pages (tiles start at multiples of ``NP * PAGE`` keys) that
+    keys ``[lo, hi)`` touch lies in consecutive cache blocks; reads ``SPAN`` entries a step."""
+    bad = tl.zeros([SPAN], dtype=tl.int32)
+    if NP > 1:
+        last = tl.cdiv(hi, PAGE)
+        offs = tl.arange(0, SPAN)
+        for j0 in range(lo // PAGE, last, SPAN):
+            j = j0 + offs
+            # a page that does not start a tile must follow the page before it
+            m = (j < last) & (j % NP != 0)
+            cur = tl.load(table + j, mask=m, other=0)
+            prev = tl.load(table + j - 1, mask=m, other=-1)
+            bad += (cur != prev + 1).to(tl.int32)
+    return tl.sum(bad, 0) == 0
 
 
 @triton.jit
