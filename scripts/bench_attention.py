@@ -849,12 +849,16 @@ def kernel_info() -> list[dict]:
 
 
 def main() -> None:
+    global PAGE  # --page-size sets the KV block size every case builds its cache with
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/...)")
     ap.add_argument("--no-sweep", action="store_true", help="use the default configs")
     ap.add_argument("--prefill-seqs", default="1024,4096,16384,32768,65536")
     ap.add_argument("--decode-seqs", default="8192,131072,262144")
     ap.add_argument("--decode-batches", default="1,16")
+    ap.add_argument(
+        "--page-size", type=int, default=PAGE, help="KV block size in tokens (tilerun's default 16)"
+    )
     ap.add_argument("--no-hopper", action="store_true", help="skip the Hopper TMA kernel")
     ap.add_argument(
         "--no-gather-sweep", action="store_true", help="default config for the gather kernel"
@@ -882,6 +886,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    PAGE = args.page_size
     dev_name = torch.cuda.get_device_name()
     slug = "-".join(dev_name.lower().replace("/", " ").split())
     default = f"attention-portable-{slug}" if args.portable_only else f"attention-{slug}"
