@@ -33,6 +33,7 @@ from runtime.parallel import ParallelState
 from runtime.piecewise_graphs import PiecewiseDecodeGraphs
 from runtime.sampling import make_generator, sample
 from runtime.spill_step import SpillStep, host_blocks_of
+from runtime.spill_tuner import SpillTuner, step_kind
 from runtime.worker_config import WorkerConfig
 from scheduler import spill_cost
 from scheduler.batch import ScheduledBatch, SeqChunk
@@ -136,6 +137,9 @@ class Worker:
         self.tables = TableStore()  # block tables of live sequences (batches carry deltas)
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
         self.spill_rates: spill_cost.SpillRates | None = None  # at the first host-tier step
+        # under --spill auto, measured step times overrule the model's cooperate picks
+        self.spill_tuner = SpillTuner()
+        self._spill_timed: tuple[tuple, str] | None = None  # (kind, mode) of the step running
         # torch threads for the CPU part of cooperative attention (None: the process's setting;
         # an accelerator worker takes the node's cores shared by its ranks, see init_device)
         self.cpu_threads: int | None = None
@@ -649,7 +653,10 @@ class Worker:
         if spill is None and all(len(c.token_ids) == 1 for c in chunks):
             all_logits = self.decode_graphs.run(chunks, self._fill_pending)  # None: eager
         if all_logits is None:
-            hidden, figures = self._forward(chunks, spill)
+            t_forward = time.perf_counter()
+            hidden, figures = self._forward(chunks, spill)  # a spill step ends synchronised
+            if self._spill_timed is not None:
+                self.spill_tuner.record(*self._spill_timed, time.perf_counter() - t_forward)
             # every rank runs the LM head (it is vocabulary-parallel) and samples
             if logits == "all":
                 all_logits = self.model.compute_logits(hidden)
@@ -754,6 +761,7 @@ class Worker:
     def _spill_step(self, batch: ScheduledBatch) -> SpillStep | None:
         """The step's movement and mixed-table plan, or None for an all-device step."""
         swaps = batch.swaps
+        self._spill_timed = None
         if self.kv is None or (not swaps and not self.kv.host_blocks):
             return None
         bs = self.limits.block_size
@@ -772,10 +780,17 @@ class Worker:
         if n_host:
             self.ensure_spill_rates()
             forced = self._spill_option("spill", "auto")
-            if self.kv.device.type == "cpu" and forced == "auto":
-                forced = "stream"  # the "host" is the same memory: nothing to gain from a split
+            if forced == "auto" and not self._auto_may_cooperate():
+                forced = "stream"
             shape = self._step_shape(batch)
             choice = spill_cost.choose(shape, self.spill_rates, forced)
+            if forced == "auto" and choice.mode == "cooperate":  # see runtime.spill_tuner
+                decode = all(len(c.token_ids) == 1 for c in batch.chunks)
+                kind = step_kind(len(batch.chunks), decode, n_host)
+                mode = self.spill_tuner.pick(kind, choice.mode)
+                self._spill_timed = (kind, mode)
+                if mode == "stream":
+                    choice = spill_cost.choose(shape, self.spill_rates, "stream")
             fraction, min_blocks = choice.cpu_fraction, choice.cpu_min_blocks
         return SpillStep(
             self.kv,
@@ -786,6 +801,11 @@ class Worker:
             cpu_threads=self.cpu_threads,
             cpu_method=self.cpu_method,
         )
+
+    def _auto_may_cooperate(self) -> bool:
+        """Whether ``--spill auto`` may let the CPU attend: not where the device is the CPU (the
+        "host" tier is the same memory, so a split gains nothing)."""
+        return self.kv.device.type != "cpu"
 
     def _step_shape(self, batch: ScheduledBatch) -> spill_cost.StepShape:
         """One layer's attention work of the step, split by tier, for the cost model."""

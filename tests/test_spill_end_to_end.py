@@ -108,6 +108,37 @@ def test_spilled_run_equals_all_on_device(ckpt, reference, mode):
 
 
 @pytest.mark.slow
+def test_auto_times_its_cooperate_picks_and_keeps_the_tokens(ckpt, reference, monkeypatch):
+    """Where the cost model picks cooperate under ``auto`` (forced here: on a CPU device auto
+    always streams), the worker alternates cooperate and stream steps until it has timed both
+    (``runtime.spill_tuner``), then runs the faster: the same tokens and logits either way."""
+    from runtime.worker import Worker
+    from scheduler import spill_cost
+
+    real = spill_cost.choose
+
+    def model_says_cooperate(shape, rates, forced="auto"):
+        if forced == "auto" and shape.host_bytes:
+            return spill_cost.SpillChoice("cooperate", 0.5, 1e-3)
+        return real(shape, rates, forced)
+
+    monkeypatch.setattr(spill_cost, "choose", model_says_cooperate)
+    monkeypatch.setattr(Worker, "_auto_may_cooperate", lambda self: True)
+    path, _ = ckpt
+    prompts, ref = reference
+    with _llm(path, **SPILL, spill="auto") as llm:
+        out = _gen(llm, [prompts[0]])[0]
+        timed = llm.engine.executor.worker.spill_tuner.summary()
+    assert out.token_ids == ref[0].token_ids
+    err = (out.metrics["logits"] - ref[0].metrics["logits"]).abs().max().item()
+    assert err < LOGIT_ATOL, f"max |logit diff| {err}"
+    decode = [t for kind, t in timed.items() if ", True," in kind]
+    assert decode and all(set(t) == {"cooperate", "stream"} for t in decode), timed
+    modes = out.metrics["kv"]["modes"]
+    assert modes.get("cooperate", 0) > 0 and modes.get("stream", 0) > 0, modes
+
+
+@pytest.mark.slow
 def test_batched_requests_with_spill_equal_each_alone(ckpt, reference):
     path, _ = ckpt
     prompts, ref = reference
