@@ -239,19 +239,37 @@ class KVCache:
         d = self.num_blocks
         return _runs([(h - d, i) for i, h in enumerate(host_ids)], src_chunk=self.host.chunk_blocks)
 
+    def staging_runs(self, ids: list[int]) -> list[tuple[int, int, int]]:
+        """``host_runs`` of the host blocks among ``ids`` (global ids in slot order), each run
+        at its own slots; the device blocks among them are ``stage_device``'s."""
+        d = self.num_blocks
+        pairs = [(h - d, i) for i, h in enumerate(ids) if h >= d]
+        return _runs(pairs, src_chunk=self.host.chunk_blocks)
+
     def stage(self, layer: int, host_ids: list[int], runs=None, slot0: int = 0) -> int:
         """Copy host blocks (global ids) into slots ``slot0..`` of this layer's staging buffer
-        (``runs``: ``host_runs(host_ids)``, made once); returns the bytes moved."""
+        (``runs``: ``host_runs(host_ids)``, or ``staging_runs`` of a list that also holds
+        device blocks, made once); returns the bytes moved."""
         if slot0 + len(host_ids) > self.staging_blocks:
             raise ValueError(
                 f"{len(host_ids)} blocks from slot {slot0} exceed the staging area of "
                 f"{self.staging_blocks}"
             )
         base = self.num_layers * self.num_blocks + (layer % 2) * self.staging_blocks + slot0
-        for s, t, n in runs if runs is not None else self.host_runs(host_ids):
+        runs = runs if runs is not None else self.host_runs(host_ids)
+        for s, t, n in runs:
             self._from_host(layer, s, self.k_all[base + t : base + t + n], 0)
             self._from_host(layer, s, self.v_all[base + t : base + t + n], 1)
-        return len(host_ids) * self.host_layer_block_bytes
+        return sum(n for _, _, n in runs) * self.host_layer_block_bytes
+
+    def stage_device(self, layer: int, slots: torch.Tensor, ids: torch.Tensor) -> None:
+        """Copy this layer's device blocks ``ids`` into slots ``slots`` of its staging buffer
+        (both int64 on the device): device blocks that share a key tile with staged host
+        blocks, so that the tile reads as consecutive rows (``runtime.spill_step``)."""
+        base = self.num_layers * self.num_blocks + (layer % 2) * self.staging_blocks
+        for kind, pool in enumerate(self.layers[layer]):
+            dst = self.k_all if kind == 0 else self.v_all
+            dst.index_copy_(0, slots + base, pool.index_select(0, ids))
 
     def host_kv(
         self, layer: int, host_ids: list[int], runs=None

@@ -7,7 +7,11 @@ which is what makes both ways of attending over them exact:
 * **stream**: the host blocks a layer reads are copied into the layer's staging buffer (two
   buffers, alternating by layer, so layer ``l+1``'s copies run on the copy stream while layer
   ``l`` computes), and the host ids in the table are replaced by staging rows of the layer's
-  window: one kernel call of any backend over the whole sequence, nothing to merge.
+  window: one kernel call of any backend over the whole sequence, nothing to merge. The
+  device blocks that share a ``TILE_KEYS`` key tile with staged ones (the sink block before the
+  host range, the first blocks after it) are staged too, in table order, when they are full,
+  before the step's queries and the buffer has room: every tile is then consecutive rows, the
+  condition of the TMA kernels, which otherwise gather the whole sequence.
   When the distinct host blocks of a step exceed one staging buffer, the first ``S`` go that way
   and the rest stream in *rounds*, still on the device: each round copies a batch of host blocks
   into half of the layer's buffer (the other half fills meanwhile) and attends over them as a
@@ -38,6 +42,10 @@ from runtime.attention.merge import merge_attention_states
 from runtime.attention.partial import host_attention, visible_attention
 from runtime.device import torch_threads
 from runtime.kv_cache import KVCache
+
+# the longest key tile the TMA kernels read as one box (Hopper prefill and decode; the shorter
+# ones divide it): a box must be consecutive rows of the cache, so staging fills tiles to this
+TILE_KEYS = 128
 
 
 class SpillInvariantError(ValueError):
@@ -91,6 +99,7 @@ class SpillStep:
         self.seq_lens: list[int] = []
         self.cpu_ids: list[list[int]] = []  # per sequence: host ids attended on the CPU
         streamed: list[list[int]] = []
+        starts: list[int] = []
         for c in chunks:
             used = list(c.block_table[: -(-c.seq_len // bs)])
             hosts = []
@@ -112,10 +121,22 @@ class SpillStep:
             streamed.append(hosts[k:])
             self.seq_lens.append(c.seq_len)
             self.tables.append(used)
+            starts.append(c.start_pos)
         # one staging slot per distinct streamed block; beyond one buffer, rounds of half a
         # buffer each (alternating halves, so a round's copy overlaps the previous round)
         ordered = list(dict.fromkeys(b for ids in streamed for b in ids))
         s_blocks = kv.staging_blocks
+        fill = self._tile_fill(starts, streamed, d, bs)
+        if not any(fill) or len(ordered) + sum(len(f) for f in fill) > s_blocks:
+            fill = [set() for _ in streamed]  # nothing to fill, or no room: tiles stay as they are
+        else:
+            # the device blocks sharing a key tile with staged ones are staged too, in table
+            # order: every tile of the table is then consecutive rows, which the TMA kernels read
+            staged_ids = []
+            for used, ids, f in zip(self.tables, streamed, fill):
+                take = f | set(ids)
+                staged_ids.append([b for b in used if b in take])
+            ordered = list(dict.fromkeys(b for ids in staged_ids for b in ids))
         slots = {b: i for i, b in enumerate(ordered[:s_blocks])}
         rest = ordered[s_blocks:]
         half = max(1, s_blocks // 2)
@@ -136,26 +157,52 @@ class SpillStep:
             for b in used:
                 if b in dropped:
                     continue  # attended elsewhere (CPU, a round): the sequence gets shorter
-                table.append(slots[b] if b >= d else b)
-                mask.append(b >= d)
+                staged = b in slots and (b >= d or b in fill[i])  # host, or filling its tile
+                table.append(slots[b] if staged else b)
+                mask.append(staged)
             self.tables[i] = table
             self.staged_mask.append(mask)
             self.seq_lens[i] -= (len(used) - len(table)) * bs
         self.staged = list(slots)
         cpu_blocks = sum(len(x) for x in self.cpu_ids)
-        round_blocks = sum(len(x) for r in self.round_slots for x in r)
-        host_blocks = sum(sum(m) for m in self.staged_mask) + round_blocks + cpu_blocks
+        host_blocks = sum(len(x) for x in streamed) + cpu_blocks
         mode = ("cooperate" if cpu_blocks else "stream") if host_blocks else "none"
         self.figures = SpillFigures(mode=mode, host_blocks=host_blocks, cpu_blocks=cpu_blocks)
         self._cpu_any = self.figures.cpu_blocks > 0
         # copy plans, made once and replayed for every layer
         self._swap_plan = kv.plan_copies(self.swaps) if self.swaps else None
-        self._stage_runs = kv.host_runs(self.staged) if self.staged else None
+        self._stage_runs = kv.staging_runs(self.staged) if self.staged else None
+        filled = [(i, b) for i, b in enumerate(self.staged) if b < d]
+        self._fill = None  # (slots, device ids) of the device blocks staged to fill tiles
+        if filled:
+            idx = torch.tensor(filled, dtype=torch.long, device=kv.device).T
+            self._fill = (idx[0], idx[1])
         self._round_runs = [kv.host_runs(blk) for blk in self.rounds]
         self._cpu_runs = [kv.host_runs(ids) if ids else None for ids in self.cpu_ids]
         self._layer_of = {k.data_ptr(): i for i, (k, _) in enumerate(kv.layers)}
         self._cuda = kv.device.type == "cuda"
         self._keep: list[torch.Tensor] = []  # pinned buffers in flight until the step ends
+
+    def _tile_fill(self, starts, streamed, d: int, bs: int) -> list[set[int]]:
+        """Per sequence: the device blocks that share a ``TILE_KEYS`` key tile with its streamed
+        host blocks, where every such block is full and before the step's first position (so
+        no write of this step lands in it); a tile with any other block is left as it is.
+        Sequences the CPU helps get none (their tables have holes anyway)."""
+        per_tile = TILE_KEYS // bs
+        out: list[set[int]] = []
+        for used, ids, cpu, start in zip(self.tables, streamed, self.cpu_ids, starts):
+            fill: set[int] = set()
+            host = set(ids)
+            if per_tile > 1 and host and not cpu:
+                for t0 in range(0, len(used), per_tile):
+                    tile = range(t0, min(t0 + per_tile, len(used)))
+                    others = [i for i in tile if used[i] not in host]
+                    if len(others) == len(tile):
+                        continue
+                    if all(used[i] < d and (i + 1) * bs <= start for i in others):
+                        fill.update(used[i] for i in others)
+            out.append(fill)
+        return out
 
     # -- set-up --------------------------------------------------------------------------------
     def bind(self, meta: AttentionMetadata) -> None:
@@ -195,6 +242,8 @@ class SpillStep:
         moved = self.kv.copy_blocks(layer, self.swaps, self._swap_plan) if self.swaps else 0
         if self.staged:
             moved += self.kv.stage(layer, self.staged, self._stage_runs)
+            if self._fill is not None:
+                self.kv.stage_device(layer, *self._fill)
         self.figures.bytes_moved += moved
 
     def _enqueue(self, layer: int, after: torch.cuda.Event | None) -> None:
@@ -210,6 +259,8 @@ class SpillStep:
                     self.copy.wait_event(after)
                 moved = self.kv.stage(layer, self.staged, self._stage_runs)
                 self.figures.bytes_moved += moved
+                if self._fill is not None:  # after this layer's swaps, on the same stream
+                    self.kv.stage_device(layer, *self._fill)
             ev = torch.cuda.Event()
             ev.record(self.copy)
         self.ready[layer] = ev

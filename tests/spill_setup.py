@@ -66,19 +66,25 @@ def build(
     spare=3,
     device="cpu",
     dtype=torch.float32,
+    placement=None,
+    in_order=False,
 ) -> SpillCase:
-    """A two-tier cache holding random KV at a random placement, and the same KV all-device."""
+    """A two-tier cache holding random KV at a random placement, and the same KV all-device.
+    ``placement``: ``"dev"``/``"host"`` per logical block (all sequences), instead of random;
+    ``in_order``: device and host ids in table order (as the scheduler hands out a long
+    prompt's blocks), instead of shuffled."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     counts = [-(-s // bs) for s in seq_lens]
     total = sum(counts)
     content = torch.randn(layers, 2, total, bs, hkv, d, generator=g).to(dtype)
-    placement = []  # per logical block: "dev" | "host"
-    for qlen, slen, n in zip(query_lens, seq_lens, counts):
-        start = slen - qlen
-        for i in range(n):
-            host = (i + 1) * bs <= start and rng.random() < p_host
-            placement.append("host" if host else "dev")
+    if placement is None:
+        placement = []  # per logical block: "dev" | "host"
+        for qlen, slen, n in zip(query_lens, seq_lens, counts):
+            start = slen - qlen
+            for i in range(n):
+                host = (i + 1) * bs <= start and rng.random() < p_host
+                placement.append("host" if host else "dev")
     n_dev = placement.count("dev")
     n_host = placement.count("host")
     D = n_dev + spare + n_host  # room for scratch blocks the host contents pass through
@@ -89,8 +95,11 @@ def build(
     )  # fmt: skip
     for t in (kv.k_all, kv.v_all):
         t.fill_(float("nan"))  # unused memory must never be read
-    dev_ids = iter(rng.sample(range(D - n_host), n_dev))
-    host_ids = iter([D + h for h in rng.sample(range(H), n_host)])
+    if in_order:
+        dev_ids, host_ids = iter(range(n_dev)), iter(range(D, D + n_host))
+    else:
+        dev_ids = iter(rng.sample(range(D - n_host), n_dev))
+        host_ids = iter([D + h for h in rng.sample(range(H), n_host)])
     scratch = iter(range(D - n_host, D))
     global_ids, swaps = [], []
     for i, where in enumerate(placement):

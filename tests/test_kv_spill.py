@@ -348,3 +348,75 @@ def test_the_cpu_part_runs_with_its_own_threads(monkeypatch):
         assert seen == [2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _kernel_rows(step: SpillStep, i: int) -> list[int]:
+    """Sequence ``i``'s table as the device kernel reads it: staged entries past the pool."""
+    off = 10**6  # any staging offset: what matters is the order of the slots
+    return [off + t if m else t for t, m in zip(step.tables[i], step.staged_mask[i])]
+
+
+def _broken_tiles(rows: list[int], per_tile: int) -> list[int]:
+    """Tiles (``per_tile`` table entries from a multiple of it) whose blocks are not consecutive
+    rows: ``triton_prefill_hopper._pages_in_order``'s rule, the TMA kernels' condition."""
+    return [
+        t
+        for t in range(0, len(rows), per_tile)
+        if any(rows[j] != rows[j - 1] + 1 for j in range(t + 1, min(t + per_tile, len(rows))))
+    ]
+
+
+@pytest.mark.parametrize("qlen", [1, 40])
+def test_staging_fills_key_tiles_so_every_tile_is_consecutive_rows(qlen):
+    """The scheduler's placement of a long prompt (sink block on the device, the oldest middle on
+    the host, the newest on the device, each tier's ids in order): the tiles holding the sink and
+    the end of the host range would mix device ids and staging slots, so the TMA kernels would
+    fall back to gathering for the whole sequence. The step stages those tiles' device blocks
+    too: every tile is consecutive rows, and the output equals the all-device kernel's bit for
+    bit (NaN in every row no block holds)."""
+    from runtime.spill_step import TILE_KEYS
+
+    bs, n = 16, 50
+    per_tile = TILE_KEYS // bs
+    placement = ["dev"] + ["host"] * 29 + ["dev"] * (n - 30)
+    case_ = build(
+        [qlen], [n * bs], bs=bs, hq=4, hkv=2, d=16, placement=placement, in_order=True,
+        staging=64,
+    )  # fmt: skip
+    case_.land_swaps()
+    chunk = SeqChunk(0, (0,) * qlen, n * bs - qlen, tuple(case_.tables[0]), False, PARAMS)
+    step = SpillStep(case_.kv, [chunk])
+    assert _broken_tiles(_kernel_rows(step, 0), per_tile) == []
+    # the fill: blocks 0 and 30-31 (the sink's tile and the tile where the host range ends)
+    assert step.staged_mask[0] == [True] * 32 + [False] * (n - 32)
+    figs, results = run_step(case_, get_backend("torch", "cpu"), 0.0)
+    for out, ref, plain in results:
+        assert torch.equal(out, plain)
+        assert max_err(out, ref) < 1e-5
+    # bytes moved count the host blocks only; the device blocks are copied within the device
+    assert figs.host_blocks == 29
+    assert figs.bytes_moved == case_.kv.num_layers * 29 * case_.kv.host_layer_block_bytes
+
+
+def test_staging_fill_leaves_tiles_it_cannot_complete():
+    """A tile whose other blocks include the step's own (written this step) is not filled, nor
+    anything when the staging buffer has no room for the fill, nor a sequence the CPU helps."""
+    from runtime.spill_step import TILE_KEYS
+
+    bs = 16
+    per_tile = TILE_KEYS // bs
+    # host blocks up to the one before the query's: their tile holds the step's own block
+    placement = ["dev"] + ["host"] * 12 + ["dev"] * 3
+    case_ = build([20], [16 * bs], bs=bs, hq=4, hkv=2, d=16, placement=placement,
+                  in_order=True, staging=64)  # fmt: skip
+    chunk = SeqChunk(0, (0,) * 20, 16 * bs - 20, tuple(case_.tables[0]), False, PARAMS)
+    step = SpillStep(case_.kv, [chunk])
+    rows = _kernel_rows(step, 0)
+    assert _broken_tiles(rows, per_tile) == [per_tile]  # the tile with blocks 13-15
+    assert step.staged_mask[0][0]  # the sink's tile was filled
+    small = build([20], [16 * bs], bs=bs, hq=4, hkv=2, d=16, placement=placement,
+                  in_order=True, staging=12)  # fmt: skip
+    step = SpillStep(small.kv, [chunk])
+    assert not step.staged_mask[0][0] and step._fill is None
+    step = SpillStep(case_.kv, [chunk], cpu_fraction=0.5)
+    assert step._fill is None
