@@ -91,7 +91,10 @@ def test_chunked_prefill_equals_one_shot(checkpoint):
     params = SamplingParams(max_new_tokens=1)
     chunked = _engine(path, prefill_chunk=32).generate([prompt], params, logits="all")[0]
     whole = _engine(path, prefill_chunk=512).generate([prompt], params, logits="all")[0]
-    assert (chunked.metrics["logits"] - whole.metrics["logits"]).abs().max().item() < 1e-4
+    # float32 rounding: chunk boundaries change the order of the lightning state sums (1.06e-4
+    # on an Intel Xeon where an AMD EPYC gave under 1e-4)
+    diff = (chunked.metrics["logits"] - whole.metrics["logits"]).abs().max().item()
+    assert diff < LOGIT_ATOL
     assert chunked.token_ids == whole.token_ids
 
 
