@@ -11,12 +11,14 @@ the rest of each layer (its merge, the projections, the launches) waits behind i
 * H200 machine: ``auto``'s model put a step at 97 ms and cooperated; it took 256 ms, where
   streaming took 159.
 
-So the worker times the steps. For each *kind* of step (``step_kind``: how many sequences,
-whether it is pure decode, how many host blocks within about 19 %), the first steps alternate
-between the model's pick and streaming, ``TRIALS`` of each, and from then on the kind runs
-whichever was faster on average; every ``RECHECK`` steps the other mode gets ``TRIALS`` steps
-again, so a change of load is noticed. A new kind (a sequence joins, blocks spill) starts
-afresh. Both modes are exact, so this only ever changes speed. Each rank decides alone.
+So the worker times the steps. Its candidates are the model's pick, the same with half the
+CPU's share (the model gives the CPU too much when it misses that serial time) and streaming.
+For each *kind* of step (``step_kind``: how many sequences, whether it is pure decode, how many
+host blocks within about 19 %), the first steps go through the candidates in turn, ``TRIALS``
+of each, and from then on the kind runs whichever was fastest on average; every ``RECHECK``
+steps the others get ``TRIALS`` steps again, so a change of load is noticed. A new kind (a
+sequence joins, blocks spill) starts afresh. Every candidate is exact, so this only ever
+changes speed. Each rank decides alone.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
-TRIALS = 2  # timed steps of each mode before a kind commits to one
-RECHECK = 256  # committed steps after which the other mode is timed again
+TRIALS = 2  # timed steps of each candidate before a kind commits to one
+RECHECK = 256  # committed steps after which the other candidates are timed again
 
 
 def step_kind(num_seqs: int, decode: bool, host_blocks: int) -> tuple[int, bool, int]:
@@ -34,7 +36,8 @@ def step_kind(num_seqs: int, decode: bool, host_blocks: int) -> tuple[int, bool,
 
 
 class SpillTuner:
-    """Chooses between the model's cooperate pick and streaming by measured step seconds."""
+    """Chooses among candidate spill choices (the model's cooperate pick, a smaller CPU share,
+    streaming) by measured step seconds."""
 
     def __init__(self, trials: int = TRIALS, recheck: int = RECHECK) -> None:
         if trials < 1 or recheck < 1:
@@ -43,34 +46,35 @@ class SpillTuner:
         self._times: dict[tuple, dict[str, deque]] = {}
         self._committed: dict[tuple, int] = {}  # kind -> steps run since it last committed
 
-    def pick(self, kind: tuple, modelled: str) -> str:
-        """The mode to run this step: ``modelled`` (the cost model's pick, not ``stream``) or
-        ``stream``."""
-        modes = (modelled, "stream")
+    def pick(self, kind: tuple, candidates: tuple[str, ...]) -> str:
+        """The candidate to run this step (names the caller maps to choices; the model's pick
+        first)."""
         times = self._times.setdefault(kind, {})
-        for m in modes:
+        for m in candidates:
             times.setdefault(m, deque(maxlen=self.trials))
-        short = [m for m in modes if len(times[m]) < self.trials]
-        if short:  # still timing: the mode with fewer samples, the model's first
+        short = [m for m in candidates if len(times[m]) < self.trials]
+        if short:  # still timing: the candidate with fewest samples, in the given order
             return min(short, key=lambda m: len(times[m]))
-        best = min(modes, key=lambda m: sum(times[m]) / len(times[m]))
+        best = min(candidates, key=lambda m: sum(times[m]) / len(times[m]))
         steps = self._committed.get(kind, 0)
-        if steps >= self.recheck:  # time the other mode again
+        if steps >= self.recheck:  # time the others again
             self._committed[kind] = 0
-            other = modes[1] if best == modes[0] else modes[0]
-            times[other].clear()
-            return other
+            for m in candidates:
+                if m != best:
+                    times[m].clear()
+            return next(m for m in candidates if m != best)
         self._committed[kind] = steps + 1
         return best
 
     def record(self, kind: tuple, mode: str, seconds: float) -> None:
-        """What a step of ``kind`` run in ``mode`` took (its forward pass, synchronised)."""
+        """What a step of ``kind`` run as candidate ``mode`` took (its forward pass,
+        synchronised)."""
         times = self._times.get(kind)
         if times is not None and mode in times:
             times[mode].append(seconds)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Mean seconds per mode for each kind timed so far (for logs and results)."""
+        """Mean seconds per candidate for each kind timed so far (for logs and results)."""
         return {
             str(kind): {m: sum(t) / len(t) for m, t in times.items() if t}
             for kind, times in self._times.items()

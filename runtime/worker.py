@@ -787,10 +787,16 @@ class Worker:
             if forced == "auto" and choice.mode == "cooperate":  # see runtime.spill_tuner
                 decode = all(len(c.token_ids) == 1 for c in batch.chunks)
                 kind = step_kind(len(batch.chunks), decode, n_host)
-                mode = self.spill_tuner.pick(kind, choice.mode)
-                self._spill_timed = (kind, mode)
-                if mode == "stream":
-                    choice = spill_cost.choose(shape, self.spill_rates, "stream")
+                rates, f = self.spill_rates, choice.cpu_fraction / 2
+                est = spill_cost.layer_seconds(shape, rates, f) if rates and rates.known else None
+                candidates = {
+                    "cooperate": choice,
+                    "cooperate-half": spill_cost.SpillChoice("cooperate", f, est or float("nan")),
+                    "stream": spill_cost.choose(shape, rates, "stream"),
+                }
+                picked = self.spill_tuner.pick(kind, tuple(candidates))
+                self._spill_timed = (kind, picked)
+                choice = candidates[picked]
             fraction, min_blocks = choice.cpu_fraction, choice.cpu_min_blocks
         return SpillStep(
             self.kv,

@@ -1,5 +1,5 @@
 """``--spill auto`` checks the cost model's cooperate pick against measured step times
-(``runtime.spill_tuner``): both modes are timed, the faster runs, a new kind of step or
+(``runtime.spill_tuner``): every candidate is timed, the fastest runs, a new kind of step or
 ``RECHECK`` committed steps time them again."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from runtime.spill_tuner import SpillTuner, step_kind
 
 
 def _run(tuner, kind, seconds: dict[str, float], steps: int) -> list[str]:
-    """``steps`` steps of ``kind`` where a step in mode m takes ``seconds[m]``."""
+    """``steps`` steps of ``kind`` where a step run as candidate m takes ``seconds[m]``."""
     ran = []
     for _ in range(steps):
-        mode = tuner.pick(kind, "cooperate")
+        mode = tuner.pick(kind, tuple(seconds))
         tuner.record(kind, mode, seconds[mode])
         ran.append(mode)
     return ran
@@ -71,3 +71,14 @@ def test_bad_settings_name_the_field():
         SpillTuner(trials=0)
     with pytest.raises(ValueError, match="recheck"):
         SpillTuner(recheck=0)
+
+
+def test_three_candidates_the_middle_one_wins():
+    """The model's CPU share, half of it, none: where the CPU's serial time makes the model's
+    share too big and streaming alone is link-bound, half the share is fastest."""
+    t, kind = SpillTuner(trials=2), step_kind(1, True, 4096)
+    seconds = {"cooperate": 0.171, "cooperate-half": 0.120, "stream": 0.151}
+    ran = _run(t, kind, seconds, 9)
+    assert ran[:6] == ["cooperate", "cooperate-half", "stream"] * 2
+    assert ran[6:] == ["cooperate-half"] * 3
+    assert t.summary()[str(kind)] == pytest.approx(seconds)
