@@ -174,6 +174,9 @@ def run_tilerun(engine: Engine, prompt: list[int], new: int) -> dict:
         "kv_blocks_on_host_at_peak": split["host"],
         "block_tokens": bs,
         "first_tokens": out.token_ids[:8],
+        # under --spill auto: mean seconds per step of each candidate the worker timed, by kind
+        # of step (sequences, decode, host-block bucket), where the model picked cooperate
+        "spill_tuner": engine.executor.worker.spill_tuner.summary(),
     }
 
 

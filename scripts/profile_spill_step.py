@@ -101,8 +101,10 @@ def main() -> int:
         TIMES.clear()
         out = engine.generate([prompt.tolist()], SamplingParams(max_new_tokens=args.new_tokens))
         m = out[0].metrics
+        tuned = engine.executor.worker.spill_tuner.summary()  # --modes auto: what it timed
         engine.shutdown()
         row = {"mode": mode, "ttft_s": m["ttft_s"], "decode_ms": 1000 * m["decode_s"] / steps}
+        row["kv_modes"], row["spill_tuner"] = m.get("kv", {}).get("modes", {}), tuned
         row.update({k: v / steps for k, v in TIMES.items()})  # per decode step
         if TIMES.get("cpu_part_s"):
             row["cpu_part_bytes_per_s"] = TIMES["cpu_part_bytes"] / TIMES["cpu_part_s"]
