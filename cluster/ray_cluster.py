@@ -8,6 +8,7 @@ and checks; :func:`ensure_ray` then waits for that start rather than beginning a
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401  (before any start: see start_ray_early)
 import logging
 import os
 import socket
@@ -57,6 +58,12 @@ def start_ray_early(address: str | None = None) -> None:
     driver's heavy imports and checks, it runs beside them. The next :func:`ensure_ray` waits
     for it. Does nothing where Ray is up or a start is under way.
     """
+    # This thread forks Ray's processes while the caller goes on importing. A module that
+    # registers fork handlers in pairs (concurrent.futures.thread: acquire before a fork,
+    # release after it), imported for the first time in the middle of such a fork, gets its
+    # release run without its acquire: "Exception ignored ... release unlocked lock" on stderr
+    # (CPython; seen 1 run in 12 of `tilerun run` under load). So it is imported with this
+    # module, before any start.
     global _early, _early_release
     with _early_lock:
         if _early is not None or ray.is_initialized():
