@@ -233,23 +233,19 @@ class KVCache:
                         self._host_scales(layer, kind, s - d, 1)
                     )
 
-    def host_runs(self, host_ids: list[int]) -> list[tuple[int, int, int]]:
-        """``(host_index, position, n)``: runs of host blocks (global ids, in this order) that
-        are consecutive in one host chunk; one copy (or one in-place read) per run."""
-        d = self.num_blocks
-        return _runs([(h - d, i) for i, h in enumerate(host_ids)], src_chunk=self.host.chunk_blocks)
-
-    def staging_runs(self, ids: list[int]) -> list[tuple[int, int, int]]:
-        """``host_runs`` of the host blocks among ``ids`` (global ids in slot order), each run
-        at its own slots; the device blocks among them are ``stage_device``'s."""
+    def host_runs(self, ids: list[int]) -> list[tuple[int, int, int]]:
+        """``(host_index, position, n)``: runs of the host blocks among ``ids`` (global ids, in
+        this order) that are consecutive in one host chunk, each at its position in ``ids``;
+        one copy (or one in-place read) per run. Device ids among them (staged by
+        ``stage_device``) are skipped."""
         d = self.num_blocks
         pairs = [(h - d, i) for i, h in enumerate(ids) if h >= d]
         return _runs(pairs, src_chunk=self.host.chunk_blocks)
 
     def stage(self, layer: int, host_ids: list[int], runs=None, slot0: int = 0) -> int:
         """Copy host blocks (global ids) into slots ``slot0..`` of this layer's staging buffer
-        (``runs``: ``host_runs(host_ids)``, or ``staging_runs`` of a list that also holds
-        device blocks, made once); returns the bytes moved."""
+        (``runs``: ``host_runs(host_ids)``, made once; device ids among them are skipped);
+        returns the bytes moved."""
         if slot0 + len(host_ids) > self.staging_blocks:
             raise ValueError(
                 f"{len(host_ids)} blocks from slot {slot0} exceed the staging area of "

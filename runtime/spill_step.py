@@ -171,7 +171,7 @@ class SpillStep:
         self._cpu_any = self.figures.cpu_blocks > 0
         # copy plans, made once and replayed for every layer
         self._swap_plan = kv.plan_copies(self.swaps) if self.swaps else None
-        self._stage_runs = kv.staging_runs(self.staged) if self.staged else None
+        self._stage_runs = kv.host_runs(self.staged) if self.staged else None
         filled = [(i, b) for i, b in enumerate(self.staged) if b < d]
         self._fill = None  # (slots, device ids) of the device blocks staged to fill tiles
         if filled:
