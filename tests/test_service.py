@@ -64,7 +64,9 @@ def service(tmp_path_factory):
     home = tmp_path_factory.mktemp("svc")
     cfg = home / "cluster.yaml"
     cfg.write_text(
-        "".join(f"{k}: {v}\n" for k, v in ENGINE.items()) + "max_attempts: 3\nnum_cpus: 4\n"
+        "".join(f"{k}: {v}\n" for k, v in ENGINE.items())
+        # one restart: the first engine kill is survived by itself, the second needs `up`
+        + "max_attempts: 3\nnum_cpus: 4\nengine_restarts: 1\n"
     )
     info = ok("up", cfg, "--home", home, "--json")
     yield home, cfg, info
@@ -255,13 +257,10 @@ def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):
     assert st["engine"]["rebuilds"] == 1 and st["workers"][0]["pid"] != pid
 
 
-def test_engine_killed_up_again_finds_every_task_and_finishes(service):
-    home, cfg, _ = service
-    store = TaskStore(home / "tasks.db")
+def kill_engine_mid_task(home: Path, store: TaskStore, inputs) -> tuple[int, list[str]]:
+    """Submit ``inputs[0]``, SIGKILL the engine's process while it runs, then submit the rest
+    (queued while no engine runs); the dead engine's pid and the task ids."""
     engine_pid = ok("status", "--home", home, "--json")["engine"]["pid"]
-    # the first task decodes for a few seconds: `tilerun submit` is a new process, and on a
-    # loaded 2-core machine it returned after a 1.4 s task had finished (seen in CI)
-    inputs = [(LONG, 600), ([1, 2, 3], 3), ([4, 5], 3)]
     ids = [submit(home, *inputs[0])]
     state = wait_until(
         lambda: (t := store.get(ids[0])).state in ("running", "done", "failed") and t.state,
@@ -270,7 +269,53 @@ def test_engine_killed_up_again_finds_every_task_and_finishes(service):
     assert state == "running", f"the task was {state} before the engine could be killed"
     os.kill(engine_pid, signal.SIGKILL)
     assert store.get(ids[0]).state == "running"  # it died mid-task
-    ids += [submit(home, p, n) for p, n in inputs[1:]]  # queued while no engine runs
+    return engine_pid, ids + [submit(home, p, n) for p, n in inputs[1:]]
+
+
+def test_engine_killed_restarts_by_itself_and_finishes_every_task(service):
+    """Ray starts a dead engine again (engine_restarts): no `tilerun up`, the task it ran runs
+    again (a second attempt, the same tokens), the ones submitted meanwhile run, and the new
+    engine records itself (status page, restart count) as `up` would."""
+    import urllib.request
+
+    from cluster.service.ray_token import ray_auth_token
+
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    inputs = [(LONG, 600), ([3, 1, 4], 3), ([1, 5], 3)]
+    dead, ids = kill_engine_mid_task(home, store, inputs)
+
+    def restarted():
+        e = ok("status", "--home", home, "--json")["engine"]
+        return e is not None and e["pid"] != dead and e
+
+    st = wait_until(restarted, timeout=180, every=1)
+    assert st["restarts"] == 1
+    for i, (p, n) in zip(ids, inputs):
+        assert ok("result", i, "--wait", "--home", home, "--json")["token_ids"] == reference(p, n)
+    assert store.get(ids[0]).attempts == 2
+    st = ok("status", "--home", home, "--json")["engine"]
+    assert st["pid"] != dead and st["restarts"] == 1 and st["ready"] and st["error"] is None
+    assert "restarts 1" in ok("status", "--home", home)
+    info = json.loads((home / "engine.json").read_text())
+    assert info["restarts"] == 1
+    req = urllib.request.Request(
+        info["status_page"] + "api/snapshot",
+        headers={"Authorization": f"Bearer {ray_auth_token()}"},
+    )
+    snap = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert snap["engine"]["pid"] == st["pid"] and snap["engine"]["restarts"] == 1
+
+
+def test_engine_killed_up_again_finds_every_task_and_finishes(service):
+    """Past engine_restarts the engine stays dead: the tasks wait in the store, and `tilerun up`
+    starts a new engine that finds and finishes them."""
+    home, cfg, _ = service
+    store = TaskStore(home / "tasks.db")
+    # the first task decodes for a few seconds: `tilerun submit` is a new process, and on a
+    # loaded 2-core machine it returned after a 1.4 s task had finished (seen in CI)
+    inputs = [(LONG, 600), ([1, 2, 3], 3), ([4, 5], 3)]
+    _, ids = kill_engine_mid_task(home, store, inputs)
     wait_until(
         lambda: ok("status", "--home", home, "--json")["engine"] is None, timeout=300, every=1
     )

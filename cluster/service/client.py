@@ -139,6 +139,8 @@ class Service:
                     name=ENGINE_NAME,
                     namespace=NAMESPACE,
                     lifetime="detached",
+                    # Ray starts a dead engine again by itself (see engine_actor)
+                    max_restarts=spec.service.engine_restarts,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
                 ).remote(spec.to_dict(), str(self.home), cluster["address"])
             try:

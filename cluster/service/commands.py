@@ -36,7 +36,9 @@ def register(sub) -> dict[str, Any]:
         "`tilerun-engine` and its workers; returns once they are ready.",
     )
     p.add_argument(
-        "cluster", nargs="?", help="a cluster YAML file: engine fields, max_attempts, num_cpus"
+        "cluster",
+        nargs="?",
+        help="a cluster YAML file: engine fields, max_attempts, engine_restarts, num_cpus",
     )
     p.add_argument(
         "--address", help="attach to this Ray cluster (host:port) instead of starting one"
@@ -182,8 +184,13 @@ def render(tasks: list[dict], snap: dict | None) -> str:
     else:
         e = snap["engine"]
         out.append(
-            f"engine: {e['model']} tp={e['tp']} at {e['ray_address']}, rebuilds {e.get('rebuilds', 0)}"
+            f"engine: {e['model']} tp={e['tp']} at {e['ray_address']}, "
+            f"rebuilds {e.get('rebuilds', 0)}, restarts {e.get('restarts', 0)}"
         )
+        if e.get("error"):  # its workers never came up: the tasks wait in the store
+            out.append(f"engine error: {e['error']}")
+        elif not e.get("ready", True):
+            out.append("engine: bringing its workers up")
         rows = [["RANK", "ACTOR", "NODE", "DEVICE", "PEAK MEMORY", "KV BLOCKS USED/TOTAL"]]
         for w in snap["workers"]:
             rows.append(

@@ -6,8 +6,9 @@ runs one step, and writes progress (at most twice a second) and results to the s
 
 Durability: when a worker dies (``WorkerDiedError``, raised at once by the executor) the tasks
 that were running go back to the queue, or are marked failed once they have had
-``max_attempts`` runs, and the workers are built again. When the engine itself restarts, tasks
-the store still calls running are treated the same way.
+``max_attempts`` runs, and the workers are built again. When the engine itself restarts (Ray
+restarts its actor, or ``tilerun up`` starts a new one), tasks the store still calls running are
+treated the same way.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ class _Live:
 
 
 class ServiceLoop:
-    def __init__(self, spec: ServiceSpec, home: Path, ray_address: str = "") -> None:
+    def __init__(
+        self, spec: ServiceSpec, home: Path, ray_address: str = "", restarts: int = 0
+    ) -> None:
+        """``restarts``: how many times Ray has restarted the engine actor this loop runs in
+        (shown by ``tilerun status``)."""
         self.spec = spec
+        self.restarts = restarts
         self.home = home
         self.ray_address = ray_address
         self.started_at = time.time()
@@ -151,6 +157,7 @@ class ServiceLoop:
             # how each step reaches the workers, as step_transport=auto chose it
             "step_transport": getattr(e.executor, "step_transport", None),
             "started_at": self.started_at,
+            "restarts": self.restarts,
         }
 
     # -- recovery ----------------------------------------------------------------------------
@@ -372,7 +379,12 @@ class ServiceLoop:
                 "home": str(self.home),
                 "pid": os.getpid(),
                 "ready": self.ready.is_set() and self.error is None,
+                # a bring-up that failed (after a restart no `tilerun up` is there to say it)
+                "error": None
+                if self.error is None
+                else f"{type(self.error).__name__}: {self.error}",
                 "rebuilds": self.rebuilds,
+                "restarts": self.restarts,
             },
             "workers": workers,
             "tasks": tasks,

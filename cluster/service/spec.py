@@ -8,7 +8,8 @@ model: demo-small      # required: preset or checkpoint directory (relative to t
 device: cpu
 tp: 2
 prefill_chunk: 2048    # tokens per step (default: by device, 8192 on GPUs, 2048 on CPUs)
-max_attempts: 3        # runs of a task before it is marked failed (worker deaths)
+max_attempts: 3        # runs of a task before it is marked failed (worker or engine deaths)
+engine_restarts: -1    # times Ray restarts a dead engine by itself (-1: always, 0: never)
 num_cpus: 4            # logical CPUs of the Ray head that `tilerun up` starts (not with --address)
 ```
 
@@ -37,9 +38,16 @@ class ServiceConfig:
     """The service's own fields (besides the engine's)."""
 
     max_attempts: int = option(
-        3, help="runs of a task (the first included) before a worker death marks it failed",
-        minimum=1,
+        3, help="runs of a task (the first included) before a worker or engine death marks it "
+        "failed", minimum=1,
     )  # fmt: skip
+    engine_restarts: int = option(
+        -1,
+        help="times Ray restarts the engine after its process dies (it rebuilds the workers and "
+        "runs the tasks it ran again, an attempt counted); -1: always, 0: never (`tilerun up` "
+        "brings it back)",
+        minimum=-1,
+    )
     num_cpus: int | None = option(
         None,
         help="logical CPUs of the Ray head `tilerun up` starts (default max(cores, 4); "
