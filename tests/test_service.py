@@ -257,6 +257,32 @@ def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):
     assert st["engine"]["rebuilds"] == 1 and st["workers"][0]["pid"] != pid
 
 
+def test_follow_streams_each_token_once_across_a_worker_death(service):
+    """`tilerun result --follow --json` while the task decodes: several pieces whose tokens
+    concatenate to the output (tilerun run's), and a worker killed mid-decode, so that the task
+    runs again from its prompt, shows no token twice."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    pid = ok("status", "--home", home, "--json")["workers"][0]["pid"]
+    prompt, n = [11, 12, 13], 1500
+    tid = submit(home, prompt, n)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "result", tid, "--follow", "--json",
+         "--home", str(home)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_until(lambda: (p := store.partial(tid)) is not None and len(p[1]) >= 100, every=0.02)
+    os.kill(pid, signal.SIGKILL)
+    out, err = follower.communicate(timeout=600)
+    assert follower.returncode == 0, err[-3000:]
+    *pieces, result = [json.loads(line) for line in out.splitlines()]
+    assert result["state"] == "done" and result["attempts"] == 2
+    assert result["token_ids"] == reference(prompt, n)
+    assert len(pieces) >= 3 and not any(p["restarted"] for p in pieces)
+    assert [t for p in pieces for t in p["token_ids"]] == result["token_ids"]
+    assert "".join(p["text"] for p in pieces) == result["text"]
+
+
 def kill_engine_mid_task(home: Path, store: TaskStore, inputs) -> tuple[int, list[str]]:
     """Submit ``inputs[0]``, SIGKILL the engine's process while it runs, then submit the rest
     (queued while no engine runs); the dead engine's pid and the task ids."""

@@ -17,10 +17,12 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cluster.service import head
+from cluster.service.follow import Piece
 from cluster.service.home import (
     ENGINE_NAME,
     NAMESPACE,
@@ -289,6 +291,44 @@ class Service:
             f"task {t.id} is {t.state} (prefill {t.prefill_done}/{t.prefill_total}, "
             f"{t.generated} generated); `tilerun result {t.id} --wait` waits for it"
         )
+
+    def follow(
+        self, task_id: str, timeout_s: float | None = None, poll_s: float = 0.2
+    ) -> Iterator[Piece]:
+        """The task's text as it is generated (``cluster.service.follow``), until it ends; then
+        ``result(task_id)`` gives its output (or raises its failure). A task that ended before
+        gives its whole text at once."""
+        from cluster.service.follow import Follower
+
+        t = self.task(task_id)
+        if t.state == "done":
+            yield Piece(t.output["text"] or "", t.output["token_ids"], t.attempts)
+            return
+        if t.state in TERMINAL:
+            return
+        from runtime.tokenizer import load_tokenizer
+
+        follower = Follower(load_tokenizer(self.engine_info()["checkpoint"]).decode)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            t = self.store.get(t.id)
+            if t.state == "done":
+                piece = follower.feed(t.attempts, t.output["token_ids"], final=True)
+            elif t.state in TERMINAL:
+                return
+            else:
+                got = self.store.partial(t.id)
+                piece = follower.feed(*got) if got else None
+            if piece is not None:
+                yield piece
+            if t.state == "done":
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServiceError(
+                    f"task {t.id} is still {t.state} after {timeout_s:.0f}s; "
+                    f"`tilerun result {t.id} --follow` goes on following it"
+                )
+            time.sleep(poll_s)
 
     def cancel(self, task_id: str) -> str:
         return self.store.request_cancel(self.task(task_id).id)

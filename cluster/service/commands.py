@@ -7,6 +7,7 @@ the CLI prints as one line naming the fix.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -74,7 +75,13 @@ def register(sub) -> dict[str, Any]:
     p = sub.add_parser("result", help="the output of a task (the schema of `tilerun run --json`)")
     p.add_argument("id")
     p.add_argument("--wait", action="store_true", help="wait until the task finishes")
-    p.add_argument("--timeout", type=float, help="seconds to wait at most (with --wait)")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="print the text as it is generated (twice a second), then the result; with --json "
+        "one object per piece, then the result",
+    )
+    p.add_argument("--timeout", type=float, help="seconds to wait at most (--wait, --follow)")
     _home(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -234,7 +241,19 @@ def cmd_result(args) -> int:
     from cluster.cli import _print_summary
     from cluster.service.client import Service
 
-    r = Service(args.home).result(args.id, wait=args.wait, timeout_s=args.timeout)
+    svc = Service(args.home)
+    if args.follow:
+        for piece in svc.follow(args.id, timeout_s=args.timeout):
+            if args.json:
+                print(json.dumps(dataclasses.asdict(piece)), flush=True)
+                continue
+            if piece.restarted:
+                print(f"\n[attempt {piece.attempt} took another path: its output]", file=sys.stderr)
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        if not args.json:
+            print()
+    r = svc.result(args.id, wait=args.wait, timeout_s=args.timeout)
     if args.json:
         print(json.dumps(r))
     else:

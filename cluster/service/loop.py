@@ -48,6 +48,7 @@ class _Live:
     attempt: int
     started_wall: float
     first_token_wall: float | None = None
+    tokens_flushed: int = 0  # output tokens the store's partial row holds
 
 
 class ServiceLoop:
@@ -307,7 +308,13 @@ class ServiceLoop:
         self._last_progress = now
         with self._lock:
             live = list(self._live.values())
-        self.store.progress([_progress(t) for t in live])
+        tokens = {}  # what `tilerun result --follow` reads: only where more were generated
+        for t in live:
+            out = t.seq.output_ids
+            if len(out) > t.tokens_flushed:
+                tokens[t.task_id] = (t.attempt, list(out))
+                t.tokens_flushed = len(out)
+        self.store.progress([_progress(t) for t in live], tokens)
 
     def _sample_throughput(self) -> None:
         now = time.time()

@@ -42,6 +42,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, n);
+-- the tokens a running task has generated so far (its current attempt), for `result --follow`,
+-- apart from tasks so that listing tasks never reads them, gone when the attempt ends
+-- (no semicolons in these comments: the schema is split on them)
+CREATE TABLE IF NOT EXISTS partial (
+    id TEXT PRIMARY KEY,
+    attempt INTEGER NOT NULL,
+    token_ids TEXT NOT NULL                 -- JSON list of ints
+);
 """
 
 
@@ -215,9 +223,14 @@ class TaskStore:
                 "SELECT attempts FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()[0]
 
-    def progress(self, updates: list[tuple[str, int, int, float | None, float | None]]) -> None:
-        """(id, prefill_done, generated, decode tokens/s, ttft_s) for running tasks, in one go."""
-        if not updates:
+    def progress(
+        self,
+        updates: list[tuple[str, int, int, float | None, float | None]],
+        tokens: dict[str, tuple[int, list[int]]] | None = None,
+    ) -> None:
+        """(id, prefill_done, generated, decode tokens/s, ttft_s) for running tasks, and
+        ``tokens``: id -> (attempt, the tokens it has generated) where they changed; in one go."""
+        if not updates and not tokens:
             return
         now = time.time()
         with self._tx():
@@ -226,6 +239,20 @@ class TaskStore:
                 "ttft_s = ?, updated_at = ? WHERE id = ? AND state = 'running'",
                 [(p, g, tps, ttft, now, i) for i, p, g, tps, ttft in updates],
             )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO partial (id, attempt, token_ids) SELECT ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'running' "
+                "AND attempts = ?)",
+                [(i, a, json.dumps(t), i, a) for i, (a, t) in (tokens or {}).items()],
+            )
+
+    def partial(self, task_id: str) -> tuple[int, list[int]] | None:
+        """(attempt, tokens generated so far) of a running task, as last written (twice a
+        second); None before its first token or once it has ended."""
+        row = self._db.execute(
+            "SELECT attempt, token_ids FROM partial WHERE id = ?", (task_id,)
+        ).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
 
     def finish(
         self, task_id: str, state: str, output: dict | None = None, error: str | None = None
@@ -255,6 +282,7 @@ class TaskStore:
                     task_id,
                 ),
             )
+            self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
 
     def requeue(self, task_id: str, reason: str | None, refund_attempt: bool = False) -> None:
         """running -> queued after a failure that was not the task's fault (it will run again);
@@ -265,6 +293,7 @@ class TaskStore:
                 "attempts = attempts - ?, updated_at = ? WHERE id = ? AND state = 'running'",
                 (reason, 1 if refund_attempt else 0, time.time(), task_id),
             )
+            self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
 
 
 def _task(r: sqlite3.Row) -> Task:
