@@ -43,6 +43,31 @@ def test_lifecycle_attempts_requeue_and_results(tmp_path):
         s.finish(a, "running")
 
 
+def test_a_restarted_engine_requeues_what_ran_and_fails_a_task_out_of_attempts(tmp_path):
+    """What an engine does first after a restart (Ray's or `tilerun up`'s): a task the store
+    still calls running ran when the engine died, so it goes back to the queue with the reason,
+    or, its attempts spent (a task that kills the engine each time it runs), ends failed."""
+    from cluster.service.loop import ServiceLoop
+    from cluster.service.spec import ServiceSpec
+
+    s = TaskStore(tmp_path / "tasks.db")
+    spent, again, queued = (s.add([1], {"max_new_tokens": 1}) for _ in range(3))
+    for _ in range(2):  # two runs, each ended by an engine death
+        s.start(spent)
+        s.requeue(spent, "the engine restarted while the task ran")
+    s.start(spent)  # its third run, max_attempts, is running as the engine dies
+    s.start(again)
+    spec = ServiceSpec.from_dict({"model": "tiny", "device": "cpu", "max_attempts": 3})
+    ServiceLoop(spec, tmp_path)._recover_after_restart()  # no Ray: the store's part only
+    t = s.get(spent)
+    assert t.state == "failed" and t.attempts == 3
+    assert t.error == "the engine restarted while the task ran; gave up after 3 attempt(s)"
+    t = s.get(again)
+    assert (t.state, t.attempts) == ("queued", 1)
+    assert t.error == "the engine restarted while the task ran"
+    assert s.get(queued).state == "queued" and s.get(queued).attempts == 0
+
+
 def test_cancel_queued_at_once_running_by_request(tmp_path):
     s = TaskStore(tmp_path / "tasks.db")
     a, b = s.add([1], {}), s.add([2], {})
