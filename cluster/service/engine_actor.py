@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,17 @@ class EngineActor:
         if self.loop.error is not None:  # the snapshot says so too (`tilerun status`)
             log.error("the restarted engine could not bring its workers up: %s", self.loop.error)
             return
-        if self.loop.stopping.is_set():  # `tilerun down` came first: record nothing
-            return
-        write_json(self.home, "engine.json", {**self.loop.describe(), "status_page": self._watch()})
+        page = self._watch()
+        while not self.loop.stopping.is_set():  # `tilerun down` came first: record nothing
+            if self.loop.engine is not None:  # else a worker died meanwhile: wait for the rebuild
+                try:
+                    info = self.loop.describe()
+                except (AssertionError, AttributeError):  # it died between check and call
+                    info = None
+                if info is not None:
+                    write_json(self.home, "engine.json", {**info, "status_page": page})
+                    break
+            time.sleep(0.5)
         log.warning("engine restarted (restart %d): the workers are up again", self.loop.restarts)
 
     def ready(self, timeout_s: float = 600.0) -> dict[str, Any]:

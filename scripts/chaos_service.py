@@ -1,0 +1,213 @@
+"""Durability under fire: the service keeps every task while its engine and workers are killed.
+
+Starts a service (``tilerun up``: its own Ray head, the engine actor, its workers), submits
+``--tasks`` tasks (varied prompt and output lengths, a quarter sampled with a seed), some at the
+start and the rest while it runs, and meanwhile SIGKILLs the engine's or a worker's process
+``--kills`` times, a few seconds apart, each time once the service has come back from the last.
+Then it stops the service and checks every task against ``tilerun run``'s tokens for the same
+inputs (an in-process engine, one request at a time):
+
+* lost: submitted ids the store does not hold, or holds unfinished;
+* failed / mismatched: tasks that did not end done, or ended with other tokens;
+* recovery: seconds from each kill to the service running steps again (the engine's snapshot
+  answers with its workers ready: a new engine pid, or one more worker rebuild).
+
+    python scripts/chaos_service.py                          # tiny model, 40 tasks, 12 kills
+    python scripts/chaos_service.py --tasks 80 --kills 30 --seed 2
+    python scripts/chaos_service.py --tasks 8 --kills 3 --victims engine worker   # the CI test
+
+Writes ``benchmarks/results/chaos-service-cpu.json`` (command, device, date, every kill
+and every task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _command import command_line  # scripts/: the result's command line
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cluster.service.client import Service  # noqa: E402
+from cluster.service.store import TERMINAL  # noqa: E402
+
+
+def _tasks(n: int, rng: random.Random, vocab: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        t = {
+            "prompt_token_ids": [rng.randrange(1, vocab) for _ in range(rng.randint(3, 1500))],
+            "max_new_tokens": rng.randint(50, 1500),
+        }
+        if i % 4 == 3:  # sampled, seeded: the same tokens on every attempt
+            t |= {"temperature": 0.8, "top_p": 0.9, "seed": rng.randrange(1 << 30)}
+        out.append(t)
+    return out
+
+
+def _wait(pred, timeout: float, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--tasks", type=int, default=40)
+    ap.add_argument("--kills", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill-chunk", type=int, default=64, help="small: long prefills to hit")
+    ap.add_argument("--gap-s", type=float, nargs=2, default=[1.0, 4.0], help="between kills")
+    ap.add_argument(
+        "--victims", nargs="+", choices=["engine", "worker"], default=None,
+        help="whose process each kill hits, in turn (default: either, at random)",
+    )  # fmt: skip
+    ap.add_argument("--timeout-s", type=float, default=1800)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    engine = {
+        "model": args.model,
+        "device": "cpu",
+        "dtype": "float32",
+        "max_model_len": 4096,
+        "prefill_chunk": args.prefill_chunk,
+    }
+    home = Path(tempfile.mkdtemp(prefix="tilerun-chaos-"))
+    t_start = time.time()
+    # every kill may hit every running task: enough attempts that none fails of kills alone
+    svc = Service.up(home=home, max_attempts=args.kills + 2, num_cpus=4, **engine)
+    vocab = json.loads((home / "engine.json").read_text())["vocab_size"]
+    specs = _tasks(args.tasks, rng, vocab)
+    ids: list[str] = []
+    first = args.tasks // 2
+    for t in specs[:first]:
+        ids.append(svc.submit(**t))
+    later = list(specs[first:])
+    kills = []
+    try:
+        for k in range(args.kills):
+            time.sleep(rng.uniform(*args.gap_s))
+            snap = svc.snapshot()
+            if snap is None or not snap["engine"]["ready"]:
+                raise RuntimeError(
+                    f"kill {k}: the service is not running ({snap and snap['engine']})"
+                )
+            victim = "engine" if rng.random() < 0.5 else "worker"
+            if args.victims:
+                victim = args.victims[k % len(args.victims)]
+            e = snap["engine"]
+            pid = e["pid"] if victim == "engine" else snap["workers"][0]["pid"]
+            running = sum(t["state"] == "running" for t in snap["tasks"])
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            # tasks submitted while the service recovers (the store takes them)
+            for _ in range(min(len(later), rng.randint(0, 3))):
+                ids.append(svc.submit(**later.pop(0)))
+
+            def back(victim=victim, e=e):
+                s = svc.snapshot()
+                if s is None or not s["engine"]["ready"] or not s["workers"]:
+                    return None
+                if victim == "engine":
+                    return s if s["engine"]["pid"] != e["pid"] else None
+                return s if s["engine"]["rebuilds"] > e["rebuilds"] else None
+
+            s = _wait(back, 300)
+            if s is None:
+                raise RuntimeError(f"kill {k} ({victim}): the service did not come back in 300 s")
+            kills.append(
+                {
+                    "victim": victim,
+                    "running_tasks": running,
+                    "recovery_s": round(time.monotonic() - t0, 2),
+                    "engine_restarts": s["engine"]["restarts"],
+                }
+            )
+            print(json.dumps({"kill": k, **kills[-1]}), flush=True)
+        for t in later:
+            ids.append(svc.submit(**t))
+        done = _wait(
+            lambda: all(svc.task(i).state in TERMINAL for i in ids), args.timeout_s, every=1.0
+        )
+        if not done:
+            print("not every task ended in time", file=sys.stderr)
+    finally:
+        svc.down()
+    wall = time.time() - t_start
+    tasks = {t.id: t for t in svc.store.list()}
+
+    # the reference: tilerun run's engine, in this process, one request at a time
+    from cluster.api import LLM
+    from scheduler.request import SamplingParams
+
+    rows = []
+    with LLM(**engine, executor="local") as llm:
+        for tid, spec in zip(ids, specs):
+            t = tasks.get(tid)
+            params = {k: v for k, v in spec.items() if k != "prompt_token_ids"}
+            ref = llm.generate([spec["prompt_token_ids"]], SamplingParams(**params))[0].token_ids
+            rows.append(
+                {
+                    "id": tid,
+                    "prompt_tokens": len(spec["prompt_token_ids"]),
+                    "max_new_tokens": spec["max_new_tokens"],
+                    "sampled": "seed" in spec,
+                    "state": t.state if t else "lost",
+                    "attempts": t.attempts if t else None,
+                    "same_tokens": bool(t and t.output and t.output["token_ids"] == ref),
+                }
+            )
+    summary = {
+        "tasks": len(ids),
+        "lost": sum(r["state"] == "lost" for r in rows),
+        "not_done": sum(r["state"] != "done" for r in rows),
+        "mismatched": sum(r["state"] == "done" and not r["same_tokens"] for r in rows),
+        "kills": len(kills),
+        "engine_kills": sum(k["victim"] == "engine" for k in kills),
+        "recovery_s_median": sorted(k["recovery_s"] for k in kills)[len(kills) // 2]
+        if kills
+        else None,
+        "recovery_s_max": max((k["recovery_s"] for k in kills), default=None),
+        "tasks_rerun": sum((r["attempts"] or 0) > 1 for r in rows),
+        "wall_s": round(wall, 1),
+    }
+    print(json.dumps(summary, indent=1))
+    out = Path(args.out or "benchmarks/results/chaos-service-cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "chaos_service",
+                "command": command_line(),
+                "device": platform.processor() or platform.machine(),
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "engine": engine,
+                "summary": summary,
+                "kills": kills,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {out}")
+    ok = not (summary["lost"] or summary["not_done"] or summary["mismatched"])
+    return 0 if ok and len(kills) == args.kills else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
