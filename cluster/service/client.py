@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.service import head
-from cluster.service.follow import Piece
+from cluster.service.follow import Follower, Piece
 from cluster.service.home import (
     ENGINE_NAME,
     NAMESPACE,
@@ -298,8 +298,6 @@ class Service:
         """The task's text as it is generated (``cluster.service.follow``), until it ends; then
         ``result(task_id)`` gives its output (or raises its failure). A task that ended before
         gives its whole text at once."""
-        from cluster.service.follow import Follower
-
         t = self.task(task_id)
         if t.state == "done":
             yield Piece(t.output["text"] or "", t.output["token_ids"], t.attempts)

@@ -248,7 +248,10 @@ def cmd_result(args) -> int:
                 print(json.dumps(dataclasses.asdict(piece)), flush=True)
                 continue
             if piece.restarted:
-                print(f"\n[attempt {piece.attempt} took another path: its output]", file=sys.stderr)
+                print(
+                    f"\n[attempt {piece.attempt} generated other tokens; its output from the start:]",
+                    file=sys.stderr,
+                )
             sys.stdout.write(piece.text)
             sys.stdout.flush()
         if not args.json:
