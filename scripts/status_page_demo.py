@@ -49,7 +49,7 @@ def main() -> int:
     run = RunSnapshot(llm, on_step=on_step)
     for n in args.prompt_tokens:
         run.submit(long_document(n), SamplingParams(max_new_tokens=args.new_tokens))
-    with StatusPage(run.snapshot, port=args.port) as page:
+    with StatusPage(run.snapshot, port=args.port, task_fn=run.task_view) as page:
         print(f"status page: {page.url}  (Ray's token: {page.url}?token=$(ray get-auth-token))")
         runner = threading.Thread(target=run.run, daemon=True)
         runner.start()

@@ -272,6 +272,7 @@ def test_follow_streams_each_token_once_across_a_worker_death(service):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     wait_until(lambda: (p := store.partial(tid)) is not None and len(p[1]) >= 100, every=0.02)
+    running = _task_view(home, tid)  # the status page's view while it decodes
     os.kill(pid, signal.SIGKILL)
     out, err = follower.communicate(timeout=600)
     assert follower.returncode == 0, err[-3000:]
@@ -281,6 +282,25 @@ def test_follow_streams_each_token_once_across_a_worker_death(service):
     assert len(pieces) >= 3 and not any(p["restarted"] for p in pieces)
     assert [t for p in pieces for t in p["token_ids"]] == result["token_ids"]
     assert "".join(p["text"] for p in pieces) == result["text"]
+    from runtime.tokenizer import ByteTokenizer  # the tiny preset's
+
+    assert running["state"] == "running" and running["text_tokens"] >= 100
+    assert running["text"] == ByteTokenizer().decode(result["token_ids"][: running["text_tokens"]])
+    done = _task_view(home, tid)
+    assert done["state"] == "done" and done["text"] == result["text"]
+
+
+def _task_view(home: Path, task_id: str) -> dict:
+    """The status page's ``/api/task`` for a task, with Ray's token."""
+    import urllib.request
+
+    from cluster.service.ray_token import ray_auth_token
+
+    url = json.loads((home / "engine.json").read_text())["status_page"]
+    req = urllib.request.Request(
+        f"{url}api/task?id={task_id}", headers={"Authorization": f"Bearer {ray_auth_token()}"}
+    )
+    return json.loads(urllib.request.urlopen(req, timeout=60).read())
 
 
 def kill_engine_mid_task(home: Path, store: TaskStore, inputs) -> tuple[int, list[str]]:

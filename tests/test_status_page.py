@@ -45,7 +45,7 @@ def page():
 
 
 def test_everything_is_refused_without_the_token(page):
-    for path in ("/", "/index.html", "/api/snapshot", "/nope"):
+    for path in ("/", "/index.html", "/api/snapshot", "/api/task?id=t1", "/nope"):
         code, headers, body = _get(page.url, path)
         assert code == 401, (path, code)
         assert b"Ray's token" in body and "bearer" in headers["www-authenticate"].lower()
@@ -99,6 +99,30 @@ def test_a_failing_snapshot_is_a_503_with_the_reason():
     with StatusPage(broken, token=TOKEN) as p:
         code, _, body = _get(p.url, "/api/snapshot", {"Authorization": f"Bearer {TOKEN}"})
     assert code == 503 and "engine actor died" in json.loads(body)["error"]
+
+
+def test_a_task_with_its_text_by_id_and_404_or_503_otherwise():
+    def task(task_id: str) -> dict | None:
+        if task_id == "boom":
+            raise RuntimeError("store locked")
+        return (
+            {"id": "t1", "state": "running", "text": "<b>once</b> upon"}
+            if task_id == "t1"
+            else None
+        )
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with StatusPage(_snapshot, token=TOKEN, task_fn=task) as p:
+        code, headers, body = _get(p.url, "/api/task?id=t1", auth)
+        assert code == 200 and headers["content-type"] == "application/json"
+        assert json.loads(body) == {"id": "t1", "state": "running", "text": "<b>once</b> upon"}
+        code, _, body = _get(p.url, "/api/task?id=t9", auth)
+        assert code == 404 and json.loads(body)["error"] == "no task 't9'"
+        assert _get(p.url, "/api/task", auth)[0] == 404
+        code, _, body = _get(p.url, "/api/task?id=boom", auth)
+        assert code == 503 and "store locked" in json.loads(body)["error"]
+    with StatusPage(_snapshot, token=TOKEN) as p:  # a page without tasks to show
+        assert _get(p.url, "/api/task?id=t1", auth)[0] == 404
 
 
 def test_binds_loopback_unless_configured(monkeypatch):

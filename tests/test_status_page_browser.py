@@ -48,6 +48,25 @@ class _Rows(HTMLParser):
             r["text"] += data + " "
 
 
+T1_PROMPT = [(7 * i) % 500 + 1 for i in range(150)]
+
+
+def _task_section(dom: str) -> dict:
+    """The task section's state, meta line and text, unescaped."""
+    import html
+    import re
+
+    head = re.search(r'<section id="task"([^>]*)>', dom).group(1)
+    state = re.search(r'data-state="([^"]*)"', head)
+    meta = re.search(r'<div class="meta" id="task-meta">(.*?)</div>', dom, re.S).group(1)
+    text = re.search(r'<pre id="task-text">(.*?)</pre>', dom, re.S).group(1)
+    return {
+        "state": state.group(1) if state else None,
+        "meta": html.unescape(meta),
+        "text": html.unescape(text),
+    }
+
+
 def _parse(dom: str) -> _Rows:
     p = _Rows()
     p.feed(dom)
@@ -69,7 +88,7 @@ def test_browser_sees_workers_and_a_task_in_prefill_and_is_refused_without_token
             release.wait(300)
 
     rs = RunSnapshot(llm, sample_every_s=0.005, on_step=on_step)
-    rs.submit([(7 * i) % 500 + 1 for i in range(150)], SamplingParams(max_new_tokens=24))
+    rs.submit(T1_PROMPT, SamplingParams(max_new_tokens=24))
     rs.submit([(11 * i) % 500 + 1 for i in range(200)], SamplingParams(max_new_tokens=8))
     rs.submit([(13 * i) % 500 + 1 for i in range(40)], SamplingParams(max_new_tokens=4))
     runner = threading.Thread(target=rs.run, daemon=True)
@@ -77,9 +96,11 @@ def test_browser_sees_workers_and_a_task_in_prefill_and_is_refused_without_token
     try:
         assert held.wait(300), "the second task never reached its prefill"
         snap = at_hold["snap"]
-        with StatusPage(rs.snapshot) as page:  # token=None: Ray's own token
+        with StatusPage(rs.snapshot, task_fn=rs.task_view) as page:  # token=None: Ray's own
             token = ray_auth_token()
             dom = dump_dom(f"{page.url}?token={token}")
+            task_dom = dump_dom(f"{page.url}?token={token}#task=t1")  # the id's link
+            unknown_dom = dump_dom(f"{page.url}?token={token}#task=t9")
             refused_dom = dump_dom(page.url)
             for path in ("", "api/snapshot"):
                 with pytest.raises(urllib.error.HTTPError) as e:
@@ -87,6 +108,10 @@ def test_browser_sees_workers_and_a_task_in_prefill_and_is_refused_without_token
                 assert e.value.code == 401
             if os.environ.get("TILERUN_STATUS_SCREENSHOT"):
                 screenshot(f"{page.url}?token={token}", os.environ["TILERUN_STATUS_SCREENSHOT"])
+        release.set()
+        runner.join(timeout=300)
+        # t1's text from the engine again (greedy: the same), to hold the page's copy against
+        t1_text = llm.generate([T1_PROMPT], SamplingParams(max_new_tokens=24))[0].text
     finally:
         release.set()
         runner.join(timeout=300)
@@ -125,6 +150,15 @@ def test_browser_sees_workers_and_a_task_in_prefill_and_is_refused_without_token
     series = [a for tag, a in page_dom.marked if tag == "polyline"]
     assert len(series) == 2 and int(series[0]["data-points"]) == len(snap["throughput"]) > 0
     assert "model tiny" in dom
+
+    # URL#task=ID (where a task's id links) shows that task and its text; no section without.
+    assert 'id="task" hidden' in dom
+    shown = _task_section(task_dom)
+    assert shown["state"] == "done"
+    assert shown["meta"].startswith("done") and "24 / 24 tokens" in shown["meta"]
+    assert shown["text"] == rs.task_view("t1")["text"] == t1_text
+    assert _task_section(unknown_dom)["meta"] == "no task 't9'"
+    assert 'href="#task=t2"' in dom
 
     # Without the token the browser gets Ray-style 401, no data.
     assert "401 Unauthorized" in refused_dom and "data-rank" not in refused_dom

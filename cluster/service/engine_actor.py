@@ -53,7 +53,7 @@ class EngineActor:
                 from cluster.service.metrics import ServiceMetrics
                 from cluster.service.status_page import StatusPage
 
-                self.page = StatusPage(self.loop.snapshot)
+                self.page = StatusPage(self.loop.snapshot, task_fn=self.loop.task_view)
                 self.page.start()
                 self.metrics = ServiceMetrics()
                 self.metrics.start(self.loop.snapshot)

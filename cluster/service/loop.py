@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5
 IDLE_POLL_S = 0.1
 SNAPSHOT_FINISHED = 200  # finished tasks a snapshot lists (all queued and running ones too)
+TASK_TEXT_CHARS = 100_000  # of a task's text the status page is sent (the end of it)
 
 
 @dataclass
@@ -336,6 +337,26 @@ class ServiceLoop:
         if store is None:
             store = self._readers.store = TaskStore(self.store.path)
         return store
+
+    def task_view(self, task_id: str) -> dict[str, Any] | None:
+        """One task for the status page (``/api/task``): its snapshot row and its text so far,
+        the output's once done, else its current attempt's tokens as last stored (twice a
+        second), decoded; the last ``TASK_TEXT_CHARS`` characters. None for an unknown id."""
+        store = self._reader()
+        t = store.get(task_id)
+        if t is None:
+            return None
+        d = t.summary()
+        if t.output is not None:
+            text, n = t.output.get("text") or "", len(t.output["token_ids"])
+        else:
+            got = store.partial(t.id)
+            tokens = got[1] if got else []
+            text = self.tokenizer.decode(tokens) if tokens and self.tokenizer else ""
+            n = len(tokens)
+        d |= {"text": text[-TASK_TEXT_CHARS:], "text_truncated": len(text) > TASK_TEXT_CHARS}
+        d["text_tokens"] = n
+        return d
 
     def snapshot(self) -> dict[str, Any]:
         e = self.engine

@@ -37,6 +37,7 @@ class _Task:
     attempts: int = 0
     error: str | None = None
     finished_at: float | None = None
+    text: str = ""  # the output's, once done (a one-shot run reports no tokens before)
 
     def view(self) -> dict:
         return {
@@ -130,11 +131,18 @@ class RunSnapshot:
         workers = self._read_workers()
         with self._lock:
             task.state, task.finished_at = "done", time.time()
+            task.text = out.text or ""
             task.generated = len(out.token_ids)
             task.prefill_done = len(task.prompt)
             task.ttft_s = out.metrics.get("ttft_s")
             task.decode_tokens_per_s = out.metrics.get("decode_tokens_per_s")
             self._workers = workers
+
+    def task_view(self, task_id: str) -> dict | None:
+        """One task for the status page's ``/api/task``: its row and its text (once done)."""
+        with self._lock:
+            t = next((t for t in self._tasks if t.id == task_id), None)
+            return None if t is None else {**t.view(), "text": t.text}
 
     def _read_workers(self) -> list[dict]:
         engine = self.llm.engine

@@ -59,6 +59,8 @@ PAGE = """<!doctype html>
   #banner { display:none; background:#fdecec; color:var(--bad); border:1px solid #f3c2c2;
             border-radius:8px; padding:8px 12px; }
   #banner.show { display:block; }
+  #task-text { white-space:pre-wrap; word-break:break-word; max-height:24em; overflow:auto;
+               background:#fff; border:1px solid #e1e5ea; border-radius:8px; padding:10px; }
 </style>
 </head>
 <body>
@@ -88,6 +90,11 @@ PAGE = """<!doctype html>
     <table id="tasks"><thead><tr><th>id</th><th>state</th><th>prefill</th><th>generated</th>
       <th>decode tok/s</th><th>TTFT</th><th>context</th><th>attempts</th><th>submitted</th>
       <th></th></tr></thead><tbody></tbody></table>
+  </section>
+  <section id="task" hidden>
+    <h2 id="task-title">Task</h2>
+    <div class="meta" id="task-meta"></div>
+    <pre id="task-text"></pre>
   </section>
 </main>
 <noscript>This page needs JavaScript to draw the snapshot; the raw data is at api/snapshot.</noscript>
@@ -185,7 +192,8 @@ function renderTasks(s) {
     const pct = pt ? " (" + (100 * pd / pt).toFixed(0) + "%)" : "";
     return el("tr", {"data-task": String(t.id), "data-state": t.state,
                      "data-prefill-done": String(pd), "data-prefill-total": String(pt)},
-      el("td", {}, String(t.id)), el("td", {}, el("span", {class: "state " + t.state}, t.state)),
+      el("td", {}, el("a", {href: "#task=" + encodeURIComponent(String(t.id))}, String(t.id))),
+      el("td", {}, el("span", {class: "state " + t.state}, t.state)),
       el("td", {}, bar(pd, pt, "", num(pd, 0) + " / " + num(pt, 0) + pct)),
       el("td", {}, num(t.generated || 0, 0) + " / " + num(t.max_new_tokens || 0, 0)),
       el("td", {}, num(t.decode_tokens_per_s)), el("td", {}, secs(t.ttft_s)),
@@ -233,8 +241,37 @@ function renderChart(id, points, key, color, title) {
   node.replaceChildren(...kids);
 }
 
+// URL#task=ID shows one task's text under the tables (its id in the table links there)
+function shownTask() {
+  const m = /(?:^#|&)task=([^&]+)/.exec(location.hash);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
+async function renderTask() {
+  const id = shownTask();
+  $("task").hidden = !id;
+  if (!id) return;
+  const r = await fetch("api/task?id=" + encodeURIComponent(id),
+                        {cache: "no-store", credentials: "same-origin"});
+  const t = await r.json();
+  $("task-title").textContent = "Task " + id;
+  if (!r.ok) {
+    $("task-meta").textContent = t.error || String(r.status);
+    $("task-text").textContent = "";
+    return;
+  }
+  $("task").setAttribute("data-state", t.state);
+  $("task-meta").textContent = [t.state, "attempt " + (t.attempts || 0),
+    num(t.generated || 0, 0) + " / " + num(t.max_new_tokens || 0, 0) + " tokens",
+    t.text_truncated ? "its last " + num(t.text.length, 0) + " characters" : null]
+    .filter(Boolean).join("  \u00b7  ");
+  $("task-text").textContent = t.text || "";  // text, never markup
+}
+window.addEventListener("hashchange", () => renderTask().catch(() => {}));
+
 function render(s) {
   renderEngine(s); renderCards(s); renderWorkers(s); renderTasks(s);
+  renderTask().catch((e) => { $("task-meta").textContent = "cannot read the task: " + e; });
   const tp = s.throughput || [];
   renderChart("chart-prefill", tp, "prefill_tokens_per_s", "#2f6fdf", "prefill tokens/s");
   renderChart("chart-decode", tp, "decode_tokens_per_s", "#e07a1f", "decode tokens/s");

@@ -1,7 +1,10 @@
-"""The tilerun status page: one self-contained HTML page and ``/api/snapshot``, behind Ray's token.
+"""The tilerun status page: one self-contained HTML page, ``/api/snapshot`` and ``/api/task``,
+behind Ray's token.
 
-``StatusPage(snapshot_fn).start()`` serves, from a thread of the calling process (the engine actor
-in the service), the page in :mod:`cluster.service.status_html` and the JSON of ``snapshot_fn()``.
+``StatusPage(snapshot_fn, task_fn).start()`` serves, from a thread of the calling process (the
+engine actor in the service), the page in :mod:`cluster.service.status_html`, the JSON of
+``snapshot_fn()``, and ``/api/task?id=ID``: ``task_fn(ID)``, one task with its text so far (the
+page shows it under the tables for ``URL#task=ID``; a task's id in the table links there).
 Every request must carry Ray's authentication token, as Ray's dashboard requires: an
 ``Authorization: Bearer <token>`` (or ``X-Ray-Authorization``) header, or the cookie Ray's
 dashboard uses. A browser opens ``URL?token=<token>`` once: the page checks it, sets the cookie
@@ -49,7 +52,9 @@ class StatusPage:
 
     ``token=None`` takes Ray's token (:func:`cluster.service.ray_token.ray_auth_token`);
     ``host=None`` takes ``TILERUN_STATUS_HOST``, else 127.0.0.1; ``port=0`` picks a free port.
-    ``snapshot_fn`` is called from the server's request threads, once per page refresh.
+    ``snapshot_fn`` is called from the server's request threads, once per page refresh;
+    ``task_fn(task_id)`` (optional) likewise while a task is shown: a dict with at least ``id``,
+    ``state`` and ``text``, or None for an unknown id.
     """
 
     def __init__(
@@ -58,8 +63,10 @@ class StatusPage:
         host: str | None = None,
         port: int = 0,
         token: str | None = None,
+        task_fn: Callable[[str], dict | None] | None = None,
     ) -> None:
         self.snapshot_fn = snapshot_fn
+        self.task_fn = task_fn
         self.host = host or os.environ.get("TILERUN_STATUS_HOST") or "127.0.0.1"
         self.port = port
         self._token = (token if token is not None else ray_auth_token()).strip()
@@ -162,7 +169,21 @@ def _handler_for(page: StatusPage) -> type[BaseHTTPRequestHandler]:
                 else:
                     code = 200
                 return self._send(code, "application/json", body.encode())
+            if parts.path == "/api/task":
+                return self._task(query.get("id", [""])[0])
             return self._send(404, "text/plain; charset=utf-8", b"404 not found\n")
+
+        def _task(self, task_id: str) -> None:
+            try:
+                view = page.task_fn(task_id) if page.task_fn and task_id else None
+            except Exception as e:  # noqa: BLE001 - the page shows why, and keeps polling
+                log.warning("status page task %r failed: %s", task_id, e)
+                body = json.dumps({"error": f"{type(e).__name__}: {e}"})
+                return self._send(503, "application/json", body.encode())
+            if view is None:
+                body = json.dumps({"error": f"no task {task_id!r}"})
+                return self._send(404, "application/json", body.encode())
+            return self._send(200, "application/json", json.dumps(_finite(view)).encode())
 
         def _presented_token(self) -> str | None:
             for name in ("Authorization", "X-Ray-Authorization"):
