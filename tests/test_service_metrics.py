@@ -25,7 +25,8 @@ def _parse(text: str) -> list[tuple[str, dict, float]]:
 
 def _snapshot(spilled: int, allreduce_s: float, t2_state: str) -> dict:
     return {
-        "engine": {"started_at": 0.0, "model": "tiny", "tp": 2, "ray_address": "", "home": ""},
+        "engine": {"started_at": 0.0, "model": "tiny", "tp": 2, "ray_address": "", "home": "",
+                   "restarts": 3, "rebuilds": 1},
         "workers": [
             {"rank": r, "node": "n", "device": f"cpu:{r}", "name": "cpu",
              "memory_bytes": 1000 + r, "peak_memory_bytes": 5000 + r,
@@ -94,6 +95,8 @@ def test_an_actors_snapshot_reaches_rays_prometheus_endpoint(ray_cluster):
         ("ray_tilerun_allreduce_exposed_seconds_total", ()): 0.75,
         ("ray_tilerun_device_memory_bytes", (("rank", "1"),)): 1001,
         ("ray_tilerun_device_peak_memory_bytes", (("rank", "0"),)): 5000,
+        ("ray_tilerun_engine_restarts", ()): 3,
+        ("ray_tilerun_worker_rebuilds", ()): 1,
         # t1 once (0.375 s, though recorded many times), t2 once it had its first token (4 s).
         # (Ray exports the histogram's _sum from bucket midpoints: not compared.)
         ("ray_tilerun_time_to_first_token_seconds_count", ()): 2,

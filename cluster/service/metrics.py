@@ -42,6 +42,8 @@ METRICS = {
     "tilerun_allreduce_exposed_seconds": "AllReduce time not hidden behind compute (counter)",
     "tilerun_device_memory_bytes": "device memory in use per rank (label rank)",
     "tilerun_device_peak_memory_bytes": "peak device memory per rank (label rank)",
+    "tilerun_engine_restarts": "times Ray restarted the engine after its process died",
+    "tilerun_worker_rebuilds": "times the running engine rebuilt dead workers",
 }
 
 
@@ -82,6 +84,9 @@ class ServiceMetrics:
             m["tilerun_device_peak_memory_bytes"],
             tag_keys=("rank",),
         )
+        # gauges, not counters: each restart begins a new process, which knows its count
+        self.restarts = Gauge("tilerun_engine_restarts", m["tilerun_engine_restarts"])
+        self.rebuilds = Gauge("tilerun_worker_rebuilds", m["tilerun_worker_rebuilds"])
         # The snapshot's counters are cumulative; Ray's Counter takes increments.
         self._last_counters: dict[str, float] = {}
         self._ttft_seen: set[str] = set()
@@ -121,6 +126,10 @@ class ServiceMetrics:
         tput = (snapshot.get("throughput") or [{}])[-1]
         _set(self.prefill_tps, tput.get("prefill_tokens_per_s"))
         _set(self.decode_tps, tput.get("decode_tokens_per_s"))
+
+        engine = snapshot.get("engine") or {}
+        _set(self.restarts, engine.get("restarts", 0))
+        _set(self.rebuilds, engine.get("rebuilds", 0))
 
         tasks = snapshot.get("tasks") or []
         counts = dict.fromkeys(TASK_STATES, 0)
