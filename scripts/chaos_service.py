@@ -5,16 +5,20 @@ Starts a service (``tilerun up``: its own Ray head, the engine actor, its worker
 start and the rest while it runs, and meanwhile SIGKILLs the engine's or a worker's process
 ``--kills`` times, a few seconds apart, each time once the service has come back from the last.
 Then it stops the service and checks every task against ``tilerun run``'s tokens for the same
-inputs (an in-process engine, one request at a time):
+inputs (an in-process engine at TP 1, one request at a time):
 
 * lost: submitted ids the store does not hold, or holds unfinished;
-* failed / mismatched: tasks that did not end done, or ended with other tokens;
+* failed / mismatched: tasks that did not end done, or ended with other tokens, except ties:
+  a greedy task whose tokens part from the reference where the reference's top two logits are
+  equal to float32 noise (``TIE_REL``; TP=2 sums in another order, and a random-weight model's
+  logits are near uniform), reported with the token and the gap;
 * recovery: seconds from each kill to the service running steps again (the engine's snapshot
   answers with its workers ready: a new engine pid, or one more worker rebuild).
 
     python scripts/chaos_service.py                          # tiny model, 40 tasks, 12 kills
     python scripts/chaos_service.py --tasks 80 --kills 30 --seed 2
     python scripts/chaos_service.py --tasks 8 --kills 3 --victims engine worker   # the CI test
+    python scripts/chaos_service.py --tp 2 --comm gloo        # a kill hits one of two ranks
 
 Writes ``benchmarks/results/chaos-service-cpu.json`` (command, device, date, every kill
 and every task).
@@ -64,6 +68,20 @@ def _wait(pred, timeout: float, every: float = 0.2):
     return None
 
 
+TIE_REL = 1e-5  # a logit gap this small (relative) is float32 summation-order noise
+
+
+def _tie(engine, prompt: list[int], params, ref: list[int], got: list[int]) -> dict:
+    """Where a greedy task's tokens part from the reference: the reference's logit gap between
+    its token and the service's there; a tie if within ``TIE_REL``."""
+    out = engine.generate([prompt], params, logits="all")[0]
+    d = next(i for i, (a, b) in enumerate(zip(ref, got)) if a != b)
+    row = out.metrics["logits"][len(prompt) - 1 + d]
+    gap = float(row[ref[d]] - row[got[d]])
+    tie = gap <= TIE_REL * max(1.0, abs(float(row[ref[d]])))
+    return {"first_difference": d, "logit_gap": gap, "tie": tie}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
@@ -71,6 +89,8 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-chunk", type=int, default=64, help="small: long prefills to hit")
+    ap.add_argument("--tp", type=int, default=1, help="workers (a kill hits one rank of them)")
+    ap.add_argument("--comm", default="auto", help="their collective backend (gloo, mpi, auto)")
     ap.add_argument("--gap-s", type=float, nargs=2, default=[1.0, 4.0], help="between kills")
     ap.add_argument(
         "--victims", nargs="+", choices=["engine", "worker"], default=None,
@@ -86,6 +106,8 @@ def main() -> int:
         "dtype": "float32",
         "max_model_len": 4096,
         "prefill_chunk": args.prefill_chunk,
+        "tp": args.tp,
+        "comm": args.comm,
     }
     home = Path(tempfile.mkdtemp(prefix="tilerun-chaos-"))
     t_start = time.time()
@@ -111,7 +133,9 @@ def main() -> int:
             if args.victims:
                 victim = args.victims[k % len(args.victims)]
             e = snap["engine"]
-            pid = e["pid"] if victim == "engine" else snap["workers"][0]["pid"]
+            n = len(snap["workers"])
+            rank = rng.randrange(n) if n > 1 else 0  # (tp 1 draws nothing: runs repeat)
+            pid = e["pid"] if victim == "engine" else snap["workers"][rank]["pid"]
             running = sum(t["state"] == "running" for t in snap["tasks"])
             t0 = time.monotonic()
             os.kill(pid, signal.SIGKILL)
@@ -133,6 +157,7 @@ def main() -> int:
             kills.append(
                 {
                     "victim": victim,
+                    **({"rank": rank} if victim == "worker" else {}),
                     "running_tasks": running,
                     "recovery_s": round(time.monotonic() - t0, 2),
                     "engine_restarts": s["engine"]["restarts"],
@@ -152,33 +177,48 @@ def main() -> int:
     tasks = {t.id: t for t in svc.store.list()}
 
     # the reference: tilerun run's engine, in this process, one request at a time
-    from cluster.api import LLM
+    from cluster.config import EngineConfig
+    from cluster.engine import Engine
     from scheduler.request import SamplingParams
 
     rows = []
-    with LLM(**engine, executor="local") as llm:
+    # (in process at tp 1: TP=N gives TP=1's tokens, which tests hold elsewhere)
+    one = {k: v for k, v in engine.items() if k not in ("tp", "comm")}
+    ref_engine = Engine(EngineConfig.from_dict({**one, "executor": "local"}))
+    try:
         for tid, spec in zip(ids, specs):
             t = tasks.get(tid)
-            params = {k: v for k, v in spec.items() if k != "prompt_token_ids"}
-            ref = llm.generate([spec["prompt_token_ids"]], SamplingParams(**params))[0].token_ids
-            rows.append(
-                {
-                    "id": tid,
-                    "prompt_tokens": len(spec["prompt_token_ids"]),
-                    "max_new_tokens": spec["max_new_tokens"],
-                    "sampled": "seed" in spec,
-                    "state": t.state if t else "lost",
-                    "attempts": t.attempts if t else None,
-                    "same_tokens": bool(t and t.output and t.output["token_ids"] == ref),
-                }
-            )
+            prompt = spec["prompt_token_ids"]
+            params = SamplingParams(**{k: v for k, v in spec.items() if k != "prompt_token_ids"})
+            ref = ref_engine.generate([prompt], params)[0].token_ids
+            got = t.output["token_ids"] if t and t.output else None
+            row = {
+                "id": tid,
+                "prompt_tokens": len(prompt),
+                "max_new_tokens": spec["max_new_tokens"],
+                "sampled": "seed" in spec,
+                "state": t.state if t else "lost",
+                "attempts": t.attempts if t else None,
+                "same_tokens": got == ref,
+            }
+            if got is not None and got != ref and not row["sampled"]:
+                row |= _tie(ref_engine, prompt, params, ref, got)
+            rows.append(row)
+    finally:
+        ref_engine.shutdown()
     summary = {
         "tasks": len(ids),
         "lost": sum(r["state"] == "lost" for r in rows),
         "not_done": sum(r["state"] != "done" for r in rows),
-        "mismatched": sum(r["state"] == "done" and not r["same_tokens"] for r in rows),
+        # greedy picks that differ where the reference's top two logits tie to float32 noise
+        # (TP's other summation order, a random-weight model's near-uniform logits) are ties
+        "ties": sum(r.get("tie", False) for r in rows),
+        "mismatched": sum(
+            r["state"] == "done" and not r["same_tokens"] and not r.get("tie") for r in rows
+        ),
         "kills": len(kills),
         "engine_kills": sum(k["victim"] == "engine" for k in kills),
+        "tp": args.tp,
         "recovery_s_median": sorted(k["recovery_s"] for k in kills)[len(kills) // 2]
         if kills
         else None,
