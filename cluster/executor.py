@@ -471,6 +471,19 @@ class RayExecutor(_Executor):
             )
         log.warning("a step has run %.1f s; every rank answers, still waiting", waited)
 
+    def check_alive(self) -> None:
+        """While no step runs (the service idles): raise ``WorkerDiedError`` naming a rank whose
+        actor has died, so the workers are rebuilt before the next task rather than at its first
+        step (a death is otherwise only seen by a step). One ping per rank, on the actors'
+        health group; a dead actor's fails at once."""
+        ray = self._ray
+        pings = [w.ping.remote() for w in self.workers]
+        ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
+        rank = _dead_rank(ray, pings)
+        if rank is not None:
+            self.broken = True
+            raise WorkerDiedError(f"worker {self._where(rank)} died")
+
     def _failed_ranks(self) -> list[tuple[int, str]]:
         ray = self._ray
         refs = [w.failed_step.remote() for w in self.workers]

@@ -303,6 +303,27 @@ def _task_view(home: Path, task_id: str) -> dict:
     return json.loads(urllib.request.urlopen(req, timeout=60).read())
 
 
+def test_worker_killed_while_idle_is_rebuilt_before_the_next_task(service):
+    """No step runs, so no step can see the death: the idle engine's own check rebuilds the
+    workers within seconds, and the next task runs once, with tilerun run's tokens."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    wait_until(lambda: all(t.state in ("done", "failed", "cancelled") for t in store.list()))
+    st = ok("status", "--home", home, "--json")
+    os.kill(st["workers"][0]["pid"], signal.SIGKILL)
+    wait_until(
+        lambda: (
+            ok("status", "--home", home, "--json")["engine"]["rebuilds"]
+            == st["engine"]["rebuilds"] + 1
+        ),
+        timeout=60,
+        every=0.5,
+    )
+    tid = submit(home, [2, 7, 1, 8], 6)
+    r = ok("result", tid, "--wait", "--home", home, "--json")
+    assert r["attempts"] == 1 and r["token_ids"] == reference([2, 7, 1, 8], 6)
+
+
 def kill_engine_mid_task(home: Path, store: TaskStore, inputs) -> tuple[int, list[str]]:
     """Submit ``inputs[0]``, SIGKILL the engine's process while it runs, then submit the rest
     (queued while no engine runs); the dead engine's pid and the task ids."""

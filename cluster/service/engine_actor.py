@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,10 @@ class EngineActor:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.home = Path(home)
         restarts = 0
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray 2.60 reads it through an API it deprecates
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
             restarts = int((read_json(self.home, "engine.json") or {}).get("restarts", 0)) + 1
         self.loop = ServiceLoop(ServiceSpec.from_dict(spec), self.home, ray_address, restarts)
         self._watch_lock = threading.Lock()

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.5
 IDLE_POLL_S = 0.1
+IDLE_ALIVE_CHECK_S = 1.0  # while idle, how often the workers are checked for a death
 SNAPSHOT_FINISHED = 200  # finished tasks a snapshot lists (all queued and running ones too)
 TASK_TEXT_CHARS = 100_000  # of a task's text the status page is sent (the end of it)
 
@@ -77,6 +78,7 @@ class ServiceLoop:
         self._window = [time.time(), 0, 0]  # start, prefill tokens, decode tokens
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
+        self._last_alive_check = 0.0
         self.rebuilds = 0
         self._allreduce_exposed_s = 0.0  # rank 0's steps, since the engine started
         self._readers = threading.local()
@@ -214,6 +216,11 @@ class ServiceLoop:
             self._cancel(engine)
         if not engine.steps.has_work:
             self._flush_progress(force=True)
+            if now - self._last_alive_check >= IDLE_ALIVE_CHECK_S:
+                self._last_alive_check = now
+                check = getattr(engine.executor, "check_alive", None)  # Ray's workers only
+                if check is not None:
+                    check()  # a WorkerDiedError rebuilds them now (_main), with no task lost
             self.stopping.wait(IDLE_POLL_S)
             return
         # the engine's step loop: with overlap on, the next step is already running on the
