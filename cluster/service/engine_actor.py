@@ -72,14 +72,11 @@ class EngineActor:
             return
         page = self._watch()
         while not self.loop.stopping.is_set():  # `tilerun down` came first: record nothing
-            if self.loop.engine is not None:  # else a worker died meanwhile: wait for the rebuild
-                try:
-                    info = self.loop.describe()
-                except (AssertionError, AttributeError):  # it died between check and call
-                    info = None
-                if info is not None:
-                    write_json(self.home, "engine.json", {**info, "status_page": page})
-                    break
+            engine = self.loop.engine  # None while a worker death's rebuild runs: wait for it
+            if engine is not None:
+                info = self.loop.describe(engine)
+                write_json(self.home, "engine.json", {**info, "status_page": page})
+                break
             time.sleep(0.5)
         log.warning("engine restarted (restart %d): the workers are up again", self.loop.restarts)
 

@@ -145,9 +145,10 @@ class ServiceLoop:
         ]
         self._memory = self.engine.executor.memory_stats()
 
-    def describe(self) -> dict[str, Any]:
-        """What ``tilerun up`` records in engine.json: what submit checks tasks against."""
-        e = self.engine
+    def describe(self, e: Engine | None = None) -> dict[str, Any]:
+        """What ``tilerun up`` records in engine.json: what submit checks tasks against
+        (``e``: the engine to describe, else the running one)."""
+        e = e or self.engine
         assert e is not None
         return {
             "config": self.spec.to_dict(),
