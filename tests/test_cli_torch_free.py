@@ -21,7 +21,7 @@ from cluster.service.spec import ServiceSpec
 from cluster.service.store import TaskStore
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["submit", "status", "result", "cancel", "down", "dashboard"]
+COMMANDS = ["submit", "status", "result", "cancel", "prune", "down", "dashboard"]
 
 
 def tilerun(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -102,3 +102,38 @@ def test_submit_validates_and_stores_without_torch(home, tmp_path):
         assert p.returncode == rc, p.stderr
         assert torch_modules(modules) == []
     assert "was cancelled" in p.stderr
+
+
+def test_prune_deletes_only_finished_tasks_its_rules_let_go(home):
+    """`tilerun prune` through a real process over a real store: queued and running tasks stay
+    whatever the rules say; --dry-run deletes nothing; a bad age is refused in one line."""
+    s = TaskStore(home / "tasks.db")
+    ids = [s.add([1], {"max_new_tokens": 1}) for _ in range(5)]
+    old_done, old_failed, new_done, running, queued = ids
+    for i in (old_done, old_failed, new_done, running):
+        s.start(i)
+    s.finish(old_done, "done", output={"token_ids": [2], "metrics": {}})
+    s.finish(old_failed, "failed", error="boom")
+    s.finish(new_done, "done", output={"token_ids": [2], "metrics": {}})
+    # the first two finished ten days ago
+    s._db.execute(
+        "UPDATE tasks SET finished_at = finished_at - 864000 WHERE id IN (?, ?)",
+        (old_done, old_failed),
+    )
+    p, modules = tilerun("prune", "--older-than", "7d", "--dry-run", "--json", "--home", str(home))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"would_delete": [old_done, old_failed]}
+    assert torch_modules(modules) == []
+    assert len(s.list()) == 5
+    p, _ = tilerun("prune", "--keep", "2", "--home", str(home))  # the two latest finished stay
+    assert p.returncode == 0 and p.stdout.strip() == "deleted 1 finished task(s)", p.stderr
+    assert [t.id for t in s.list()] == [old_failed, new_done, running, queued]
+    p, _ = tilerun("prune", "--older-than", "0s", "--keep", "0", "--json", "--home", str(home))
+    assert json.loads(p.stdout) == {"deleted": [old_failed, new_done]}
+    assert [t.id for t in s.list()] == [running, queued]
+    for args, says in [(("--older-than", "7x"), "'7x' is not an age"), ((), "prune needs a rule"),
+                       (("--keep", "-1"), "--keep must be 0 or more")]:  # fmt: skip
+        p, _ = tilerun("prune", *args, "--home", str(home))
+        assert p.returncode == 2 and says in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) <= 3, p.stderr  # argparse adds its usage
+    assert [t.id for t in s.list()] == [running, queued]

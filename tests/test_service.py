@@ -290,6 +290,22 @@ def test_follow_streams_each_token_once_across_a_worker_death(service):
     assert done["state"] == "done" and done["text"] == result["text"]
 
 
+def test_submit_follow_prints_the_id_the_pieces_and_the_result(service):
+    """`tilerun submit --follow --json`: the id first, then pieces whose tokens concatenate to
+    the output, then the result, which is tilerun run's."""
+    home, _, _ = service
+    prompt, n = [21, 22, 23, 24], 300
+    r = tilerun(
+        "submit", "--prompt-token-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(n),
+        "--follow", "--json", "--home", home,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, *pieces, result = [json.loads(line) for line in r.stdout.splitlines()]
+    assert result["id"] == first["id"] and result["state"] == "done"
+    assert result["token_ids"] == reference(prompt, n)
+    assert pieces and [t for p in pieces for t in p["token_ids"]] == result["token_ids"]
+
+
 def _task_view(home: Path, task_id: str) -> dict:
     """The status page's ``/api/task`` for a task, with Ray's token."""
     import urllib.request

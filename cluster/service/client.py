@@ -331,6 +331,18 @@ class Service:
     def cancel(self, task_id: str) -> str:
         return self.store.request_cancel(self.task(task_id).id)
 
+    def prune(
+        self, older_than_s: float | None = None, keep: int | None = None, dry_run: bool = False
+    ) -> list[str]:
+        """Delete finished tasks finished more than ``older_than_s`` ago and not among the
+        ``keep`` latest (each rule only where given; at least one). Returns their ids."""
+        if older_than_s is None and keep is None:
+            raise ServiceError("prune needs a rule: --older-than AGE (e.g. 7d) and/or --keep N")
+        if keep is not None and keep < 0:
+            raise ServiceError(f"--keep must be 0 or more, not {keep}")
+        before = None if older_than_s is None else time.time() - older_than_s
+        return self.store.prune(before, keep, dry_run=dry_run)
+
     def tasks(self, task_id: str | None = None) -> list[dict]:
         if task_id:
             return [self.task(task_id).summary()]

@@ -62,6 +62,12 @@ def register(sub) -> dict[str, Any]:
     src.add_argument("--prompt-file")
     src.add_argument("--prompt-token-ids", help="comma-separated token ids, e.g. 1,2,3")
     _home(p)
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="then print its text as it is generated and its result, as `tilerun result --follow`",
+    )
+    p.add_argument("--timeout", type=float, help="seconds to follow it at most (--follow)")
     p.add_argument("--json", action="store_true", help='print {"id": ...}')
     add_config_flags(p, [SamplingParams])
 
@@ -91,6 +97,23 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
+        "prune",
+        help="delete finished tasks from the store",
+        description="Delete done, failed and cancelled tasks (their prompts and outputs) that "
+        "every given rule lets go. Queued and running tasks are never touched.",
+    )
+    p.add_argument(
+        "--older-than",
+        type=duration,
+        metavar="AGE",
+        help="tasks finished more than AGE ago: a number with s, m, h or d (e.g. 12h, 7d)",
+    )
+    p.add_argument("--keep", type=int, metavar="N", help="keep the N most recently finished")
+    p.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+    _home(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
         "down", help="stop the engine and its workers (and the Ray head that `up` started)"
     )
     _home(p)
@@ -105,9 +128,27 @@ def register(sub) -> dict[str, Any]:
         "status": cmd_status,
         "result": cmd_result,
         "cancel": cmd_cancel,
+        "prune": cmd_prune,
         "down": cmd_down,
         "dashboard": cmd_dashboard,
     }
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """``90s``, ``15m``, ``12h``, ``7d`` (or plain seconds) as seconds; argparse's ``type``."""
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an age: give a number with s, m, h or d, e.g. 12h or 7d"
+        )
+    return value
 
 
 def _out(args, obj: dict, text: str) -> None:
@@ -152,8 +193,12 @@ def cmd_submit(args) -> int:
     for k, v in flags.items():
         values[k] = v
         where.pop(k, None)  # a flag's error has no file line
-    task_id = Service(args.home).submit_values(values, where)
+    svc = Service(args.home)
+    task_id = svc.submit_values(values, where)
     _out(args, {"id": task_id}, task_id)
+    if args.follow:
+        sys.stdout.flush()
+        _follow(svc, task_id, args)
     return 0
 
 
@@ -243,24 +288,49 @@ def cmd_result(args) -> int:
 
     svc = Service(args.home)
     if args.follow:
-        for piece in svc.follow(args.id, timeout_s=args.timeout):
-            if args.json:
-                print(json.dumps(dataclasses.asdict(piece)), flush=True)
-                continue
-            if piece.restarted:
-                print(
-                    f"\n[attempt {piece.attempt} generated other tokens; its output from the start:]",
-                    file=sys.stderr,
-                )
-            sys.stdout.write(piece.text)
-            sys.stdout.flush()
-        if not args.json:
-            print()
+        _follow(svc, args.id, args)
+        return 0
     r = svc.result(args.id, wait=args.wait, timeout_s=args.timeout)
     if args.json:
         print(json.dumps(r))
     else:
         _print_summary(r)
+    return 0
+
+
+def _follow(svc, task_id: str, args) -> None:
+    """Print a task's text as it comes (with --json one object per piece), then its result."""
+    from cluster.cli import _print_summary
+
+    for piece in svc.follow(task_id, timeout_s=args.timeout):
+        if args.json:
+            print(json.dumps(dataclasses.asdict(piece)), flush=True)
+            continue
+        if piece.restarted:
+            print(
+                f"\n[attempt {piece.attempt} generated other tokens; its output from the start:]",
+                file=sys.stderr,
+            )
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    if not args.json:
+        print()
+    r = svc.result(task_id)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        _print_summary(r)
+
+
+def cmd_prune(args) -> int:
+    from cluster.service.client import Service
+
+    gone = Service(args.home).prune(args.older_than, args.keep, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    text = f"{verb} {len(gone)} finished task(s)"
+    if gone and args.dry_run:
+        text += ": " + " ".join(gone)
+    _out(args, {"deleted" if not args.dry_run else "would_delete": gone}, text)
     return 0
 
 

@@ -295,6 +295,42 @@ class TaskStore:
             )
             self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
 
+    # -- retention ---------------------------------------------------------------------------
+    def prune(
+        self, finished_before: float | None = None, keep: int | None = None, dry_run: bool = False
+    ) -> list[str]:
+        """Delete finished tasks (done, failed, cancelled) that every given rule lets go: finished
+        before ``finished_before`` (a time.time() value), and not among the ``keep`` most recently
+        finished. Queued and running tasks are never touched. Returns the ids, oldest first
+        (those that would go, with ``dry_run``)."""
+        if finished_before is None and keep is None:
+            raise ValueError("prune needs finished_before or keep")
+        terminal = ",".join(f"'{s}'" for s in TERMINAL)
+        q = f"SELECT id FROM tasks WHERE state IN ({terminal})"
+        args: list[Any] = []
+        if finished_before is not None:
+            q += " AND finished_at < ?"
+            args.append(finished_before)
+        if keep is not None:
+            q += (
+                f" AND id NOT IN (SELECT id FROM tasks WHERE state IN ({terminal}) "
+                "ORDER BY finished_at DESC, n DESC LIMIT ?)"
+            )
+            args.append(int(keep))
+        q += " ORDER BY n"
+        with self._tx():
+            ids = [r[0] for r in self._db.execute(q, args).fetchall()]
+            if ids and not dry_run:
+                # in slices: SQLite bounds the number of parameters in one statement
+                for i in range(0, len(ids), 500):
+                    part = ids[i : i + 500]
+                    marks = ",".join("?" * len(part))
+                    self._db.execute(
+                        f"DELETE FROM tasks WHERE id IN ({marks}) AND state IN ({terminal})", part
+                    )
+                    self._db.execute(f"DELETE FROM partial WHERE id IN ({marks})", part)
+        return ids
+
 
 def _task(r: sqlite3.Row) -> Task:
     return Task(
