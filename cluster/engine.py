@@ -118,7 +118,23 @@ class Engine:
         depth = getattr(self.executor, "pipeline_depth", 1)
         return f", steps via {transport}" + (f" ({depth} in flight)" if depth > 1 else "")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    @property
+    def keeps_prefixes(self) -> bool:
+        """Whether prompts' KV can be saved and restored (``runtime.kv_prefix``): not for a
+        lightning hybrid, whose per-sequence states are not in the KV cache."""
+        return not self.model_config.num_lightning_layers
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        save_prefix: tuple[str, str] | None = None,
+        restore_prefix: tuple[str, int] | None = None,
+    ) -> Sequence:
+        """Queue one prompt. ``save_prefix`` (file stem, key): the workers write the prompt's KV
+        once it is prefilled; ``restore_prefix`` (file stem, tokens): read that many positions
+        (at most the prompt's length - 1) from such files instead of computing them. Both are
+        ignored where ``keeps_prefixes`` is false."""
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -126,6 +142,12 @@ class Engine:
                 f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})"
             )
         seq = Sequence(self._next_id, list(prompt_ids), params, self.model_config.eos_token_ids)
+        if self.keeps_prefixes:
+            seq.save_prefix = save_prefix
+            if restore_prefix is not None:
+                stem, tokens = restore_prefix
+                seq.restore_prefix = str(stem)
+                seq.restore_tokens = max(0, min(int(tokens), len(prompt_ids) - 1))
         self.scheduler.add(seq)  # raises CapacityError before anything is queued
         self._next_id += 1
         return seq
@@ -227,4 +249,5 @@ def _metrics(s: Sequence, peak: int) -> dict:
         "decode_s": decode_s,
         "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else None,
         "peak_memory_bytes": peak,
+        "restored_tokens": s.restore_tokens,  # prompt positions read from a KV prefix file
     }

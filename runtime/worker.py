@@ -12,6 +12,7 @@ steps then leaves the device busy).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime import device as dev
+from runtime import kv_prefix
 from runtime.attention import AttentionMetadata, get_backend, resolve_backend
 from runtime.attention.autotune import AttentionShape
 from runtime.attention.lightning_kernels import lightning_kernel
@@ -135,6 +137,7 @@ class Worker:
         # which a later step's PENDING_TOKEN stands for (steps run in the order they are sent)
         self._last_sampled: dict[int, tuple[torch.Tensor, int]] = {}
         self.tables = TableStore()  # block tables of live sequences (batches carry deltas)
+        self._prefix_readers: dict[int, kv_prefix.PrefixReader] = {}  # restored sequences
         self.decode_graphs = DecodeGraphRunner(None, off="no KV cache yet")
         self.spill_rates: spill_cost.SpillRates | None = None  # at the first host-tier step
         # under --spill auto, measured step times overrule the model's cooperate picks
@@ -639,8 +642,17 @@ class Worker:
         for sid in batch.finished_seq_ids:
             self._generators.pop(sid, None)
             self._last_sampled.pop(sid, None)
+            self._prefix_readers.pop(sid, None)
         if self.model_config.num_lightning_layers:
             self.model.release(batch.finished_seq_ids)
+        restored = [c for c in batch.chunks if c.kv_prefix is not None]
+        tables = {c.seq_id: c.block_table for c in batch.chunks} if batch.kv_saves else {}
+        if restored:  # read from a prefix file after the step's swaps, never computed
+            batch = dataclasses.replace(
+                batch, chunks=tuple(c for c in batch.chunks if c.kv_prefix is None)
+            )
+            if not batch.chunks:
+                return self._restore_only(batch, restored, t0)
         chunks = batch.chunks
         # the row of each chunk's last token: the one that samples
         last = list(itertools.accumulate(len(c.token_ids) for c in chunks))
@@ -686,9 +698,57 @@ class Worker:
             result.movement_exposed_s = figures.exposed_s
             result.spill_mode = figures.mode
             result.host_blocks, result.cpu_blocks = figures.host_blocks, figures.cpu_blocks
+        # the step's swaps ran layer by layer inside it: restored rows land after them
+        self._restore(restored)
+        self._save_prefixes(batch.kv_saves, tables)
         # exposed AllReduce time is read when the step is done (CUDA: its timing events)
         clock = self.parallel.wait_clock.take()
         return PendingStep(result, [c.seq_id for c in sampling], tokens, self.device, t0, clock)
+
+    def _restore_only(self, batch: ScheduledBatch, restored: list[SeqChunk], t0: float):
+        """A step whose chunks all read their rows from prefix files: its swaps, then the rows
+        (no forward, no AllReduce: every rank does the same from its own file)."""
+        if batch.swaps and self.kv is not None:
+            swaps = list(batch.swaps)
+            plan = self.kv.plan_copies(swaps)
+            moved = sum(
+                self.kv.copy_blocks(layer, swaps, plan) for layer in range(self.kv.num_layers)
+            )
+        else:
+            moved = 0
+        self._restore(restored)
+        self._save_prefixes(batch.kv_saves, {})
+        result = StepResult(sampled={})
+        result.bytes_moved = moved
+        self.parallel.wait_clock.take()
+        return PendingStep(result, [], None, self.device, t0)
+
+    def _prefix_layout(self) -> dict[str, str]:
+        return kv_prefix.layout(self.kv, self.rank, self.world_size)
+
+    def _restore(self, chunks: list[SeqChunk]) -> None:
+        """Rows of restored chunks from this rank's prefix files into their device blocks."""
+        for c in chunks:
+            path = kv_prefix.rank_path(c.kv_prefix, self.rank)
+            reader = self._prefix_readers.get(c.seq_id)
+            if reader is None or reader.path != path:
+                reader = kv_prefix.PrefixReader(path, self._prefix_layout())
+                self._prefix_readers[c.seq_id] = reader
+            reader.write_rows(self.kv, c.block_table, c.start_pos, c.seq_len)
+
+    def _save_prefixes(self, saves, tables: dict) -> None:
+        """Write the prompt KV of sequences whose prefill this step completed (a failure to
+        write costs a later attempt its prefill, never this step)."""
+        for seq_id, tokens, stem, key in saves:
+            table = tables.get(seq_id)
+            if table is None:
+                continue
+            try:
+                kv_prefix.save(
+                    self.kv, list(table), tokens, stem, {**self._prefix_layout(), "key": key}
+                )
+            except OSError as e:
+                log.warning("could not save the KV prefix of sequence %d: %s", seq_id, e)
 
     def _sample(self, rows: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
         """This step's tokens ``[len(chunks)]`` int64 on the device, from float32 logits

@@ -23,6 +23,9 @@ class SeqChunk:
     block_table: tuple[int, ...]
     sample: bool
     params: SamplingParams  # on the wire to a worker: with a sequence's first chunk only
+    # a restored sequence's chunk: its rows come from this KV prefix file (the stem; each rank
+    # reads its own, ``runtime.kv_prefix``) instead of being computed; such a chunk never samples
+    kv_prefix: str | None = None
 
     @property
     def seq_len(self) -> int:
@@ -37,6 +40,9 @@ class ScheduledBatch:
     # block copies (src_id, dst_id) in global ids (device 0..D-1, host D..D+H-1) every worker
     # performs in order, for every layer, before the step's computation (spill, fetch, resume)
     swaps: tuple[tuple[int, int], ...] = ()
+    # after the step, each worker writes these sequences' prompt KV to disk: (seq_id, tokens,
+    # file stem, key), for a later attempt to restore (``runtime.kv_prefix``)
+    kv_saves: tuple[tuple[int, int, str, str], ...] = ()
 
     @property
     def num_tokens(self) -> int:

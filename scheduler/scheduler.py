@@ -99,7 +99,7 @@ class Scheduler:
                 break
             if not seq.prompt_scheduled:
                 start = seq.num_scheduled
-                n = min(budget, len(seq.prompt_ids) - start)
+                n = self._cut(seq, start, min(budget, len(seq.prompt_ids) - start))
                 ids = seq.prompt_ids[start : start + n]
                 chunks.append(self._chunk(seq, ids, start, sample=start + n == len(seq.prompt_ids)))
                 budget -= n
@@ -114,12 +114,36 @@ class Scheduler:
             return None
         self._step += 1
         finished, self._finished_since_last = tuple(self._finished_since_last), []
-        return ScheduledBatch(self._step, tuple(chunks), finished)
+        return ScheduledBatch(self._step, tuple(chunks), finished, kv_saves=self._saves(chunks))
+
+    @staticmethod
+    def _cut(seq: Sequence, start: int, n: int) -> int:
+        """A prompt chunk of ``n`` tokens from ``start``, cut where a restored prefix ends (a
+        chunk's rows are all read from the file or all computed)."""
+        if start < seq.restore_tokens:
+            return min(n, seq.restore_tokens - start)
+        return n
+
+    def _saves(self, chunks) -> tuple[tuple[int, int, str, str], ...]:
+        """The step's prefix saves: sequences whose prompt this step completes, that ask."""
+        by_id = {s.seq_id: s for s in self.running}
+        saves = []
+        for c in chunks:
+            seq = by_id.get(c.seq_id)
+            if (
+                seq is not None
+                and seq.save_prefix
+                and c.sample
+                and c.seq_len == len(seq.prompt_ids)
+            ):
+                saves.append((c.seq_id, c.seq_len, *seq.save_prefix))
+        return tuple(saves)
 
     def _chunk(self, seq: Sequence, ids: list[int], start: int, sample: bool) -> SeqChunk:
         """The step's slice of ``seq``; the sequence counts it as scheduled from now on."""
         seq.num_scheduled = start + len(ids)
         seq.num_pending += sample
+        restored = start < seq.restore_tokens
         return SeqChunk(
             seq_id=seq.seq_id,
             token_ids=tuple(ids),
@@ -127,6 +151,7 @@ class Scheduler:
             block_table=tuple(seq.block_table),
             sample=sample,
             params=seq.params,
+            kv_prefix=seq.restore_prefix if restored else None,
         )
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:

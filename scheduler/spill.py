@@ -136,7 +136,9 @@ class SpillScheduler(Scheduler):
             self.stats.steps_with_swaps += 1
         chunks = tuple(self._chunk(p.seq, p.ids, p.start, p.sample) for p in plans)
         finished, self._finished_since_last = tuple(self._finished_since_last), []
-        return ScheduledBatch(self._step, chunks, finished, tuple(swaps))
+        return ScheduledBatch(
+            self._step, chunks, finished, tuple(swaps), kv_saves=self._saves(chunks)
+        )
 
     def _order(self) -> list[Sequence]:
         """Starved sequences first (longest starved first), then arrival order."""
@@ -167,7 +169,7 @@ class SpillScheduler(Scheduler):
                 continue
             start = seq.num_scheduled
             room = (start // bs + dev_budget) * bs - start
-            n = min(budget, len(seq.prompt_ids) - start, room)
+            n = self._cut(seq, start, min(budget, len(seq.prompt_ids) - start, room))
             if n < 1:
                 self._starved.setdefault(seq.seq_id, self._step)
                 continue

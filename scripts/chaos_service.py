@@ -96,6 +96,10 @@ def main() -> int:
         "--victims", nargs="+", choices=["engine", "worker"], default=None,
         help="whose process each kill hits, in turn (default: either, at random)",
     )  # fmt: skip
+    ap.add_argument(
+        "--kv-prefix-min-tokens", type=int, default=256,
+        help="prompts this long keep their KV on disk, and a re-run restores it (0: off)",
+    )  # fmt: skip
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -112,7 +116,10 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="tilerun-chaos-"))
     t_start = time.time()
     # every kill may hit every running task: enough attempts that none fails of kills alone
-    svc = Service.up(home=home, max_attempts=args.kills + 2, num_cpus=4, **engine)
+    svc = Service.up(
+        home=home, max_attempts=args.kills + 2, num_cpus=4,
+        kv_prefix_min_tokens=args.kv_prefix_min_tokens, **engine,
+    )  # fmt: skip
     vocab = json.loads((home / "engine.json").read_text())["vocab_size"]
     specs = _tasks(args.tasks, rng, vocab)
     ids: list[str] = []
@@ -200,6 +207,10 @@ def main() -> int:
                 "state": t.state if t else "lost",
                 "attempts": t.attempts if t else None,
                 "same_tokens": got == ref,
+                # prompt positions this attempt read from the KV an earlier one saved
+                "restored_tokens": (t.output or {}).get("metrics", {}).get("restored_tokens", 0)
+                if t
+                else 0,
             }
             if got is not None and got != ref and not row["sampled"]:
                 row |= _tie(ref_engine, prompt, params, ref, got)
@@ -224,6 +235,7 @@ def main() -> int:
         else None,
         "recovery_s_max": max((k["recovery_s"] for k in kills), default=None),
         "tasks_rerun": sum((r["attempts"] or 0) > 1 for r in rows),
+        "tasks_restored": sum(r["restored_tokens"] > 0 for r in rows),
         "wall_s": round(wall, 1),
     }
     print(json.dumps(summary, indent=1))

@@ -67,6 +67,8 @@ def service(tmp_path_factory):
         "".join(f"{k}: {v}\n" for k, v in ENGINE.items())
         # one restart: the first engine kill is survived by itself, the second needs `up`
         + "max_attempts: 3\nnum_cpus: 4\nengine_restarts: 1\n"
+        # prompts of 1000 tokens and more keep their KV for a re-run (LONG's 1800 included)
+        + "kv_prefix_min_tokens: 1000\n"
     )
     info = ok("up", cfg, "--home", home, "--json")
     yield home, cfg, info
@@ -255,6 +257,25 @@ def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):
     )
     st = ok("status", "--home", home, "--json")
     assert st["engine"]["rebuilds"] == 1 and st["workers"][0]["pid"] != pid
+
+
+def test_worker_killed_while_decoding_a_long_prompt_restores_its_prefill(service):
+    """A task whose prompt is long enough saves its prompt KV once prefilled; its worker killed
+    mid-decode, the new worker reads the prompt back (all but its last position, computed for
+    the first token) instead of prefilling it: tilerun run's tokens; the files go at the end."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    prompt = [(i * 11) % 500 + 1 for i in range(1200)]
+    pid = ok("status", "--home", home, "--json")["workers"][0]["pid"]
+    tid = submit(home, prompt, 600)
+    wait_until(lambda: (p := store.partial(tid)) is not None and len(p[1]) >= 20, every=0.02)
+    saved = home / "kv" / f"{tid}.rank0.safetensors"
+    assert saved.is_file()
+    os.kill(pid, signal.SIGKILL)
+    r = ok("result", tid, "--wait", "--home", home, "--json")
+    assert r["attempts"] == 2 and r["metrics"]["restored_tokens"] == len(prompt) - 1
+    assert r["token_ids"] == reference(prompt, 600)
+    assert not list((home / "kv").glob(f"{tid}*"))
 
 
 def test_follow_streams_each_token_once_across_a_worker_death(service):

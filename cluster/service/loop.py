@@ -25,6 +25,7 @@ from typing import Any
 from cluster.engine import Engine, _metrics
 from cluster.executor import WorkerDiedError
 from cluster.service.home import NAMESPACE, WORKER_PREFIX, store_path
+from cluster.service.prefixes import Prefixes
 from cluster.service.spec import ServiceSpec, sampling_from_dict
 from cluster.service.store import TaskStore
 from runtime.tokenizer import load_tokenizer
@@ -65,6 +66,7 @@ class ServiceLoop:
         self.ray_address = ray_address
         self.started_at = time.time()
         self.store = TaskStore(store_path(home))
+        self.prefixes = Prefixes(home, spec)  # tasks' prompt KV on disk, for their re-runs
         self.engine: Engine | None = None
         self.tokenizer = None
         self.ready = threading.Event()
@@ -136,6 +138,7 @@ class ServiceLoop:
                     raise
                 time.sleep(1)
         self.tokenizer = load_tokenizer(self.engine.checkpoint)
+        self.prefixes.for_device(self.engine.device_infos[0]["device"].split(":")[0])
         import ray
 
         where = ray.get([w.where.remote() for w in self.engine.executor.workers])
@@ -169,12 +172,14 @@ class ServiceLoop:
     def _recover_after_restart(self) -> None:
         for t in self.store.list(("running",)):
             self._retry_or_fail(t.id, t.attempts, "the engine restarted while the task ran")
+        self.prefixes.sweep({t.id for t in self.store.list(("queued", "running"))})
 
     def _retry_or_fail(self, task_id: str, attempts: int, reason: str) -> None:
         if attempts >= self.spec.service.max_attempts:
             self.store.finish(
                 task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)"
             )
+            self.prefixes.remove(task_id)
         else:
             self.store.requeue(task_id, reason)
 
@@ -202,6 +207,7 @@ class ServiceLoop:
             live, self._live = list(self._live.values()), {}
         for t in live:
             self.store.finish(t.task_id, "failed", error=reason)
+            self.prefixes.remove(t.task_id)
         if self.engine is not None:
             self.engine.steps.abandon()
             self.engine.scheduler.abort_all()
@@ -241,10 +247,13 @@ class ServiceLoop:
         self._allreduce_exposed_s += getattr(step.result, "allreduce_exposed_s", 0.0)
         wall = time.time()
         prefill_tokens = sum(
-            len(c.token_ids) for c in batch.chunks if c.start_pos < self._prompt_len(c.seq_id)
+            len(c.token_ids)
+            for c in batch.chunks
+            if c.start_pos < self._prompt_len(c.seq_id) and c.kv_prefix is None
         )
-        self._window[1] += prefill_tokens
-        self._window[2] += batch.num_tokens - prefill_tokens
+        restored = sum(len(c.token_ids) for c in batch.chunks if c.kv_prefix is not None)
+        self._window[1] += prefill_tokens  # computed: rows read from a prefix file are not
+        self._window[2] += batch.num_tokens - prefill_tokens - restored
         with self._lock:
             for c in batch.chunks:
                 t = self._live.get(c.seq_id)
@@ -267,9 +276,12 @@ class ServiceLoop:
             try:
                 params = sampling_from_dict(task.params)
                 # checks the vocabulary and that it fits, as submit did against engine.json
-                seq = engine.add_request(list(task.prompt_token_ids), params)
+                seq = engine.add_request(
+                    list(task.prompt_token_ids), params, **self.prefixes.request(task)
+                )
             except TilerunError as e:
                 self.store.finish(task.id, "failed", error=str(e))
+                self.prefixes.remove(task.id)
                 continue
             with self._lock:
                 self._live[seq.seq_id] = _Live(
@@ -288,6 +300,7 @@ class ServiceLoop:
                 with self._lock:
                     self._live.pop(sid, None)
                 self.store.finish(task.id, "cancelled", error="cancelled by the user")
+                self.prefixes.remove(task.id)
 
     def _finish(self, engine: Engine, seq: Sequence) -> None:
         with self._lock:
@@ -309,6 +322,7 @@ class ServiceLoop:
             "wall_s": now - t.submitted_at,
         }
         self.store.finish(t.task_id, "done", output=output)
+        self.prefixes.remove(t.task_id)
 
     def _flush_progress(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -10,6 +10,7 @@ tp: 2
 prefill_chunk: 2048    # tokens per step (default: by device, 8192 on GPUs, 2048 on CPUs)
 max_attempts: 3        # runs of a task before it is marked failed (worker or engine deaths)
 engine_restarts: -1    # times Ray restarts a dead engine by itself (-1: always, 0: never)
+kv_prefix_min_tokens: 2048  # keep prompts this long on disk for a re-run (default: CPUs only)
 num_cpus: 4            # logical CPUs of the Ray head that `tilerun up` starts (not with --address)
 ```
 
@@ -47,6 +48,15 @@ class ServiceConfig:
         "runs the tasks it ran again, an attempt counted); -1: always, 0: never (`tilerun up` "
         "brings it back)",
         minimum=-1,
+    )
+    kv_prefix_min_tokens: int | None = option(
+        None,
+        help="tasks with at least this many prompt tokens have their prompt's KV saved to the "
+        "state directory once prefilled, so that a run after a worker or engine death reads it "
+        "back instead of prefilling again (deleted when the task ends); 0: never; default 2048 "
+        "on CPU workers, 0 on GPUs and NPUs (the save is written in the prefill's last step, "
+        "and there it takes longer than the prefill it would spare)",
+        minimum=0,
     )
     num_cpus: int | None = option(
         None,

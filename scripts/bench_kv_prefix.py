@@ -1,0 +1,169 @@
+"""What a saved prompt KV costs and what it saves (``runtime.kv_prefix``, the service's re-runs).
+
+For each context S, one engine (local worker) runs the same S random prompt tokens three times,
+batch 1, greedy:
+
+* ``compute``: prefill as usual (the peer: what a re-run costs without a saved prefix, the same
+  as any runtime that re-prefills);
+* ``save``: the same, the prompt's KV written to disk at the end of the prefill (the save sits in
+  the prefill's last step, so ``ttft`` grows by its time, ``save_s``, timed around the call);
+* ``restore``: a re-run on the same workers' empty blocks that reads the S-1 saved positions and
+  computes the last one.
+
+Time to first token of each, the file's bytes, the write rate (bound: the same bytes written
+with one ``write`` and ``fsync`` here, ``disk_write_bytes_per_s``) and the restore's read rate,
+and whether the three runs' tokens agree.
+
+    python scripts/bench_kv_prefix.py --model demo-small --contexts 1024 4096 8192
+    python scripts/bench_kv_prefix.py --model llama3-8b --device cuda --contexts 32768 131072
+
+Writes ``benchmarks/results/kv-prefix-<device>.json`` (command, device, date, rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _command import command_line  # scripts/: the result's command line
+
+from cluster.config import EngineConfig
+from cluster.engine import Engine
+from runtime import kv_prefix
+from scheduler.request import SamplingParams
+
+
+def disk_write_rate(directory: Path, nbytes: int) -> float:
+    """Bytes/s of one large write + fsync of ``nbytes`` (at most 4 GiB) in ``directory``."""
+    n = min(nbytes, 4 << 30)
+    buf = os.urandom(1 << 20) * (n >> 20)
+    path = directory / "rate.bin"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    dt_s = time.perf_counter() - t
+    path.unlink()
+    return len(buf) / dt_s
+
+
+SAVES: list[float] = []  # seconds of each prefix save (the local worker calls kv_prefix.save)
+_save = kv_prefix.save
+
+
+def _timed_save(*a, **kw):
+    t = time.perf_counter()
+    try:
+        return _save(*a, **kw)
+    finally:
+        SAVES.append(time.perf_counter() - t)
+
+
+kv_prefix.save = _timed_save
+
+
+def run_once(engine: Engine, prompt: list[int], new: int, **prefix) -> tuple[list[int], float]:
+    seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new), **prefix)
+    t0 = time.perf_counter()
+    ttft = None
+    while engine.steps.has_work:
+        engine.steps.advance()
+        if ttft is None and seq.output_ids:
+            ttft = time.perf_counter() - t0
+    return list(seq.output_ids), ttft
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="demo-small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--dir", help="where the prefix files go (default: a temporary directory)")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    top = max(args.contexts)
+    cfg = EngineConfig.from_dict(
+        {
+            "model": args.model,
+            "device": args.device,
+            "executor": "local",
+            "max_model_len": top + args.new_tokens + 16,
+            "kv_cache_tokens": top + args.new_tokens + 64,
+            "overlap_schedule": False,
+        }  # fmt: skip
+    )
+    engine = Engine(cfg)
+    info = engine.device_infos[0]
+    print(engine.ready_line(0.0))
+    root = Path(args.dir or tempfile.mkdtemp(prefix="kv-prefix-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    vocab = engine.model_config.vocab_size
+    try:
+        for s in args.contexts:
+            g = torch.Generator().manual_seed(s)
+            prompt = torch.randint(0, vocab, (s,), generator=g).tolist()
+            stem = root / f"bench-{s}"
+            run_once(engine, prompt[:256], 2)  # warm
+            a, t_compute = run_once(engine, prompt, args.new_tokens)
+            b, t_save = run_once(engine, prompt, args.new_tokens, save_prefix=(str(stem), "k"))
+            path = kv_prefix.rank_path(stem, 0)
+            nbytes = path.stat().st_size
+            c, t_restore = run_once(engine, prompt, args.new_tokens, restore_prefix=(str(stem), s))
+            disk = disk_write_rate(root, nbytes)
+            path.unlink()
+            save_s = SAVES.pop()
+            row = {
+                "context": s,
+                "ttft_compute_s": t_compute,
+                "ttft_save_s": t_save,
+                "save_s": save_s,
+                "ttft_restore_s": t_restore,
+                "restore_speedup": t_compute / t_restore,
+                "file_bytes": nbytes,
+                "write_bytes_per_s": nbytes / save_s if save_s > 0 else None,
+                "disk_write_bytes_per_s": disk,
+                "restore_read_bytes_per_s": nbytes / t_restore,
+                "same_tokens": a == b == c,
+            }
+            rows.append(row)
+            print(
+                f"{s:>8}  compute {t_compute:7.3f}s  save +{save_s:6.3f}s "
+                f"({nbytes / 2**30:.2f} GiB, {row['write_bytes_per_s'] or 0:.2e} B/s; disk "
+                f"{disk:.2e})  restore {t_restore:7.3f}s = {row['restore_speedup']:.1f}x  "
+                f"same tokens {row['same_tokens']}",
+                flush=True,
+            )
+    finally:
+        engine.shutdown()
+    kind = "cpu" if info["device"] == "cpu" else info["name"].replace(" ", "-").lower()
+    result = {
+        "benchmark": "kv_prefix",
+        "command": command_line(),
+        "device": info["name"],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "model": args.model,
+        "prefill_chunk": engine.config.scheduler.prefill_chunk,
+        "prefix_dir": str(root),
+        "rows": rows,
+    }
+    out = Path(args.out or f"benchmarks/results/kv-prefix-{args.model}-{kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
