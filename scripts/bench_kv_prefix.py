@@ -7,8 +7,8 @@ batch 1, greedy:
   as any runtime that re-prefills);
 * ``save``: the same, the prompt's KV written to disk at the end of the prefill (the save sits in
   the prefill's last step, so ``ttft`` grows by its time, ``save_s``, timed around the call);
-* ``restore``: a re-run on the same workers' empty blocks that reads the S-1 saved positions and
-  computes the last one.
+* ``restore``: a re-run that reads the S-1 saved positions (the file's pages first evicted from
+  the page cache, as after the machine's memory went to other work) and computes the last one.
 
 Time to first token of each, the file's bytes, the write rate (bound: the same bytes written
 with one ``write`` and ``fsync`` here, ``disk_write_bytes_per_s``) and the restore's read rate,
@@ -119,6 +119,8 @@ def main() -> int:
             b, t_save = run_once(engine, prompt, args.new_tokens, save_prefix=(str(stem), "k"))
             path = kv_prefix.rank_path(stem, 0)
             nbytes = path.stat().st_size
+            with open(path, "rb") as f:  # cold: the file's pages out of the page cache
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             c, t_restore = run_once(engine, prompt, args.new_tokens, restore_prefix=(str(stem), s))
             disk = disk_write_rate(root, nbytes)
             path.unlink()
