@@ -77,8 +77,8 @@ def save(
     nblocks = -(-tokens // kv.block_size)
     if len(table) < nblocks:
         raise ValueError(f"a table of {len(table)} blocks does not hold {tokens} tokens")
-    if kv.device.type == "cuda":  # spills of this step land in host memory first
-        torch.cuda.current_stream(kv.device).synchronize()
+    if kv.device.type == "cuda":  # this step's spills (any stream) land in host memory first
+        torch.cuda.synchronize(kv.device)
     heads, dim = kv.layers[0][0].shape[2:]
     item = torch.empty((), dtype=kv.dtype).element_size()
     nbytes = tokens * heads * dim * item

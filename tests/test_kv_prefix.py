@@ -81,10 +81,12 @@ PLAIN = dict(block_size=16, kv_cache_tokens=4096, kv_host_tokens=0, spill="off")
 SPILL = dict(block_size=16, kv_cache_tokens=128, kv_host_tokens=4096, spill="stream")
 
 
-def _llm(**kw):
+def _llm(device="cpu", **kw):
     from cluster import LLM
 
-    cfg = dict(device="cpu", dtype="float32", attention="torch", prefill_chunk=64)
+    cfg = dict(device=device, prefill_chunk=64)
+    if device == "cpu":
+        cfg.update(dtype="float32", attention="torch")
     return LLM("tiny", executor="local", max_model_len=512, **cfg, **kw)
 
 
@@ -127,3 +129,17 @@ def test_a_restored_prompt_generates_the_tokens_of_the_run_that_saved_it(tmp_pat
     assert seq.restore_tokens == 299 and sum(len(c.token_ids) for c in restored) == 299
     assert max(c.seq_len for c in restored) == 299  # the last position was computed
     assert wrong.output_ids != saved.output_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tiers", ["plain", "spill"])
+def test_a_restored_prompt_on_cuda_gives_the_saving_runs_tokens(tmp_path, tiers):
+    """The same on a GPU (its default dtype and attention, CUDA graphs for decode): the rows
+    go through host memory both ways."""
+    prompt = _prompt(300, 3)
+    stem, kw = tmp_path / "task", PLAIN if tiers == "plain" else SPILL
+    with _llm("cuda", **kw) as llm:
+        saved, _ = _run(llm, prompt, save_prefix=(str(stem), "k"))
+    with _llm("cuda", **kw) as llm:
+        seq, restored = _run(llm, prompt, restore_prefix=(str(stem), 300))
+    assert seq.output_ids == saved.output_ids and sum(len(c.token_ids) for c in restored) == 299
