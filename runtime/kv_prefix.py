@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -67,12 +68,21 @@ def _block_rows(kv: KVCache, layer: int, kind: int, ids: list[int]) -> torch.Ten
     return out.view(-1, *out.shape[2:])
 
 
+KEEP_FREE_BYTES = 2 << 30  # a save never leaves the disk with less (the task store lives there)
+
+
 def save(
-    kv: KVCache, table: list[int], tokens: int, stem: str | Path, meta: dict[str, str]
+    kv: KVCache,
+    table: list[int],
+    tokens: int,
+    stem: str | Path,
+    meta: dict[str, str],
+    keep_free: int = KEEP_FREE_BYTES,
 ) -> Path:
     """Write positions ``0 .. tokens-1`` of the sequence whose block table is ``table`` to
     ``rank_path(stem, rank)`` (``meta`` holds ``layout`` and the caller's ``key``); returns
-    the file."""
+    the file. Raises ``OSError`` where the file would leave less than ``keep_free`` bytes free
+    on its disk (nothing written)."""
     path = rank_path(stem, int(meta["rank"]))
     nblocks = -(-tokens // kv.block_size)
     if len(table) < nblocks:
@@ -95,6 +105,13 @@ def save(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free - 8 - len(raw) - len(names) * nbytes < keep_free:
+        raise OSError(
+            f"{path.parent} has {free / 2**30:.1f} GiB free; a KV prefix of "
+            f"{len(names) * nbytes / 2**30:.1f} GiB would leave less than "
+            f"{keep_free / 2**30:.1f} GiB"
+        )
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

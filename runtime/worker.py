@@ -747,7 +747,7 @@ class Worker:
                 kv_prefix.save(
                     self.kv, list(table), tokens, stem, {**self._prefix_layout(), "key": key}
                 )
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a lost save costs a re-run its prefill only
                 log.warning("could not save the KV prefix of sequence %d: %s", seq_id, e)
 
     def _sample(self, rows: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:

@@ -70,6 +70,9 @@ def test_a_file_that_does_not_match_or_is_cut_short_is_refused(tmp_path):
     with pytest.raises(ValueError, match="device blocks"):
         reader.write_rows(src, (1, 9), 0, 20)
     assert kv_prefix.read_meta(path)["tokens"] == "20"
+    with pytest.raises(OSError, match="would leave less than"):  # a disk kept from filling
+        kv_prefix.save(src, [1, 2], 20, tmp_path / "full", meta, keep_free=1 << 60)
+    assert not list(tmp_path.glob("full*"))
     path.write_bytes(path.read_bytes()[:100])  # a torn file is no checkpoint
     assert kv_prefix.read_meta(path) is None
     assert kv_prefix.read_meta(tmp_path / "missing") is None
