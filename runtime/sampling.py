@@ -13,6 +13,15 @@ def make_generator(seed: int) -> torch.Generator:
     return g
 
 
+def skip_draws(gen: torch.Generator, n: int, vocab: int) -> None:
+    """Advance ``gen`` past the draws of ``n`` sampled tokens over a ``vocab``-sized vocabulary
+    (``sample`` draws one float32 Exp(1) per token id), as a task resumed after ``n`` tokens
+    goes on with the stream it had."""
+    q = torch.empty(vocab, dtype=torch.float32)
+    for _ in range(n):
+        q.exponential_(1.0, generator=gen)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """Pick one token from float32 ``logits [V]`` (any device); sampling runs on the CPU so a
     seed gives the same tokens on every device.

@@ -33,7 +33,7 @@ from runtime.kv_quant import resolve_host_dtype
 from runtime.loader import ModelSource, build_model
 from runtime.parallel import ParallelState
 from runtime.piecewise_graphs import PiecewiseDecodeGraphs
-from runtime.sampling import make_generator, sample
+from runtime.sampling import make_generator, sample, skip_draws
 from runtime.spill_step import SpillStep, host_blocks_of
 from runtime.spill_tuner import SpillTuner, step_kind
 from runtime.worker_config import WorkerConfig
@@ -759,7 +759,10 @@ class Worker:
         seed gives the same tokens on every device)."""
         if all(c.params.temperature == 0 for c in chunks):
             return torch.argmax(rows, dim=-1)
-        picked = [sample(rows[i], c.params, self._generator(c)) for i, c in enumerate(chunks)]
+        vocab = rows.shape[-1]
+        picked = [
+            sample(rows[i], c.params, self._generator(c, vocab)) for i, c in enumerate(chunks)
+        ]
         return torch.tensor(picked, dtype=torch.long, device=rows.device)
 
     def _fill_pending(self, ids: torch.Tensor, chunks: tuple[SeqChunk, ...]) -> None:
@@ -903,7 +906,7 @@ class Worker:
             cpu_io_bytes=host_queries * hq * (c.head_dim * (self.kv.dtype.itemsize + 4) + 4),
         )
 
-    def _generator(self, c) -> torch.Generator | None:
+    def _generator(self, c, vocab: int) -> torch.Generator | None:
         if c.params.temperature == 0:
             return None
         g = self._generators.get(c.seq_id)
@@ -911,6 +914,7 @@ class Worker:
             # unseeded requests still sample repeatably: their stream follows their id
             seed = c.params.seed if c.params.seed is not None else c.seq_id
             g = self._generators[c.seq_id] = make_generator(seed)
+            skip_draws(g, c.skip_draws, vocab)  # a resumed task goes on with its stream
         return g
 
     def shutdown(self) -> None:

@@ -26,6 +26,9 @@ class SeqChunk:
     # a restored sequence's chunk: its rows come from this KV prefix file (the stem; each rank
     # reads its own, ``runtime.kv_prefix``) instead of being computed; such a chunk never samples
     kv_prefix: str | None = None
+    # a resumed sequence's first sampling chunk: the draws its seeded sampler made before (the
+    # tokens it had generated, now part of its prompt), for the worker to skip
+    skip_draws: int = 0
 
     @property
     def seq_len(self) -> int:

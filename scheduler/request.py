@@ -76,6 +76,9 @@ class Sequence:
     # file instead of computing them (at most the prompt's length - 1: the last prompt token is
     # computed, for the first new token's logits)
     save_prefix: tuple[str, str] | None = None
+    # a task resumed after this many generated tokens (they end its prompt): its seeded sampler
+    # skips their draws
+    skip_draws: int = 0
     restore_prefix: str | None = None
     restore_tokens: int = 0
 

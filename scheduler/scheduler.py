@@ -152,6 +152,7 @@ class Scheduler:
             sample=sample,
             params=seq.params,
             kv_prefix=seq.restore_prefix if restored else None,
+            skip_draws=seq.skip_draws if sample and start + len(ids) == len(seq.prompt_ids) else 0,
         )
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:

@@ -61,6 +61,26 @@ def test_seeded_pick_survives_last_bit_differences_in_the_logits():
     assert changed == []
 
 
+def test_skipping_a_resumed_tasks_draws_goes_on_with_its_stream():
+    """A task resumed after n sampled tokens skips their draws: its next picks are those the
+    uninterrupted stream makes (top-p or not); without the skip they differ."""
+    from runtime.sampling import skip_draws
+
+    g = torch.Generator().manual_seed(5)
+    logits = [torch.randn(300, generator=g) for _ in range(12)]
+    for p in (
+        SamplingParams(temperature=0.9, seed=7),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=7),
+    ):
+        whole = make_generator(7)
+        picks = [sample(x, p, whole) for x in logits]
+        resumed = make_generator(7)
+        skip_draws(resumed, 5, 300)
+        assert [sample(x, p, resumed) for x in logits[5:]] == picks[5:]
+        fresh = make_generator(7)
+        assert [sample(x, p, fresh) for x in logits[5:]] != picks[5:]
+
+
 def test_bad_sampling_params_name_the_field():
     with pytest.raises(ConfigError, match="top_p must be in"):
         SamplingParams(top_p=0)

@@ -261,8 +261,9 @@ def test_worker_killed_during_prefill_task_completes_with_same_tokens(service):
 
 def test_worker_killed_while_decoding_a_long_prompt_restores_its_prefill(service):
     """A task whose prompt is long enough saves its prompt KV once prefilled; its worker killed
-    mid-decode, the new worker reads the prompt back (all but its last position, computed for
-    the first token) instead of prefilling it: tilerun run's tokens; the files go at the end."""
+    mid-decode, the new run goes on from the tokens stored so far (they end its prompt) and
+    reads the whole prompt back instead of prefilling it: tilerun run's tokens; the files go at
+    the end."""
     home, _, _ = service
     store = TaskStore(home / "tasks.db")
     prompt = [(i * 11) % 500 + 1 for i in range(1200)]
@@ -273,7 +274,8 @@ def test_worker_killed_while_decoding_a_long_prompt_restores_its_prefill(service
     assert saved.is_file()
     os.kill(pid, signal.SIGKILL)
     r = ok("result", tid, "--wait", "--home", home, "--json")
-    assert r["attempts"] == 2 and r["metrics"]["restored_tokens"] == len(prompt) - 1
+    assert r["attempts"] == 2 and r["metrics"]["restored_tokens"] == len(prompt)
+    assert r["metrics"]["resumed_tokens"] >= 20 and r["metrics"]["prompt_tokens"] == len(prompt)
     assert r["token_ids"] == reference(prompt, 600)
     assert not list((home / "kv").glob(f"{tid}*"))
 
@@ -299,6 +301,7 @@ def test_follow_streams_each_token_once_across_a_worker_death(service):
     assert follower.returncode == 0, err[-3000:]
     *pieces, result = [json.loads(line) for line in out.splitlines()]
     assert result["state"] == "done" and result["attempts"] == 2
+    assert result["metrics"]["resumed_tokens"] >= 100  # went on from the stored tokens
     assert result["token_ids"] == reference(prompt, n)
     assert len(pieces) >= 3 and not any(p["restarted"] for p in pieces)
     assert [t for p in pieces for t in p["token_ids"]] == result["token_ids"]

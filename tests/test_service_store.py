@@ -28,12 +28,14 @@ def test_lifecycle_attempts_requeue_and_results(tmp_path):
     assert s.start(a) == 1
     s.progress([(a, 2, 0, None, None)])
     assert s.get(a).prefill_done == 2
-    s.requeue(a, "worker died")
+    s.progress([], {a: (1, [5, 6])})
+    s.requeue(a, "worker died", keep_tokens=True)  # the next run goes on from them
+    assert s.partial(a) == (1, [5, 6])
     t = s.get(a)
     assert (t.state, t.attempts, t.error, t.prefill_done) == ("queued", 1, "worker died", 0)
     assert s.start(a) == 2
     s.requeue(a, None, refund_attempt=True)  # `tilerun down`: not the task's fault
-    assert s.get(a).attempts == 1
+    assert s.get(a).attempts == 1 and s.partial(a) is None  # a new engine starts it afresh
     s.start(a)
     out = {"token_ids": [7, 8], "metrics": {"generated_tokens": 2, "ttft_s": 0.5}}
     s.finish(a, "done", output=out)

@@ -14,6 +14,7 @@ treated the same way.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -52,6 +53,17 @@ class _Live:
     started_wall: float
     first_token_wall: float | None = None
     tokens_flushed: int = 0  # output tokens the store's partial row holds
+    # tokens an earlier run generated, which this run goes on from (they end its prompt)
+    resumed: tuple[int, ...] = ()
+
+    @property
+    def tokens(self) -> list[int]:
+        """Everything generated for the task: the resumed tokens, then this run's."""
+        return [*self.resumed, *self.seq.output_ids]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.seq.prompt_ids) - len(self.resumed)
 
 
 class ServiceLoop:
@@ -180,8 +192,8 @@ class ServiceLoop:
                 task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)"
             )
             self.prefixes.remove(task_id)
-        else:
-            self.store.requeue(task_id, reason)
+        else:  # its tokens stay: the next run goes on from them
+            self.store.requeue(task_id, reason, keep_tokens=True)
 
     def _on_worker_death(self, reason: str) -> None:
         with self._lock:
@@ -275,18 +287,41 @@ class ServiceLoop:
             attempt = self.store.start(task.id)
             try:
                 params = sampling_from_dict(task.params)
+                resumed = self._resumable(engine, task, params) if attempt > 1 else []
+                if resumed:  # the prompt and the tokens so far are the new run's prompt
+                    params = dataclasses.replace(
+                        params, max_new_tokens=params.max_new_tokens - len(resumed)
+                    )
                 # checks the vocabulary and that it fits, as submit did against engine.json
                 seq = engine.add_request(
-                    list(task.prompt_token_ids), params, **self.prefixes.request(task)
+                    [*task.prompt_token_ids, *resumed], params, **self.prefixes.request(task)
                 )
+                seq.skip_draws = len(resumed)
             except TilerunError as e:
                 self.store.finish(task.id, "failed", error=str(e))
                 self.prefixes.remove(task.id)
                 continue
             with self._lock:
                 self._live[seq.seq_id] = _Live(
-                    task.id, seq, task.submitted_at, attempt, started_wall=time.time()
-                )
+                    task.id, seq, task.submitted_at, attempt, started_wall=time.time(),
+                    resumed=tuple(resumed),
+                )  # fmt: skip
+
+    def _resumable(self, engine: Engine, task, params) -> list[int]:
+        """The tokens an earlier run of ``task`` generated (as last stored, twice a second) that
+        a new run can go on from: up to the first stop token, at most ``max_new_tokens`` - 1
+        (the new run samples at least one)."""
+        got = self.store.partial(task.id)
+        if not got:
+            return []
+        stop = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop |= set(engine.model_config.eos_token_ids)
+        tokens = got[1][: max(0, params.max_new_tokens - 1)]
+        for i, tok in enumerate(tokens):
+            if tok in stop:
+                return tokens[:i]
+        return tokens
 
     def _cancel(self, engine: Engine) -> None:
         with self._lock:
@@ -309,13 +344,17 @@ class ServiceLoop:
             return
         peak = max(m["peak_bytes"] for m in engine.executor.memory_stats())
         metrics = _metrics(seq, peak)
+        # a resumed run's prompt ends with the tokens it went on from: count them as generated
+        metrics["prompt_tokens"] = t.prompt_len
+        metrics["generated_tokens"] = len(t.tokens)
+        metrics["resumed_tokens"] = len(t.resumed)
         now = time.time()
         metrics["queue_s"] = t.started_wall - t.submitted_at
         metrics["submit_to_first_token_s"] = (t.first_token_wall or now) - t.submitted_at
         metrics["attempts"] = t.attempt
         output = {
-            "token_ids": seq.output_ids,
-            "text": self.tokenizer.decode(seq.output_ids) if self.tokenizer else None,
+            "token_ids": t.tokens,
+            "text": self.tokenizer.decode(t.tokens) if self.tokenizer else None,
             "finish_reason": seq.finish_reason,
             "metrics": metrics,
             "devices": engine.device_infos,
@@ -333,9 +372,9 @@ class ServiceLoop:
             live = list(self._live.values())
         tokens = {}  # what `tilerun result --follow` reads: only where more were generated
         for t in live:
-            out = t.seq.output_ids
+            out = t.tokens
             if len(out) > t.tokens_flushed:
-                tokens[t.task_id] = (t.attempt, list(out))
+                tokens[t.task_id] = (t.attempt, out)
                 t.tokens_flushed = len(out)
         self.store.progress([_progress(t) for t in live], tokens)
 
@@ -460,10 +499,10 @@ class ServiceLoop:
 
 def _progress(t: _Live) -> tuple[str, int, int, float | None, float | None]:
     s = t.seq
-    n_gen = len(s.output_ids)
+    n_run = len(s.output_ids)  # this run's: the rate is theirs
     tps = None
-    if n_gen > 1 and s.first_token_time is not None:
+    if n_run > 1 and s.first_token_time is not None:
         dt = time.perf_counter() - s.first_token_time
-        tps = (n_gen - 1) / dt if dt > 0 else None
+        tps = (n_run - 1) / dt if dt > 0 else None
     ttft = (s.first_token_time - s.arrival_time) if s.first_token_time else None
-    return (t.task_id, min(s.num_computed, len(s.prompt_ids)), n_gen, tps, ttft)
+    return (t.task_id, min(s.num_computed, t.prompt_len), len(t.resumed) + n_run, tps, ttft)

@@ -284,16 +284,25 @@ class TaskStore:
             )
             self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
 
-    def requeue(self, task_id: str, reason: str | None, refund_attempt: bool = False) -> None:
+    def requeue(
+        self,
+        task_id: str,
+        reason: str | None,
+        refund_attempt: bool = False,
+        keep_tokens: bool = False,
+    ) -> None:
         """running -> queued after a failure that was not the task's fault (it will run again);
-        ``refund_attempt`` when the run was stopped on purpose (``tilerun down``)."""
+        ``refund_attempt`` when the run was stopped on purpose (``tilerun down``);
+        ``keep_tokens``: the tokens it generated stay (``partial``) for the next run to go on
+        from."""
         with self._tx():
             self._db.execute(
                 "UPDATE tasks SET state = 'queued', error = ?, prefill_done = 0, generated = 0, "
                 "attempts = attempts - ?, updated_at = ? WHERE id = ? AND state = 'running'",
                 (reason, 1 if refund_attempt else 0, time.time(), task_id),
             )
-            self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
+            if not keep_tokens:
+                self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
 
     # -- retention ---------------------------------------------------------------------------
     def prune(
