@@ -71,6 +71,11 @@ def _wait(pred, timeout: float, every: float = 0.2):
 TIE_REL = 1e-5  # a logit gap this small (relative) is float32 summation-order noise
 
 
+def _metric(task, name: str) -> int:
+    """A metric of a finished task's output (0 where there is none)."""
+    return ((task.output or {}).get("metrics") or {}).get(name) or 0 if task else 0
+
+
 def _tie(engine, prompt: list[int], params, ref: list[int], got: list[int]) -> dict:
     """Where a greedy task's tokens part from the reference: the reference's logit gap between
     its token and the service's there; a tie if within ``TIE_REL``."""
@@ -208,9 +213,9 @@ def main() -> int:
                 "attempts": t.attempts if t else None,
                 "same_tokens": got == ref,
                 # prompt positions this attempt read from the KV an earlier one saved
-                "restored_tokens": (t.output or {}).get("metrics", {}).get("restored_tokens", 0)
-                if t
-                else 0,
+                "restored_tokens": _metric(t, "restored_tokens"),
+                # generated tokens a later run went on from
+                "resumed_tokens": _metric(t, "resumed_tokens"),
             }
             if got is not None and got != ref and not row["sampled"]:
                 row |= _tie(ref_engine, prompt, params, ref, got)
@@ -236,6 +241,7 @@ def main() -> int:
         "recovery_s_max": max((k["recovery_s"] for k in kills), default=None),
         "tasks_rerun": sum((r["attempts"] or 0) > 1 for r in rows),
         "tasks_restored": sum(r["restored_tokens"] > 0 for r in rows),
+        "tasks_resumed": sum(r["resumed_tokens"] > 0 for r in rows),
         "wall_s": round(wall, 1),
     }
     print(json.dumps(summary, indent=1))
