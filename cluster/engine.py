@@ -128,13 +128,14 @@ class Engine:
         self,
         prompt_ids: list[int],
         params: SamplingParams,
-        save_prefix: tuple[str, str] | None = None,
+        save_prefix: tuple[str, str] | tuple[str, str, int] | None = None,
         restore_prefix: tuple[str, int] | None = None,
     ) -> Sequence:
-        """Queue one prompt. ``save_prefix`` (file stem, key): the workers write the prompt's KV
-        once it is prefilled; ``restore_prefix`` (file stem, tokens): read that many positions
-        (at most the prompt's length - 1) from such files instead of computing them. Both are
-        ignored where ``keeps_prefixes`` is false."""
+        """Queue one prompt. ``save_prefix`` (file stem, key[, tokens]): the workers write the KV
+        of the prompt's first ``tokens`` positions (default: all) once they are computed;
+        ``restore_prefix`` (file stem, tokens): read that many positions (at most the prompt's
+        length - 1) from such files instead of computing them. Both are ignored where
+        ``keeps_prefixes`` is false."""
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -143,7 +144,10 @@ class Engine:
             )
         seq = Sequence(self._next_id, list(prompt_ids), params, self.model_config.eos_token_ids)
         if self.keeps_prefixes:
-            seq.save_prefix = save_prefix
+            if save_prefix is not None:
+                stem, key, *n = save_prefix
+                tokens = min(int(n[0]) if n else len(prompt_ids), len(prompt_ids))
+                seq.save_prefix = (str(stem), key, tokens)
             if restore_prefix is not None:
                 stem, tokens = restore_prefix
                 seq.restore_prefix = str(stem)

@@ -70,17 +70,17 @@ class Sequence:
     first_token_time: float | None = None
     prefill_done_time: float | None = None
     finish_time: float | None = None
-    # KV prefix on disk (``runtime.kv_prefix``): ``save_prefix`` (stem, key) asks the workers to
-    # write the prompt's KV once it is prefilled; ``restore_prefix`` (stem) with
-    # ``restore_tokens`` > 0 makes the chunks of positions below it read their rows from that
-    # file instead of computing them (at most the prompt's length - 1: the last prompt token is
-    # computed, for the first new token's logits)
-    save_prefix: tuple[str, str] | None = None
+    # KV prefix on disk (``runtime.kv_prefix``): ``save_prefix`` (stem, key, tokens) asks the
+    # workers to write the KV of the first ``tokens`` positions once they are computed;
+    # ``restore_prefix`` (stem) with ``restore_tokens`` > 0 makes the chunks of positions below
+    # it read their rows from that file instead of computing them (at most the prompt's length
+    # - 1: the last prompt token is computed, for the first new token's logits)
+    save_prefix: tuple[str, str, int] | None = None
+    restore_prefix: str | None = None
+    restore_tokens: int = 0
     # a task resumed after this many generated tokens (they end its prompt): its seeded sampler
     # skips their draws
     skip_draws: int = 0
-    restore_prefix: str | None = None
-    restore_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

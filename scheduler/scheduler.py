@@ -34,6 +34,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._step = 0
         self._finished_since_last: list[int] = []
+        self._saves: list[tuple[int, int, str, str]] = []  # this step's, made by ``_chunk``
 
     # -- admission ---------------------------------------------------------------------------
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
@@ -114,7 +115,7 @@ class Scheduler:
             return None
         self._step += 1
         finished, self._finished_since_last = tuple(self._finished_since_last), []
-        return ScheduledBatch(self._step, tuple(chunks), finished, kv_saves=self._saves(chunks))
+        return ScheduledBatch(self._step, tuple(chunks), finished, kv_saves=self._take_saves())
 
     @staticmethod
     def _cut(seq: Sequence, start: int, n: int) -> int:
@@ -124,26 +125,18 @@ class Scheduler:
             return min(n, seq.restore_tokens - start)
         return n
 
-    def _saves(self, chunks) -> tuple[tuple[int, int, str, str], ...]:
-        """The step's prefix saves: sequences whose prompt this step completes, that ask."""
-        by_id = {s.seq_id: s for s in self.running}
-        saves = []
-        for c in chunks:
-            seq = by_id.get(c.seq_id)
-            if (
-                seq is not None
-                and seq.save_prefix
-                and c.sample
-                and c.seq_len == len(seq.prompt_ids)
-            ):
-                saves.append((c.seq_id, c.seq_len, *seq.save_prefix))
-        return tuple(saves)
+    def _take_saves(self) -> tuple[tuple[int, int, str, str], ...]:
+        saves, self._saves = tuple(self._saves), []
+        return saves
 
     def _chunk(self, seq: Sequence, ids: list[int], start: int, sample: bool) -> SeqChunk:
         """The step's slice of ``seq``; the sequence counts it as scheduled from now on."""
         seq.num_scheduled = start + len(ids)
         seq.num_pending += sample
         restored = start < seq.restore_tokens
+        if seq.save_prefix is not None and start < seq.save_prefix[2] <= start + len(ids):
+            stem, key, tokens = seq.save_prefix  # this step computes the last saved position
+            self._saves.append((seq.seq_id, tokens, stem, key))
         return SeqChunk(
             seq_id=seq.seq_id,
             token_ids=tuple(ids),

@@ -137,7 +137,7 @@ class SpillScheduler(Scheduler):
         chunks = tuple(self._chunk(p.seq, p.ids, p.start, p.sample) for p in plans)
         finished, self._finished_since_last = tuple(self._finished_since_last), []
         return ScheduledBatch(
-            self._step, chunks, finished, tuple(swaps), kv_saves=self._saves(chunks)
+            self._step, chunks, finished, tuple(swaps), kv_saves=self._take_saves()
         )
 
     def _order(self) -> list[Sequence]:

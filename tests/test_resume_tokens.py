@@ -44,3 +44,21 @@ def test_a_resumed_task_goes_on_with_the_uninterrupted_runs_tokens(tmp_path, sam
         if sampled:  # without skipping the draws a seeded task takes another path
             assert _run(llm, prompt + whole[:DONE], rest) != whole[DONE:]
     assert resumed == restored == whole[DONE:]
+
+
+def test_a_resumed_run_saves_the_prompt_alone_for_the_next_run(tmp_path):
+    """A run that goes on from tokens (its prompt longer than the task's) saves the KV of the
+    task's prompt positions only, which the run after it reads back."""
+    from runtime import kv_prefix
+
+    prompt = torch.randint(0, 500, (150,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(max_new_tokens=NEW)
+    rest = SamplingParams(max_new_tokens=NEW - DONE)
+    stem = tmp_path / "t"
+    with _llm() as llm:
+        whole = _run(llm, prompt, params)
+        resumed = _run(llm, prompt + whole[:DONE], rest, save_prefix=(str(stem), "k", 150))
+    assert kv_prefix.read_meta(kv_prefix.rank_path(stem, 0))["tokens"] == "150"
+    with _llm() as llm:
+        again = _run(llm, prompt + whole[:DONE], rest, restore_prefix=(str(stem), 150))
+    assert resumed == again == whole[DONE:]

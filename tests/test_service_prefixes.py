@@ -30,7 +30,7 @@ def test_a_long_task_saves_then_restores_once_every_rank_file_is_whole(tmp_path)
     p.for_device("cuda")  # an asked threshold stays
     assert p.request(short) == {}
     stem = str(tmp_path / "kv" / long.id)
-    assert p.request(long) == {"save_prefix": (stem, p.key(long.prompt_token_ids))}
+    assert p.request(long) == {"save_prefix": (stem, p.key(long.prompt_token_ids), 40)}
     _write(p, long, 0, 40)
     assert not p.whole(long)  # rank 1's file is missing
     _write(p, long, 1, 39)

@@ -70,7 +70,9 @@ class Prefixes:
         stem = str(self.stem(task.id))
         if self.whole(task):
             return {"restore_prefix": (stem, len(task.prompt_token_ids))}
-        return {"save_prefix": (stem, self.key(task.prompt_token_ids))}
+        # the prompt's positions, also where a resumed run's prompt goes on with tokens
+        n = len(task.prompt_token_ids)
+        return {"save_prefix": (stem, self.key(task.prompt_token_ids), n)}
 
     def remove(self, task_id: str) -> None:
         for path in self.dir.glob(f"{task_id}.rank*.safetensors*"):
