@@ -39,6 +39,9 @@ def test_a_long_task_saves_then_restores_once_every_rank_file_is_whole(tmp_path)
     assert not p.whole(long)
     _write(p, long, 1, 40)
     assert p.whole(long) and p.request(long) == {"restore_prefix": (stem, 40)}
+    p.enabled = False  # a worker on another node than the engine
+    assert p.request(long) == {}
+    p.enabled = True
     other = Prefixes(tmp_path, _spec(kv_prefix_min_tokens=32, dtype="bfloat16"))
     assert not other.whole(long)  # another engine config makes other KV
     p.remove(long.id)

@@ -150,10 +150,14 @@ class ServiceLoop:
                     raise
                 time.sleep(1)
         self.tokenizer = load_tokenizer(self.engine.checkpoint)
-        self.prefixes.for_device(self.engine.device_infos[0]["device"].split(":")[0])
         import ray
 
         where = ray.get([w.where.remote() for w in self.engine.executor.workers])
+        self.prefixes.for_device(self.engine.device_infos[0]["device"].split(":")[0])
+        # a worker on another node writes its file on that node's disk, out of the engine's
+        # sight, and could not read one written here: no prefixes then
+        here = ray.get_runtime_context().get_node_id()
+        self.prefixes.enabled = all(w["node"] == here for w in where)
         self._workers = [
             {**info, **w, "name": f"{WORKER_PREFIX}{info['rank']}"}
             for info, w in zip(self.engine.device_infos, where)

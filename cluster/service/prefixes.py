@@ -8,8 +8,8 @@ configuration (the ``key``), the new workers read the prompt's rows back instead
 them; only the last prompt position is computed, for the first new token. Files go when their
 task ends, and at start-up for any task that is no longer queued or running.
 
-The engine checks the files it can see: with workers on other nodes and no shared state
-directory, a re-run prefills again, as it would without the files.
+Prefixes are used only where every worker runs on the engine's node: a worker elsewhere would
+write its file on another disk, out of the engine's sight.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Prefixes:
         self.dir = Path(home) / "kv"
         self.asked = spec.service.kv_prefix_min_tokens
         self.min_tokens = self.asked or 0  # until ``for_device``
+        self.enabled = True  # off where a worker is on another node than the engine
         self.tp = spec.engine.cluster.tp
         # the whole configuration: another model, dtype or attention makes other KV
         self._config = json.dumps(spec.to_dict(), sort_keys=True)
@@ -65,7 +66,9 @@ class Prefixes:
     def request(self, task: Task) -> dict[str, Any]:
         """``Engine.add_request``'s prefix arguments for a run of ``task``: restore what an
         earlier run saved, else save where the prompt is long enough, else nothing."""
-        if self.min_tokens <= 0 or len(task.prompt_token_ids) < max(2, self.min_tokens):
+        if not self.enabled or self.min_tokens <= 0:
+            return {}
+        if len(task.prompt_token_ids) < max(2, self.min_tokens):
             return {}
         stem = str(self.stem(task.id))
         if self.whole(task):
