@@ -3,8 +3,10 @@ kernels run (a figure taken under ``TILERUN_PREFILL_PATH=gluon`` must say so to 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 # only switches that pick kernels: nothing else of the environment goes into a results file
 KERNEL_SWITCHES = (
@@ -19,3 +21,13 @@ def command_line() -> str:
     """``VAR=value ... python script args``, the switches set in this process first."""
     env = [f"{k}={os.environ[k]}" for k in KERNEL_SWITCHES if k in os.environ]
     return " ".join([*env, "python", *sys.argv])
+
+
+def write_result(result: dict, out: str | None, default: str) -> Path:
+    """Write a benchmark's result as JSON to ``out`` (else ``default``, a path under
+    ``benchmarks/results/``), say where, and return the path."""
+    path = Path(out or default)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _command import command_line  # scripts/: the result's command line
+from _command import command_line, write_result  # scripts/: the result's command line
 
 from cluster.config import EngineConfig
 from cluster.engine import Engine
@@ -315,10 +315,7 @@ def main() -> int:
         "rows": rows,
     }
     kind = "cpu" if info["device"] == "cpu" else info["name"].replace(" ", "-").lower()
-    out = Path(args.out or f"benchmarks/results/generate-{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out, f"benchmarks/results/generate-{kind}.json")
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from _command import command_line  # scripts/: the result's command line
+from _command import command_line, write_result  # scripts/: the result's command line
 
 from cluster.config import EngineConfig
 from cluster.engine import Engine
@@ -160,10 +159,7 @@ def main() -> int:
         "prefix_dir": str(root),
         "rows": rows,
     }
-    out = Path(args.out or f"benchmarks/results/kv-prefix-{args.model}-{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out, f"benchmarks/results/kv-prefix-{args.model}-{kind}.json")
     return 0
 
 

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from _command import command_line  # scripts/: the result's command line
+from _command import command_line, write_result  # scripts/: the result's command line
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -448,10 +448,7 @@ def main() -> int:
         "time_to_ready": ready,
     }
     kind = "cpu" if name == "cpu" else name.replace(" ", "-").lower()
-    out = Path(args.out or f"benchmarks/results/step-{model_name}-{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, args.out, f"benchmarks/results/step-{model_name}-{kind}.json")
     return 0
 
 
