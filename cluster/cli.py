@@ -255,6 +255,11 @@ def _print_summary(r: dict) -> None:
         f"TTFT {m['ttft_s']:.2f} s | decode {rate(m['decode_tokens_per_s'])} tok/s | "
         f"peak memory {_fmt_bytes(m['peak_memory_bytes'])}"
     )
+    if m.get("resumed_tokens") or m.get("restored_tokens"):  # a service task run again
+        print(
+            f"attempt {r.get('attempts')}: went on from {m.get('resumed_tokens', 0)} tokens "
+            f"generated before, read {m.get('restored_tokens', 0)} prompt positions from disk"
+        )
     kv = m.get("kv")
     if kv and kv["host_blocks"]:
         print(

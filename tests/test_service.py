@@ -276,6 +276,9 @@ def test_worker_killed_while_decoding_a_long_prompt_restores_its_prefill(service
     r = ok("result", tid, "--wait", "--home", home, "--json")
     assert r["attempts"] == 2 and r["metrics"]["restored_tokens"] == len(prompt)
     assert r["metrics"]["resumed_tokens"] >= 20 and r["metrics"]["prompt_tokens"] == len(prompt)
+    said = ok("result", tid, "--home", home)  # the text summary says so
+    assert f"went on from {r['metrics']['resumed_tokens']} tokens" in said
+    assert f"read {len(prompt)} prompt positions from disk" in said
     assert r["token_ids"] == reference(prompt, 600)
     assert not list((home / "kv").glob(f"{tid}*"))
 
