@@ -376,10 +376,10 @@ class ServiceLoop:
             live = list(self._live.values())
         tokens = {}  # what `tilerun result --follow` reads: only where more were generated
         for t in live:
-            out = t.tokens
-            if len(out) > t.tokens_flushed:
-                tokens[t.task_id] = (t.attempt, out)
-                t.tokens_flushed = len(out)
+            n = len(t.resumed) + len(t.seq.output_ids)
+            if n > t.tokens_flushed:
+                tokens[t.task_id] = (t.attempt, t.tokens)
+                t.tokens_flushed = n
         self.store.progress([_progress(t) for t in live], tokens)
 
     def _sample_throughput(self) -> None:
