@@ -70,6 +70,36 @@ def test_a_restarted_engine_requeues_what_ran_and_fails_a_task_out_of_attempts(t
     assert s.get(queued).state == "queued" and s.get(queued).attempts == 0
 
 
+def test_a_rerun_goes_on_from_the_stored_tokens_up_to_a_stop_and_short_of_the_end(tmp_path):
+    """What a run after a death keeps of the tokens the last one stored: none after a stop
+    token (eos unless ignore_eos, or a stop id), and at most max_new_tokens - 1, so that the
+    new run samples at least one."""
+    from types import SimpleNamespace
+
+    from cluster.service.loop import ServiceLoop
+    from cluster.service.spec import ServiceSpec, sampling_from_dict
+
+    s = TaskStore(tmp_path / "tasks.db")
+    loop = ServiceLoop(ServiceSpec.from_dict({"model": "tiny", "device": "cpu"}), tmp_path)
+    engine = SimpleNamespace(model_config=SimpleNamespace(eos_token_ids=(2,)))
+
+    def kept(stored, **params):
+        t = s.add([1], {"max_new_tokens": 6, **params})
+        s.start(t)
+        s.progress([], {t: (1, stored)})
+        s.requeue(t, "worker died", keep_tokens=True)
+        task = s.get(t)
+        return loop._resumable(engine, task, sampling_from_dict(task.params))
+
+    assert kept([7, 8, 9]) == [7, 8, 9]
+    assert kept([7, 8, 9, 10, 11, 12]) == [7, 8, 9, 10, 11]  # one left to sample
+    assert kept([7, 2, 9]) == [7]  # eos
+    assert kept([7, 2, 9], ignore_eos=True) == [7, 2, 9]
+    assert kept([7, 8, 9], stop_token_ids=[8]) == [7]
+    t = s.add([1], {"max_new_tokens": 6})
+    assert loop._resumable(engine, s.get(t), sampling_from_dict({"max_new_tokens": 6})) == []
+
+
 def test_cancel_queued_at_once_running_by_request(tmp_path):
     s = TaskStore(tmp_path / "tasks.db")
     a, b = s.add([1], {}), s.add([2], {})
