@@ -195,3 +195,18 @@ def test_submit_without_a_service_names_the_fix_and_stores_nothing(tmp_path):
     r = _cli("result", "abc", "--home", tmp_path)
     assert r.returncode == 2 and "no task 'abc'" in r.stderr and "tilerun status" in r.stderr
     assert TaskStore(tmp_path / "tasks.db").list() == []
+
+
+def test_the_heads_ports_are_distinct_free_loopback_ports():
+    """`tilerun up` gives Ray's five listeners five ports picked together (one at a time, the
+    kernel handed the GCS and the client server the same one, and `ray start` exited)."""
+    import socket
+
+    from cluster.service.head import free_ports
+
+    for _ in range(200):
+        ports = free_ports(5)
+        assert len(set(ports)) == 5
+    for p in ports:  # free: each can be bound on loopback now
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))

@@ -56,10 +56,15 @@ def _ray_exe() -> str:
     return str(exe) if exe.exists() else "ray"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. The sockets are held open together while the ports
+    are picked: one at a time, the kernel may hand back a port just closed, and two of Ray's
+    components given one port make `ray start` exit (seen: the GCS and the client server)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def temp_dir_for(home: Path) -> Path:
@@ -71,7 +76,7 @@ def temp_dir_for(home: Path) -> Path:
 def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0) -> dict:
     """Start a Ray head for ``home``; returns what ``cluster.json`` records about it."""
     ensure_token()
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, client, agent, metrics = free_ports(5)
     # Ray's GCS and raylet bind to the node's IP (Ray picks it); the dashboard, the client
     # server and the agents stay on loopback.
     temp = temp_dir_for(home)
@@ -85,8 +90,8 @@ def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0
         f"--port={gcs}", f"--num-cpus={ncpu}",
         f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
         f"--temp-dir={temp}",
     ]  # fmt: skip
     address_file = temp / "ray_current_cluster"
