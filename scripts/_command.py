@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 # only switches that pick kernels: nothing else of the environment goes into a results file
@@ -31,3 +32,14 @@ def write_result(result: dict, out: str | None, default: str) -> Path:
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return path
+
+
+def poll(pred, timeout: float, every: float = 0.2):
+    """``pred()``'s first true value, checked every ``every`` seconds; None after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    return None

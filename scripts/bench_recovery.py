@@ -33,20 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _command import command_line, write_result  # scripts/: the result's command line
+from _command import command_line, poll, write_result  # scripts/: the result's command line
 
 from cluster.service.client import Service
 from cluster.service.store import TaskStore
 
 
 def _wait(pred, every: float = 0.005, timeout: float = 1800):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise TimeoutError("the task did not get there in time")
+    got = poll(pred, timeout, every)
+    if got is None:
+        raise TimeoutError("the task did not get there in time")
+    return got
 
 
 def one(svc: Service, prompt: list[int], args) -> dict:

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _command import command_line  # scripts/: the result's command line
+from _command import command_line, poll  # scripts/: the result's command line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cluster.service.client import Service  # noqa: E402
@@ -56,16 +56,6 @@ def _tasks(n: int, rng: random.Random, vocab: int) -> list[dict]:
             t |= {"temperature": 0.8, "top_p": 0.9, "seed": rng.randrange(1 << 30)}
         out.append(t)
     return out
-
-
-def _wait(pred, timeout: float, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    return None
 
 
 TIE_REL = 1e-5  # a logit gap this small (relative) is float32 summation-order noise
@@ -163,7 +153,7 @@ def main() -> int:
                     return s if s["engine"]["pid"] != e["pid"] else None
                 return s if s["engine"]["rebuilds"] > e["rebuilds"] else None
 
-            s = _wait(back, 300)
+            s = poll(back, 300)
             if s is None:
                 raise RuntimeError(f"kill {k} ({victim}): the service did not come back in 300 s")
             kills.append(
@@ -178,7 +168,7 @@ def main() -> int:
             print(json.dumps({"kill": k, **kills[-1]}), flush=True)
         for t in later:
             ids.append(svc.submit(**t))
-        done = _wait(
+        done = poll(
             lambda: all(svc.task(i).state in TERMINAL for i in ids), args.timeout_s, every=1.0
         )
         if not done:
