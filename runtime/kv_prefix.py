@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from runtime import kv_quant
 from runtime.kv_cache import KVCache
 
 FORMAT = "tilerun-kv-prefix-1"
@@ -49,23 +48,25 @@ def rank_path(stem: str | Path, rank: int) -> Path:
     return Path(f"{stem}.rank{rank}.safetensors")
 
 
-def _block_rows(kv: KVCache, layer: int, kind: int, ids: list[int]) -> torch.Tensor:
-    """Rows of blocks ``ids`` (global ids, either tier) of one layer, K (0) or V (1), on the
-    host in the cache's dtype: ``[len(ids) * block_size, kv_heads, head_dim]``."""
-    d = kv.num_blocks
-    out = torch.empty((len(ids), *kv.layers[layer][kind].shape[1:]), dtype=kv.dtype, device="cpu")
-    dev = [i for i, b in enumerate(ids) if b < d]
+def _block_rows(kv: KVCache, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V rows of blocks ``ids`` (global ids, either tier) of one layer, on the host in the
+    cache's dtype, each ``[len(ids) * block_size, kv_heads, head_dim]``: device blocks gathered
+    in one copy, host blocks read run by run as attention reads them (``KVCache.host_kv``)."""
+    shape = (len(ids), *kv.layers[layer][0].shape[1:])
+    out = (torch.empty(shape, dtype=kv.dtype), torch.empty(shape, dtype=kv.dtype))
+    dev = [i for i, b in enumerate(ids) if b < kv.num_blocks]
     if dev:
         src = torch.tensor([ids[i] for i in dev], dtype=torch.long, device=kv.device)
-        out[torch.tensor(dev)] = kv.layers[layer][kind].index_select(0, src).cpu()
-    for i, b in enumerate(ids):
-        if b >= d:
-            x = kv._host_rows(layer, kind, b - d, 1)
-            if kv.quant:
-                scale = kv._host_scales(layer, kind, b - d, 1)
-                x = kv_quant.dequantize(x, scale, kv.quant, kv.dtype)
-            out[i] = x[0].to(kv.dtype)
-    return out.view(-1, *out.shape[2:])
+        at = torch.tensor(dev)
+        for kind in (0, 1):
+            out[kind][at] = kv.layers[layer][kind].index_select(0, src).cpu()
+    if len(dev) < len(ids):
+        runs = kv.host_runs(ids)
+        parts = kv.host_kv(layer, ids, runs)
+        for kind in (0, 1):
+            for (_, pos, n), x in zip(runs, parts[kind]):
+                out[kind][pos : pos + n] = x.reshape(n, *shape[1:])
+    return out[0].view(-1, *shape[2:]), out[1].view(-1, *shape[2:])
 
 
 KEEP_FREE_BYTES = 2 << 30  # a save never leaves the disk with less (the task store lives there)
@@ -118,9 +119,8 @@ def save(
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for layer in range(kv.num_layers):
-                for kind in (0, 1):
-                    rows = _block_rows(kv, layer, kind, list(table[:nblocks]))[:tokens]
-                    f.write(rows.contiguous().view(torch.uint8).numpy().data)
+                for rows in _block_rows(kv, layer, list(table[:nblocks])):
+                    f.write(rows[:tokens].contiguous().view(torch.uint8).numpy().data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

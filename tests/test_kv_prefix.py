@@ -20,7 +20,7 @@ def _cache(host_dtype=None, dtype=torch.bfloat16) -> KVCache:
 
 
 def _rows(kv: KVCache, table, tokens, layer, kind) -> torch.Tensor:
-    return kv_prefix._block_rows(kv, layer, kind, list(table))[:tokens]
+    return kv_prefix._block_rows(kv, layer, list(table))[kind][:tokens]
 
 
 @pytest.mark.parametrize("host_dtype", [None, "fp8"])

@@ -52,9 +52,11 @@ class Prefixes:
         h.update(json.dumps(list(prompt_ids)).encode())
         return h.hexdigest()
 
-    def whole(self, task: Task) -> bool:
-        """Every rank's file of ``task`` is there, readable, and for this prompt and config."""
-        key, n = self.key(task.prompt_token_ids), str(len(task.prompt_token_ids))
+    def whole(self, task: Task, key: str | None = None) -> bool:
+        """Every rank's file of ``task`` is there, readable, and for this prompt and config
+        (``key``: ``self.key`` of its prompt, where the caller has it)."""
+        key = key or self.key(task.prompt_token_ids)
+        n = str(len(task.prompt_token_ids))
         for rank in range(self.tp):
             meta = kv_prefix.read_meta(kv_prefix.rank_path(self.stem(task.id), rank))
             if meta is None or (meta.get("key"), meta.get("tokens")) != (key, n):
@@ -70,12 +72,15 @@ class Prefixes:
             return {}
         if len(task.prompt_token_ids) < max(2, self.min_tokens):
             return {}
-        stem = str(self.stem(task.id))
-        if self.whole(task):
-            return {"restore_prefix": (stem, len(task.prompt_token_ids))}
+        stem, key, n = (
+            str(self.stem(task.id)),
+            self.key(task.prompt_token_ids),
+            len(task.prompt_token_ids),
+        )
+        if self.whole(task, key):
+            return {"restore_prefix": (stem, n)}
         # the prompt's positions, also where a resumed run's prompt goes on with tokens
-        n = len(task.prompt_token_ids)
-        return {"save_prefix": (stem, self.key(task.prompt_token_ids), n)}
+        return {"save_prefix": (stem, key, n)}
 
     def remove(self, task_id: str) -> None:
         for path in self.dir.glob(f"{task_id}.rank*.safetensors*"):
