@@ -23,9 +23,14 @@ import torch
 from safetensors import safe_open
 
 from runtime.kv_cache import KVCache
+from scheduler.errors import TilerunError
 
 FORMAT = "tilerun-kv-prefix-1"
 _DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+class PrefixReadError(TilerunError, RuntimeError):
+    """A worker could not read a prefix file into its cache; the message names the file."""
 
 
 def layout(kv: KVCache, rank: int, tp: int) -> dict[str, str]:
@@ -151,6 +156,15 @@ class PrefixReader:
         if wrong:
             raise ValueError(f"KV prefix {self.path} does not match (found, expected): {wrong}")
         self.tokens = int(meta["tokens"])
+        # the header's shapes, checked before a row is written: a file whose metadata is right
+        # but whose tensors are not (damaged, or written by other code) never reaches a cache
+        want = [self.tokens, int(meta["kv_heads"]), int(meta["head_dim"])]
+        names = set(self._f.keys())
+        for layer in range(int(meta["layers"])):
+            for name in (f"k.{layer}", f"v.{layer}"):
+                got = self._f.get_slice(name).get_shape() if name in names else None
+                if got != want:
+                    raise ValueError(f"KV prefix {self.path}: {name} is {got}, not {want}")
 
     def write_rows(self, kv: KVCache, table: tuple[int, ...], start: int, end: int) -> None:
         """Positions ``start .. end-1`` from the file into the sequence's device blocks (those

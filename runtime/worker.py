@@ -730,11 +730,17 @@ class Worker:
         """Rows of restored chunks from this rank's prefix files into their device blocks."""
         for c in chunks:
             path = kv_prefix.rank_path(c.kv_prefix, self.rank)
-            reader = self._prefix_readers.get(c.seq_id)
-            if reader is None or reader.path != path:
-                reader = kv_prefix.PrefixReader(path, self._prefix_layout())
-                self._prefix_readers[c.seq_id] = reader
-            reader.write_rows(self.kv, c.block_table, c.start_pos, c.seq_len)
+            try:
+                reader = self._prefix_readers.get(c.seq_id)
+                if reader is None or reader.path != path:
+                    reader = kv_prefix.PrefixReader(path, self._prefix_layout())
+                    self._prefix_readers[c.seq_id] = reader
+                reader.write_rows(self.kv, c.block_table, c.start_pos, c.seq_len)
+            except Exception as e:  # the service drops the file and computes the prompt again
+                self._prefix_readers.pop(c.seq_id, None)
+                raise kv_prefix.PrefixReadError(
+                    f"could not read the KV prefix {path} of sequence {c.seq_id}: {e}"
+                ) from e
 
     def _save_prefixes(self, saves, tables: dict) -> None:
         """Write the prompt KV of sequences whose prefill this step completed (a failure to

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from runtime import kv_prefix
 from runtime.kv_cache import KVCache
@@ -73,6 +74,15 @@ def test_a_file_that_does_not_match_or_is_cut_short_is_refused(tmp_path):
     with pytest.raises(OSError, match="would leave less than"):  # a disk kept from filling
         kv_prefix.save(src, [1, 2], 20, tmp_path / "full", meta, keep_free=1 << 60)
     assert not list(tmp_path.glob("full*"))
+    # the metadata right but a tensor short of rows (damaged, or written by other code): refused
+    # from its header, before any row reaches a cache
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in list(f.keys())}
+        whole = f.metadata()
+    tensors["v.1"] = tensors["v.1"][:19].clone()
+    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=whole)
+    with pytest.raises(ValueError, match=r"v\.1 is \[19, 2, 8\], not \[20, 2, 8\]"):
+        kv_prefix.PrefixReader(tmp_path / "short.safetensors", meta)
     path.write_bytes(path.read_bytes()[:100])  # a torn file is no checkpoint
     assert kv_prefix.read_meta(path) is None
     assert kv_prefix.read_meta(tmp_path / "missing") is None

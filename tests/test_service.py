@@ -3,6 +3,7 @@ against a Ray head that `up` starts, a real SQLite store, real worker and engine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -365,6 +366,88 @@ def test_worker_killed_while_idle_is_rebuilt_before_the_next_task(service):
     tid = submit(home, [2, 7, 1, 8], 6)
     r = ok("result", tid, "--wait", "--home", home, "--json")
     assert r["attempts"] == 1 and r["token_ids"] == reference([2, 7, 1, 8], 6)
+
+
+def _gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1][0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_worker_stalled_mid_decode_is_replaced_and_its_task_runs_again(service):
+    """A worker that stops answering (SIGSTOP: a hung collective looks the same) is named
+    within the step deadline and its group torn down, like a dead one: the task runs again from
+    its stored tokens, with tilerun run's tokens, and the one queued behind it runs too."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    st = ok("status", "--home", home, "--json")
+    pid = st["workers"][0]["pid"]
+    prompt, n = [51, 52, 53], 900
+    tid = submit(home, prompt, n)
+    wait_until(lambda: (p := store.partial(tid)) is not None and len(p[1]) >= 50, every=0.02)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        behind = submit(home, [6, 5, 4], 4)
+        r = ok("result", tid, "--wait", "--home", home, "--json")
+        assert r["attempts"] == 2 and r["metrics"]["resumed_tokens"] >= 50
+        assert r["token_ids"] == reference(prompt, n)
+        got = ok("result", behind, "--wait", "--home", home, "--json")
+        assert got["attempts"] == 1 and got["token_ids"] == reference([6, 5, 4], 4)
+        now = ok("status", "--home", home, "--json")
+        assert now["engine"]["rebuilds"] == st["engine"]["rebuilds"] + 1
+        assert now["workers"][0]["pid"] != pid
+        assert _gone(pid, 30), "the stalled worker was left running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # never left stopped, whatever failed
+
+
+def _damage(path: Path) -> None:
+    """Rewrite a prefix file with its metadata intact and one tensor a row short: every check
+    of the file's metadata passes, reading it into a cache cannot."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in list(f.keys())}
+        meta = f.metadata()
+    tensors["k.1"] = tensors["k.1"][1:].clone()
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_a_damaged_kv_prefix_fails_one_run_then_the_prompt_is_computed(service):
+    """The prompt KV file of a task is damaged before its re-run reads it: that step fails, the
+    file is dropped, and the tasks of the failed step run again, each alone (a task that makes
+    steps fail takes none beside it down): both give tilerun run's tokens, the damaged one going
+    on from its stored tokens with its prompt computed."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    pid = ok("status", "--home", home, "--json")["workers"][0]["pid"]
+    prompt = [(i * 13) % 500 + 1 for i in range(1100)]
+    a = submit(home, prompt, 600)
+    wait_until(lambda: (p := store.partial(a)) is not None and len(p[1]) >= 20, every=0.02)
+    b_prompt, b_n = [41, 42, 43], 1200
+    b = submit(home, b_prompt, b_n)
+    wait_until(lambda: store.get(b).state == "running", every=0.01)
+    saved = home / "kv" / f"{a}.rank0.safetensors"
+    _damage(saved)
+    os.kill(pid, signal.SIGKILL)  # the re-run of a reads the damaged file: its step fails
+    ra = ok("result", a, "--wait", "--home", home, "--json")
+    rb = ok("result", b, "--wait", "--home", home, "--json")
+    assert ra["attempts"] == 3 and rb["attempts"] == 3
+    assert ra["metrics"]["restored_tokens"] == 0 and ra["metrics"]["resumed_tokens"] >= 20
+    assert ra["token_ids"] == reference(prompt, 600)
+    assert rb["token_ids"] == reference(b_prompt, b_n)
+    ta, tb = store.get(a), store.get(b)
+    assert tb.started_at >= ta.finished_at, "the suspects' last runs overlapped"
+    assert not list((home / "kv").glob(f"{a}*"))
 
 
 def kill_engine_mid_task(home: Path, store: TaskStore, inputs) -> tuple[int, list[str]]:

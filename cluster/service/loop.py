@@ -4,11 +4,14 @@ It runs in a thread of the engine actor. Each turn it admits queued tasks in arr
 the scheduler has seats (several in flight share each step's batch), honours cancel requests,
 runs one step, and writes progress (at most twice a second) and results to the store.
 
-Durability: when a worker dies (``WorkerDiedError``, raised at once by the executor) the tasks
-that were running go back to the queue, or are marked failed once they have had
-``max_attempts`` runs, and the workers are built again. When the engine itself restarts (Ray
-restarts its actor, or ``tilerun up`` starts a new one), tasks the store still calls running are
-treated the same way.
+Durability: when a worker dies (``WorkerDiedError``, raised at once by the executor) or stops
+answering (``WorkerStalledError``), the tasks that were running go back to the queue, or are
+marked failed once they have had ``max_attempts`` runs, and the workers are built again. When
+the engine itself restarts (Ray restarts its actor, or ``tilerun up`` starts a new one), tasks
+the store still calls running are treated the same way. Any other failed step (a worker raised)
+is treated so too, with two differences: the tasks it ran become suspects, each of which runs
+alone until it ends (a task that makes steps fail fails by itself, not the tasks beside it), and
+a prompt KV file being read is dropped (that run's prompt is computed instead).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.engine import Engine, _metrics
-from cluster.executor import WorkerDiedError
+from cluster.executor import WorkerDiedError, WorkerStalledError
 from cluster.service.home import NAMESPACE, WORKER_PREFIX, store_path
 from cluster.service.prefixes import Prefixes
 from cluster.service.spec import ServiceSpec, sampling_from_dict
@@ -86,6 +89,7 @@ class ServiceLoop:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._live: dict[int, _Live] = {}  # seq_id -> task
+        self._suspects: set[str] = set()  # tasks a failed step ran: each runs alone, once queued
         self._workers: list[dict] = []
         self._memory: list[dict] = []
         self._throughput: collections.deque = collections.deque(maxlen=600)
@@ -130,12 +134,12 @@ class ServiceLoop:
         while not self.stopping.is_set():
             try:
                 self._turn()
-            except WorkerDiedError as e:
+            except (WorkerDiedError, WorkerStalledError) as e:
                 log.warning("%s; rebuilding the workers", e)
                 self._on_worker_death(str(e))
-            except Exception as e:  # noqa: BLE001 - one bad step fails its tasks, not the loop
-                log.exception("step failed")
-                self._fail_live(f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - a failed step costs its tasks an attempt
+                log.exception("step failed; its tasks run again, each alone")
+                self._on_step_failure(f"{type(e).__name__}: {e}")
 
     def _build(self) -> None:
         opts = {"actor_name_prefix": WORKER_PREFIX, "namespace": NAMESPACE, "long_lived": True}
@@ -196,6 +200,7 @@ class ServiceLoop:
                 task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)"
             )
             self.prefixes.remove(task_id)
+            self._suspects.discard(task_id)
         else:  # its tokens stay: the next run goes on from them
             self.store.requeue(task_id, reason, keep_tokens=True)
 
@@ -218,15 +223,17 @@ class ServiceLoop:
                 log.exception("rebuilding the workers failed; trying again in 5 s")
                 time.sleep(5)
 
-    def _fail_live(self, reason: str) -> None:
+    def _on_step_failure(self, reason: str) -> None:
+        """A step raised (not a death or a stall): its tasks go back to the queue as suspects,
+        each to run alone (``_admit``), and the workers are built again, their state unknown.
+        A prompt KV file that a task was reading is removed: its next run computes the prompt."""
         with self._lock:
-            live, self._live = list(self._live.values()), {}
+            live = list(self._live.values())
         for t in live:
-            self.store.finish(t.task_id, "failed", error=reason)
-            self.prefixes.remove(t.task_id)
-        if self.engine is not None:
-            self.engine.steps.abandon()
-            self.engine.scheduler.abort_all()
+            self._suspects.add(t.task_id)
+            if t.seq.restore_prefix is not None:
+                self.prefixes.remove(t.task_id)
+        self._on_worker_death(reason)
 
     # -- one turn ----------------------------------------------------------------------------
     def _turn(self) -> None:
@@ -287,7 +294,18 @@ class ServiceLoop:
         seats = engine.config.scheduler.max_num_seqs - len(sched.running) - len(sched.waiting)
         if seats <= 0 or sched.waiting:
             return
+        with self._lock:
+            live = {t.task_id for t in self._live.values()}
+        if live & self._suspects:
+            return  # a suspect runs alone
         for task in self.store.list(("queued",), limit=seats):
+            if task.id in self._suspects:
+                if live:
+                    return  # it waits for the tasks ahead of it to end, and so do those behind
+                seats = 0  # admitted below, alone
+            elif seats <= 0:
+                return
+            live.add(task.id)
             attempt = self.store.start(task.id)
             try:
                 params = sampling_from_dict(task.params)
@@ -304,6 +322,8 @@ class ServiceLoop:
             except TilerunError as e:
                 self.store.finish(task.id, "failed", error=str(e))
                 self.prefixes.remove(task.id)
+                self._suspects.discard(task.id)
+                live.discard(task.id)
                 continue
             with self._lock:
                 self._live[seq.seq_id] = _Live(
@@ -340,6 +360,7 @@ class ServiceLoop:
                     self._live.pop(sid, None)
                 self.store.finish(task.id, "cancelled", error="cancelled by the user")
                 self.prefixes.remove(task.id)
+                self._suspects.discard(task.id)
 
     def _finish(self, engine: Engine, seq: Sequence) -> None:
         with self._lock:
@@ -366,6 +387,7 @@ class ServiceLoop:
         }
         self.store.finish(t.task_id, "done", output=output)
         self.prefixes.remove(t.task_id)
+        self._suspects.discard(t.task_id)
 
     def _flush_progress(self, force: bool = False) -> None:
         now = time.monotonic()
