@@ -8,7 +8,7 @@ model: demo-small      # required: preset or checkpoint directory (relative to t
 device: cpu
 tp: 2
 prefill_chunk: 2048    # tokens per step (default: by device, 8192 on GPUs, 2048 on CPUs)
-max_attempts: 3        # runs of a task before it is marked failed (worker or engine deaths)
+max_attempts: 3        # runs of a task before it is marked failed (deaths, stalls, failed steps)
 engine_restarts: -1    # times Ray restarts a dead engine by itself (-1: always, 0: never)
 kv_prefix_min_tokens: 2048  # keep prompts this long on disk for a re-run (default: CPUs only)
 num_cpus: 4            # logical CPUs of the Ray head that `tilerun up` starts (not with --address)
@@ -39,8 +39,8 @@ class ServiceConfig:
     """The service's own fields (besides the engine's)."""
 
     max_attempts: int = option(
-        3, help="runs of a task (the first included) before a worker or engine death marks it "
-        "failed", minimum=1,
+        3, help="runs of a task (the first included) before a worker or engine death, a stalled "
+        "worker or a failed step marks it failed", minimum=1,
     )  # fmt: skip
     engine_restarts: int = option(
         -1,
