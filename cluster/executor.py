@@ -473,16 +473,27 @@ class RayExecutor(_Executor):
 
     def check_alive(self) -> None:
         """While no step runs (the service idles): raise ``WorkerDiedError`` naming a rank whose
-        actor has died, so the workers are rebuilt before the next task rather than at its first
-        step (a death is otherwise only seen by a step). One ping per rank, on the actors'
-        health group; a dead actor's fails at once."""
+        actor has died, or ``WorkerStalledError`` naming one that does not answer (stopped, or
+        stuck), so the workers are rebuilt before the next task rather than at its first step (a
+        death is otherwise only seen by a step, a stall only past a step's deadline). One ping
+        per rank, on the actors' health group; a dead actor's fails at once, and a rank silent
+        for ``PING_TIMEOUT_S`` is asked twice more, as a running step's ranks are."""
         ray = self._ray
         pings = [w.ping.remote() for w in self.workers]
-        ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
         rank = _dead_rank(ray, pings)
         if rank is not None:
             self.broken = True
             raise WorkerDiedError(f"worker {self._where(rank)} died")
+        if len(ready) < len(pings):
+            silent = self._silent_ranks()
+            if silent:
+                self.broken = True
+                raise WorkerStalledError(
+                    f"worker {self._where(silent[0])} stopped answering while idle: three "
+                    f"health checks went unanswered ({6 * PING_TIMEOUT_S:.0f} s); the group is "
+                    "torn down"
+                )
 
     def _failed_ranks(self) -> list[tuple[int, str]]:
         ray = self._ray

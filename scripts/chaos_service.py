@@ -3,7 +3,9 @@
 Starts a service (``tilerun up``: its own Ray head, the engine actor, its workers), submits
 ``--tasks`` tasks (varied prompt and output lengths, a quarter sampled with a seed), some at the
 start and the rest while it runs, and meanwhile SIGKILLs the engine's or a worker's process
-``--kills`` times, a few seconds apart, each time once the service has come back from the last.
+``--kills`` times, a few seconds apart, each time once the service has come back from the last
+(``--victims stall``: a worker is SIGSTOPped instead, as a hung collective would leave it; the
+service must name it past the step deadline, tear its group down and run its tasks again).
 Then it stops the service and checks every task against ``tilerun run``'s tokens for the same
 inputs (an in-process engine at TP 1, one request at a time):
 
@@ -19,6 +21,7 @@ inputs (an in-process engine at TP 1, one request at a time):
     python scripts/chaos_service.py --tasks 80 --kills 30 --seed 2
     python scripts/chaos_service.py --tasks 8 --kills 3 --victims engine worker   # the CI test
     python scripts/chaos_service.py --tp 2 --comm gloo        # a kill hits one of two ranks
+    python scripts/chaos_service.py --victims engine worker stall  # stalls as well as kills
 
 Writes ``benchmarks/results/chaos-service-cpu.json`` (command, device, date, every kill
 and every task).
@@ -61,6 +64,15 @@ def _tasks(n: int, rng: random.Random, vocab: int) -> list[dict]:
 TIE_REL = 1e-5  # a logit gap this small (relative) is float32 summation-order noise
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (or is a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True
+
+
 def _metric(task, name: str) -> int:
     """A metric of a finished task's output (0 where there is none)."""
     return ((task.output or {}).get("metrics") or {}).get(name) or 0 if task else 0
@@ -88,8 +100,9 @@ def main() -> int:
     ap.add_argument("--comm", default="auto", help="their collective backend (gloo, mpi, auto)")
     ap.add_argument("--gap-s", type=float, nargs=2, default=[1.0, 4.0], help="between kills")
     ap.add_argument(
-        "--victims", nargs="+", choices=["engine", "worker"], default=None,
-        help="whose process each kill hits, in turn (default: either, at random)",
+        "--victims", nargs="+", choices=["engine", "worker", "stall"], default=None,
+        help="whose process each kill hits, in turn (default: engine or worker, at random; "
+        "stall: SIGSTOP a worker)",
     )  # fmt: skip
     ap.add_argument(
         "--kv-prefix-min-tokens", type=int, default=256,
@@ -140,7 +153,7 @@ def main() -> int:
             pid = e["pid"] if victim == "engine" else snap["workers"][rank]["pid"]
             running = sum(t["state"] == "running" for t in snap["tasks"])
             t0 = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGSTOP if victim == "stall" else signal.SIGKILL)
             # tasks submitted while the service recovers (the store takes them)
             for _ in range(min(len(later), rng.randint(0, 3))):
                 ids.append(svc.submit(**later.pop(0)))
@@ -159,12 +172,16 @@ def main() -> int:
             kills.append(
                 {
                     "victim": victim,
-                    **({"rank": rank} if victim == "worker" else {}),
+                    **({"rank": rank} if victim != "engine" else {}),
                     "running_tasks": running,
                     "recovery_s": round(time.monotonic() - t0, 2),
                     "engine_restarts": s["engine"]["restarts"],
                 }
             )
+            if victim == "stall":  # the torn-down group takes the stopped process with it
+                kills[-1]["stalled_process_gone"] = bool(poll(lambda p=pid: _gone(p), 30))
+                if not kills[-1]["stalled_process_gone"]:
+                    os.kill(pid, signal.SIGKILL)
             print(json.dumps({"kill": k, **kills[-1]}), flush=True)
         for t in later:
             ids.append(svc.submit(**t))
@@ -224,6 +241,8 @@ def main() -> int:
         ),
         "kills": len(kills),
         "engine_kills": sum(k["victim"] == "engine" for k in kills),
+        "stalls": sum(k["victim"] == "stall" for k in kills),
+        "stalled_processes_left": sum(not k.get("stalled_process_gone", True) for k in kills),
         "tp": args.tp,
         "recovery_s_median": sorted(k["recovery_s"] for k in kills)[len(kills) // 2]
         if kills
@@ -253,7 +272,12 @@ def main() -> int:
         )
     )
     print(f"wrote {out}")
-    ok = not (summary["lost"] or summary["not_done"] or summary["mismatched"])
+    ok = not (
+        summary["lost"]
+        or summary["not_done"]
+        or summary["mismatched"]
+        or summary["stalled_processes_left"]
+    )
     return 0 if ok and len(kills) == args.kills else 1
 
 

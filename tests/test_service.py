@@ -409,6 +409,33 @@ def test_worker_stalled_mid_decode_is_replaced_and_its_task_runs_again(service):
             os.kill(pid, signal.SIGKILL)  # never left stopped, whatever failed
 
 
+def test_worker_stalled_while_idle_is_replaced_before_the_next_task(service):
+    """No step runs, so no deadline passes: the idle engine's health check names the stopped
+    worker and rebuilds the group, and the next task runs once, with tilerun run's tokens."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    wait_until(lambda: all(t.state in ("done", "failed", "cancelled") for t in store.list()))
+    st = ok("status", "--home", home, "--json")
+    pid = st["workers"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: (
+                ok("status", "--home", home, "--json")["engine"]["rebuilds"]
+                == st["engine"]["rebuilds"] + 1
+            ),
+            timeout=90,
+            every=0.5,
+        )
+        assert _gone(pid, 30), "the stalled worker was left running"
+        tid = submit(home, [3, 9, 2, 7], 6)
+        r = ok("result", tid, "--wait", "--home", home, "--json")
+        assert r["attempts"] == 1 and r["token_ids"] == reference([3, 9, 2, 7], 6)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _damage(path: Path) -> None:
     """Rewrite a prefix file with its metadata intact and one tensor a row short: every check
     of the file's metadata passes, reading it into a cache cannot."""

@@ -250,7 +250,7 @@ class ServiceLoop:
                 self._last_alive_check = now
                 check = getattr(engine.executor, "check_alive", None)  # Ray's workers only
                 if check is not None:
-                    check()  # a WorkerDiedError rebuilds them now (_main), with no task lost
+                    check()  # a death or a stall rebuilds them now (_main), with no task lost
             self.stopping.wait(IDLE_POLL_S)
             return
         # the engine's step loop: with overlap on, the next step is already running on the
