@@ -334,17 +334,22 @@ def test_submit_follow_prints_the_id_the_pieces_and_the_result(service):
     assert pieces and [t for p in pieces for t in p["token_ids"]] == result["token_ids"]
 
 
-def _task_view(home: Path, task_id: str) -> dict:
-    """The status page's ``/api/task`` for a task, with Ray's token."""
+def _api(home: Path, what: str) -> dict:
+    """The status page's ``/api/<what>``, with Ray's token."""
     import urllib.request
 
     from cluster.service.ray_token import ray_auth_token
 
     url = json.loads((home / "engine.json").read_text())["status_page"]
     req = urllib.request.Request(
-        f"{url}api/task?id={task_id}", headers={"Authorization": f"Bearer {ray_auth_token()}"}
+        f"{url}api/{what}", headers={"Authorization": f"Bearer {ray_auth_token()}"}
     )
     return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+
+def _task_view(home: Path, task_id: str) -> dict:
+    """The status page's ``/api/task`` for a task."""
+    return _api(home, f"task?id={task_id}")
 
 
 def test_worker_killed_while_idle_is_rebuilt_before_the_next_task(service):
@@ -475,6 +480,42 @@ def test_a_damaged_kv_prefix_fails_one_run_then_the_prompt_is_computed(service):
     ta, tb = store.get(a), store.get(b)
     assert tb.started_at >= ta.finished_at, "the suspects' last runs overlapped"
     assert not list((home / "kv").glob(f"{a}*"))
+
+
+def test_a_task_whose_runs_keep_dying_fails_alone_sparing_the_one_beside_it(service):
+    """Two tasks run together when the worker dies, twice: from then on each is a suspect and
+    runs alone, so when the first one's third run dies too it fails by itself (max_attempts 3),
+    and the other, never running beside it again, ends with tilerun run's tokens."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+
+    def status():  # the status page's snapshot: quicker than a `tilerun status` process
+        return _api(home, "snapshot")
+
+    def running(tid, attempt):
+        t = store.get(tid)
+        return t.state == "running" and t.attempts == attempt
+
+    st = status()
+    n = 3000  # ~10 s of decode each: time for the kills below to land while both run
+    p = submit(home, [61, 62, 63], n)
+    i = submit(home, [71, 72, 73], n)
+    for attempt in (1, 2, 3):
+        if attempt < 3:
+            wait_until(lambda a=attempt: running(p, a) and running(i, a), every=0.01)
+        else:  # suspects now: the first runs alone, the other waits in the queue
+            wait_until(lambda: running(p, 3), every=0.01)
+            assert store.get(i).state == "queued"
+        os.kill(st["workers"][0]["pid"], signal.SIGKILL)
+        rebuilds = st["engine"]["rebuilds"]
+        st = wait_until(
+            lambda r=rebuilds: (x := status())["engine"]["rebuilds"] == r + 1 and x, every=0.05
+        )
+    r = tilerun("result", p, "--wait", "--home", home, "--json")
+    assert r.returncode != 0 and "gave up after 3 attempt(s)" in r.stderr
+    got = ok("result", i, "--wait", "--home", home, "--json")
+    assert got["attempts"] == 3 and got["token_ids"] == reference([71, 72, 73], n)
+    assert store.get(i).started_at >= store.get(p).finished_at
 
 
 def kill_engine_mid_task(home: Path, store: TaskStore, inputs) -> tuple[int, list[str]]:

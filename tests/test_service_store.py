@@ -45,6 +45,22 @@ def test_lifecycle_attempts_requeue_and_results(tmp_path):
         s.finish(a, "running")
 
 
+def test_suspects_are_kept_across_connections_until_their_task_ends(tmp_path):
+    s = TaskStore(tmp_path / "tasks.db")
+    a, b, c = (s.add([i], {"max_new_tokens": 1}) for i in (1, 2, 3))
+    for t in (a, b, c):
+        s.start(t)
+    s.requeue(a, "a step failed", keep_tokens=True, suspect=True)
+    s.requeue(b, "worker died", keep_tokens=True)
+    s.requeue(c, "a step failed", suspect=True)
+    assert TaskStore(tmp_path / "tasks.db").suspects() == {a, c}  # a restarted engine's view
+    s.start(a)
+    assert s.suspects() == {a, c}  # running alone
+    s.finish(a, "done", output={"token_ids": [1], "metrics": {}})
+    assert s.request_cancel(c) == "cancelled"  # queued: cancelled at once
+    assert s.suspects() == set()
+
+
 def test_a_restarted_engine_requeues_what_ran_and_fails_a_task_out_of_attempts(tmp_path):
     """What an engine does first after a restart (Ray's or `tilerun up`'s): a task the store
     still calls running ran when the engine died, so it goes back to the queue with the reason,

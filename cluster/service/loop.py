@@ -9,9 +9,11 @@ answering (``WorkerStalledError``), the tasks that were running go back to the q
 marked failed once they have had ``max_attempts`` runs, and the workers are built again. When
 the engine itself restarts (Ray restarts its actor, or ``tilerun up`` starts a new one), tasks
 the store still calls running are treated the same way. Any other failed step (a worker raised)
-is treated so too, with two differences: the tasks it ran become suspects, each of which runs
-alone until it ends (a task that makes steps fail fails by itself, not the tasks beside it), and
-a prompt KV file being read is dropped (that run's prompt is computed instead).
+is treated so too, with two differences: the tasks it ran become suspects, and a prompt KV file
+being read is dropped (that run's prompt is computed instead). A task whose second run (or later)
+ends in a death, a stall or an engine restart becomes a suspect too. Suspects (kept in the store)
+run alone until they end, so a task that makes runs fail ends failed by itself, not with the
+tasks that ran beside it.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class ServiceLoop:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._live: dict[int, _Live] = {}  # seq_id -> task
-        self._suspects: set[str] = set()  # tasks a failed step ran: each runs alone, once queued
+        self._suspects: set[str] = set()  # the store's suspects: each runs alone
         self._workers: list[dict] = []
         self._memory: list[dict] = []
         self._throughput: collections.deque = collections.deque(maxlen=600)
@@ -191,10 +193,14 @@ class ServiceLoop:
     # -- recovery ----------------------------------------------------------------------------
     def _recover_after_restart(self) -> None:
         for t in self.store.list(("running",)):
-            self._retry_or_fail(t.id, t.attempts, "the engine restarted while the task ran")
+            self._retry_or_fail(
+                t.id, t.attempts, "the engine restarted while the task ran", t.attempts >= 2
+            )
+        self._suspects = self.store.suspects()
         self.prefixes.sweep({t.id for t in self.store.list(("queued", "running"))})
 
-    def _retry_or_fail(self, task_id: str, attempts: int, reason: str) -> None:
+    def _retry_or_fail(self, task_id: str, attempts: int, reason: str, suspect: bool) -> None:
+        """Back to the queue (``suspect``: to run alone), or failed after ``max_attempts``."""
         if attempts >= self.spec.service.max_attempts:
             self.store.finish(
                 task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)"
@@ -202,13 +208,17 @@ class ServiceLoop:
             self.prefixes.remove(task_id)
             self._suspects.discard(task_id)
         else:  # its tokens stay: the next run goes on from them
-            self.store.requeue(task_id, reason, keep_tokens=True)
+            self.store.requeue(task_id, reason, keep_tokens=True, suspect=suspect)
+            if suspect:
+                self._suspects.add(task_id)
 
-    def _on_worker_death(self, reason: str) -> None:
+    def _on_worker_death(self, reason: str, suspects: bool = False) -> None:
+        """The running tasks go back to the queue (``suspects``: all as suspects, else those
+        whose second run or later this was) and the workers are built again."""
         with self._lock:
             live, self._live = list(self._live.values()), {}
         for t in live:
-            self._retry_or_fail(t.task_id, t.attempt, reason)
+            self._retry_or_fail(t.task_id, t.attempt, reason, suspects or t.attempt >= 2)
         assert self.engine is not None
         self.engine.steps.abandon()
         self.engine.scheduler.abort_all()
@@ -230,10 +240,9 @@ class ServiceLoop:
         with self._lock:
             live = list(self._live.values())
         for t in live:
-            self._suspects.add(t.task_id)
             if t.seq.restore_prefix is not None:
                 self.prefixes.remove(t.task_id)
-        self._on_worker_death(reason)
+        self._on_worker_death(reason, suspects=True)
 
     # -- one turn ----------------------------------------------------------------------------
     def _turn(self) -> None:

@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS partial (
     attempt INTEGER NOT NULL,
     token_ids TEXT NOT NULL                 -- JSON list of ints
 );
+-- suspects: tasks that ran in a step that raised, or in two runs that failed, which the engine
+-- runs alone until they end (a task that makes runs fail then fails by itself), gone at the end
+CREATE TABLE IF NOT EXISTS suspects (
+    id TEXT PRIMARY KEY
+);
 """
 
 
@@ -283,6 +288,7 @@ class TaskStore:
                 ),
             )
             self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
+            self._db.execute("DELETE FROM suspects WHERE id = ?", (task_id,))
 
     def requeue(
         self,
@@ -290,11 +296,12 @@ class TaskStore:
         reason: str | None,
         refund_attempt: bool = False,
         keep_tokens: bool = False,
+        suspect: bool = False,
     ) -> None:
         """running -> queued after a failure that was not the task's fault (it will run again);
         ``refund_attempt`` when the run was stopped on purpose (``tilerun down``);
         ``keep_tokens``: the tokens it generated stay (``partial``) for the next run to go on
-        from."""
+        from; ``suspect``: it is to run alone from now on (``suspects``)."""
         with self._tx():
             self._db.execute(
                 "UPDATE tasks SET state = 'queued', error = ?, prefill_done = 0, generated = 0, "
@@ -303,6 +310,16 @@ class TaskStore:
             )
             if not keep_tokens:
                 self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
+            if suspect:
+                self._db.execute("INSERT OR IGNORE INTO suspects (id) VALUES (?)", (task_id,))
+
+    def suspects(self) -> set[str]:
+        """Ids of queued or running tasks marked suspect by ``requeue``."""
+        rows = self._db.execute(
+            "SELECT s.id FROM suspects s JOIN tasks t ON t.id = s.id "
+            "WHERE t.state IN ('queued', 'running')"
+        ).fetchall()
+        return {r[0] for r in rows}
 
     # -- retention ---------------------------------------------------------------------------
     def prune(
@@ -338,6 +355,7 @@ class TaskStore:
                         f"DELETE FROM tasks WHERE id IN ({marks}) AND state IN ({terminal})", part
                     )
                     self._db.execute(f"DELETE FROM partial WHERE id IN ({marks})", part)
+                    self._db.execute(f"DELETE FROM suspects WHERE id IN ({marks})", part)
         return ids
 
 
