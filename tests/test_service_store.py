@@ -226,3 +226,46 @@ def test_the_heads_ports_are_distinct_free_loopback_ports():
     for p in ports:  # free: each can be bound on loopback now
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+
+
+def test_a_task_whose_admission_raises_goes_back_to_the_queue_alone(tmp_path):
+    """The engine's loop admits a task and something other than its input fails (here the
+    engine's add_request raises once): the task is not left running with no run behind it but
+    queued again, a suspect, and runs on the next turn; raising every time, it fails after
+    max_attempts. A real store and a real in-process engine; the loop's thread never starts."""
+    from cluster.config import EngineConfig
+    from cluster.engine import Engine
+    from cluster.service.loop import ServiceLoop
+
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("model: tiny\ndevice: cpu\nmax_attempts: 2\n")
+    loop = ServiceLoop(load_spec(cfg), tmp_path)
+    engine = Engine(EngineConfig.from_dict({"model": "tiny", "device": "cpu", "executor": "local"}))
+    real = engine.add_request
+    calls = []
+
+    def add_request(*a, **kw):
+        calls.append(1)
+        if len(calls) in (1, 3, 4):
+            raise RuntimeError("the scheduler broke")
+        return real(*a, **kw)
+
+    engine.add_request = add_request
+    try:
+        a = loop.store.add([1, 2, 3], {"max_new_tokens": 2})
+        loop._admit(engine)
+        t = loop.store.get(a)
+        assert (t.state, t.attempts) == ("queued", 1)
+        assert t.error == "RuntimeError: the scheduler broke" and loop.store.suspects() == {a}
+        loop._admit(engine)  # the next turn: it runs
+        assert loop.store.get(a).state == "running" and len(loop._live) == 1
+        b = loop.store.add([4, 5], {"max_new_tokens": 2})
+        engine.scheduler.abort_all()
+        loop._live.clear()
+        loop._admit(engine)  # b: raises on its first and second runs, then gives up
+        loop._admit(engine)
+        t = loop.store.get(b)
+        assert t.state == "failed" and "gave up after 2 attempt(s)" in t.error
+    finally:
+        engine.shutdown()
+        loop.store.close()

@@ -334,6 +334,11 @@ class ServiceLoop:
                 self._suspects.discard(task.id)
                 live.discard(task.id)
                 continue
+            except Exception as e:  # noqa: BLE001 - never left running with no run behind it
+                log.exception("admitting task %s failed", task.id)
+                self._retry_or_fail(task.id, attempt, f"{type(e).__name__}: {e}", True)
+                live.discard(task.id)
+                continue
             with self._lock:
                 self._live[seq.seq_id] = _Live(
                     task.id, seq, task.submitted_at, attempt, started_wall=time.time(),
