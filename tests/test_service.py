@@ -506,6 +506,8 @@ def test_a_task_whose_runs_keep_dying_fails_alone_sparing_the_one_beside_it(serv
         else:  # suspects now: the first runs alone, the other waits in the queue
             wait_until(lambda: running(p, 3), every=0.01)
             assert store.get(i).state == "queued"
+            alone = {t["id"]: t["alone"] for t in status()["tasks"]}
+            assert alone[p] and alone[i]  # the snapshot `tilerun status` and the status page show
         os.kill(st["workers"][0]["pid"], signal.SIGKILL)
         rebuilds = st["engine"]["rebuilds"]
         st = wait_until(

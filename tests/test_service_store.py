@@ -269,3 +269,16 @@ def test_a_task_whose_admission_raises_goes_back_to_the_queue_alone(tmp_path):
     finally:
         engine.shutdown()
         loop.store.close()
+
+
+def test_status_marks_a_task_that_runs_alone(tmp_path):
+    from cluster.service.commands import render
+
+    s = TaskStore(tmp_path / "tasks.db")
+    a, b = s.add([1, 2], {"max_new_tokens": 3}), s.add([3], {"max_new_tokens": 3})
+    s.start(a)
+    s.requeue(a, "worker rank 0 died", suspect=True)
+    rows = [{**s.get(t).summary(), "alone": t in s.suspects()} for t in (a, b)]
+    lines = render(rows, None).splitlines()
+    assert "1 alone" in lines[2] and "worker rank 0 died" in lines[2]
+    assert "alone" not in lines[3]

@@ -226,7 +226,7 @@ def render(tasks: list[dict], snap: dict | None) -> str:
                 _fmt_rate(t["decode_tokens_per_s"]),
                 f"{t['ttft_s']:.2f}" if t["ttft_s"] is not None else "-",
                 str(t["context_len"]),
-                str(t["attempts"]),
+                f"{t['attempts']}{' alone' if t.get('alone') else ''}",
                 (t["error"] or "")[:60],
             ]
         )

@@ -489,9 +489,11 @@ class ServiceLoop:
             )
         with self._lock:
             live = {t.task_id: t for t in self._live.values()}
+        suspects = set(self._suspects)
         tasks = []
         for task in self._reader().recent(SNAPSHOT_FINISHED):
             d = task.summary()
+            d["alone"] = task.id in suspects  # a suspect: runs with no other task beside it
             t = live.get(task.id)
             if t is not None:
                 _, d["prefill_done"], d["generated"], d["decode_tokens_per_s"], d["ttft_s"] = (

@@ -197,7 +197,7 @@ function renderTasks(s) {
       el("td", {}, bar(pd, pt, "", num(pd, 0) + " / " + num(pt, 0) + pct)),
       el("td", {}, num(t.generated || 0, 0) + " / " + num(t.max_new_tokens || 0, 0)),
       el("td", {}, num(t.decode_tokens_per_s)), el("td", {}, secs(t.ttft_s)),
-      el("td", {}, num(t.context_len || 0, 0)), el("td", {}, t.attempts || 0),
+      el("td", {}, num(t.context_len || 0, 0)), el("td", {}, (t.attempts || 0) + (t.alone ? " alone" : "")),
       el("td", {}, t.submitted_at ? new Date(t.submitted_at * 1000).toLocaleTimeString("en-GB") : ""),
       el("td", {class: "err"}, t.error || ""));
   });
