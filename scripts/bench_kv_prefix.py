@@ -70,15 +70,34 @@ def _timed_save(*a, **kw):
 kv_prefix.save = _timed_save
 
 
-def run_once(engine: Engine, prompt: list[int], new: int, **prefix) -> tuple[list[int], float]:
+def run_once(engine: Engine, prompt: list[int], new: int, **prefix):
+    """Tokens, time to first token, and the logits each token was picked from."""
     seq = engine.add_request(prompt, SamplingParams(max_new_tokens=new), **prefix)
     t0 = time.perf_counter()
     ttft = None
+    rows = []
     while engine.steps.has_work:
-        engine.steps.advance()
+        for step in engine.steps.advance("sampled") or ():
+            if seq.seq_id in step.result.logits:
+                rows.append(step.result.logits[seq.seq_id])
         if ttft is None and seq.output_ids:
             ttft = time.perf_counter() - t0
-    return list(seq.output_ids), ttft
+    return list(seq.output_ids), ttft, rows
+
+
+def difference(ref: list[int], ref_logits: list, got: list[int]) -> dict | None:
+    """Where ``got`` parts from ``ref``: the step, and the gap between the two tokens' logits in
+    the reference's row there (against its best logit: a gap within the dtype's rounding of
+    that logit is a near tie, which another summation order can flip)."""
+    d = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+    if d is None:
+        return None
+    row = ref_logits[d].float().flatten()
+    return {
+        "first_difference": d,
+        "logit_gap": float(row[ref[d]] - row[got[d]]),
+        "best_logit": float(row[ref[d]]),
+    }
 
 
 def main() -> int:
@@ -114,13 +133,15 @@ def main() -> int:
             prompt = torch.randint(0, vocab, (s,), generator=g).tolist()
             stem = root / f"bench-{s}"
             run_once(engine, prompt[:256], 2)  # warm
-            a, t_compute = run_once(engine, prompt, args.new_tokens)
-            b, t_save = run_once(engine, prompt, args.new_tokens, save_prefix=(str(stem), "k"))
+            a, t_compute, a_logits = run_once(engine, prompt, args.new_tokens)
+            b, t_save, _ = run_once(engine, prompt, args.new_tokens, save_prefix=(str(stem), "k"))
             path = kv_prefix.rank_path(stem, 0)
             nbytes = path.stat().st_size
             with open(path, "rb") as f:  # cold: the file's pages out of the page cache
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            c, t_restore = run_once(engine, prompt, args.new_tokens, restore_prefix=(str(stem), s))
+            c, t_restore, _ = run_once(
+                engine, prompt, args.new_tokens, restore_prefix=(str(stem), s)
+            )
             disk = disk_write_rate(root, nbytes)
             path.unlink()
             save_s = SAVES.pop()
@@ -136,6 +157,8 @@ def main() -> int:
                 "disk_write_bytes_per_s": disk,
                 "restore_read_bytes_per_s": nbytes / t_restore,
                 "same_tokens": a == b == c,
+                "save_differs": difference(a, a_logits, b),
+                "restore_differs": difference(a, a_logits, c),
             }
             rows.append(row)
             print(
@@ -145,6 +168,9 @@ def main() -> int:
                 f"same tokens {row['same_tokens']}",
                 flush=True,
             )
+            for k in ("save_differs", "restore_differs"):
+                if row[k]:
+                    print(f"          {k}: {row[k]}", flush=True)
     finally:
         engine.shutdown()
     kind = "cpu" if info["device"] == "cpu" else info["name"].replace(" ", "-").lower()
