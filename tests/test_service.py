@@ -352,6 +352,16 @@ def _task_view(home: Path, task_id: str) -> dict:
     return _api(home, f"task?id={task_id}")
 
 
+def _rebuilt_once_more(home: Path, before: dict, timeout: float) -> None:
+    """Wait until `tilerun status` shows one more worker rebuild than ``before`` did."""
+    want = before["engine"]["rebuilds"] + 1
+    wait_until(
+        lambda: ok("status", "--home", home, "--json")["engine"]["rebuilds"] == want,
+        timeout=timeout,
+        every=0.5,
+    )
+
+
 def test_worker_killed_while_idle_is_rebuilt_before_the_next_task(service):
     """No step runs, so no step can see the death: the idle engine's own check rebuilds the
     workers within seconds, and the next task runs once, with tilerun run's tokens."""
@@ -360,14 +370,7 @@ def test_worker_killed_while_idle_is_rebuilt_before_the_next_task(service):
     wait_until(lambda: all(t.state in ("done", "failed", "cancelled") for t in store.list()))
     st = ok("status", "--home", home, "--json")
     os.kill(st["workers"][0]["pid"], signal.SIGKILL)
-    wait_until(
-        lambda: (
-            ok("status", "--home", home, "--json")["engine"]["rebuilds"]
-            == st["engine"]["rebuilds"] + 1
-        ),
-        timeout=60,
-        every=0.5,
-    )
+    _rebuilt_once_more(home, st, 60)
     tid = submit(home, [2, 7, 1, 8], 6)
     r = ok("result", tid, "--wait", "--home", home, "--json")
     assert r["attempts"] == 1 and r["token_ids"] == reference([2, 7, 1, 8], 6)
@@ -424,14 +427,7 @@ def test_worker_stalled_while_idle_is_replaced_before_the_next_task(service):
     pid = st["workers"][0]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
-        wait_until(
-            lambda: (
-                ok("status", "--home", home, "--json")["engine"]["rebuilds"]
-                == st["engine"]["rebuilds"] + 1
-            ),
-            timeout=90,
-            every=0.5,
-        )
+        _rebuilt_once_more(home, st, 90)
         assert _gone(pid, 30), "the stalled worker was left running"
         tid = submit(home, [3, 9, 2, 7], 6)
         r = ok("result", tid, "--wait", "--home", home, "--json")
