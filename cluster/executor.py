@@ -491,7 +491,7 @@ class RayExecutor(_Executor):
                 self.broken = True
                 raise WorkerStalledError(
                     f"worker {self._where(silent[0])} stopped answering while idle: three "
-                    f"health checks went unanswered ({6 * PING_TIMEOUT_S:.0f} s); the group is "
+                    f"health checks went unanswered ({4 * PING_TIMEOUT_S:.0f} s); the group is "
                     "torn down"
                 )
 

@@ -202,15 +202,18 @@ class ServiceLoop:
     def _retry_or_fail(self, task_id: str, attempts: int, reason: str, suspect: bool) -> None:
         """Back to the queue (``suspect``: to run alone), or failed after ``max_attempts``."""
         if attempts >= self.spec.service.max_attempts:
-            self.store.finish(
-                task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)"
-            )
-            self.prefixes.remove(task_id)
-            self._suspects.discard(task_id)
+            self._end(task_id, "failed", error=f"{reason}; gave up after {attempts} attempt(s)")
         else:  # its tokens stay: the next run goes on from them
             self.store.requeue(task_id, reason, keep_tokens=True, suspect=suspect)
             if suspect:
                 self._suspects.add(task_id)
+
+    def _end(self, task_id: str, state: str, **outcome) -> None:
+        """A task's last state in the store (``TaskStore.finish``); its prefix files and its
+        suspect mark go with it."""
+        self.store.finish(task_id, state, **outcome)
+        self.prefixes.remove(task_id)
+        self._suspects.discard(task_id)
 
     def _on_worker_death(self, reason: str, suspects: bool = False) -> None:
         """The running tasks go back to the queue (``suspects``: all as suspects, else those
@@ -329,9 +332,7 @@ class ServiceLoop:
                 )
                 seq.skip_draws = len(resumed)
             except TilerunError as e:
-                self.store.finish(task.id, "failed", error=str(e))
-                self.prefixes.remove(task.id)
-                self._suspects.discard(task.id)
+                self._end(task.id, "failed", error=str(e))
                 live.discard(task.id)
                 continue
             except Exception as e:  # noqa: BLE001 - never left running with no run behind it
@@ -372,9 +373,7 @@ class ServiceLoop:
                 engine.scheduler.abort(sid)
                 with self._lock:
                     self._live.pop(sid, None)
-                self.store.finish(task.id, "cancelled", error="cancelled by the user")
-                self.prefixes.remove(task.id)
-                self._suspects.discard(task.id)
+                self._end(task.id, "cancelled", error="cancelled by the user")
 
     def _finish(self, engine: Engine, seq: Sequence) -> None:
         with self._lock:
@@ -399,9 +398,7 @@ class ServiceLoop:
             "devices": engine.device_infos,
             "wall_s": now - t.submitted_at,
         }
-        self.store.finish(t.task_id, "done", output=output)
-        self.prefixes.remove(t.task_id)
-        self._suspects.discard(t.task_id)
+        self._end(t.task_id, "done", output=output)
 
     def _flush_progress(self, force: bool = False) -> None:
         now = time.monotonic()
