@@ -457,6 +457,9 @@ class ServiceLoop:
         return d
 
     def snapshot(self) -> dict[str, Any]:
+        # read before the workers: ``_build`` records new workers before it counts the rebuild,
+        # so a count that says rebuilt comes with the new workers' pids, never the dead ones'
+        rebuilds = self.rebuilds
         e = self.engine
         blocks = e.scheduler.blocks if e else None
         tiers = getattr(e.scheduler, "tiers", None) if e else None  # the two-tier scheduler
@@ -511,7 +514,7 @@ class ServiceLoop:
                 "error": None
                 if self.error is None
                 else f"{type(self.error).__name__}: {self.error}",
-                "rebuilds": self.rebuilds,
+                "rebuilds": rebuilds,
                 "restarts": self.restarts,
             },
             "workers": workers,
