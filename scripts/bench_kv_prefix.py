@@ -8,7 +8,11 @@ batch 1, greedy:
 * ``save``: the same, the prompt's KV written to disk at the end of the prefill (the save sits in
   the prefill's last step, so ``ttft`` grows by its time, ``save_s``, timed around the call);
 * ``restore``: a re-run that reads the S-1 saved positions (the file's pages first evicted from
-  the page cache, as after the machine's memory went to other work) and computes the last one.
+  the page cache, as after the machine's memory went to other work) and computes the last one;
+* ``split``: no file, the prefill's budget cut to S-1 tokens for one run, so the last position is
+  computed alone as after a restore. Where ``restore`` parts from ``compute``, ``split`` says
+  why: the same tokens as ``restore`` means the file gave back the computed rows and the last
+  position's lone step (other matrix shapes, another rounding) moved the tokens.
 
 Time to first token of each, the file's bytes, the write rate (bound: the same bytes written
 with one ``write`` and ``fsync`` here, ``disk_write_bytes_per_s``) and the restore's read rate,
@@ -23,6 +27,7 @@ Writes ``benchmarks/results/kv-prefix-<device>.json`` (command, device, date, ro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -85,6 +90,17 @@ def run_once(engine: Engine, prompt: list[int], new: int, **prefix):
     return list(seq.output_ids), ttft, rows
 
 
+def run_split(engine: Engine, prompt: list[int], new: int):
+    """``run_once`` with the prefill's token budget cut to len(prompt) - 1 for this run."""
+    sched = engine.scheduler
+    whole = sched.config
+    sched.config = dataclasses.replace(whole, prefill_chunk=len(prompt) - 1)
+    try:
+        return run_once(engine, prompt, new)
+    finally:
+        sched.config = whole
+
+
 def difference(ref: list[int], ref_logits: list, got: list[int]) -> dict | None:
     """Where ``got`` parts from ``ref``: the step, and the gap between the two tokens' logits in
     the reference's row there (against its best logit: a gap within the dtype's rounding of
@@ -132,7 +148,7 @@ def main() -> int:
             g = torch.Generator().manual_seed(s)
             prompt = torch.randint(0, vocab, (s,), generator=g).tolist()
             stem = root / f"bench-{s}"
-            run_once(engine, prompt[:256], 2)  # warm
+            run_once(engine, prompt, 1)  # warm: this length's kernels, tunings and plans
             a, t_compute, a_logits = run_once(engine, prompt, args.new_tokens)
             b, t_save, _ = run_once(engine, prompt, args.new_tokens, save_prefix=(str(stem), "k"))
             path = kv_prefix.rank_path(stem, 0)
@@ -142,6 +158,7 @@ def main() -> int:
             c, t_restore, _ = run_once(
                 engine, prompt, args.new_tokens, restore_prefix=(str(stem), s)
             )
+            d, _, _ = run_split(engine, prompt, args.new_tokens)
             disk = disk_write_rate(root, nbytes)
             path.unlink()
             save_s = SAVES.pop()
@@ -159,16 +176,18 @@ def main() -> int:
                 "same_tokens": a == b == c,
                 "save_differs": difference(a, a_logits, b),
                 "restore_differs": difference(a, a_logits, c),
+                "split_differs": difference(a, a_logits, d),
+                "restore_equals_split": c == d,
             }
             rows.append(row)
             print(
                 f"{s:>8}  compute {t_compute:7.3f}s  save +{save_s:6.3f}s "
                 f"({nbytes / 2**30:.2f} GiB, {row['write_bytes_per_s'] or 0:.2e} B/s; disk "
                 f"{disk:.2e})  restore {t_restore:7.3f}s = {row['restore_speedup']:.1f}x  "
-                f"same tokens {row['same_tokens']}",
+                f"same tokens {row['same_tokens']}, restore = split {row['restore_equals_split']}",
                 flush=True,
             )
-            for k in ("save_differs", "restore_differs"):
+            for k in ("save_differs", "restore_differs", "split_differs"):
                 if row[k]:
                     print(f"          {k}: {row[k]}", flush=True)
     finally:
