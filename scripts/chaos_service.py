@@ -22,9 +22,12 @@ inputs (an in-process engine at TP 1, one request at a time):
     python scripts/chaos_service.py --tasks 8 --kills 3 --victims engine worker   # the CI test
     python scripts/chaos_service.py --tp 2 --comm gloo        # a kill hits one of two ranks
     python scripts/chaos_service.py --victims engine worker stall  # stalls as well as kills
+    python scripts/chaos_service.py --device cuda --victims engine worker stall  # on one GPU
 
-Writes ``benchmarks/results/chaos-service-cpu.json`` (command, device, date, every kill
-and every task).
+Writes ``benchmarks/results/chaos-service-<device>.json`` (command, device, date, every kill
+and every task). On a GPU the tasks keep float32 (``--dtype``), so the check against the
+reference stays exact up to float32 noise; its Ray head sees the GPU and each new worker
+takes it once the killed one has let it go.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def _tie(engine, prompt: list[int], params, ref: list[int], got: list[int]) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (its workers' device)")
+    ap.add_argument("--dtype", default="float32", help="float32 keeps the check exact")
     ap.add_argument("--tasks", type=int, default=40)
     ap.add_argument("--kills", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
@@ -114,8 +119,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     engine = {
         "model": args.model,
-        "device": "cpu",
-        "dtype": "float32",
+        "device": args.device,
+        "dtype": args.dtype,
         "max_model_len": 4096,
         "prefill_chunk": args.prefill_chunk,
         "tp": args.tp,
@@ -128,7 +133,9 @@ def main() -> int:
         home=home, max_attempts=args.kills + 2, num_cpus=4,
         kv_prefix_min_tokens=args.kv_prefix_min_tokens, **engine,
     )  # fmt: skip
-    vocab = json.loads((home / "engine.json").read_text())["vocab_size"]
+    info = json.loads((home / "engine.json").read_text())
+    vocab = info["vocab_size"]
+    device = "cpu" if args.device == "cpu" else info["devices"][0]["name"]
     specs = _tasks(args.tasks, rng, vocab)
     ids: list[str] = []
     first = args.tasks // 2
@@ -254,14 +261,17 @@ def main() -> int:
         "wall_s": round(wall, 1),
     }
     print(json.dumps(summary, indent=1))
-    out = Path(args.out or "benchmarks/results/chaos-service-cpu.json")
+    slug = device.lower().replace(" ", "-")
+    out = Path(args.out or f"benchmarks/results/chaos-service-{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
                 "benchmark": "chaos_service",
                 "command": command_line(),
-                "device": platform.processor() or platform.machine(),
+                "device": (platform.processor() or platform.machine())
+                if device == "cpu"
+                else device,
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "engine": engine,
                 "summary": summary,

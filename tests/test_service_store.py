@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -226,6 +227,23 @@ def test_the_heads_ports_are_distinct_free_loopback_ports():
     for p in ports:  # free: each can be bound on loopback now
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+
+
+def test_rays_command_line_without_a_ray_script_beside_python(tmp_path, monkeypatch):
+    """Ray installed without its scripts (``pip install --target``, the GPU machine): `tilerun
+    up` runs Ray's CLI module with this interpreter, and that command works."""
+    from cluster.service import head
+
+    with_script = head._ray_cli()
+    assert with_script == [str(Path(sys.executable).parent / "ray")]  # this venv has one
+    real = sys.executable
+    bare = tmp_path / "bin" / "python"  # an interpreter with no `ray` beside it
+    monkeypatch.setattr(sys, "executable", str(bare))
+    cli = head._ray_cli()
+    assert cli == [str(bare), "-m", "ray.scripts.scripts"]
+    # (run by the real interpreter: the path above only has to lack a `ray` beside it)
+    out = subprocess.run([real, *cli[1:], "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "version" in out.stdout, out.stderr[-500:]
 
 
 def test_a_task_whose_admission_raises_goes_back_to_the_queue_alone(tmp_path):

@@ -43,7 +43,7 @@ def ensure_token() -> None:
     if (Path.home() / ".ray" / "auth_token").is_file():
         return
     subprocess.run(
-        [_ray_exe(), "get-auth-token", "--generate"],
+        [*_ray_cli(), "get-auth-token", "--generate"],
         env=ray_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -51,9 +51,12 @@ def ensure_token() -> None:
     )
 
 
-def _ray_exe() -> str:
+def _ray_cli() -> list[str]:
+    """Ray's command line: the ``ray`` beside this interpreter, else Ray's CLI module run by
+    it (Ray installed without its scripts, as with ``pip install --target``; a ``ray`` on the
+    PATH could be another Python's, of another version)."""
     exe = Path(sys.executable).parent / "ray"
-    return str(exe) if exe.exists() else "ray"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -86,7 +89,7 @@ def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0
     # TILERUN_DASHBOARD=0 (as for the embedded cluster) where the dashboard's packages are absent
     dashboard = os.environ.get("TILERUN_DASHBOARD", "1") != "0"
     cmd = [
-        _ray_exe(), "start", "--head", "--block", "--disable-usage-stats",
+        *_ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
         f"--port={gcs}", f"--num-cpus={ncpu}",
         f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
