@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from cluster.dashboard_choice import choose_dashboard
 from scheduler.errors import TilerunError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _start(
     dashboard: bool | None = None,
     dashboard_host: str | None = None,
 ) -> dict:
-    global _dashboard_url
+    global _dashboard_url, _dashboard_note
     if ray.is_initialized():
         return describe()
     address = address or os.environ.get("RAY_ADDRESS")
@@ -125,8 +126,6 @@ def _start(
         logging.ERROR
     )
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if dashboard is None:
-        dashboard = os.environ.get("TILERUN_DASHBOARD", "1") != "0"
     if dashboard_host is None:
         dashboard_host = os.environ.get("TILERUN_DASHBOARD_HOST", "127.0.0.1")
     if address:
@@ -139,6 +138,8 @@ def _start(
     else:
         # Logical CPUs: at least enough for a small TP group of CPU workers on a 2-core box.
         ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+        if dashboard is None:  # where its packages are missing, Ray would not start at all
+            dashboard, _dashboard_note = choose_dashboard()
         # the reaper first: a driver that exits while Ray is still starting (a failed check
         # beside start_ray_early) leaves nothing behind either
         _start_reaper()
@@ -156,6 +157,7 @@ def _start(
 
 
 _dashboard_url: str | None = None
+_dashboard_note: str | None = None  # why the embedded cluster has no dashboard
 
 # How long to wait for a TCP answer from the cluster's address before saying nothing is there.
 CONNECT_TIMEOUT_S = 5.0
@@ -248,6 +250,8 @@ def describe() -> dict:
     url = _dashboard_url
     if url:
         info["dashboard"] = url if url.startswith("http") else f"http://{url}"
+    elif _dashboard_note:
+        info["dashboard_off"] = _dashboard_note
     return info
 
 

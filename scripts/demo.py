@@ -63,9 +63,11 @@ def main() -> int:
     ) as llm:
         info = llm.engine.device_infos[0]
         print(llm.ready_line)
-        dash = llm.engine.executor.cluster.get("dashboard")
-        if dash:
-            print(f"Ray dashboard (token auth): {dash}")
+        cluster = llm.engine.executor.cluster
+        if cluster.get("dashboard"):
+            print(f"Ray dashboard (token auth): {cluster['dashboard']}")
+        elif cluster.get("dashboard_off"):
+            print(f"Ray dashboard: {cluster['dashboard_off']}")
         prompt = long_document(args.prompt_tokens)
 
         def progress(p) -> None:

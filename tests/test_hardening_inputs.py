@@ -319,6 +319,74 @@ def test_cli_refuses_before_starting_ray(args, expected):
     assert time.monotonic() - t0 < 30  # no cluster start-up (38 s before)
 
 
+def _without_dashboard_packages(tmp_path, **env) -> dict:
+    """An environment in which one of Ray's dashboard packages does not import, as with a
+    minimal ``pip install ray`` (seen on the GPU machine: Ray logged an error on stderr and
+    refused to start)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "aiohttp_cors.py").write_text(  # as Python says it, which Ray's agent expects
+        "raise ModuleNotFoundError(\"No module named 'aiohttp_cors'\", name='aiohttp_cors')\n"
+    )
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    out = {**os.environ, "PYTHONPATH": path, **env}
+    out.pop("TILERUN_DASHBOARD", None)
+    return {**out, **env}
+
+
+def test_dashboard_choice_for_tilerun_up_and_the_embedded_cluster(monkeypatch):
+    """The rule both starts follow (``tilerun up``'s ``ray start`` fails just as ``ray.init``
+    does when asked for a dashboard without its packages)."""
+    from cluster import dashboard_choice as dc
+
+    gap = "No module named 'aiohttp_cors'"
+    monkeypatch.delenv("TILERUN_DASHBOARD", raising=False)
+    assert dc.choose_dashboard() == (True, None)  # this environment has them
+    monkeypatch.setattr(dc, "missing_packages", lambda: gap)
+    on, why = dc.choose_dashboard()
+    assert not on and why.startswith(f"off: its packages are missing ({gap}); Fix: pip install")
+    monkeypatch.setenv("TILERUN_DASHBOARD", "0")
+    assert dc.choose_dashboard() == (False, "off (TILERUN_DASHBOARD=0)")
+    monkeypatch.setenv("TILERUN_DASHBOARD", "1")
+    with pytest.raises(ConfigError, match=r"TILERUN_DASHBOARD=1 asks for .* \(No module named"):
+        dc.choose_dashboard()
+
+
+@pytest.mark.ray
+def test_a_cluster_without_the_dashboards_packages_starts_without_it(tmp_path):
+    """Unasked, the embedded cluster goes without the dashboard and says why; a refused run
+    still says one line; asked for by TILERUN_DASHBOARD=1, the missing package is named."""
+    run = ["--prompt", "hello", "--device", "cpu", "--model", "tiny", "--max-new-tokens", "2"]
+    env = _without_dashboard_packages(tmp_path)
+    demo = (
+        "from cluster.api import LLM\n"
+        "with LLM(model='tiny', device='cpu') as llm:\n"
+        "    print(llm.generate([[1, 2, 3]])[0].token_ids)\n"
+        "    print(llm.engine.executor.cluster)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", demo], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dashboard dependencies failed" not in r.stderr, r.stderr[-2000:]
+    assert "'dashboard_off': \"off: its packages are missing (No module named 'aiohttp_cors')" in (
+        r.stdout
+    ), r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "run", *run, "--tp", "3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    _one_line_error(r, "tp=3 does not divide")
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "run", *run],
+        cwd=ROOT, env={**env, "TILERUN_DASHBOARD": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    _one_line_error(r, "TILERUN_DASHBOARD=1 asks for Ray's dashboard, but its packages are missing")
+    assert "pip install 'ray[default]'" in r.stderr
+
+
 # -- prompts ------------------------------------------------------------------------------------
 
 

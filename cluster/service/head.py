@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.dashboard_choice import choose_dashboard
 from scheduler.errors import TilerunError
 
 
@@ -86,8 +87,8 @@ def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0
     log_path = home / "ray-head.log"
     home.mkdir(parents=True, exist_ok=True)
     ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
-    # TILERUN_DASHBOARD=0 (as for the embedded cluster) where the dashboard's packages are absent
-    dashboard = os.environ.get("TILERUN_DASHBOARD", "1") != "0"
+    # as for the embedded cluster: none where its packages are missing (`ray start` would fail)
+    dashboard, why_not = choose_dashboard()
     cmd = [
         *_ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
         f"--port={gcs}", f"--num-cpus={ncpu}",
@@ -131,7 +132,7 @@ def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0
         "started_by_tilerun": True,
         "pid": proc.pid,
         "temp_dir": str(temp),
-        "dashboard": f"http://127.0.0.1:{dash}" if dashboard else "off (TILERUN_DASHBOARD=0)",
+        "dashboard": f"http://127.0.0.1:{dash}" if dashboard else why_not,
         "log": str(log_path),
     }
 
