@@ -58,8 +58,15 @@ def test_suspects_are_kept_across_connections_until_their_task_ends(tmp_path):
     s.start(a)
     assert s.suspects() == {a, c}  # running alone
     s.finish(a, "done", output={"token_ids": [1], "metrics": {}})
+    n = s.start(c)
+    s.progress([], tokens={c: (n, [7, 8])})
+    s.requeue(c, "a step failed again", keep_tokens=True, suspect=True)
+    assert s.partial(c) == (n, [7, 8])
     assert s.request_cancel(c) == "cancelled"  # queued: cancelled at once
     assert s.suspects() == set()
+    # and nothing of it is left behind: no suspect row, no tokens to go on from
+    assert s.partial(c) is None
+    assert s._db.execute("SELECT COUNT(*) FROM suspects").fetchone()[0] == 0
 
 
 def test_a_restarted_engine_requeues_what_ran_and_fails_a_task_out_of_attempts(tmp_path):
@@ -284,6 +291,50 @@ def test_a_task_whose_admission_raises_goes_back_to_the_queue_alone(tmp_path):
         loop._admit(engine)
         t = loop.store.get(b)
         assert t.state == "failed" and "gave up after 2 attempt(s)" in t.error
+    finally:
+        engine.shutdown()
+        loop.store.close()
+
+
+def test_the_loop_sweeps_the_kv_files_of_a_queued_task_cancelled_meanwhile(tmp_path):
+    """A task queued again after a failed run keeps its prompt KV file for the next run; if it
+    is cancelled while queued (the store ends it, not the engine's loop), the loop's periodic
+    sweep removes the file (a 128K prompt of an 8B model: 16 GiB), not waiting for a restart,
+    and keeps the live tasks' files, half-written ones included (a worker may be writing)."""
+    from cluster.config import EngineConfig
+    from cluster.engine import Engine
+    from cluster.service.loop import ServiceLoop
+
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("model: tiny\ndevice: cpu\n")
+    loop = ServiceLoop(load_spec(cfg), tmp_path)
+    engine = Engine(EngineConfig.from_dict({"model": "tiny", "device": "cpu", "executor": "local"}))
+    loop.engine = engine
+    try:
+        gone, kept = (loop.store.add([1, 2, 3], {"max_new_tokens": 50}) for _ in range(2))
+        for t in (gone, kept):
+            loop.store.start(t)
+            loop.store.requeue(t, "worker rank 0 died", keep_tokens=True)
+        loop.prefixes.dir.mkdir(parents=True)
+        files = {
+            name: loop.prefixes.dir / name
+            for name in (
+                f"{gone}.rank0.safetensors",
+                f"{kept}.rank0.safetensors",
+                f"{kept}.rank1.safetensors.tmp",
+            )
+        }
+        for f in files.values():
+            f.write_bytes(b"kv")
+        assert loop.store.request_cancel(gone) == "cancelled"
+        loop._turn()  # within SWEEP_EVERY_S of the start: no sweep yet
+        assert all(f.exists() for f in files.values())
+        loop._last_sweep -= 31.0
+        loop._turn()
+        assert not files[f"{gone}.rank0.safetensors"].exists()
+        assert files[f"{kept}.rank0.safetensors"].exists()
+        assert files[f"{kept}.rank1.safetensors.tmp"].exists()
+        assert loop.store.get(kept).state == "running"  # admitted by those turns: still live
     finally:
         engine.shutdown()
         loop.store.close()

@@ -31,7 +31,7 @@ from typing import Any
 from cluster.engine import Engine, _metrics
 from cluster.executor import WorkerDiedError, WorkerStalledError
 from cluster.service.home import NAMESPACE, WORKER_PREFIX, store_path
-from cluster.service.prefixes import Prefixes
+from cluster.service.prefixes import SWEEP_EVERY_S, Prefixes
 from cluster.service.spec import ServiceSpec, sampling_from_dict
 from cluster.service.store import TaskStore
 from runtime.tokenizer import load_tokenizer
@@ -98,6 +98,7 @@ class ServiceLoop:
         self._window = [time.time(), 0, 0]  # start, prefill tokens, decode tokens
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
+        self._last_sweep = time.monotonic()  # (start-up sweeps on its own)
         self._last_alive_check = 0.0
         self.rebuilds = 0
         self._allreduce_exposed_s = 0.0  # rank 0's steps, since the engine started
@@ -256,6 +257,11 @@ class ServiceLoop:
         if now - self._last_cancel_check > 0.2:
             self._last_cancel_check = now
             self._cancel(engine)
+        if now - self._last_sweep > SWEEP_EVERY_S:
+            self._last_sweep = now
+            self.prefixes.sweep(
+                {t.id for t in self.store.list(("queued", "running"))}, half_written=False
+            )
         if not engine.steps.has_work:
             self._flush_progress(force=True)
             if now - self._last_alive_check >= IDLE_ALIVE_CHECK_S:

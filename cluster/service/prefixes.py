@@ -6,7 +6,8 @@ prompt's KV once it is prefilled (``runtime.kv_prefix``: one file per rank, unde
 death, and every rank's file is there, whole, and made for this prompt by an engine with this
 configuration (the ``key``), the new workers read the prompt's rows back instead of computing
 them; only the last prompt position is computed, for the first new token. Files go when their
-task ends, and at start-up for any task that is no longer queued or running.
+task ends, and at start-up and every ``SWEEP_EVERY_S`` for any task that is no longer queued or
+running (a queued task cancelled through the store ends without the engine's loop).
 
 Prefixes are used only where every worker runs on the engine's node: a worker elsewhere would
 write its file on another disk, out of the engine's sight.
@@ -25,6 +26,7 @@ from cluster.service.store import Task
 from runtime import kv_prefix
 
 CPU_MIN_TOKENS = 2048  # kv_prefix_min_tokens' default on CPU workers
+SWEEP_EVERY_S = 30.0  # a 128K prompt of an 8B model leaves 16 GiB: not kept until a restart
 
 
 class Prefixes:
@@ -87,13 +89,14 @@ class Prefixes:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def sweep(self, live: set[str]) -> None:
-        """Remove the files of every task not in ``live`` (queued or running), and any file a
-        killed writer left half-written."""
+    def sweep(self, live: set[str], half_written: bool = True) -> None:
+        """Remove the files of every task not in ``live`` (queued or running), and with
+        ``half_written`` (at start-up, no worker writing) any file a killed writer left
+        half-written."""
         if not self.dir.is_dir():
             return
         for path in self.dir.iterdir():
             task_id = path.name.split(".", 1)[0]
-            if task_id not in live or path.name.endswith(".tmp"):
+            if task_id not in live or (half_written and path.name.endswith(".tmp")):
                 with contextlib.suppress(OSError):
                     path.unlink()

@@ -174,6 +174,9 @@ class TaskStore:
                     "WHERE id = ?",
                     (now, now, task_id),
                 )
+                # as finish() does: a task queued again after a failed run has both
+                self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
+                self._db.execute("DELETE FROM suspects WHERE id = ?", (task_id,))
                 return "cancelled"
             if row["state"] == "running":
                 self._db.execute(
