@@ -584,6 +584,46 @@ def test_engine_killed_up_again_finds_every_task_and_finishes(service):
     assert store.get(ids[0]).attempts == 2
 
 
+GIVE_UP = """
+import sys
+from cluster.service.client import Service, connect  # before ray: token auth on
+from cluster.service.home import ENGINE_NAME, NAMESPACE
+import ray
+import json
+connect(json.loads((Service(sys.argv[1]).home / "cluster.json").read_text())["address"])
+ray.get_actor(ENGINE_NAME, namespace=NAMESPACE).__ray_call__.remote(
+    lambda engine: engine.loop._give_up()
+)
+"""
+
+
+def test_an_engine_whose_loop_gives_up_is_started_again_and_its_task_ends(service):
+    """Where the loop cannot recover from a failed step (``ServiceLoop._serve``: the store
+    cannot be written, in-process in test_service_store.py), it ends the engine's process
+    (``_give_up``, called here in the real actor mid-task): Ray starts the engine again, and
+    the task runs a second time to tilerun run's tokens."""
+    home, _, _ = service
+    store = TaskStore(home / "tasks.db")
+    before = ok("status", "--home", home, "--json")["engine"]
+    tid = submit(home, LONG[:200], CANCEL_NEW)  # ~12 s: still running when the call lands
+    wait_until(lambda: store.get(tid).state == "running", every=0.01)
+    r = subprocess.run(
+        [sys.executable, "-c", GIVE_UP, str(home)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def restarted():
+        e = ok("status", "--home", home, "--json")["engine"]
+        return e is not None and e["pid"] != before["pid"] and e["ready"] and e
+
+    st = wait_until(restarted, timeout=180, every=1)
+    assert st["restarts"] == before["restarts"] + 1
+    got = ok("result", tid, "--wait", "--home", home, "--json")["token_ids"]
+    assert got == reference(LONG[:200], CANCEL_NEW)
+    assert store.get(tid).attempts == 2
+
+
 def test_down_leaves_no_process_of_ours(service):
     home, _, _ = service
     cluster = json.loads((home / "cluster.json").read_text())

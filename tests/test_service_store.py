@@ -340,6 +340,42 @@ def test_the_loop_sweeps_the_kv_files_of_a_queued_task_cancelled_meanwhile(tmp_p
         loop.store.close()
 
 
+def test_a_loop_whose_recovery_fails_too_gives_up_its_process(tmp_path):
+    """A step raises and the recovery cannot write the store (here: requeue raises as on a
+    full disk). The loop must not end its thread and leave an engine that answers with no task
+    moving: it gives its process up, for Ray to start the engine again. A real store, a real
+    in-process engine; ``_give_up`` (os._exit in the actor) is recorded here instead."""
+    import sqlite3
+
+    from cluster.config import EngineConfig
+    from cluster.engine import Engine
+    from cluster.service.loop import ServiceLoop
+
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("model: tiny\ndevice: cpu\n")
+    loop = ServiceLoop(load_spec(cfg), tmp_path)
+    engine = Engine(EngineConfig.from_dict({"model": "tiny", "device": "cpu", "executor": "local"}))
+    loop.engine = engine
+    gave_up = []
+    loop._give_up = lambda: gave_up.append(loop.store.get(a).state)
+
+    def broken_step(*a, **kw):
+        raise RuntimeError("the step broke")
+
+    def full_disk(*a, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    try:
+        a = loop.store.add([1, 2, 3], {"max_new_tokens": 50})
+        engine.steps.advance = broken_step
+        loop.store.requeue = full_disk
+        loop._serve()  # returns only once it has given up
+        assert gave_up == ["running"]  # for the restarted engine to requeue from the store
+    finally:
+        engine.shutdown()
+        loop.store.close()
+
+
 def test_status_marks_a_task_that_runs_alone(tmp_path):
     from cluster.service.commands import render
 

@@ -45,6 +45,7 @@ IDLE_POLL_S = 0.1
 IDLE_ALIVE_CHECK_S = 1.0  # while idle, how often the workers are checked for a death
 SNAPSHOT_FINISHED = 200  # finished tasks a snapshot lists (all queued and running ones too)
 TASK_TEXT_CHARS = 100_000  # of a task's text the status page is sent (the end of it)
+GIVE_UP_EXIT_CODE = 70  # the engine's process, where its loop cannot recover (EX_SOFTWARE)
 
 
 @dataclass
@@ -134,15 +135,35 @@ class ServiceLoop:
             self.ready.set()
             return
         self.ready.set()
+        self._serve()
+
+    def _serve(self) -> None:
+        """Turns until stopped. A failed turn costs its tasks an attempt and the workers a
+        rebuild; where that recovery fails too (the store cannot be written, say), the loop
+        cannot go on, and a loop thread that ended would leave the engine answering with no
+        task moving: the process exits (``_give_up``), and Ray starts the engine again
+        (``engine_restarts``), which requeues the running tasks from the store."""
         while not self.stopping.is_set():
             try:
-                self._turn()
-            except (WorkerDiedError, WorkerStalledError) as e:
-                log.warning("%s; rebuilding the workers", e)
-                self._on_worker_death(str(e))
-            except Exception as e:  # noqa: BLE001 - a failed step costs its tasks an attempt
-                log.exception("step failed; its tasks run again, each alone")
-                self._on_step_failure(f"{type(e).__name__}: {e}")
+                try:
+                    self._turn()
+                except (WorkerDiedError, WorkerStalledError) as e:
+                    log.warning("%s; rebuilding the workers", e)
+                    self._on_worker_death(str(e))
+                except Exception as e:  # noqa: BLE001 - a failed step costs its tasks an attempt
+                    log.exception("step failed; its tasks run again, each alone")
+                    self._on_step_failure(f"{type(e).__name__}: {e}")
+            except BaseException:  # noqa: BLE001 - the recovery itself failed
+                if self.stopping.is_set():  # stop() is taking the engine down under this turn
+                    log.warning("a turn failed while the loop stopped", exc_info=True)
+                    return
+                log.exception("recovering from a failed step failed; the engine exits to restart")
+                self._give_up()
+                return
+
+    def _give_up(self) -> None:
+        logging.shutdown()  # the reason reaches the engine's log before the process goes
+        os._exit(GIVE_UP_EXIT_CODE)
 
     def _build(self) -> None:
         opts = {"actor_name_prefix": WORKER_PREFIX, "namespace": NAMESPACE, "long_lived": True}
