@@ -137,6 +137,32 @@ def test_up_submit_status_results_equal_tilerun_run(service):
     assert snap["workers"][0]["name"] == "tilerun-worker-0"
 
 
+RAY_FIRST = """
+import sys
+import ray  # first, as a user's script may: Ray reads its configuration now
+from cluster.service.client import Service
+
+svc = Service(sys.argv[1])
+tid = svc.submit(prompt_token_ids=[5, 6, 7], max_new_tokens=4)
+print(svc.snapshot()["engine"]["ready"], tid)
+"""
+
+
+def test_a_script_that_imports_ray_first_can_use_the_service(service):
+    """The Python client turns Ray's token mode on whatever was imported first (before, a
+    script importing ray first was refused: "Authentication token is missing")."""
+    home, _, _ = service
+    r = subprocess.run(
+        [sys.executable, "-c", RAY_FIRST, str(home)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    ready, tid = r.stdout.split()
+    assert ready == "True"
+    got = ok("result", tid, "--wait", "--home", home, "--json")["token_ids"]
+    assert got == reference([5, 6, 7], 4)
+
+
 def test_twenty_concurrent_submits_all_stored_once_and_run(service):
     home, _, _ = service
     before = {t.id for t in TaskStore(home / "tasks.db").list()}

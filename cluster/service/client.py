@@ -59,6 +59,12 @@ def connect(address: str) -> None:
 
     if ray.is_initialized():
         return
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        # Ray imported before this module (``import ray`` first in a user's script) read its
+        # configuration without token mode; without this the cluster refuses every call
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
     try:
         ray.init(
             address=address,
