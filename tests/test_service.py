@@ -576,6 +576,7 @@ def test_engine_killed_restarts_by_itself_and_finishes_every_task(service):
 
     st = wait_until(restarted, timeout=180, every=1)
     assert st["restarts"] == 1
+    assert st["last_restart"].startswith("its process died")  # SIGKILL leaves no reason
     for i, (p, n) in zip(ids, inputs):
         assert ok("result", i, "--wait", "--home", home, "--json")["token_ids"] == reference(p, n)
     assert store.get(ids[0]).attempts == 2
@@ -618,7 +619,7 @@ import ray
 import json
 connect(json.loads((Service(sys.argv[1]).home / "cluster.json").read_text())["address"])
 ray.get_actor(ENGINE_NAME, namespace=NAMESPACE).__ray_call__.remote(
-    lambda engine: engine.loop._give_up()
+    lambda engine: engine.loop._give_up("the test gave the loop up")
 )
 """
 
@@ -645,6 +646,8 @@ def test_an_engine_whose_loop_gives_up_is_started_again_and_its_task_ends(servic
 
     st = wait_until(restarted, timeout=180, every=1)
     assert st["restarts"] == before["restarts"] + 1
+    assert st["last_restart"] == "the test gave the loop up"  # the reason it left
+    assert "engine restarted: the test gave the loop up" in ok("status", "--home", home)
     got = ok("result", tid, "--wait", "--home", home, "--json")["token_ids"]
     assert got == reference(LONG[:200], CANCEL_NEW)
     assert store.get(tid).attempts == 2

@@ -340,11 +340,14 @@ def test_the_loop_sweeps_the_kv_files_of_a_queued_task_cancelled_meanwhile(tmp_p
         loop.store.close()
 
 
-def test_a_loop_whose_recovery_fails_too_gives_up_its_process(tmp_path):
+def test_a_loop_whose_recovery_fails_too_gives_up_its_process(tmp_path, monkeypatch):
     """A step raises and the recovery cannot write the store (here: requeue raises as on a
     full disk). The loop must not end its thread and leave an engine that answers with no task
     moving: it gives its process up, for Ray to start the engine again. A real store, a real
-    in-process engine; ``_give_up`` (os._exit in the actor) is recorded here instead."""
+    in-process engine; ``os._exit`` is recorded here instead of ending the test's process,
+    and the reason is left for the next engine (``engine-exit.json``)."""
+    import json
+    import os
     import sqlite3
 
     from cluster.config import EngineConfig
@@ -357,7 +360,7 @@ def test_a_loop_whose_recovery_fails_too_gives_up_its_process(tmp_path):
     engine = Engine(EngineConfig.from_dict({"model": "tiny", "device": "cpu", "executor": "local"}))
     loop.engine = engine
     gave_up = []
-    loop._give_up = lambda: gave_up.append(loop.store.get(a).state)
+    monkeypatch.setattr(os, "_exit", lambda code: gave_up.append((code, loop.store.get(a).state)))
 
     def broken_step(*a, **kw):
         raise RuntimeError("the step broke")
@@ -370,7 +373,11 @@ def test_a_loop_whose_recovery_fails_too_gives_up_its_process(tmp_path):
         engine.steps.advance = broken_step
         loop.store.requeue = full_disk
         loop._serve()  # returns only once it has given up
-        assert gave_up == ["running"]  # for the restarted engine to requeue from the store
+        assert gave_up == [(70, "running")]  # for the restarted engine to requeue from the store
+        record = json.loads((tmp_path / "engine-exit.json").read_text())
+        assert record["reason"] == (
+            "recovering from a failed step failed: OperationalError: database or disk is full"
+        )
     finally:
         engine.shutdown()
         loop.store.close()

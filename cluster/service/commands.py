@@ -239,6 +239,8 @@ def render(tasks: list[dict], snap: dict | None) -> str:
             f"engine: {e['model']} tp={e['tp']} at {e['ray_address']}, "
             f"rebuilds {e.get('rebuilds', 0)}, restarts {e.get('restarts', 0)}"
         )
+        if e.get("last_restart"):
+            out.append(f"engine restarted: {e['last_restart']}")
         if e.get("error"):  # its workers never came up: the tasks wait in the store
             out.append(f"engine error: {e['error']}")
         elif not e.get("ready", True):

@@ -24,8 +24,8 @@ from typing import Any
 
 import ray
 
-from cluster.service.home import read_json, write_json
-from cluster.service.loop import ServiceLoop
+from cluster.service.home import read_json, remove_json, write_json
+from cluster.service.loop import EXIT_RECORD, ServiceLoop
 from cluster.service.spec import ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,15 @@ class EngineActor:
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if restarted:
             restarts = int((read_json(self.home, "engine.json") or {}).get("restarts", 0)) + 1
-        self.loop = ServiceLoop(ServiceSpec.from_dict(spec), self.home, ray_address, restarts)
+        # what a loop that gave up wrote (a new `tilerun up` drops a stale one)
+        gave_up = read_json(self.home, EXIT_RECORD)
+        remove_json(self.home, EXIT_RECORD)
+        why = None
+        if restarted:
+            why = (gave_up or {}).get(
+                "reason"
+            ) or "its process died (a crash, the OOM killer, a kill)"
+        self.loop = ServiceLoop(ServiceSpec.from_dict(spec), self.home, ray_address, restarts, why)
         self._watch_lock = threading.Lock()
         self.page = None
         self.metrics = None

@@ -19,6 +19,7 @@ tasks that ran beside it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,7 +31,7 @@ from typing import Any
 
 from cluster.engine import Engine, _metrics
 from cluster.executor import WorkerDiedError, WorkerStalledError
-from cluster.service.home import NAMESPACE, WORKER_PREFIX, store_path
+from cluster.service.home import NAMESPACE, WORKER_PREFIX, store_path, write_json
 from cluster.service.prefixes import SWEEP_EVERY_S, Prefixes
 from cluster.service.spec import ServiceSpec, sampling_from_dict
 from cluster.service.store import TaskStore
@@ -46,6 +47,7 @@ IDLE_ALIVE_CHECK_S = 1.0  # while idle, how often the workers are checked for a 
 SNAPSHOT_FINISHED = 200  # finished tasks a snapshot lists (all queued and running ones too)
 TASK_TEXT_CHARS = 100_000  # of a task's text the status page is sent (the end of it)
 GIVE_UP_EXIT_CODE = 70  # the engine's process, where its loop cannot recover (EX_SOFTWARE)
+EXIT_RECORD = "engine-exit.json"  # why the engine last gave its process up
 
 
 @dataclass
@@ -74,12 +76,18 @@ class _Live:
 
 class ServiceLoop:
     def __init__(
-        self, spec: ServiceSpec, home: Path, ray_address: str = "", restarts: int = 0
+        self,
+        spec: ServiceSpec,
+        home: Path,
+        ray_address: str = "",
+        restarts: int = 0,
+        last_restart: str | None = None,
     ) -> None:
         """``restarts``: how many times Ray has restarted the engine actor this loop runs in
-        (shown by ``tilerun status``)."""
+        (shown by ``tilerun status``); ``last_restart``: why the one before went."""
         self.spec = spec
         self.restarts = restarts
+        self.last_restart = last_restart  # why the engine before this one went, where known
         self.home = home
         self.ray_address = ray_address
         self.started_at = time.time()
@@ -153,16 +161,21 @@ class ServiceLoop:
                 except Exception as e:  # noqa: BLE001 - a failed step costs its tasks an attempt
                     log.exception("step failed; its tasks run again, each alone")
                     self._on_step_failure(f"{type(e).__name__}: {e}")
-            except BaseException:  # noqa: BLE001 - the recovery itself failed
+            except BaseException as e:  # noqa: BLE001 - the recovery itself failed
                 if self.stopping.is_set():  # stop() is taking the engine down under this turn
                     log.warning("a turn failed while the loop stopped", exc_info=True)
                     return
                 log.exception("recovering from a failed step failed; the engine exits to restart")
-                self._give_up()
+                self._give_up(f"recovering from a failed step failed: {type(e).__name__}: {e}")
                 return
 
-    def _give_up(self) -> None:
-        logging.shutdown()  # the reason reaches the engine's log before the process goes
+    def _give_up(self, reason: str) -> None:
+        """End this process for Ray to restart it; ``reason`` goes to ``engine-exit.json`` for
+        the next engine to show (``last_restart``), where the disk still takes it."""
+        with contextlib.suppress(OSError):
+            write_json(self.home, EXIT_RECORD, {"at": time.time(), "reason": reason})
+        for handler in logging.getLogger().handlers:  # the reason reaches the engine's log
+            handler.flush()
         os._exit(GIVE_UP_EXIT_CODE)
 
     def _build(self) -> None:
@@ -543,6 +556,7 @@ class ServiceLoop:
                 else f"{type(self.error).__name__}: {self.error}",
                 "rebuilds": rebuilds,
                 "restarts": self.restarts,
+                "last_restart": self.last_restart,
             },
             "workers": workers,
             "tasks": tasks,
