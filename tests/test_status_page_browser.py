@@ -51,6 +51,14 @@ class _Rows(HTMLParser):
 T1_PROMPT = [(7 * i) % 500 + 1 for i in range(150)]
 
 
+def _engine_line(dom: str) -> str:
+    """The header's engine line, unescaped."""
+    import html
+    import re
+
+    return html.unescape(re.search(r'id="engine">(.*?)</span>', dom, re.S).group(1))
+
+
 def _task_section(dom: str) -> dict:
     """The task section's state, meta line and text, unescaped."""
     import html
@@ -106,6 +114,14 @@ def test_browser_sees_workers_and_a_task_in_prefill_and_is_refused_without_token
                 with pytest.raises(urllib.error.HTTPError) as e:
                     urllib.request.urlopen(page.url + path, timeout=30)
                 assert e.value.code == 401
+
+            def restarted():  # the engine fields of one that Ray has started again, twice
+                snap = rs.snapshot()
+                why = "its process died (a crash, the OOM killer, a kill)"
+                return {**snap, "engine": {**snap["engine"], "restarts": 2, "last_restart": why}}
+
+            with StatusPage(restarted, task_fn=rs.task_view) as again:
+                restart_dom = dump_dom(f"{again.url}?token={token}")
             if os.environ.get("TILERUN_STATUS_SCREENSHOT"):
                 screenshot(f"{page.url}?token={token}", os.environ["TILERUN_STATUS_SCREENSHOT"])
         release.set()
@@ -150,6 +166,9 @@ def test_browser_sees_workers_and_a_task_in_prefill_and_is_refused_without_token
     series = [a for tag, a in page_dom.marked if tag == "polyline"]
     assert len(series) == 2 and int(series[0]["data-points"]) == len(snap["throughput"]) > 0
     assert "model tiny" in dom
+    # An engine Ray started again says how often, and why the last one went.
+    assert "engine restarted 2\u00d7 (last: its process died (a crash" in _engine_line(restart_dom)
+    assert "engine restarted" not in _engine_line(dom)
 
     # URL#task=ID (where a task's id links) shows that task and its text; no section without.
     assert 'id="task" hidden' in dom

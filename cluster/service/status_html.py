@@ -152,7 +152,8 @@ function renderEngine(s) {
     e.tp ? "TP " + e.tp : null, e.ray_address ? "Ray " + e.ray_address : null,
     up !== null ? "up " + secs(up) : null, e.ready === false ? "starting" : null,
     e.rebuilds ? "workers rebuilt " + e.rebuilds + "\\u00d7" : null,
-    e.restarts ? "engine restarted " + e.restarts + "\\u00d7" : null,
+    e.restarts ? "engine restarted " + e.restarts + "\\u00d7" +
+      (e.last_restart ? " (last: " + e.last_restart + ")" : "") : null,
     e.error ? "error: " + e.error : null,
     e.home ? "home " + e.home : null].filter(Boolean).join("  \\u00b7  ");
 }
