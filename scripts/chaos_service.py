@@ -135,7 +135,8 @@ def main() -> int:
     )  # fmt: skip
     info = json.loads((home / "engine.json").read_text())
     vocab = info["vocab_size"]
-    device = "cpu" if args.device == "cpu" else info["devices"][0]["name"]
+    on_cpu = args.device == "cpu"
+    device = (platform.processor() or platform.machine()) if on_cpu else info["devices"][0]["name"]
     specs = _tasks(args.tasks, rng, vocab)
     ids: list[str] = []
     first = args.tasks // 2
@@ -261,7 +262,7 @@ def main() -> int:
         "wall_s": round(wall, 1),
     }
     print(json.dumps(summary, indent=1))
-    slug = device.lower().replace(" ", "-")
+    slug = "cpu" if on_cpu else device.lower().replace(" ", "-")
     out = Path(args.out or f"benchmarks/results/chaos-service-{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -269,9 +270,7 @@ def main() -> int:
             {
                 "benchmark": "chaos_service",
                 "command": command_line(),
-                "device": (platform.processor() or platform.machine())
-                if device == "cpu"
-                else device,
+                "device": device,
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "engine": engine,
                 "summary": summary,

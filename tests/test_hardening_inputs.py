@@ -343,7 +343,7 @@ def _without_dashboard_packages(tmp_path, **env) -> dict:
         "raise ModuleNotFoundError(\"No module named 'aiohttp_cors'\", name='aiohttp_cors')\n"
     )
     path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
-    out = {**os.environ, "PYTHONPATH": path, **env}
+    out = {**os.environ, "PYTHONPATH": path}
     out.pop("TILERUN_DASHBOARD", None)
     return {**out, **env}
 

@@ -43,13 +43,10 @@ class EngineActor:
         if restarted:
             restarts = int((read_json(self.home, "engine.json") or {}).get("restarts", 0)) + 1
         # what a loop that gave up wrote (a new `tilerun up` drops a stale one)
-        gave_up = read_json(self.home, EXIT_RECORD)
+        gave_up = read_json(self.home, EXIT_RECORD) or {}
         remove_json(self.home, EXIT_RECORD)
-        why = None
-        if restarted:
-            why = (gave_up or {}).get(
-                "reason"
-            ) or "its process died (a crash, the OOM killer, a kill)"
+        died = "its process died (a crash, the OOM killer, a kill)"
+        why = (gave_up.get("reason") or died) if restarted else None
         self.loop = ServiceLoop(ServiceSpec.from_dict(spec), self.home, ray_address, restarts, why)
         self._watch_lock = threading.Lock()
         self.page = None

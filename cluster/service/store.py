@@ -174,9 +174,7 @@ class TaskStore:
                     "WHERE id = ?",
                     (now, now, task_id),
                 )
-                # as finish() does: a task queued again after a failed run has both
-                self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
-                self._db.execute("DELETE FROM suspects WHERE id = ?", (task_id,))
+                self._drop_run_rows(task_id)  # a task queued again after a failed run has them
                 return "cancelled"
             if row["state"] == "running":
                 self._db.execute(
@@ -290,8 +288,12 @@ class TaskStore:
                     task_id,
                 ),
             )
-            self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
-            self._db.execute("DELETE FROM suspects WHERE id = ?", (task_id,))
+            self._drop_run_rows(task_id)
+
+    def _drop_run_rows(self, task_id: str) -> None:
+        """An ended task's rows beside it: the tokens kept for a re-run, the suspect mark."""
+        self._db.execute("DELETE FROM partial WHERE id = ?", (task_id,))
+        self._db.execute("DELETE FROM suspects WHERE id = ?", (task_id,))
 
     def requeue(
         self,
