@@ -29,6 +29,7 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "triton": "runtime.attention.triton_backend:TritonBackend",
     "flash_cpu": "runtime.attention.cpu_flash:CpuFlashBackend",
     "efficient_cuda": "runtime.attention.cuda_efficient:CudaEfficientBackend",
+    "wmma_cuda": "runtime.attention.wmma_cuda:WmmaCudaBackend",
 }
 
 

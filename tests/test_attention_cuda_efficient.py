@@ -115,7 +115,7 @@ def test_efficient_cuda_registry_and_auto():
     assert CudaEfficientBackend.supports(dev) is None
     assert resolve_backend_name("efficient_cuda", dev) == "efficient_cuda"
     # what auto measures on a GPU without the Triton kernels: both candidates exact here
-    assert autotune.candidates_for(dev) == ("efficient_cuda", "torch")
+    assert autotune.candidates_for(dev) == ("efficient_cuda", "wmma_cuda", "torch")
     for dtype in (torch.float32, torch.bfloat16):
         shape = autotune.AttentionShape(32, 8, 128, dtype, 16)
         backends = {"efficient_cuda": CudaEfficientBackend(), "torch": TorchTiledBackend()}

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 CPU_CANDIDATES = ("flash_cpu", "torch")
 # a CUDA GPU without the Triton kernels (compute capability below 8.0, or no Triton)
-CUDA_CANDIDATES = ("efficient_cuda", "torch")
+CUDA_CANDIDATES = ("efficient_cuda", "wmma_cuda", "torch")
 ROUNDS = 5
 # (query length, sequence length): a chunk after earlier chunks, and a decode step
 CASES = ((128, 512), (1, 1024))
