@@ -18,6 +18,7 @@ from runtime.attention.cuda_efficient import CudaEfficientBackend
 from runtime.attention.reference import reference_attention
 from runtime.attention.registry import UnknownBackendError, get_backend, resolve_backend_name
 from runtime.attention.torch_tiled import TorchTiledBackend
+from runtime.attention.wmma_cuda import WmmaCudaBackend
 from tests.test_attention_cpu_flash import consecutive_case
 from tests.test_attention_torch import CASE_IDS, CASES, LAYOUTS, make_case, max_err, naive_attention
 
@@ -119,8 +120,10 @@ def test_efficient_cuda_registry_and_auto():
     for dtype in (torch.float32, torch.bfloat16):
         shape = autotune.AttentionShape(32, 8, 128, dtype, 16)
         backends = {"efficient_cuda": CudaEfficientBackend(), "torch": TorchTiledBackend()}
+        if WmmaCudaBackend.supports(dev) is None:  # built with nvcc where there is one
+            backends["wmma_cuda"] = WmmaCudaBackend()
         choice = autotune.choose_backend(shape, backends, dev)
-        assert set(choice.ms) == {"efficient_cuda", "torch"}, choice.reason
+        assert set(choice.ms) == set(backends), choice.reason
         assert choice.reason.startswith("auto: fastest exact on this cuda device")
 
 
