@@ -69,8 +69,11 @@ def build(source: Path, capability: tuple[int, int], flags: tuple[str, ...] = ()
            str(source)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        raise CudaBuildError(f"nvcc failed building {source.name} for sm_{arch}: {tail}")
+        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+        said = [ln for ln in lines if "error" in ln][:2] or lines[-2:]
+        raise CudaBuildError(
+            f"nvcc failed building {source.name} for sm_{arch}: {' | '.join(said)}"
+        )
     os.replace(tmp, out)
     return out
 

@@ -47,6 +47,40 @@ def test_build_without_nvcc_names_the_fix(monkeypatch, tmp_path):
         cuda_module.build(wmma_cuda.SOURCE, (9, 0))
 
 
+@pytest.mark.skipif(cuda_module.nvcc_path() is None, reason="needs nvcc (no GPU needed)")
+def test_kernel_source_builds_for_turing_and_hopper(monkeypatch, tmp_path):
+    # runs where nvcc is (CI has it, no GPU): the source compiles for the oldest target CUDA 13
+    # still builds and for Hopper, every kernel the Python side names is in the cubin, and a
+    # second build is the cached file
+    monkeypatch.setenv("TILERUN_CACHE", str(tmp_path))
+    for cap in ((7, 5), (9, 0)):
+        cubin = cuda_module.build(wmma_cuda.SOURCE, cap, wmma_cuda.FLAGS)
+        data = cubin.read_bytes()
+        dtypes = (torch.float16,) if cap < (8, 0) else (torch.float16, torch.bfloat16)
+        for d, tiles in wmma_cuda.TILES.items():
+            for tile in tiles:
+                for dt in dtypes:
+                    assert wmma_cuda.kernel_name(dt, d, tile).encode() in data, (cap, d, tile)
+        if cap < (8, 0):
+            assert b"fa2_bf16" not in data  # bfloat16 tensor cores start at sm_80
+        before = cubin.stat().st_mtime_ns
+        assert cuda_module.build(wmma_cuda.SOURCE, cap, wmma_cuda.FLAGS) == cubin
+        assert cubin.stat().st_mtime_ns == before
+
+
+def test_a_failed_build_says_what_nvcc_said(monkeypatch, tmp_path):
+    # a source that does not compile: one line naming the file, the target and nvcc's last words
+    if cuda_module.nvcc_path() is None:
+        pytest.skip("needs nvcc (no GPU needed)")
+    monkeypatch.setenv("TILERUN_CACHE", str(tmp_path))
+    bad = tmp_path / "bad.cu"
+    bad.write_text('extern "C" __global__ void k() { undefined_thing(); }\n')
+    with pytest.raises(
+        cuda_module.CudaBuildError, match=r"nvcc failed building bad.cu for sm_90: .*undefined"
+    ):
+        cuda_module.build(bad, (9, 0))
+
+
 def _reference(q, k, v, causal, scale):
     """float64: q [n, Hq, D] over k, v [Hkv, N, D], bottom-right causal."""
     n, hq, _ = q.shape
