@@ -24,6 +24,7 @@ from runtime.attention.reference import reference_attention
 from runtime.attention.registry import UnknownBackendError, get_backend, resolve_backend_name
 from runtime.attention.wmma_cuda import WmmaCudaBackend, fa2_forward
 from tests.test_attention_cpu_flash import consecutive_case
+from tests.test_attention_cuda_efficient import _on_gpu
 from tests.test_attention_torch import CASE_IDS, CASES, make_case, max_err, naive_attention
 
 pytestmark = pytest.mark.gpu
@@ -166,15 +167,6 @@ def test_shared_memory_size_is_the_kernels():
             got = torch.zeros(1, dtype=torch.int32, device="cuda")
             kern(1, 1, 0, ctypes.c_void_p(got.data_ptr()))
             assert got.item() == tile.shared_bytes(d), (d, tile)
-
-
-def _on_gpu(q, kc, vc, meta):
-    dev = torch.device("cuda")
-    tables = [meta.block_tables[b].tolist() for b in range(meta.num_seqs)]
-    gmeta = AttentionMetadata.build(
-        meta.query_lens_cpu, meta.seq_lens_cpu, tables, kc.shape[1], dev
-    )
-    return q.to(dev), kc.to(dev), vc.to(dev), gmeta
 
 
 @gpu

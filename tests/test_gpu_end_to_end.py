@@ -27,39 +27,13 @@ def checkpoint(tmp_path_factory):
     return d, hf.cuda()
 
 
-@pytest.mark.parametrize("attention", ["triton", "torch", "sdpa", "efficient_cuda"])
-@pytest.mark.parametrize("prompt_len", [1, 17, 113, 1500])
-def test_backends_match_transformers_on_gpu(checkpoint, attention, prompt_len):
-    path, hf = checkpoint
-    prompt = torch.randint(
-        0, 384, (prompt_len,), generator=torch.Generator().manual_seed(1)
-    ).tolist()
+def _greedy(path, attention: str, dtype: str, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens from an engine on the checkpoint, prefill in chunks of 512."""
     cfg = EngineConfig.from_dict(
         dict(
             model=str(path),
             device="cuda",
-            dtype="float32",
-            attention=attention,
-            prefill_chunk=512,
-            max_model_len=2048,
-            kv_cache_tokens=4096,
-            executor="local",
-        )
-    )
-    engine = Engine(cfg)
-    try:
-        out = engine.generate([prompt], SamplingParams(max_new_tokens=NEW))[0]
-    finally:
-        engine.shutdown()
-    assert out.token_ids == hf_greedy(hf, prompt, NEW)
-
-
-def _greedy_half(path, attention: str, prompt: list[int], n: int) -> list[int]:
-    cfg = EngineConfig.from_dict(
-        dict(
-            model=str(path),
-            device="cuda",
-            dtype="float16",
+            dtype=dtype,
             attention=attention,
             prefill_chunk=512,
             max_model_len=2048,
@@ -73,6 +47,16 @@ def _greedy_half(path, attention: str, prompt: list[int], n: int) -> list[int]:
         return engine.generate([prompt], SamplingParams(max_new_tokens=n))[0].token_ids
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("attention", ["triton", "torch", "sdpa", "efficient_cuda"])
+@pytest.mark.parametrize("prompt_len", [1, 17, 113, 1500])
+def test_backends_match_transformers_on_gpu(checkpoint, attention, prompt_len):
+    path, hf = checkpoint
+    prompt = torch.randint(
+        0, 384, (prompt_len,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+    assert _greedy(path, attention, "float32", prompt, NEW) == hf_greedy(hf, prompt, NEW)
 
 
 @pytest.mark.skipif(
@@ -93,6 +77,6 @@ def test_wmma_cuda_half_gives_the_float32_tokens(checkpoint, prompt_len):
     prompt = torch.randint(
         0, 384, (prompt_len,), generator=torch.Generator().manual_seed(2)
     ).tolist()
-    ours = _greedy_half(path, "wmma_cuda", prompt, 16)
-    assert ours == _greedy_half(path, "efficient_cuda", prompt, 16)
+    ours = _greedy(path, "wmma_cuda", "float16", prompt, 16)
+    assert ours == _greedy(path, "efficient_cuda", "float16", prompt, 16)
     assert ours == hf_greedy(hf, prompt, 16)

@@ -108,6 +108,22 @@ DEVI void st_f32(float* p, const F& f, unsigned ldm) {
       : "memory");
 }
 
+// O's fragments times their rows' factors (factor[r] for the warp's row r; rowmap gives each of
+// the lane's accumulator elements its row within a 16-row fragment)
+template <int RW, int NF, int NE, typename F>
+DEVI void scale_rows(F (&of)[RW][NF], const float* factor, const int (&rowmap)[NE]) {
+#pragma unroll
+  for (int f = 0; f < RW; ++f) {
+    float a[NE];
+#pragma unroll
+    for (int e = 0; e < NE; ++e) a[e] = factor[f * 16 + rowmap[e]];
+#pragma unroll
+    for (int i = 0; i < NF; ++i)
+#pragma unroll
+      for (int e = 0; e < NE; ++e) of[f][i].x[e] *= a[e];
+  }
+}
+
 // BM query rows per block: WARPS warps of RW * 16 rows; BN keys per softmax step, SUB steps per
 // K/V tile (one barrier per SUB * BN keys)
 template <int D, int BM, int RW, int BN, int SUB>
@@ -315,18 +331,7 @@ DEVI void fa2_forward(const T* __restrict__ q, const T* __restrict__ k, const T*
     if (rescale && part == 0) wR[r] = alpha;
     __syncwarp();
 
-    if (rescale) {
-#pragma unroll
-      for (int f = 0; f < RW; ++f) {
-        float a[NE];
-#pragma unroll
-        for (int e = 0; e < NE; ++e) a[e] = wR[f * 16 + rowmap[e]];
-#pragma unroll
-        for (int i = 0; i < D / 16; ++i)
-#pragma unroll
-          for (int e = 0; e < NE; ++e) of[f][i].x[e] *= a[e];
-      }
-    }
+    if (rescale) scale_rows<RW, D / 16, NE>(of, wR, rowmap);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       FragA pa[RW];
@@ -352,16 +357,7 @@ DEVI void fa2_forward(const T* __restrict__ q, const T* __restrict__ k, const T*
           l_i > 0.0f ? m_i * 0.69314718055994531f + logf(l_i) : -INFINITY;
   }
   __syncwarp();
-#pragma unroll
-  for (int f = 0; f < RW; ++f) {
-    float a[NE];
-#pragma unroll
-    for (int e = 0; e < NE; ++e) a[e] = wR[f * 16 + rowmap[e]];
-#pragma unroll
-    for (int i = 0; i < D / 16; ++i)
-#pragma unroll
-      for (int e = 0; e < NE; ++e) of[f][i].x[e] *= a[e];
-  }
+  scale_rows<RW, D / 16, NE>(of, wR, rowmap);
   T* orow = o + static_cast<long long>(qi) * o_row + static_cast<long long>(h) * o_head;
 #pragma unroll
   for (int p = 0; p < D / BN; ++p) {
