@@ -226,14 +226,52 @@ def test_the_heads_ports_are_distinct_free_loopback_ports():
     kernel handed the GCS and the client server the same one, and `ray start` exited)."""
     import socket
 
-    from cluster.service.head import free_ports
+    from cluster.service import head
 
     for _ in range(200):
-        ports = free_ports(5)
+        ports = head.free_ports(5)
         assert len(set(ports)) == 5
     for p in ports:  # free: each can be bound on loopback now
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+    # from outside the kernel's ephemeral range, where a released port may be handed to anyone
+    lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert all(p in head.HEAD_PORTS and not lo <= p <= hi for p in ports), ports
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_head_whose_port_was_taken_meanwhile_starts_on_new_ports(tmp_path, monkeypatch):
+    """The race `free_ports` cannot close (seen in CI): a port free when picked is bound by
+    someone else before Ray binds it. `ray start` then exits; `tilerun up` runs it again on new
+    ports, and keeps the failed try's log beside the new one."""
+    import socket
+
+    from cluster.service import head
+
+    real = head.free_ports
+    calls = []
+    with socket.socket() as taken:
+        # bound, not listening: Ray's bind fails, and a connection to it is refused (the head
+        # counts as up only once its client server's port answers)
+        taken.bind(("127.0.0.1", real(1)[0]))
+
+        def first_with_a_taken_port(n, rng=None):
+            ports = real(n, rng)
+            calls.append(ports)
+            if len(calls) == 1:
+                ports[2] = taken.getsockname()[1]  # the client server's port
+            return ports
+
+        monkeypatch.setattr(head, "free_ports", first_with_a_taken_port)
+        info = head.start_head(tmp_path / "home", num_cpus=1)
+    try:
+        assert len(calls) == 2 and head.head_alive(info)
+        first_try = (tmp_path / "home" / "ray-head.1.log").read_bytes().lower()
+        assert b"failed to bind" in first_try or b"address already in use" in first_try
+    finally:
+        head.stop_head(info)
+    assert not head.head_alive(info)
 
 
 def test_rays_command_line_without_a_ray_script_beside_python(tmp_path, monkeypatch):

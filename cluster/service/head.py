@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -60,15 +61,50 @@ def _ray_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports. The sockets are held open together while the ports
-    are picked: one at a time, the kernel may hand back a port just closed, and two of Ray's
-    components given one port make `ray start` exit (seen: the GCS and the client server)."""
+#: where the head's listeners are picked: below the kernel's ephemeral range (Linux: 32768 on),
+#: from which every process's outgoing and port-0 sockets draw, and above Ray's worker ports
+#: (10002-19999). A port picked from the ephemeral range and released again could be taken
+#: before Ray bound it (seen in CI: the client server's port, "Failed to bind to address").
+HEAD_PORTS = range(20000, 32768)
+#: `ray start` tries, new ports each time, when one of its listeners finds its port taken
+START_TRIES = 3
+#: how long a started head must stay up when its client server's port never answers
+CLIENT_GRACE_S = 15.0
+
+
+def free_ports(n: int, rng: random.Random | None = None) -> list[int]:
+    """``n`` distinct loopback ports of ``HEAD_PORTS`` free now. The sockets are held open
+    together while the ports are picked, so no two are the same (two of Ray's components given
+    one port make `ray start` exit: seen with the GCS and the client server)."""
+    rng = rng or random.Random()
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        ports: list[int] = []
+        for port in rng.sample(HEAD_PORTS, 200):
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+        # a crowded range: whatever the kernel hands out
+        socks = [stack.enter_context(socket.socket()) for _ in range(n - len(ports))]
         for s in socks:
             s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+        return ports + [s.getsockname()[1] for s in socks]
+
+
+def _answers(port: int) -> bool:
+    """Something accepts connections on loopback ``port``."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _port_taken(log_path: Path) -> bool:
+    tail = log_path.read_bytes()[-20000:].lower()
+    return b"failed to bind" in tail or b"address already in use" in tail
 
 
 def temp_dir_for(home: Path) -> Path:
@@ -78,14 +114,28 @@ def temp_dir_for(home: Path) -> Path:
 
 
 def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0) -> dict:
-    """Start a Ray head for ``home``; returns what ``cluster.json`` records about it."""
+    """Start a Ray head for ``home``; returns what ``cluster.json`` records about it. Where a
+    listener finds its port taken after all (another process bound it between the pick and
+    Ray's bind), `ray start` is run again on new ports, ``START_TRIES`` times in all."""
     ensure_token()
+    log_path = home / "ray-head.log"
+    home.mkdir(parents=True, exist_ok=True)
+    attempt = 1
+    while True:
+        try:
+            return _start_head_once(home, log_path, num_cpus, timeout_s)
+        except HeadError:
+            if attempt == START_TRIES or not _port_taken(log_path):
+                raise
+            os.replace(log_path, log_path.with_suffix(f".{attempt}.log"))  # kept to read
+            attempt += 1
+
+
+def _start_head_once(home: Path, log_path: Path, num_cpus: int | None, timeout_s: float) -> dict:
     gcs, dash, client, agent, metrics = free_ports(5)
     # Ray's GCS and raylet bind to the node's IP (Ray picks it); the dashboard, the client
     # server and the agents stay on loopback.
     temp = temp_dir_for(home)
-    log_path = home / "ray-head.log"
-    home.mkdir(parents=True, exist_ok=True)
     ncpu = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
     # as for the embedded cluster: none where its packages are missing (`ray start` would fail)
     dashboard, why_not = choose_dashboard()
@@ -110,13 +160,23 @@ def start_head(home: Path, num_cpus: int | None = None, timeout_s: float = 120.0
             env=ray_env(),
         )
     deadline = time.monotonic() + timeout_s
+    started_at = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            stop_head({"pid": proc.pid})  # whatever it started and left in its group
             raise HeadError(
                 f"`ray start --head` exited with code {proc.returncode}; see {log_path}. "
                 "Fix: read the log's last lines (a port in use? run `tilerun up` again)"
             )
-        if b"Ray runtime started" in log_path.read_bytes() and address_file.is_file():
+        # "started" is printed before the client server has bound its port; one that then
+        # finds it taken makes `ray start` stop the whole head a few seconds later (seen in
+        # CI), so the head counts as up once that port answers too (or, should a Ray build
+        # start no client server, once the head has stayed up CLIENT_GRACE_S without it)
+        if started_at is None and b"Ray runtime started" in log_path.read_bytes():
+            started_at = time.monotonic() if address_file.is_file() else None
+        if started_at is not None and (
+            _answers(client) or time.monotonic() - started_at > CLIENT_GRACE_S
+        ):
             # the address Ray itself uses (its node IP), as `ray start` wrote it
             address = address_file.read_text().strip()
             break
