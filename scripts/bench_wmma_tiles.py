@@ -1,7 +1,7 @@
 """The wmma_cuda kernel's compiled tiles against each other and SDPA's efficient and flash kernels.
 
 Causal prefill, batch 1, 32 heads, one head dim and dtype, contiguous K/V viewed as the cache
-lays them out. Picks ``runtime.attention.wmma_cuda.DEFAULT_TILE``; writes TFLOP/s (bound: the
+lays them out. Picks the order of ``runtime.attention.wmma_cuda.PREFERRED``; writes TFLOP/s (bound: the
 GPU's tensor-core rate, 989 dense bf16 TFLOP/s on an H100 SXM, about 2/3 of it through the
 mma.sync instructions WMMA compiles to) with the command, device and date.
 
@@ -54,7 +54,7 @@ def bench_length(S: int, d: int, dt: torch.dtype) -> list[dict]:
         ms = do_bench(fn, warmup=30, rep=200)
         rows.append({
             "S": S, "impl": wmma_cuda.kernel_name(dt, d, tile), "default":
-            tile == wmma_cuda.DEFAULT_TILE[d], "ms": ms, "tflops": flops / ms / 1e9,
+            tile == wmma_cuda.PREFERRED[d][0], "ms": ms, "tflops": flops / ms / 1e9,
             "speed_vs_sdpa_efficient": peers["sdpa efficient"] / ms,
             "max_abs_diff_vs_sdpa_efficient": err,
         })  # fmt: skip

@@ -82,6 +82,32 @@ def test_a_failed_build_says_what_nvcc_said(monkeypatch, tmp_path):
         cuda_module.build(bad, (9, 0))
 
 
+@pytest.mark.parametrize(
+    "limit,want128,want64",
+    [
+        (227 * 1024, "m128_r2_n32_qs", "m128_r2_n64"),  # Hopper, Ampere data-centre parts
+        (96 * 1024, "m128_r2_n32_b1_qs", "m128_r2_n32_b1"),  # Volta
+        (64 * 1024, "m64_r2_n32_b1_qs", "m128_r2_n32_b1"),  # Turing
+    ],
+)
+def test_each_gpu_takes_the_fastest_tile_its_shared_memory_holds(
+    monkeypatch, limit, want128, want64
+):
+    # runs everywhere: the choice reads only the device's per-block shared-memory limit
+    monkeypatch.setattr(wmma_cuda, "_chosen", {})
+    props = type("Props", (), {"shared_memory_per_block_optin": limit})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    dev = torch.device("cuda", 0)
+    for d, want in ((128, want128), (64, want64)):
+        tile = wmma_cuda.tile_for(d, dev)
+        assert wmma_cuda.kernel_name(torch.float16, d, tile) == f"fa2_f16_d{d}_{want}"
+        assert tile.shared_bytes(d) <= limit
+    monkeypatch.setattr(wmma_cuda, "_chosen", {})
+    props.shared_memory_per_block_optin = 40 * 1024
+    with pytest.raises(ValueError, match="no tile fits 40960 bytes.*efficient_cuda"):
+        wmma_cuda.tile_for(128, dev)
+
+
 def _reference(q, k, v, causal, scale):
     """float64: q [n, Hq, D] over k, v [Hkv, N, D], bottom-right causal."""
     n, hq, _ = q.shape

@@ -38,46 +38,77 @@ class Tile:
     """One compiled shape of the kernel: ``block_m`` query rows per thread block, ``frags``
     16-row fragments per warp (each K/V fragment read from shared memory feeds that many
     products), ``block_n`` keys per softmax step, ``sub`` steps per K/V tile (one barrier per
-    tile), and whether Q is read from shared memory per step (``q_smem``) instead of held in
-    registers."""
+    tile), whether Q is read from shared memory per step (``q_smem``) instead of held in
+    registers, and ``stages`` K/V buffers (1 for GPUs with less shared memory per block)."""
 
     block_m: int
     frags: int
     block_n: int
     sub: int = 1
     q_smem: bool = False
+    stages: int = 2
 
     @property
     def threads(self) -> int:
         return self.block_m // (16 * self.frags) * 32
 
     def shared_bytes(self, d: int) -> int:
-        """``Smem<...>::BYTES`` of the kernel source: Q, two K and two V tiles (rows of ``d + 8``
+        """``Smem<...>::BYTES`` of the kernel source: Q, the K and V buffers (rows of ``d + 8``
         halves), and per warp a float32 and a half score tile and the rows' factors."""
         lanes_per_row = 32 // (16 * self.frags)
         lds, ldp = self.block_n + (4 if lanes_per_row == 1 else 8), self.block_n + 8
         ldh = d + 8
-        kv = 4 * self.block_n * self.sub * ldh * 2
+        kv = 2 * self.stages * self.block_n * self.sub * ldh * 2
         return self.block_m * ldh * 2 + kv + self.block_m * (lds * 4 + ldp * 2 + 4)
 
 
-#: the shapes built, by head dim (``FA2_KERNELS`` in the source)
-TILES = {
-    64: (Tile(128, 2, 64), Tile(128, 2, 32, 2)),
-    128: (Tile(128, 2, 32, 1, True), Tile(64, 1, 64), Tile(256, 2, 32, 1, True)),
+#: the shapes a launch takes by head dim, fastest first (H100, causal 4K-32K, 32 heads:
+#: ``scripts/bench_wmma_tiles.py`` -> ``benchmarks/results/wmma-tiles-*.json``); a GPU takes the
+#: first whose shared memory fits its per-block limit: 99 KB and 109 KB for the first ones, so
+#: Volta (96 KB) takes the one-buffer 128-row tiles (81 KB, 57 KB) and Turing (64 KB) the
+#: 64-row one at head dim 128 (49 KB)
+PREFERRED = {
+    64: (Tile(128, 2, 64), Tile(128, 2, 32, stages=1)),
+    128: (
+        Tile(128, 2, 32, q_smem=True),
+        Tile(128, 2, 32, q_smem=True, stages=1),
+        Tile(64, 2, 32, q_smem=True, stages=1),
+    ),
 }
-#: the one used, by head dim: the fastest on the H100 at causal 4K-32K, 32 heads, bf16
-#: (``scripts/bench_wmma_tiles.py`` -> ``benchmarks/results/wmma-tiles-*.json``)
-DEFAULT_TILE = {64: TILES[64][0], 128: TILES[128][0]}
+#: every shape built (``FA2_KERNELS`` in the source): the preferred ones and the ones measured
+#: against them
+TILES = {
+    64: (*PREFERRED[64], Tile(128, 2, 32, sub=2)),
+    128: (*PREFERRED[128], Tile(64, 1, 64), Tile(256, 2, 32, q_smem=True)),
+}
+_chosen: dict[tuple[int, int], Tile] = {}
+
+
+def tile_for(head_dim: int, device: torch.device) -> Tile:
+    """The fastest preferred tile whose shared memory fits ``device``'s per-block limit."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (head_dim, index)
+    if key not in _chosen:
+        props = torch.cuda.get_device_properties(index)
+        limit = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+        fits = [t for t in PREFERRED[head_dim] if t.shared_bytes(head_dim) <= limit]
+        if not fits:
+            raise ValueError(
+                f"wmma_cuda: no tile fits {limit} bytes of shared memory per block "
+                f"at head dim {head_dim}; use --attention efficient_cuda"
+            )
+        _chosen[key] = fits[0]
+    return _chosen[key]
 
 
 def kernel_name(dtype: torch.dtype, head_dim: int, tile: Tile) -> str:
     """The cubin's kernel for ``dtype``, ``head_dim`` and ``tile``."""
     t = tile
     sub = f"_s{t.sub}" if t.sub > 1 else ""
+    one = "_b1" if t.stages == 1 else ""
     qs = "_qs" if t.q_smem else ""
     name = f"fa2_{_DTYPES[dtype]}_d{head_dim}_m{t.block_m}_r{t.frags}_n{t.block_n}"
-    return name + sub + qs
+    return name + sub + one + qs
 
 
 def module(device: torch.device) -> Module:
@@ -138,7 +169,7 @@ def fa2_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: ``q [n, Hq, D]`` over ``k, v [Hkv, N, D]`` (strided; rows 16-byte aligned)
     -> ``out [n, Hq, D]`` and float32 ``lse [n, Hq]``. ``causal``: query ``i`` sees keys ``0 ..
-    i + N - n``. ``tile``: the kernel shape (default: ``DEFAULT_TILE`` for the head dim)."""
+    i + N - n``. ``tile``: the kernel shape (default: ``tile_for`` the head dim and GPU)."""
     n, hq, d = q.shape
     hkv, keys, _ = k.shape
     out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
@@ -148,7 +179,7 @@ def fa2_forward(
     if keys == 0:
         raise ValueError("wmma_cuda: attention over zero keys")
     try:
-        tile = tile or DEFAULT_TILE[d]
+        tile = tile or tile_for(d, q.device)
         kern = module(q.device).kernel(kernel_name(q.dtype, d, tile))
     except CudaBuildError as e:
         raise RuntimeError(f"wmma_cuda: {e}") from e

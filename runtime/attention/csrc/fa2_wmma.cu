@@ -125,8 +125,10 @@ DEVI void scale_rows(F (&of)[RW][NF], const float* factor, const int (&rowmap)[N
 }
 
 // BM query rows per block: WARPS warps of RW * 16 rows; BN keys per softmax step, SUB steps per
-// K/V tile (one barrier per SUB * BN keys)
-template <int D, int BM, int RW, int BN, int SUB>
+// K/V tile (one barrier per SUB * BN keys); STAGES K/V buffers (2: the next tile loads while this
+// one is used; 1: for GPUs with less shared memory per block, Volta's 96 KB and Turing's 64 KB,
+// which load synchronously anyway)
+template <int D, int BM, int RW, int BN, int SUB, int STAGES>
 struct Smem {
   static constexpr int WROWS = RW * 16;          // rows per warp
   static constexpr int WARPS = BM / WROWS;
@@ -136,20 +138,20 @@ struct Smem {
                                                        // without bank conflicts
   static constexpr int LDP = BN + 8;             // halves per row of P
   static constexpr int Q = BM * LDH * 2;
-  static constexpr int KV = 4 * BN * SUB * LDH * 2;  // K and V, two buffers each
+  static constexpr int KV = 2 * STAGES * BN * SUB * LDH * 2;  // K and V, STAGES buffers each
   static constexpr int S = WARPS * WROWS * LDS * 4;
   static constexpr int P = WARPS * WROWS * LDP * 2;
   static constexpr int R = WARPS * WROWS * 4;
   static constexpr int BYTES = Q + KV + S + P + R;
 };
 
-template <typename T, int D, int BM, int RW, int BN, int SUB, bool QREG>
+template <typename T, int D, int BM, int RW, int BN, int SUB, int STAGES, bool QREG>
 DEVI void fa2_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       T* __restrict__ o, float* __restrict__ lse, int n, int N, int hq,
                       int group, long long q_row, long long q_head, long long k_row,
                       long long k_head, long long v_row, long long v_head, long long o_row,
                       long long o_head, float scale_log2, int causal) {
-  using L = Smem<D, BM, RW, BN, SUB>;
+  using L = Smem<D, BM, RW, BN, SUB, STAGES>;
   constexpr int KT = BN * SUB;  // keys per K/V tile
   constexpr int WARPS = L::WARPS, WROWS = L::WROWS, LPR = L::LPR, THREADS = WARPS * 32,
                 LDH = L::LDH, LDS = L::LDS, LDP = L::LDP, CH = D / 8, CPL = BN / LPR;
@@ -162,7 +164,7 @@ DEVI void fa2_forward(const T* __restrict__ q, const T* __restrict__ k, const T*
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = reinterpret_cast<T*>(smem + L::Q);
-  T* sV = sK + 2 * KT * LDH;
+  T* sV = sK + STAGES * KT * LDH;
   float* sS = reinterpret_cast<float*>(smem + L::Q + L::KV);
   T* sP = reinterpret_cast<T*>(smem + L::Q + L::KV + L::S);
   float* sR = reinterpret_cast<float*>(smem + L::Q + L::KV + L::S + L::P);
@@ -241,12 +243,17 @@ DEVI void fa2_forward(const T* __restrict__ q, const T* __restrict__ k, const T*
   float m_i = -INFINITY, l_i = 0.0f;
 
   for (int t = 0; t < ntiles; ++t) {
-    const int buf = t & 1;
+    const int buf = STAGES == 2 ? (t & 1) : 0;
     if (t > 0) {
+      if (STAGES == 1) {
+        __syncthreads();  // every warp is done with tile t - 1: its buffer takes tile t
+        load_kv(t, 0);
+        copy_commit();
+      }
       copy_wait_all();
-      __syncthreads();  // tile t landed; every warp is done with tile t - 1's buffer
+      __syncthreads();  // tile t landed; (two buffers) every warp is done with tile t - 1's
     }
-    if (t + 1 < ntiles) load_kv(t + 1, buf ^ 1);
+    if (STAGES == 2 && t + 1 < ntiles) load_kv(t + 1, buf ^ 1);
     copy_commit();
 #pragma unroll 1
     for (int sub = 0; sub < SUB; ++sub) {
@@ -380,27 +387,34 @@ DEVI void fa2_forward(const T* __restrict__ q, const T* __restrict__ k, const T*
   }
 }
 
-#define FA2_KERNEL(NAME, T, D, BM, RW, BN, SUB, QREG)                                          \
-  extern "C" __global__ void __launch_bounds__(                                                 \
-      Smem<D, BM, RW, BN, SUB>::WARPS * 32, 2 * Smem<D, BM, RW, BN, SUB>::BYTES <= 227 * 1024 ? 2 : 1) \
-      NAME(const T* q, const T* k, const T* v, T* o, float* lse, int n, int N, int hq,        \
-           int group, long long q_row, long long q_head, long long k_row, long long k_head,    \
-           long long v_row, long long v_head, long long o_row, long long o_head,               \
-           float scale_log2, int causal) {                                                     \
-    fa2_forward<T, D, BM, RW, BN, SUB, QREG>(q, k, v, o, lse, n, N, hq, group, q_row, q_head, \
-                                             k_row, k_head, v_row, v_head, o_row, o_head,      \
-                                             scale_log2, causal);                              \
-  }                                                                                            \
-  extern "C" __global__ void NAME##_smem(int* out) { *out = Smem<D, BM, RW, BN, SUB>::BYTES; }
+#define FA2_SMEM(D, BM, RW, BN, SUB, STAGES) Smem<D, BM, RW, BN, SUB, STAGES>
+#define FA2_KERNEL(NAME, T, D, BM, RW, BN, SUB, STAGES, QREG)                                    \
+  extern "C" __global__ void __launch_bounds__(                                                  \
+      FA2_SMEM(D, BM, RW, BN, SUB, STAGES)::WARPS * 32,                                          \
+      2 * FA2_SMEM(D, BM, RW, BN, SUB, STAGES)::BYTES <= 227 * 1024 ? 2 : 1)                    \
+      NAME(const T* q, const T* k, const T* v, T* o, float* lse, int n, int N, int hq,          \
+           int group, long long q_row, long long q_head, long long k_row, long long k_head,      \
+           long long v_row, long long v_head, long long o_row, long long o_head,                 \
+           float scale_log2, int causal) {                                                       \
+    fa2_forward<T, D, BM, RW, BN, SUB, STAGES, QREG>(q, k, v, o, lse, n, N, hq, group, q_row,   \
+                                                     q_head, k_row, k_head, v_row, v_head,       \
+                                                     o_row, o_head, scale_log2, causal);         \
+  }                                                                                              \
+  extern "C" __global__ void NAME##_smem(int* out) {                                             \
+    *out = FA2_SMEM(D, BM, RW, BN, SUB, STAGES)::BYTES;                                          \
+  }
 
 // fa2_<dtype>_d<head dim>_m<rows per block>_r<16-row fragments per warp>_n<keys per step>
-// [_s<steps per K/V tile>][_qs: Q read from shared memory per key tile]
-#define FA2_KERNELS(DT, T)                                                    \
-  FA2_KERNEL(fa2_##DT##_d64_m128_r2_n64, T, 64, 128, 2, 64, 1, true)          \
-  FA2_KERNEL(fa2_##DT##_d64_m128_r2_n32_s2, T, 64, 128, 2, 32, 2, true)       \
-  FA2_KERNEL(fa2_##DT##_d128_m128_r2_n32_qs, T, 128, 128, 2, 32, 1, false)    \
-  FA2_KERNEL(fa2_##DT##_d128_m64_r1_n64, T, 128, 64, 1, 64, 1, true)          \
-  FA2_KERNEL(fa2_##DT##_d128_m256_r2_n32_qs, T, 128, 256, 2, 32, 1, false)
+// [_s<steps per K/V tile>][_b1: one K/V buffer][_qs: Q read from shared memory per key tile]
+#define FA2_KERNELS(DT, T)                                                         \
+  FA2_KERNEL(fa2_##DT##_d64_m128_r2_n64, T, 64, 128, 2, 64, 1, 2, true)            \
+  FA2_KERNEL(fa2_##DT##_d64_m128_r2_n32_s2, T, 64, 128, 2, 32, 2, 2, true)         \
+  FA2_KERNEL(fa2_##DT##_d64_m128_r2_n32_b1, T, 64, 128, 2, 32, 1, 1, true)         \
+  FA2_KERNEL(fa2_##DT##_d128_m128_r2_n32_qs, T, 128, 128, 2, 32, 1, 2, false)      \
+  FA2_KERNEL(fa2_##DT##_d128_m64_r1_n64, T, 128, 64, 1, 64, 1, 2, true)            \
+  FA2_KERNEL(fa2_##DT##_d128_m256_r2_n32_qs, T, 128, 256, 2, 32, 1, 2, false)      \
+  FA2_KERNEL(fa2_##DT##_d128_m128_r2_n32_b1_qs, T, 128, 128, 2, 32, 1, 1, false)   \
+  FA2_KERNEL(fa2_##DT##_d128_m64_r2_n32_b1_qs, T, 128, 64, 2, 32, 1, 1, false)
 
 FA2_KERNELS(f16, __half)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bfloat16 tensor cores: sm_80 on
