@@ -42,6 +42,19 @@ def test_wmma_cuda_refuses_a_cpu_by_name():
         resolve_backend_name("wmma_cuda", torch.device("cpu"))
 
 
+@gpu
+def test_a_kernel_that_does_not_build_is_refused_at_start(monkeypatch, tmp_path):
+    # the build runs when the backend is resolved, so `--attention wmma_cuda` with an nvcc that
+    # cannot build it (CUDA 13 on Volta) is one line at start, not an error mid-prefill
+    def fails(*a, **k):
+        raise cuda_module.CudaBuildError("nvcc failed building fa2_wmma.cu for sm_70: no")
+
+    monkeypatch.setattr(wmma_cuda, "_modules", {})
+    monkeypatch.setattr(wmma_cuda, "build", fails)
+    with pytest.raises(UnknownBackendError, match="wmma_cuda.*does not build here.*sm_70"):
+        resolve_backend_name("wmma_cuda", torch.device("cuda"))
+
+
 def test_build_without_nvcc_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(cuda_module, "nvcc_path", lambda: None)
     with pytest.raises(cuda_module.CudaBuildError, match="needs the CUDA compiler.*nvcc"):

@@ -144,6 +144,10 @@ class WmmaCudaBackend(CudaEfficientBackend):
             return "it needs tensor cores (compute capability 7.0 or newer)"
         if nvcc_path() is None:
             return "it is built on first use and this machine has no CUDA compiler (nvcc)"
+        try:  # built here, once (cached on disk), so a failure is told now, not mid-prefill
+            module(device)
+        except CudaBuildError as e:  # e.g. CUDA 13's nvcc, which no longer targets Volta
+            return f"its kernel does not build here: {e}"
         return None
 
     def attend(self, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
