@@ -19,13 +19,12 @@ import torch
 
 from runtime import cuda_module
 from runtime.attention import wmma_cuda
-from runtime.attention.base import AttentionMetadata
 from runtime.attention.reference import reference_attention
 from runtime.attention.registry import UnknownBackendError, get_backend, resolve_backend_name
 from runtime.attention.wmma_cuda import WmmaCudaBackend, fa2_forward
 from tests.test_attention_cpu_flash import consecutive_case
-from tests.test_attention_cuda_efficient import _on_gpu
-from tests.test_attention_torch import CASE_IDS, CASES, make_case, max_err, naive_attention
+from tests.test_attention_cuda_efficient import _on_gpu, assert_within_half_rule
+from tests.test_attention_torch import CASE_IDS, CASES, make_case, max_err
 
 pytestmark = pytest.mark.gpu
 
@@ -220,15 +219,7 @@ def test_backend_over_the_paged_cache(case, dtype, layout):
     q, kc, vc, meta = _on_gpu(*build(*args, 16, 4, 128, 16, dtype, 2))
     backend = get_backend("wmma_cuda", "cuda")
     assert isinstance(backend, WmmaCudaBackend)
-    out, lse = backend.forward(q, kc, vc, meta, 128**-0.5)
-    ref_out, ref_lse = reference_attention(q, kc, vc, meta, 128**-0.5)
-    cpu = [x.cpu() for x in (q, kc, vc)]
-    tables = [meta.block_tables[b].tolist() for b in range(meta.num_seqs)]
-    cmeta = AttentionMetadata.build(meta.query_lens_cpu, meta.seq_lens_cpu, tables, 16)
-    naive = naive_attention(*cpu, cmeta, 128**-0.5).to(out.device)
-    assert out.dtype == dtype
-    assert max_err(out, ref_out) <= 2 * max_err(naive, ref_out) + 1e-3
-    assert max_err(lse, ref_lse) < 2e-3
+    assert_within_half_rule(backend, q, kc, vc, meta, lse_tol=2e-3)
 
 
 @gpu
