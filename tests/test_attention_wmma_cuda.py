@@ -81,10 +81,9 @@ def test_kernel_source_builds_for_turing_and_hopper(monkeypatch, tmp_path):
         assert cubin.stat().st_mtime_ns == before
 
 
+@pytest.mark.skipif(cuda_module.nvcc_path() is None, reason="needs nvcc (no GPU needed)")
 def test_a_failed_build_says_what_nvcc_said(monkeypatch, tmp_path):
     # a source that does not compile: one line naming the file, the target and nvcc's last words
-    if cuda_module.nvcc_path() is None:
-        pytest.skip("needs nvcc (no GPU needed)")
     monkeypatch.setenv("TILERUN_CACHE", str(tmp_path))
     bad = tmp_path / "bad.cu"
     bad.write_text('extern "C" __global__ void k() { undefined_thing(); }\n')

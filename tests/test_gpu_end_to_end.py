@@ -8,6 +8,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine import Engine
+from runtime.cuda_module import nvcc_path
 from scheduler.request import SamplingParams
 from tests.hf_models import hf_greedy, make_hf_llama
 
@@ -60,7 +61,7 @@ def test_backends_match_transformers_on_gpu(checkpoint, attention, prompt_len):
 
 
 @pytest.mark.skipif(
-    __import__("runtime.cuda_module", fromlist=["nvcc_path"]).nvcc_path() is None,
+    nvcc_path() is None,
     reason="wmma_cuda is built with nvcc",
 )
 @pytest.mark.parametrize("prompt_len", [113, 1500])

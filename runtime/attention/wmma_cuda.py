@@ -84,9 +84,13 @@ TILES = {
 _chosen: dict[tuple[int, int], Tile] = {}
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def tile_for(head_dim: int, device: torch.device) -> Tile:
     """The fastest preferred tile whose shared memory fits ``device``'s per-block limit."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     key = (head_dim, index)
     if key not in _chosen:
         props = torch.cuda.get_device_properties(index)
@@ -113,7 +117,7 @@ def kernel_name(dtype: torch.dtype, head_dim: int, tile: Tile) -> str:
 
 def module(device: torch.device) -> Module:
     """The built kernels, loaded on ``device`` (built on first use, then cached on disk)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     with _lock:
         if index not in _modules:
             cap = torch.cuda.get_device_capability(index)
