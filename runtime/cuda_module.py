@@ -10,7 +10,6 @@ graphs like any other.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from runtime.kernel_cache import cache_root, compile_cached
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _lock = threading.Lock()
@@ -30,8 +31,7 @@ class CudaBuildError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built cubins are kept: ``$TILERUN_CACHE/cubin``, else ``~/.cache/tilerun/cubin``."""
-    root = os.environ.get("TILERUN_CACHE") or os.path.join(Path.home(), ".cache", "tilerun")
-    return Path(root) / "cubin"
+    return cache_root() / "cubin"
 
 
 def nvcc_path() -> str | None:
@@ -57,25 +57,12 @@ def build(source: Path, capability: tuple[int, int], flags: tuple[str, ...] = ()
         )
     arch = f"{capability[0]}{capability[1]}"
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(source.read_bytes() + repr((flags, version, arch)).encode()).hexdigest()[
-        :16
-    ]
-    out = cache_dir() / f"{source.stem}-sm{arch}-{key}.cubin"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [nvcc, "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags, "-o", str(tmp),
-           str(source)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
-        said = [ln for ln in lines if "error" in ln][:2] or lines[-2:]
-        raise CudaBuildError(
-            f"nvcc failed building {source.name} for sm_{arch}: {' | '.join(said)}"
-        )
-    os.replace(tmp, out)
-    return out
+    return compile_cached(
+        source, cache_dir(), f"sm_{arch}", "cubin", repr((flags, version, arch)),
+        lambda out: [nvcc, "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags,
+                     "-o", str(out), str(source)],
+        CudaBuildError, "nvcc",
+    )  # fmt: skip
 
 
 def _cuda() -> ctypes.CDLL:
