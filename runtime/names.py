@@ -28,6 +28,7 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "sdpa": "runtime.attention.sdpa:SdpaBackend",
     "triton": "runtime.attention.triton_backend:TritonBackend",
     "flash_cpu": "runtime.attention.cpu_flash:CpuFlashBackend",
+    "fa2_cpu": "runtime.attention.fa2_cpu:Fa2CpuBackend",
     "efficient_cuda": "runtime.attention.cuda_efficient:CudaEfficientBackend",
     "wmma_cuda": "runtime.attention.wmma_cuda:WmmaCudaBackend",
 }

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from runtime import cpu_module
 from runtime.attention import autotune
 from runtime.attention.autotune import AttentionShape, choose_backend
 from runtime.attention.cpu_flash import CpuFlashBackend
@@ -47,8 +48,10 @@ def test_auto_on_cpu_measures_the_registered_candidates(monkeypatch):
     name, why = resolve_backend("auto", torch.device("cpu"), SHAPE)
     assert name in autotune.CPU_CANDIDATES
     assert why.startswith("auto: fastest exact on this CPU") and "flash_cpu" in why
-    # without a shape (no model to measure for) auto is the CPU default, no measurement
-    assert resolve_backend("auto", torch.device("cpu")) == ("flash_cpu", "auto: the CPU default")
+    # without a shape (no model to measure for) auto is the CPU default, no measurement: our
+    # kernel where a C++ compiler built it, else torch's
+    default = "fa2_cpu" if cpu_module.compiler() else "flash_cpu"
+    assert resolve_backend("auto", torch.device("cpu")) == (default, "auto: the CPU default")
     # a forced backend is not measured
     assert resolve_backend("torch", torch.device("cpu"), SHAPE) == ("torch", "asked for")
     # only one runnable candidate: chosen without measuring

@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 
+from runtime import cpu_module
 from runtime.attention.base import AttentionMetadata
 from runtime.attention.merge import merge_attention_states
 from runtime.attention.reference import gather_kv, reference_attention
@@ -269,7 +270,8 @@ def test_registry_names_and_unknown_name():
     assert isinstance(get_backend("torch", q_tile=64), TorchTiledBackend)
     assert get_backend("torch", q_tile=64).q_tile == 64
     assert isinstance(get_backend("sdpa"), SdpaBackend)
-    assert resolve_backend_name("auto", torch.device("cpu")) == "flash_cpu"
+    default = "fa2_cpu" if cpu_module.compiler() else "flash_cpu"
+    assert resolve_backend_name("auto", torch.device("cpu")) == default
     with pytest.raises(UnknownBackendError) as e:
         get_backend("nope")
     for name in ("nope", "torch", "sdpa", "triton"):

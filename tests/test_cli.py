@@ -149,7 +149,7 @@ def test_version_and_derived_flags(capsys):
         ("model: tiny\nprompt: hi\ntemperature: -1\n", "line 3: temperature must be >= 0"),
         (
             "model: tiny\nprompt: hi\nattention: flashy\n",
-            "valid: auto, efficient_cuda, flash_cpu, sdpa, torch, triton",
+            "valid: auto, efficient_cuda, fa2_cpu, flash_cpu, sdpa, torch, triton",
         ),
         ("model: nope\nprompt: hi\n", "unknown model preset 'nope'; valid presets:"),
         ("model: tiny\n", "give exactly one of prompt, prompt_file, prompt_token_ids"),

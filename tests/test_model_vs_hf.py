@@ -9,6 +9,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine import Engine
+from runtime import cpu_module
 from scheduler.request import SamplingParams
 from tests.hf_models import SHAPES, hf_greedy, make_hf_llama
 
@@ -43,14 +44,18 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-# auto on a CPU measures its candidates at start-up (flash_cpu wins on the benchmark CPU)
-@pytest.mark.parametrize("attention", ["torch", "flash_cpu", "auto"])
+# auto on a CPU measures its candidates at start-up (fa2_cpu wins on the benchmark CPU)
+@pytest.mark.parametrize(
+    "attention",
+    ["torch", "flash_cpu", "auto"]
+    + (["fa2_cpu"] if cpu_module.compiler() else []),  # no compiler: test_attention_fa2_cpu
+)
 def test_logits_and_greedy_tokens_match_transformers(checkpoint, attention):
     path, hf = checkpoint
     vocab = hf.config.vocab_size
     engine = _engine(path, attention=attention)
     if attention == "auto":
-        assert engine.device_infos[0]["attention"] in ("flash_cpu", "torch")
+        assert engine.device_infos[0]["attention"] in ("fa2_cpu", "flash_cpu", "torch")
         assert engine.device_infos[0]["attention_reason"].startswith("auto: fastest exact")
     prompts = [_prompt(n, vocab, seed=n) for n in PROMPT_LENS]
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)

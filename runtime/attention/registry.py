@@ -57,8 +57,8 @@ def resolve_backend(
     ``auto`` on CUDA with compute capability 8.0+ is ``triton``. On a CPU, and on a CUDA GPU
     before 8.0 (or without Triton), given the attention ``shape``
     (``runtime.attention.autotune.AttentionShape``), it is the fastest exact of the candidates
-    for that kind of device, measured there (``flash_cpu`` or ``torch`` on a CPU,
-    ``efficient_cuda`` or ``torch`` on such a GPU); without a shape, the first candidate that
+    for that kind of device, measured there (``fa2_cpu``, ``flash_cpu`` or ``torch`` on a CPU,
+    ``efficient_cuda``, ``wmma_cuda`` or ``torch`` on such a GPU); without a shape, the first candidate that
     runs. Anything else gets the portable ``torch``. ``options`` are the portable backend's tile
     options, used when it is measured."""
     if name != "auto":
