@@ -1,8 +1,9 @@
 """Our C++ FlashAttention-2 kernel for CPUs (``fa2_cpu``) against float64 references.
 
 The kernel alone at ragged lengths around its tiles (48 query rows per register tile on AVX-512,
-16 otherwise; 64 keys per block; the query heads of a K/V head share a tile), causal and not,
-every head dim compiled in, GQA ratios 1 to 8, strided views as the paged cache gives them,
+16 otherwise; 64 keys per block; 288 rows per work item; the query heads of a K/V head share a
+tile), causal and not, every head dim compiled in, GQA ratios 1 to 8, strided views as the
+paged cache gives them,
 scores large enough that the running max is raised mid-block; built for this CPU and, on x86,
 for AVX2 and for the x86-64 baseline (the lanes the CI machine may have). Then the backend over
 the paged cache (the same cases as ``flash_cpu``'s), its hand-offs to torch's kernel, and what a
@@ -66,6 +67,8 @@ SHAPES = [  # (n, N, Hq, Hkv, D, causal)
     (130, 129, 16, 2, 80, False),
     (70, 70, 12, 4, 96, True),
     (20, 65, 4, 1, 256, False),
+    (600, 600, 4, 4, 32, True),  # several items a head (288 rows each)
+    (290, 700, 2, 1, 64, False),
 ]
 
 

@@ -43,7 +43,10 @@ constexpr int DJ = 4;
 #endif
 constexpr int RB = VW * RV;  // rows per register tile
 constexpr int BN = 64;       // keys per block (a multiple of KJ)
-constexpr int ROWS = 96;     // rows an item aims at (more rows: fewer K/V loads per FLOP)
+// Rows an item aims at: each item reads its K/V head's keys once, so more rows mean fewer
+// passes over K/V (which outgrow L2 at long lengths); 96 -> 288 gained 5-15 % at head dims 32
+// to 128 on the 2-core Xeon (scripts/bench_cpu_attention.py), the tiles then living in L2.
+constexpr int ROWS = 288;
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
@@ -118,6 +121,7 @@ static float* grab(size_t floats) {
 
 template <int D>
 struct Kernel {
+
   // Row tile [rb, rb + RB) over the block's keys [j0, j0 + nbp) (nbp a multiple of KJ, keys
   // past a row's limit masked): probabilities into p, then O^T += V^T P^T.
   template <bool MASK>
