@@ -37,7 +37,7 @@ class Fa2Library:
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         self.forward = lib.tilerun_fa2_cpu_f32
         self.forward.restype = i32
-        self.forward.argtypes = [ptr, i64, i64] * 4 + [ptr] + [i32] * 6 + [ctypes.c_float]
+        self.forward.argtypes = [ptr, i64, i64] * 4 + [ptr] + [i32] * 6 + [ctypes.c_float, i32]
         self.head_dim_ok = lib.tilerun_fa2_cpu_head_dim_ok
         self.head_dim_ok.argtypes, self.head_dim_ok.restype = [i32], i32
         self.lanes = lib.tilerun_fa2_cpu_lanes()
@@ -55,7 +55,7 @@ class Fa2Library:
             k.data_ptr(), k.stride(2), k.stride(1),
             v.data_ptr(), v.stride(2), v.stride(1),
             out.data_ptr(), out.stride(0), out.stride(1),
-            lse.data_ptr(), n, nk, hq, hkv, d, int(causal), scale,
+            lse.data_ptr(), n, nk, hq, hkv, d, int(causal), scale, torch.get_num_threads(),
         )  # fmt: skip
         if rc:
             raise RuntimeError(f"fa2_cpu kernel refused q {tuple(q.shape)} over "

@@ -247,7 +247,7 @@ struct Kernel {
     }
   }
 
-  static int run(const Args& a) {
+  static int run(const Args& a, int threads) {
     const int G = a.Hq / a.Hkv;
     // query positions per item: rows (positions x group) a multiple of RB where it can be
     const int unit = RB / std::__gcd(RB, G);
@@ -256,7 +256,7 @@ struct Kernel {
     const int blocks = (a.n + bq - 1) / bq;
     const int items = blocks * a.Hkv;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
       Scratch w{grab((size_t)D * R), grab((size_t)D * R), grab((size_t)BN * R),
                 grab((size_t)BN * D), grab((size_t)BN * D), grab(R), grab(R), grab(R)};
@@ -278,22 +278,25 @@ struct Kernel {
   }
 };
 
+// ``threads``: torch's intra-op count, passed because an OpenMP region opened from a thread torch
+// did not start would take the default (every core), not torch.set_num_threads'.
 // Returns 0, or: 1 bad shape, 2 causal with n != N, 3 out of memory, 4 unsupported head dim.
 extern "C" int tilerun_fa2_cpu_f32(const float* q, int64_t q_sn, int64_t q_sh, const float* k,
                                    int64_t k_sn, int64_t k_sh, const float* v, int64_t v_sn,
                                    int64_t v_sh, float* o, int64_t o_sn, int64_t o_sh, float* lse,
-                                   int n, int N, int Hq, int Hkv, int D, int causal, float scale) {
-  if (n <= 0 || N <= 0 || Hkv <= 0 || Hq % Hkv != 0) return 1;
+                                   int n, int N, int Hq, int Hkv, int D, int causal, float scale,
+                                   int threads) {
+  if (n <= 0 || N <= 0 || Hkv <= 0 || Hq % Hkv != 0 || threads <= 0) return 1;
   if (causal && n != N) return 2;
   const Args a{q, k, v, q_sn, q_sh, k_sn, k_sh, v_sn, v_sh, o_sn, o_sh, o, lse,
                n, N, Hq, Hkv, causal, scale};
   switch (D) {
-    case 32: return Kernel<32>::run(a);
-    case 64: return Kernel<64>::run(a);
-    case 80: return Kernel<80>::run(a);
-    case 96: return Kernel<96>::run(a);
-    case 128: return Kernel<128>::run(a);
-    case 256: return Kernel<256>::run(a);
+    case 32: return Kernel<32>::run(a, threads);
+    case 64: return Kernel<64>::run(a, threads);
+    case 80: return Kernel<80>::run(a, threads);
+    case 96: return Kernel<96>::run(a, threads);
+    case 128: return Kernel<128>::run(a, threads);
+    case 256: return Kernel<256>::run(a, threads);
     default: return 4;
   }
 }
