@@ -2,17 +2,18 @@
 
 Pure bookkeeping: block ids only. The tensors behind the ids live in ``runtime.kv_cache``.
 
-The lowest free id goes out first (a heap), so a sequence that grows by many blocks at once (a
-prefill chunk) gets runs of consecutive ids whenever the pool is not fragmented, whatever order
-earlier sequences returned theirs in: attention backends read such runs in place
-(``runtime.attention.cpu_flash``) instead of gathering them.
+A sequence's whole lifetime is taken at admission as one run of consecutive ids where the pool
+has one (the smallest that fits), else as whole tiles (``scheduler.free_runs``): attention
+backends read such runs in place (``runtime.attention.fused_runs``) and the Hopper kernels load
+each tile as one TMA box, in a pool that has been in use for hours as in a fresh one.
 """
 
 from __future__ import annotations
 
-import heapq
-
 from scheduler.errors import CapacityError, ConfigError
+from scheduler.free_runs import FreeBlocks
+
+TILE_KEYS = 128  # keys per tile the allocator keeps consecutive (the kernels' largest key tile)
 
 
 class BlockAllocator:
@@ -23,7 +24,7 @@ class BlockAllocator:
             raise ConfigError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: list[int] = list(range(num_blocks))  # a heap (sorted is one)
+        self._free = FreeBlocks(0, num_blocks, TILE_KEYS // block_size)
 
     @property
     def num_free(self) -> int:
@@ -47,10 +48,10 @@ class BlockAllocator:
                 f"KV cache needs {need} more blocks of {self.block_size} tokens, "
                 f"only {len(self._free)} free of {self.num_blocks}"
             )
-        for _ in range(max(need, 0)):
-            table.append(heapq.heappop(self._free))
+        if need > 0:
+            table.extend(self._free.take_run(need))
 
     def free(self, table: list[int]) -> None:
         for block in table:
-            heapq.heappush(self._free, block)
+            self._free.release(block)
         table.clear()

@@ -203,7 +203,7 @@ class SpillScheduler(Scheduler):
             if seq.seq_id not in scheduled and seq.seq_id not in self._paused:
                 self._paused.add(seq.seq_id)
                 self.stats.preemptions += 1
-            dst = t.take_host()
+            dst = t.take_host(seq.block_table[idx - 1] if idx else None)
             src = seq.block_table[idx]
             swaps.append((src, dst))
             seq.block_table[idx] = dst
@@ -213,7 +213,7 @@ class SpillScheduler(Scheduler):
 
         def fetch(seq: Sequence, idx: int) -> None:
             src = seq.block_table[idx]
-            dst = t.take_device()
+            dst = t.take_device(seq.block_table[idx - 1] if idx else None)
             swaps.append((src, dst))
             seq.block_table[idx] = dst
             t.release(src)
@@ -236,7 +236,7 @@ class SpillScheduler(Scheduler):
             while len(table) < must[p.seq.seq_id].stop:
                 if t.num_free_device == 0:
                     spill_one()
-                table.append(t.take_device())
+                table.append(t.take_device(table[-1] if table else None))
         self._prefetch(plans, fetch)
         return swaps
 

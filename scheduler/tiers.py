@@ -7,14 +7,16 @@ read off the id alone.
 
 from __future__ import annotations
 
-import heapq
-
+from scheduler.block_manager import TILE_KEYS
 from scheduler.errors import CapacityError, ConfigError
+from scheduler.free_runs import FreeBlocks
 
 
 class TierAllocator:
-    """Free lists of device and host blocks. Ids are handed out lowest first (heaps), so the
-    host blocks a sequence spills in order get consecutive ids where they are free: the runtime
+    """Free lists of device and host blocks. A block taken for a sequence follows the
+    sequence's previous one where that is free (``scheduler.free_runs``: whole tiles of
+    consecutive ids, even for sequences that grow in the same steps), so kernels read its tiles
+    in place and the host blocks a sequence spills in order get consecutive ids: the runtime
     copies a run of consecutive host ids in one copy."""
 
     def __init__(self, device_blocks: int, host_blocks: int, block_size: int) -> None:
@@ -27,8 +29,9 @@ class TierAllocator:
         self.device_blocks = device_blocks
         self.host_blocks = host_blocks
         self.block_size = block_size
-        self._free_dev: list[int] = list(range(device_blocks))  # sorted: a valid heap
-        self._free_host: list[int] = list(range(device_blocks, device_blocks + host_blocks))
+        extent = max(1, TILE_KEYS // block_size)
+        self._free_dev = FreeBlocks(0, device_blocks, extent)
+        self._free_host = FreeBlocks(device_blocks, device_blocks + host_blocks, extent)
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -54,21 +57,24 @@ class TierAllocator:
         return -(-num_tokens // self.block_size)
 
     # -- moves ---------------------------------------------------------------------------------
-    def take_device(self) -> int:
+    def take_device(self, after: int | None = None) -> int:
+        """A free device id; ``after``: the sequence's block before it (kept consecutive)."""
         if not self._free_dev:
             raise CapacityError(f"no free device KV block (all {self.device_blocks} in use)")
-        return heapq.heappop(self._free_dev)
+        return self._free_dev.take(after if after is not None and self.on_device(after) else None)
 
-    def take_host(self) -> int:
+    def take_host(self, after: int | None = None) -> int:
+        """A free host id; ``after``: the sequence's block before it (kept consecutive)."""
         if not self._free_host:
             raise CapacityError(f"no free host KV block (all {self.host_blocks} in use)")
-        return heapq.heappop(self._free_host)
+        ok = after is not None and not self.on_device(after)
+        return self._free_host.take(after if ok else None)
 
     def release(self, block_id: int) -> None:
         """Return one block to its tier's free list."""
         if not 0 <= block_id < self.num_blocks:
             raise ValueError(f"block id {block_id} outside 0..{self.num_blocks - 1}")
-        heapq.heappush(self._free_dev if self.on_device(block_id) else self._free_host, block_id)
+        (self._free_dev if self.on_device(block_id) else self._free_host).release(block_id)
 
     def free(self, table: list[int]) -> None:
         for b in table:
@@ -77,4 +83,4 @@ class TierAllocator:
 
     def free_ids(self) -> tuple[frozenset[int], frozenset[int]]:
         """The free device and host ids (tests check that no id is both free and in a table)."""
-        return frozenset(self._free_dev), frozenset(self._free_host)
+        return self._free_dev.ids(), self._free_host.ids()

@@ -98,17 +98,21 @@ def test_capacity_limits_say_which_and_by_how_much():
     assert not s.has_work
 
 
-def test_allocator_hands_out_lowest_free_ids_so_sequences_get_runs():
+def test_allocator_gives_a_sequence_the_smallest_run_that_holds_it():
     a = BlockAllocator(num_blocks=16, block_size=4)
     first, second = [], []
     a.grow(first, 4 * 5)  # blocks 0..4
     a.grow(second, 4 * 3)  # blocks 5..7
-    a.free(first)  # returned out of order relative to the tail of the pool
+    a.free(first)  # free runs now: 0..4 and 8..15
     t = []
-    a.grow(t, 4 * 8)  # the freed run 0..4, then the next free ids after 7
-    assert t == [0, 1, 2, 3, 4, 8, 9, 10]
+    a.grow(t, 4 * 8)  # only 8..15 holds it whole (the lowest ids would have split it)
+    assert t == list(range(8, 16))
+    small = []
+    a.grow(small, 4 * 2)  # the smallest run that fits: 0..4, not a piece of a larger one
+    assert small == [0, 1]
     a.free(second)
     a.free(t)
+    a.free(small)
     t = []
     a.grow(t, 4 * 16)  # everything back: one run from 0
     assert t == list(range(16)) and a.num_free == 0

@@ -7,9 +7,10 @@ described as one 2-D tensor ``[num_blocks * block_size, Hkv * D]`` (as in
 ``triton_prefill_hopper``), so a box is a tile only when the tile's pages are consecutive blocks.
 Each split program checks its own key range in the block table first (``chunk / block_size``
 int32 reads, next to the ``chunk * D * 4`` bytes of K/V it then reads): if every tile of it lies
-in consecutive blocks it takes the TMA loop, else the gather loop of ``triton_decode``. The block
-manager's in-order free list gives a fresh sequence consecutive blocks, so the TMA loop is the
-common case and the contract (blocks anywhere, any order) holds either way, in one launch.
+in consecutive blocks it takes the TMA loop, else the gather loop of ``triton_decode``. The
+allocators keep every 128-key tile of a sequence in consecutive blocks (``scheduler.free_runs``:
+in a fresh pool, after churn, and for sequences growing in the same steps), so the TMA loop is
+the common case and the contract (blocks anywhere, any order) holds either way, in one launch.
 
 The default config takes this kernel only in captured steps (``chunk_buffer`` given): an eager
 launch with TMA descriptors costs more host time than the gather kernel's (see
