@@ -9,8 +9,10 @@ the pointer-gather (Ampere) kernel with a shuffled table; the Hopper TMA kernel 
 fresh sequence gets from the block manager (consecutive blocks) and with a shuffled one (its
 sequences then go to the gather kernel). ``--sweep`` also times Hopper configs (tile shape,
 stages, warp specialisation) at 16K and uses the fastest.
-Decode: one query per sequence, batch 1 and 16, paged blocks; effective bandwidth counts the K and V
-bytes once. Each time is the median of CUDA-event timings after warm-up, with L2 flushed between
+Decode: one query per sequence, batch 1 and 16, paged blocks over three tables: shuffled (every
+block anywhere), in order (a fresh pool), and tiles anywhere (each 128-key tile consecutive
+blocks, the tiles shuffled: the worst the allocators leave after churn); effective bandwidth
+counts the K and V bytes once. Each time is the median of CUDA-event timings after warm-up, with L2 flushed between
 repetitions. ``--sweep`` first times a few kernel configs and uses the fastest for the table.
 
 Portable backend (``--portable-only`` runs just this part, a few minutes): the torch-ops tiled
@@ -204,6 +206,17 @@ def _matmul_tflops(n: int = 8192) -> float:
 def shuffled_table(num_seqs: int, blocks_per_seq: int, gen: torch.Generator) -> torch.Tensor:
     perm = torch.randperm(num_seqs * blocks_per_seq, generator=gen, device="cpu")
     return perm.to(torch.int32).view(num_seqs, blocks_per_seq).cuda()
+
+
+ANYWHERE_KEYS = [128]  # --anywhere-keys: run lengths of the shuffled-runs decode tables
+
+
+def tiles_anywhere_table(table: torch.Tensor, extent: int, gen: torch.Generator) -> torch.Tensor:
+    """The worst layout the allocators leave (``scheduler.free_runs``): every tile of ``extent``
+    pages consecutive blocks, the tiles themselves anywhere in the pool."""
+    b, n = table.shape
+    tiles = torch.randperm(b * n // extent, generator=gen).view(b, n // extent, 1) * extent
+    return (tiles + torch.arange(extent)).view(b, n).to(table.dtype).to(table.device)
 
 
 def sdpa_fn(backend, q, k, v, causal, gqa=False):
@@ -497,6 +510,12 @@ def bench_decode(pick, cases, gen, log) -> list[dict]:
             "triton (ours, paged)": ours_decode(q, kc, vc, seq_lens, table, S, cfg),
             "triton (ours, in-order pages)": ours_decode(q, kc, vc, seq_lens, in_order, S, cfg),
         }
+        for keys in ANYWHERE_KEYS:  # runs of consecutive blocks, the runs shuffled
+            tiles = tiles_anywhere_table(
+                table, max(1, keys // PAGE), torch.Generator().manual_seed(S + B + keys)
+            )
+            name = "tiles anywhere" if keys == 128 else f"{keys}-key runs anywhere"
+            impls[f"triton (ours, {name})"] = ours_decode(q, kc, vc, seq_lens, tiles, S, cfg)
         if cfg.tma:  # the gather kernel with its own plan, as on GPUs before Hopper
             gather = triton_decode.DECODE_D128
             impls["triton gather (paged)"] = ours_decode(q, kc, vc, seq_lens, table, S, gather)
@@ -522,7 +541,7 @@ def bench_decode(pick, cases, gen, log) -> list[dict]:
             rows.append(row)
             val = (row.get("tbps"), row.get("tbps_graph")) if "tbps" in row else row.get("error")
             log(f"  decode B={B} S={S} Hkv={hkv} {name}: {val}")
-        del q, kc, vc, impls, fn, in_order  # fn's closure holds the caches too
+        del q, kc, vc, impls, fn, in_order, tiles  # fn's closure holds the caches too
         torch.cuda.empty_cache()
     return rows
 
@@ -870,6 +889,12 @@ def main() -> None:
     ap.add_argument("--decode-seqs", default="8192,131072,262144")
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument(
+        "--anywhere-keys", default="128", help="run lengths (keys) of the shuffled-runs tables"
+    )
+    ap.add_argument(
+        "--decode-kv-heads", default=f"{H},8", help="KV head counts of the decode cases"
+    )
+    ap.add_argument(
         "--page-size", type=int, default=PAGE, help="KV block size in tokens (tilerun's default 16)"
     )
     ap.add_argument("--no-hopper", action="store_true", help="skip the Hopper TMA kernel")
@@ -982,9 +1007,9 @@ def main() -> None:
         save()
     if not args.no_decode:
         batches, seqs = args.decode_batches.split(","), args.decode_seqs.split(",")
-        cases = [(int(b), int(s), H) for b in batches for s in seqs]
-        # GQA (4 query heads per KV head)
-        cases += [(int(b), int(s), 8) for b in batches for s in seqs]
+        ANYWHERE_KEYS[:] = [int(k) for k in args.anywhere_keys.split(",")]
+        kv_heads = [int(h) for h in args.decode_kv_heads.split(",")]  # 8: GQA, 4 heads a KV head
+        cases = [(int(b), int(s), h) for h in kv_heads for b in batches for s in seqs]
         rows += bench_decode(lambda hkv: dcfgs[hkv < H], cases, gen, log)
     result["notes"] = notes(rows, result["prefill_config"], dcfg)
     result["kernel_info"] = kernel_info()
