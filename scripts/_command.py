@@ -34,6 +34,18 @@ def write_result(result: dict, out: str | None, default: str) -> Path:
     return path
 
 
+def best_ms(fn, reps: int) -> float:
+    """Milliseconds of ``fn``'s fastest of ``reps`` calls after one warm-up (a CPU benchmark on a
+    shared machine: the best call is the cost of the work itself)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * min(times)
+
+
 def poll(pred, timeout: float, every: float = 0.2):
     """``pred()``'s first true value, checked every ``every`` seconds; None after ``timeout``."""
     deadline = time.monotonic() + timeout

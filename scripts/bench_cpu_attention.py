@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _command import command_line  # scripts/: the result's command line
+from _command import best_ms, command_line, write_result  # scripts/: shared helpers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime import device as devmod  # noqa: E402
@@ -30,16 +28,6 @@ from runtime.attention.cpu_flash import CpuFlashBackend  # noqa: E402
 from runtime.attention.fa2_cpu import library  # noqa: E402
 
 SHAPES = {"demo-small": (8, 2, 32), "llama-1b": (32, 8, 64), "llama-7b": (32, 32, 128)}
-
-
-def best_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * min(times)
 
 
 def matmul_gflops(reps: int) -> float:
@@ -109,8 +97,7 @@ def main() -> int:
         "bound": "float32 matmul rate of this CPU on these threads (2048^3), same run",
         "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(result, args.out, args.out)
     return 0
 
 

@@ -19,25 +19,14 @@ import datetime as dt
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _command import command_line  # scripts/: the result's command line
+from _command import best_ms, command_line, write_result  # scripts/: shared helpers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime.attention.cpu_flash import CpuFlashBackend  # noqa: E402
 from runtime.attention.fused_runs import merge_parts  # noqa: E402
-
-
-def best_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * min(times)
 
 
 def main() -> int:
@@ -104,8 +93,7 @@ def main() -> int:
         "bound": "the full (non-causal) square does twice the useful work of the causal one",
         "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(result, args.out, args.out)
     return 0
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime import cpu_module
 from runtime.attention.base import AttentionMetadata
 from runtime.attention.cpu_flash import CpuFlashBackend
+from runtime.attention.fa2_cpu import Fa2CpuBackend
 from runtime.attention.merge import merge_attention_states
 from runtime.attention.reference import reference_attention
 from runtime.attention.registry import UnknownBackendError, get_backend, resolve_backend_name
@@ -38,13 +40,24 @@ def consecutive_case(query_lens, seq_lens, hq, hkv, d, block_size, dtype=torch.f
     return q, k_cache, v_cache, meta
 
 
+# fa2_cpu: our kernel behind the same plumbing (test_attention_fa2_cpu.py tests the kernel alone)
+BACKENDS = [
+    CpuFlashBackend,
+    pytest.param(
+        Fa2CpuBackend,
+        marks=pytest.mark.skipif(cpu_module.compiler() is None, reason="needs a C++ compiler"),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=["flash_cpu", "fa2_cpu"])
 @pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
 @pytest.mark.parametrize("block_size,hq,hkv", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_flash_cpu_matches_reference_fp32(case, block_size, hq, hkv, layout):
+def test_flash_cpu_matches_reference_fp32(case, block_size, hq, hkv, layout, backend_cls):
     build = make_case if layout == "shuffled" else consecutive_case
     q, kc, vc, meta = build(*case, hq, hkv, 32, block_size, seed=11)
-    backend = CpuFlashBackend()
+    backend = backend_cls()
     runs = backend.runs(meta, block_size)
     if layout == "consecutive":
         assert all(r is not None and len(r) == 1 for r in runs)

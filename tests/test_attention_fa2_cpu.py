@@ -3,11 +3,10 @@
 The kernel alone at ragged lengths around its tiles (48 query rows per register tile on AVX-512,
 16 otherwise; 64 keys per block; 288 rows per work item; the query heads of a K/V head share a
 tile), causal and not, every head dim compiled in, GQA ratios 1 to 8, strided views as the
-paged cache gives them,
-scores large enough that the running max is raised mid-block; built for this CPU and, on x86,
-for AVX2 and for the x86-64 baseline (the lanes the CI machine may have). Then the backend over
-the paged cache (the same cases as ``flash_cpu``'s), its hand-offs to torch's kernel, and what a
-machine without a compiler gets.
+paged cache gives them, scores large enough that the running max is raised mid-block; built for
+this CPU and, on x86, for AVX2 and for the x86-64 baseline (the lanes the CI machine may have). Then the backend over
+the paged cache (``flash_cpu``'s cases run it too, in ``test_attention_cpu_flash.py``), its
+hand-offs to torch's kernel, and what a machine without a compiler gets.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from runtime.attention.fa2_cpu import Fa2CpuBackend, Fa2Library
 from runtime.attention.reference import reference_attention
 from runtime.attention.registry import UnknownBackendError, resolve_backend_name
 from tests.test_attention_cpu_flash import consecutive_case
-from tests.test_attention_torch import CASE_IDS, CASES, LAYOUTS, make_case, max_err
+from tests.test_attention_torch import max_err
 
 pytestmark = pytest.mark.skipif(cpu_module.compiler() is None, reason="needs a C++ compiler")
 
@@ -113,18 +112,6 @@ def test_kernel_refuses_what_it_cannot_do():
     q, k = torch.randn(60, 4, 32), torch.randn(1, 2, 61, 32)
     with pytest.raises(RuntimeError, match="causal with a query count unlike the key count"):
         lib.attend(q, k, k, True, 1.0)
-
-
-@pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
-@pytest.mark.parametrize("block_size,hq,hkv", LAYOUTS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_backend_matches_reference_fp32(case, block_size, hq, hkv, layout):
-    build = make_case if layout == "shuffled" else consecutive_case
-    q, kc, vc, meta = build(*case, hq, hkv, 32, block_size, seed=11)
-    out, lse = Fa2CpuBackend().forward(q, kc, vc, meta, 32**-0.5)
-    ref_out, ref_lse = reference_attention(q, kc, vc, meta, 32**-0.5)
-    assert out.dtype == torch.float32 and out.shape == q.shape
-    assert max_err(out, ref_out) < 2e-5 and max_err(lse, ref_lse) < 2e-5
 
 
 def test_backend_runs_the_kernel_for_prefill_and_torch_for_the_rest(monkeypatch):
