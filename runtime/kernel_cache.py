@@ -38,7 +38,16 @@ def compile_cached(
     out = out_dir / f"{source.stem}-{tag}-{digest}.{suffix}"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_suffix(f".{os.getpid()}.probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise error(
+            f"the kernel cache {out.parent} is not writable ({e.strerror or e}): set "
+            "TILERUN_CACHE to a writable directory"
+        ) from e
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     done = subprocess.run(command(tmp), capture_output=True, text=True)
     if done.returncode != 0:

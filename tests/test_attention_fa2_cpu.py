@@ -163,3 +163,15 @@ def test_the_build_is_cached_by_source_and_target(tmp_path, monkeypatch):
     assert cpu_module.build(fa2_cpu.SOURCE) == first and first.stat().st_mtime_ns == stamp
     if X86:
         assert cpu_module.build(fa2_cpu.SOURCE, "x86-64-v3") != first
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("TILERUN_CACHE", str(blocker))  # the cache root is a file
+    with pytest.raises(cpu_module.CpuBuildError, match="not writable.*set TILERUN_CACHE"):
+        cpu_module.build(fa2_cpu.SOURCE)
+    monkeypatch.setattr(fa2_cpu, "_library", None)
+    monkeypatch.setattr(cpu_module, "_loaded", {})
+    reason = Fa2CpuBackend.supports(torch.device("cpu"))
+    assert reason and "TILERUN_CACHE" in reason and "\n" not in reason
