@@ -23,6 +23,7 @@ Either falls back to the lowest free id when the pool has no whole extent left (
 
 from __future__ import annotations
 
+import bisect
 import heapq
 
 
@@ -36,6 +37,11 @@ class FreeBlocks:
         n_ext = -(-(hi - lo) // self.extent)
         self._count = [self._size(x) for x in range(n_ext)]  # free ids per extent
         self._whole: list[int] = list(range(n_ext))  # heap of wholly free extents (lazy)
+        # the free ids as maximal runs [start, end): sorted starts, and both ends looked up, so
+        # a best fit is a scan of the runs (few), not of the free ids (a pool holds 100K+)
+        self._starts: list[int] = [lo] if hi > lo else []
+        self._end_of: dict[int, int] = {lo: hi} if hi > lo else {}
+        self._start_of: dict[int, int] = {hi: lo} if hi > lo else {}
 
     def _size(self, x: int) -> int:
         start = self.lo + x * self.extent
@@ -50,11 +56,35 @@ class FreeBlocks:
     def ids(self) -> frozenset[int]:
         return frozenset(self._free)
 
+    # -- runs ------------------------------------------------------------------------------------
+    def _add_run(self, start: int, end: int) -> None:
+        bisect.insort(self._starts, start)
+        self._end_of[start], self._start_of[end] = end, start
+
+    def _drop_run(self, start: int) -> int:
+        """Forget the run starting at ``start``; its end."""
+        del self._starts[bisect.bisect_left(self._starts, start)]
+        end = self._end_of.pop(start)
+        del self._start_of[end]
+        return end
+
     # -- taking ----------------------------------------------------------------------------------
+    def _take_range(self, start: int, n: int) -> list[int]:
+        """Ids ``start .. start + n - 1``, all free, from the run that holds them."""
+        first = self._starts[bisect.bisect_right(self._starts, start) - 1]
+        end = self._drop_run(first)
+        if first < start:
+            self._add_run(first, start)
+        if start + n < end:
+            self._add_run(start + n, end)
+        ids = list(range(start, start + n))
+        self._free.difference_update(ids)
+        for b in ids:
+            self._count[(b - self.lo) // self.extent] -= 1
+        return ids
+
     def _remove(self, block: int) -> int:
-        self._free.remove(block)
-        self._count[(block - self.lo) // self.extent] -= 1
-        return block
+        return self._take_range(block, 1)[0]
 
     def _whole_extent(self) -> int | None:
         """The lowest wholly free extent's first id, or None."""
@@ -85,18 +115,13 @@ class FreeBlocks:
 
     def take_run(self, need: int) -> list[int]:
         """``need`` free ids (the caller checked there are) for one sequence, in table order."""
-        ids = sorted(self._free)
-        best = None  # (length, start index) of the smallest run holding ``need``
-        i = 0
-        while i < len(ids):
-            j = i
-            while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-                j += 1
-            if j - i + 1 >= need and (best is None or j - i + 1 < best[0]):
-                best = (j - i + 1, i)
-            i = j + 1
+        best = None  # (length, start) of the smallest run holding ``need``, lowest on ties
+        for start in self._starts:
+            length = self._end_of[start] - start
+            if length >= need and (best is None or length < best[0]):
+                best = (length, start)
         if best is not None:
-            return [self._remove(b) for b in ids[best[1] : best[1] + need]]
+            return self._take_range(best[1], need)
         out: list[int] = []
         while len(out) < need:
             out.append(self.take(out[-1] if out else None))
@@ -105,6 +130,13 @@ class FreeBlocks:
     def release(self, block: int) -> None:
         x = (block - self.lo) // self.extent
         self._free.add(block)
+        start, end = block, block + 1  # joined with the runs on either side
+        if block in self._start_of:
+            start = self._start_of[block]
+            self._drop_run(start)
+        if block + 1 in self._end_of:
+            end = self._drop_run(block + 1)
+        self._add_run(start, end)
         self._count[x] += 1
         heapq.heappush(self._lowest, block)
         if self._count[x] == self._size(x):

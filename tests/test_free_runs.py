@@ -91,3 +91,30 @@ def test_the_lazy_heaps_stay_bounded():
         for b in blocks:
             f.release(b)
     assert len(f) == 32 and len(f._lowest) <= 2 * 32 + 64 and len(f._whole) <= 2 * 8 + 64
+
+
+def test_the_runs_it_keeps_are_the_free_ids_runs():
+    # random takes (single, following, whole lifetimes) and releases; after each, the runs the
+    # structure keeps for its best fit are exactly the maximal runs of the free ids
+    rnd = random.Random(5)
+    f = FreeBlocks(100, 400, extent=8)
+    held: list[int] = []
+    for _ in range(2000):
+        op = rnd.random()
+        if op < 0.3 and len(f):
+            held.append(f.take(rnd.choice(held) if held and rnd.random() < 0.5 else None))
+        elif op < 0.5 and len(f) >= 20:
+            held += f.take_run(rnd.randint(1, 20))
+        elif held:
+            f.release(held.pop(rnd.randrange(len(held))))
+        free = sorted(f.ids())
+        assert len(set(held)) == len(held) and not set(held) & set(free)
+        assert len(free) + len(held) == 300
+        want = [(b, b + 1) for b in free]
+        merged: list[tuple[int, int]] = []
+        for s, e in want:
+            if merged and merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], e)
+            else:
+                merged.append((s, e))
+        assert [(s, f._end_of[s]) for s in f._starts] == merged
