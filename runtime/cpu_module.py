@@ -31,8 +31,9 @@ class CpuBuildError(RuntimeError):
 def compiler() -> str | None:
     """``$CXX``, else ``c++``, ``g++`` or ``clang++`` on PATH."""
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        found = shutil.which(name) if name else None
+        if found:
+            return found
     return None
 
 

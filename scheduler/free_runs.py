@@ -32,13 +32,13 @@ class FreeBlocks:
 
     def __init__(self, lo: int, hi: int, extent: int) -> None:
         self.lo, self.hi, self.extent = lo, hi, max(1, extent)
-        self._free: set[int] = set(range(lo, hi))
-        self._lowest: list[int] = list(range(lo, hi))  # heap; ids taken since are skipped
+        self._num_free = hi - lo
         n_ext = -(-(hi - lo) // self.extent)
         self._count = [self._size(x) for x in range(n_ext)]  # free ids per extent
         self._whole: list[int] = list(range(n_ext))  # heap of wholly free extents (lazy)
-        # the free ids as maximal runs [start, end): sorted starts, and both ends looked up, so
-        # a best fit is a scan of the runs (few), not of the free ids (a pool holds 100K+)
+        # the free ids, as maximal runs [start, end): sorted starts, and both ends looked up, so
+        # a best fit is a scan of the runs (few), not of the free ids (a pool holds 100K+), and
+        # the lowest free id is the first start
         self._starts: list[int] = [lo] if hi > lo else []
         self._end_of: dict[int, int] = {lo: hi} if hi > lo else {}
         self._start_of: dict[int, int] = {hi: lo} if hi > lo else {}
@@ -48,13 +48,14 @@ class FreeBlocks:
         return min(self.extent, self.hi - start)
 
     def __len__(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def __contains__(self, block: int) -> bool:
-        return block in self._free
+        i = bisect.bisect_right(self._starts, block) - 1
+        return i >= 0 and block < self._end_of[self._starts[i]]
 
     def ids(self) -> frozenset[int]:
-        return frozenset(self._free)
+        return frozenset(b for start in self._starts for b in range(start, self._end_of[start]))
 
     # -- runs ------------------------------------------------------------------------------------
     def _add_run(self, start: int, end: int) -> None:
@@ -78,7 +79,7 @@ class FreeBlocks:
         if start + n < end:
             self._add_run(start + n, end)
         ids = list(range(start, start + n))
-        self._free.difference_update(ids)
+        self._num_free -= n
         for b in ids:
             self._count[(b - self.lo) // self.extent] -= 1
         return ids
@@ -95,23 +96,20 @@ class FreeBlocks:
             heapq.heappop(self._whole)  # taken from since it was pushed
         return None
 
-    def _lowest_free(self) -> int:
-        while self._lowest[0] not in self._free:
-            heapq.heappop(self._lowest)
-        return self._lowest[0]
-
     def take(self, after: int | None = None) -> int:
         """One free id (the caller checked there is one): ``after + 1`` when free and in the same
-        extent as ``after``, else the start of a wholly free extent, else the lowest free id."""
-        if after is not None:
+        extent as ``after``, else the start of a wholly free extent, else the lowest free id.
+        ``after`` outside ``[lo, hi)`` (the sequence's block before is in another tier) is no
+        hint."""
+        if after is not None and self.lo <= after < self.hi:
             nxt = after + 1
             x = (nxt - self.lo) // self.extent
-            if nxt in self._free and (
+            if nxt in self and (
                 (nxt - self.lo) % self.extent or self._count[x] == self._size(x)
             ):  # within after's extent, or the start of a wholly free one right after it
                 return self._remove(nxt)
         start = self._whole_extent()
-        return self._remove(start if start is not None else self._lowest_free())
+        return self._remove(start if start is not None else self._starts[0])
 
     def take_run(self, need: int) -> list[int]:
         """``need`` free ids (the caller checked there are) for one sequence, in table order."""
@@ -129,7 +127,6 @@ class FreeBlocks:
 
     def release(self, block: int) -> None:
         x = (block - self.lo) // self.extent
-        self._free.add(block)
         start, end = block, block + 1  # joined with the runs on either side
         if block in self._start_of:
             start = self._start_of[block]
@@ -137,13 +134,11 @@ class FreeBlocks:
         if block + 1 in self._end_of:
             end = self._drop_run(block + 1)
         self._add_run(start, end)
+        self._num_free += 1
         self._count[x] += 1
-        heapq.heappush(self._lowest, block)
         if self._count[x] == self._size(x):
             heapq.heappush(self._whole, x)
-        # the heaps skip stale entries lazily; rebuilt before they outgrow the pool (a service
+        # the heap skips stale entries lazily; rebuilt before it outgrows the pool (a service
         # frees and takes blocks for as long as it runs)
-        if len(self._lowest) > 2 * (self.hi - self.lo) + 64:
-            self._lowest = sorted(self._free)
         if len(self._whole) > 2 * len(self._count) + 64:
             self._whole = [x for x in range(len(self._count)) if self._count[x] == self._size(x)]

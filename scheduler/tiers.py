@@ -29,7 +29,7 @@ class TierAllocator:
         self.device_blocks = device_blocks
         self.host_blocks = host_blocks
         self.block_size = block_size
-        extent = max(1, TILE_KEYS // block_size)
+        extent = TILE_KEYS // block_size  # FreeBlocks takes at least 1
         self._free_dev = FreeBlocks(0, device_blocks, extent)
         self._free_host = FreeBlocks(device_blocks, device_blocks + host_blocks, extent)
 
@@ -61,14 +61,13 @@ class TierAllocator:
         """A free device id; ``after``: the sequence's block before it (kept consecutive)."""
         if not self._free_dev:
             raise CapacityError(f"no free device KV block (all {self.device_blocks} in use)")
-        return self._free_dev.take(after if after is not None and self.on_device(after) else None)
+        return self._free_dev.take(after)
 
     def take_host(self, after: int | None = None) -> int:
         """A free host id; ``after``: the sequence's block before it (kept consecutive)."""
         if not self._free_host:
             raise CapacityError(f"no free host KV block (all {self.host_blocks} in use)")
-        ok = after is not None and not self.on_device(after)
-        return self._free_host.take(after if ok else None)
+        return self._free_host.take(after)
 
     def release(self, block_id: int) -> None:
         """Return one block to its tier's free list."""

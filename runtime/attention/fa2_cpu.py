@@ -4,7 +4,7 @@ The kernel puts query rows in the vector lanes: the query heads that share a K/V
 key it loads, the softmax needs no horizontal reductions, and the exponentials are taken in
 registers straight after the products. Against torch's CPU flash kernel, which runs both products
 as GEMM calls on tiles and the softmax as passes over scores in memory between them, that is
-1.2-1.6x on the demo model's heads (``scripts/bench_cpu_causal.py``).
+1.2-1.6x on the demo model's heads on 2 cores (``scripts/bench_cpu_attention.py``).
 
 It is built on first use with the machine's C++ compiler for this CPU (``runtime.cpu_module``);
 a machine without one does not offer this backend. Prefill runs through
