@@ -9,10 +9,12 @@ the pointer-gather (Ampere) kernel with a shuffled table; the Hopper TMA kernel 
 fresh sequence gets from the block manager (consecutive blocks) and with a shuffled one (its
 sequences then go to the gather kernel). ``--sweep`` also times Hopper configs (tile shape,
 stages, warp specialisation) at 16K and uses the fastest.
-Decode: one query per sequence, batch 1 and 16, paged blocks over three tables: shuffled (every
-block anywhere), in order (a fresh pool), and tiles anywhere (each 128-key tile consecutive
-blocks, the tiles shuffled: the worst the allocators leave after churn); effective bandwidth
-counts the K and V bytes once. Each time is the median of CUDA-event timings after warm-up, with L2 flushed between
+Decode: one query per sequence, batch 1 and 16, paged blocks over four tables: shuffled (every
+block anywhere), in order (a fresh pool), tiles anywhere (each 128-key tile consecutive blocks,
+the tiles shuffled: the worst the allocators leave), and after churn (what the block manager
+hands out in a pool a service-like trace has used; its runs are in the row); effective
+bandwidth counts the K and V bytes once. Each time is the median of CUDA-event timings after
+warm-up, with L2 flushed between
 repetitions. ``--sweep`` first times a few kernel configs and uses the fastest for the table.
 
 Portable backend (``--portable-only`` runs just this part, a few minutes): the torch-ops tiled
@@ -37,6 +39,7 @@ import functools
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -55,6 +58,7 @@ from runtime.attention.triton_decode import DecodeConfig  # noqa: E402
 from runtime.attention.triton_prefill import PrefillConfig  # noqa: E402
 from runtime.attention.triton_prefill_hopper import HopperPrefillConfig  # noqa: E402
 from runtime.attention.wmma_cuda import WmmaCudaBackend  # noqa: E402
+from scheduler.block_manager import BlockAllocator  # noqa: E402
 
 H, D, PAGE = 32, 128, 16
 DT = torch.bfloat16
@@ -217,6 +221,53 @@ def tiles_anywhere_table(table: torch.Tensor, extent: int, gen: torch.Generator)
     b, n = table.shape
     tiles = torch.randperm(b * n // extent, generator=gen).view(b, n // extent, 1) * extent
     return (tiles + torch.arange(extent)).view(b, n).to(table.dtype).to(table.device)
+
+
+CHURN_SLACK = 1.25  # the churned pool holds this many times the benchmarked sequences' blocks
+
+
+def churned_tables(num_seqs: int, nblk: int, seed: int) -> tuple[torch.Tensor, int, dict]:
+    """The tables ``scheduler.block_manager`` gives ``num_seqs`` sequences of ``nblk`` blocks in a
+    pool a service-like trace is using: 300 other sequences of 0.5K tokens to the benchmark's
+    length (log-normal, median 8K, at most 16 live) arrive and finish in mixed order, and the
+    benchmarked ones arrive among the last 150 and stay. The pool is 1.25x what the benchmarked
+    ones need, so they land among the others' holes. Returns the tables, the pool size in blocks
+    and how the tables lie (runs of consecutive ids, broken tiles)."""
+    rnd = random.Random(seed)
+    pool = int(CHURN_SLACK * num_seqs * nblk)
+    alloc = BlockAllocator(pool, PAGE)
+    live: list[tuple[float, list[int]]] = []  # (finish time, table), earliest first
+    now = 0.0
+
+    def admit(tokens: int, until: float) -> list[int]:
+        # the earliest-finishing other sequence goes first (the benchmarked ones never finish)
+        while not alloc.can_allocate(tokens) or sum(u < math.inf for u, _ in live) >= 16:
+            alloc.free(live.pop(0)[1])
+        table: list[int] = []
+        alloc.grow(table, tokens)
+        live.append((until, table))
+        live.sort(key=lambda x: x[0])
+        return table
+
+    n = 300
+    arrive = set(rnd.sample(range(n // 2, n), num_seqs))
+    tables = []
+    for i in range(n):
+        if i in arrive:
+            tables.append(admit(nblk * PAGE, math.inf))
+        room = (pool - len(tables) * nblk) * PAGE  # what the benchmarked ones leave
+        tokens = int(min(nblk * PAGE, room, max(512, rnd.lognormvariate(9.0, 1.2))))
+        admit(tokens, now + tokens * rnd.uniform(0.5, 1.5))
+        now += rnd.expovariate(1 / 3000)
+        while live and live[0][0] < now:
+            alloc.free(live.pop(0)[1])
+    extent = 128 // PAGE
+    runs = [1 + sum(b != a + 1 for a, b in zip(t, t[1:])) for t in tables]
+    broken = sum(
+        t[i + extent - 1] - t[i] != extent - 1 for t in tables for i in range(0, nblk, extent)
+    )
+    stats = {"pool_blocks": pool, "runs_per_seq": runs, "broken_tiles": broken}
+    return torch.tensor(tables, dtype=torch.int32, device="cuda"), pool, stats
 
 
 def sdpa_fn(backend, q, k, v, causal, gqa=False):
@@ -527,9 +578,26 @@ def bench_decode(pick, cases, gen, log) -> list[dict]:
             impls[f"triton heads_inner={other.heads_inner}"] = ours_decode(
                 q, kc, vc, seq_lens, table, S, other
             )
+        # the layout the block manager gives in a pool a service is using, 1.25x the size (its
+        # own caches: the same bytes read, from a larger pool)
+        churned, pool, layout = churned_tables(B, S // PAGE, seed=S + B)
+        kp = torch.randn(pool, PAGE, hkv, D, device="cuda", dtype=DT, generator=gen)
+        vp = torch.randn(pool, PAGE, hkv, D, device="cuda", dtype=DT, generator=gen)
+        impls["triton (ours, after churn)"] = ours_decode(q, kp, vp, seq_lens, churned, S, cfg)
+        # its control: in order, from the start of that pool (what the pool's memory itself costs)
+        impls["triton (ours, in order, churn pool)"] = ours_decode(
+            q, kp, vp, seq_lens, in_order, S, cfg
+        )
+        impls["triton (ours, in order +3, churn pool)"] = ours_decode(
+            q, kp, vp, seq_lens, in_order + 3, S, cfg
+        )
         impls["sdpa flash"] = sdpa_decode_fn(q, kc, vc, B, S, hkv)
+        n = B * (S // PAGE)  # the peer over the same pool's first blocks
+        impls["sdpa flash (churn pool)"] = sdpa_decode_fn(q, kp[:n], vp[:n], B, S, hkv)
         for name, fn in impls.items():
             row = {"kind": "decode", "impl": name, "B": B, "S": S, "H": H, "Hkv": hkv, "D": D}
+            if name.endswith("after churn)"):
+                row["layout"] = layout
             try:
                 row["ms"] = time_ms(fn, max_reps=200)
                 row["tbps"] = kv_tbps(B, S, hkv, row["ms"])
@@ -541,7 +609,7 @@ def bench_decode(pick, cases, gen, log) -> list[dict]:
             rows.append(row)
             val = (row.get("tbps"), row.get("tbps_graph")) if "tbps" in row else row.get("error")
             log(f"  decode B={B} S={S} Hkv={hkv} {name}: {val}")
-        del q, kc, vc, impls, fn, in_order, tiles  # fn's closure holds the caches too
+        del q, kc, vc, kp, vp, impls, fn, in_order, tiles  # closures hold the caches too
         torch.cuda.empty_cache()
     return rows
 
