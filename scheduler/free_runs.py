@@ -12,8 +12,10 @@ chunks side by side) interleave their blocks one by one.
 So ids are kept in aligned extents of ``extent`` blocks (one tile of keys):
 
 * :meth:`FreeBlocks.take_run` (a whole lifetime at once) takes the smallest run of consecutive
-  free ids that holds all of it (best fit: the large runs stay for large sequences); where none
-  does, whole free extents, lowest first, so every tile is still consecutive.
+  free ids that holds all of it (best fit: the large runs stay for large sequences), from the
+  run's first extent boundary where it fits from there (the sequence's tiles are then the
+  pool's extents); where no run holds it, whole free extents, lowest first, so every tile is
+  still consecutive.
 * :meth:`FreeBlocks.take` (one block as a sequence grows) takes the id after the sequence's last
   one while that stays in the same extent, or starts a wholly free extent; sequences growing
   side by side then each fill their own extents.
@@ -111,15 +113,27 @@ class FreeBlocks:
         start = self._whole_extent()
         return self._remove(start if start is not None else self._starts[0])
 
+    def _aligned(self, block: int) -> int:
+        """The first extent boundary at or after ``block``."""
+        return self.lo + -(-(block - self.lo) // self.extent) * self.extent
+
     def take_run(self, need: int) -> list[int]:
         """``need`` free ids (the caller checked there are) for one sequence, in table order."""
-        best = None  # (length, start) of the smallest run holding ``need``, lowest on ties
+        # the smallest run holding ``need`` (lowest on ties); in it, a sequence of a tile or
+        # more starts at the run's first extent boundary where it still fits from there, so its
+        # tiles are the pool's extents (at batch 16 an H100 decoded such runs 0.2-0.5 % faster
+        # than the same runs 3 blocks off: bench_attention's "in order +3" control)
+        best = None  # (length, misaligned, first id)
         for start in self._starts:
-            length = self._end_of[start] - start
-            if length >= need and (best is None or length < best[0]):
-                best = (length, start)
+            end = self._end_of[start]
+            if end - start < need:
+                continue
+            first = self._aligned(start) if need >= self.extent else start
+            key = (end - start, False, first) if first + need <= end else (end - start, True, start)
+            if best is None or key < best:
+                best = key
         if best is not None:
-            return self._take_range(best[1], need)
+            return self._take_range(best[2], need)
         out: list[int] = []
         while len(out) < need:
             out.append(self.take(out[-1] if out else None))

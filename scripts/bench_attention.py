@@ -232,7 +232,7 @@ def churned_tables(num_seqs: int, nblk: int, seed: int) -> tuple[torch.Tensor, i
     length (log-normal, median 8K, at most 16 live) arrive and finish in mixed order, and the
     benchmarked ones arrive among the last 150 and stay. The pool is 1.25x what the benchmarked
     ones need, so they land among the others' holes. Returns the tables, the pool size in blocks
-    and how the tables lie (runs of consecutive ids, broken tiles)."""
+    and how the tables lie (runs of consecutive ids, broken tiles, first blocks on a tile)."""
     rnd = random.Random(seed)
     pool = int(CHURN_SLACK * num_seqs * nblk)
     alloc = BlockAllocator(pool, PAGE)
@@ -266,7 +266,8 @@ def churned_tables(num_seqs: int, nblk: int, seed: int) -> tuple[torch.Tensor, i
     broken = sum(
         t[i + extent - 1] - t[i] != extent - 1 for t in tables for i in range(0, nblk, extent)
     )
-    stats = {"pool_blocks": pool, "runs_per_seq": runs, "broken_tiles": broken}
+    stats = {"pool_blocks": pool, "runs_per_seq": runs, "broken_tiles": broken,
+             "starts_on_a_tile": sum(t[0] % extent == 0 for t in tables)}  # fmt: skip
     return torch.tensor(tables, dtype=torch.int32, device="cuda"), pool, stats
 
 
