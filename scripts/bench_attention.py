@@ -58,7 +58,7 @@ from runtime.attention.triton_decode import DecodeConfig  # noqa: E402
 from runtime.attention.triton_prefill import PrefillConfig  # noqa: E402
 from runtime.attention.triton_prefill_hopper import HopperPrefillConfig  # noqa: E402
 from runtime.attention.wmma_cuda import WmmaCudaBackend  # noqa: E402
-from scheduler.block_manager import BlockAllocator  # noqa: E402
+from scheduler.block_manager import TILE_KEYS, BlockAllocator  # noqa: E402
 
 H, D, PAGE = 32, 128, 16
 DT = torch.bfloat16
@@ -261,7 +261,7 @@ def churned_tables(num_seqs: int, nblk: int, seed: int) -> tuple[torch.Tensor, i
         now += rnd.expovariate(1 / 3000)
         while live and live[0][0] < now:
             alloc.free(live.pop(0)[1])
-    extent = 128 // PAGE
+    extent = TILE_KEYS // PAGE  # blocks per tile the allocator keeps consecutive
     runs = [1 + sum(b != a + 1 for a, b in zip(t, t[1:])) for t in tables]
     broken = sum(
         t[i + extent - 1] - t[i] != extent - 1 for t in tables for i in range(0, nblk, extent)
